@@ -1,0 +1,85 @@
+"""Frames in and out: validation, fitting to the model resolution, and output frames.
+
+Input is one RGB frame ``H × W × 3`` of any size, as a numpy array or a torch tensor on any
+device. ``uint8`` is the native type; ``float16/32/64`` in [0, 1] is accepted too. It is fitted
+to the model resolution by :class:`~livediff.engine.config.FitMode`:
+
+- ``crop`` (default): the largest centred region with the target's aspect ratio, resized.
+- ``resize``: the whole frame, stretched to the target.
+
+Resizing is bilinear (see :mod:`livediff.kernels.preprocess`). Output frames are ``uint8``
+RGB at the model resolution, on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from livediff.engine.config import FitMode
+from livediff.exceptions import EmptyFrameError, FrameDtypeError, FrameShapeError, NonFiniteFrameError
+from livediff.kernels.preprocess import Crop
+
+MAX_FRAME_SIDE = 8192
+_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+def as_uint8_frame(frame: Any) -> torch.Tensor:
+    """Check one frame and return it as a uint8 ``[H, W, 3]`` tensor (no copy for uint8 input).
+
+    Raises a specific :class:`~livediff.exceptions.InvalidFrameError` subclass per problem.
+    """
+    if isinstance(frame, np.ndarray):
+        if frame.dtype == object or not (np.issubdtype(frame.dtype, np.number) or frame.dtype == np.bool_):
+            raise FrameDtypeError(f"frame dtype {frame.dtype} is not supported: expected uint8 RGB (or float in [0, 1])")
+        tensor = torch.from_numpy(np.ascontiguousarray(frame))
+    elif isinstance(frame, torch.Tensor):
+        tensor = frame
+    else:
+        raise FrameDtypeError(f"a frame must be a numpy array or a torch tensor, not {type(frame).__name__}")
+    if tensor.ndim != 3:
+        raise FrameShapeError(f"frame shape {tuple(tensor.shape)} is not H×W×3: expected 3 dimensions, got {tensor.ndim}")
+    height, width, channels = tensor.shape
+    if height == 0 or width == 0:
+        raise EmptyFrameError(f"frame shape {tuple(tensor.shape)} has no pixels")
+    if channels != 3:
+        raise FrameShapeError(f"frame has {channels} channels: expected 3 (RGB, channels last)")
+    if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
+        raise FrameShapeError(f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side")
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if tensor.dtype in _FLOAT_DTYPES:
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteFrameError("frame holds NaN or infinite values")
+        return (tensor.to(torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
+    raise FrameDtypeError(f"frame dtype {tensor.dtype} is not supported: expected uint8 RGB (or float in [0, 1])")
+
+
+def fit_crop(source_h: int, source_w: int, target_h: int, target_w: int, mode: FitMode) -> Crop:
+    """The source region (top, left, height, width) that is resized to the target."""
+    if mode is FitMode.RESIZE:
+        return 0, 0, source_h, source_w
+    if source_w * target_h > source_h * target_w:  # source is wider: cut the sides
+        crop_h, crop_w = source_h, max(1, round(source_h * target_w / target_h))
+    else:
+        crop_h, crop_w = max(1, round(source_w * target_h / target_w)), source_w
+    return (source_h - crop_h) // 2, (source_w - crop_w) // 2, crop_h, crop_w
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """One output frame and the input it answers.
+
+    ``index`` counts input frames from 0. ``skipped`` is true when the similarity filter
+    skipped the input and this is the previous output again.
+    """
+
+    image: torch.Tensor  # uint8 [H, W, 3] on the model device
+    index: int
+    skipped: bool = False
+
+    def numpy(self) -> np.ndarray:
+        return self.image.cpu().numpy()

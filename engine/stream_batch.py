@@ -1,0 +1,223 @@
+"""Stream Batch: one session's denoising state and the step that advances it.
+
+With ``n`` denoising steps and a frame buffer of ``F`` frames, the latent buffer holds
+``n * F`` rows: block ``k`` (rows ``k*F … (k+1)*F``) is a group of frames at step ``k``. Every
+call writes the newest frames into block 0, runs *one* UNet call over all rows, and shifts
+each block one step further. The block that finishes step ``n - 1`` is returned, so the output
+of a call belongs to the frames given ``n - 1`` calls earlier (StreamDiffusion §3.1).
+
+With ``use_denoising_batch=False`` the same frames run the ``n`` steps one after another
+(sequential denoising, the reference): same noise per step, same equations, no delay.
+
+Everything is allocated once in ``__init__`` and then written in place, so the step has static
+shapes and addresses; live updates (:meth:`set_coefficients`, :meth:`set_embeddings`,
+:meth:`set_noise`, :meth:`set_guidance`) ``copy_`` into the same buffers.
+
+The step is split in two so several sessions can share one UNet call:
+:meth:`begin` fills this session's rows of a :class:`UNetBatch`; :meth:`finish` takes the
+noise predicted for those rows and returns the finished latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from livediff.engine.config import RCFGMode
+from livediff.engine.rcfg import guided_noise, lcm_denoise, reference_latent, renoise, residual_noise
+from livediff.engine.schedule import StepCoefficients
+from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
+
+LATENT_CHANNELS = 4
+
+
+class StreamBatch:
+    """Per-session Stream Batch buffers and step; see the module docstring."""
+
+    def __init__(
+        self,
+        coefficients: StepCoefficients,
+        *,
+        frame_buffer_size: int,
+        latent_size: tuple[int, int],
+        embed_shape: tuple[int, int],
+        pooled_dim: int | None,
+        rcfg: RCFGMode,
+        use_denoising_batch: bool,
+        do_add_noise: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.steps = coefficients.steps
+        self.frame_buffer_size = frame_buffer_size
+        self.rcfg = rcfg
+        self.use_denoising_batch = use_denoising_batch
+        self.do_add_noise = do_add_noise
+        self.device = device
+        self.dtype = dtype
+        f = frame_buffer_size
+        self.latent_rows = self.steps * f if use_denoising_batch else f
+        self.uncond_rows = {
+            RCFGMode.FULL: self.latent_rows,
+            RCFGMode.INITIALIZE: f,
+        }.get(rcfg, 0)
+        self.unet_rows = self.uncond_rows + self.latent_rows
+
+        h, w = latent_size
+        seq, dim = embed_shape
+        opts = {"device": device, "dtype": dtype}
+        self._unet_latents = torch.zeros(self.unet_rows, LATENT_CHANNELS, h, w, **opts)
+        self.x_t = self._unet_latents[self.uncond_rows :]
+        self.noise = torch.zeros(self.steps * f, LATENT_CHANNELS, h, w, **opts)
+        uses_stock = rcfg in (RCFGMode.SELF, RCFGMode.INITIALIZE)
+        self.stock_noise = torch.zeros(self.latent_rows, LATENT_CHANNELS, h, w, **opts) if uses_stock else None
+        self._timesteps = torch.zeros(self.unet_rows, dtype=torch.long, device=device)
+        self._embeds = torch.zeros(self.unet_rows, seq, dim, **opts)
+        self._text_embeds = torch.zeros(self.unet_rows, pooled_dim, **opts) if pooled_dim else None
+        self._time_ids = torch.zeros(self.unet_rows, 6, **opts) if pooled_dim else None
+        self._step_coeffs = torch.zeros(4, self.steps, 1, 1, 1, **opts)  # alpha, beta, c_skip, c_out per step
+        self._row_coeffs = torch.zeros(4, self.latent_rows, 1, 1, 1, **opts)
+        self.guidance_scale = torch.ones((), **opts)
+        self.delta = torch.ones((), **opts)
+        self.set_coefficients(coefficients)
+
+    # ------------------------------------------------------------------ live updates
+    def set_coefficients(self, coefficients: StepCoefficients) -> None:
+        """Swap in a new ``t_index_list`` with the same number of steps."""
+        if coefficients.steps != self.steps:
+            raise ValueError(f"this buffer runs {self.steps} steps, not {coefficients.steps}")
+        self.coefficients = coefficients
+        stacked = torch.stack(
+            [coefficients.alpha_sqrt, coefficients.beta_sqrt, coefficients.c_skip, coefficients.c_out]
+        ).view(4, self.steps, 1, 1, 1)
+        self._step_coeffs.copy_(stacked)
+        if self.use_denoising_batch:
+            self._row_coeffs.copy_(self._step_coeffs.repeat_interleave(self.frame_buffer_size, dim=1))
+            latent_t = coefficients.timesteps.repeat_interleave(self.frame_buffer_size)
+            self._timesteps[self.uncond_rows :].copy_(latent_t)
+            self._timesteps[: self.uncond_rows].copy_(latent_t[: self.uncond_rows])
+        else:
+            self._timesteps.fill_(int(coefficients.timesteps[0]))
+
+    def set_embeddings(self, cond: Conditioning, uncond: Conditioning | None) -> None:
+        """Write the prompt conditioning into every row (negative rows first)."""
+        self._fill(slice(self.uncond_rows, None), cond)
+        if self.uncond_rows:
+            if uncond is None:
+                raise ValueError(f"RCFG {self.rcfg.value} needs negative-prompt conditioning")
+            self._fill(slice(0, self.uncond_rows), uncond)
+
+    def _fill(self, rows: slice, cond: Conditioning) -> None:
+        self._embeds[rows].copy_(cond.embeds.expand_as(self._embeds[rows]))
+        if self._text_embeds is not None and self._time_ids is not None:
+            if cond.pooled is None or cond.time_ids is None:
+                raise ValueError("this model needs pooled text embeddings and time ids (SDXL)")
+            self._text_embeds[rows].copy_(cond.pooled.expand_as(self._text_embeds[rows]))
+            self._time_ids[rows].copy_(cond.time_ids.expand_as(self._time_ids[rows]))
+
+    def set_noise(self, noise: torch.Tensor) -> None:
+        """Fixed per-step noise, one block per step (``[steps * F, 4, h, w]``)."""
+        self.noise.copy_(noise)
+
+    def set_guidance(self, guidance_scale: float, delta: float) -> None:
+        self.guidance_scale.fill_(guidance_scale)
+        self.delta.fill_(delta)
+
+    def reset(self) -> None:
+        """Forget the frames in flight (the next ``steps - 1`` outputs are warm-up again)."""
+        self.x_t.zero_()
+        if self.stock_noise is not None:
+            self.stock_noise.zero_()
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, x0: torch.Tensor, predict_noise: NoisePredictor, first_latent: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Advance by one frame group; ``x0`` is ``[F, 4, h, w]`` (encoded input or zeros).
+
+        ``first_latent`` replaces ``a0 * x0 + b0 * noise`` as the step-0 latent (txt2img).
+        """
+        if not self.use_denoising_batch:
+            if first_latent is None:
+                alpha, beta = self._step_coeffs[0, 0], self._step_coeffs[1, 0]
+                first_latent = renoise(x0, self.noise[: self.frame_buffer_size], alpha, beta)
+            return self.run_sequential(first_latent, x0, predict_noise)
+        batch = self.begin(x0, first_latent)
+        return self.finish(predict_noise(batch))
+
+    def begin(self, x0: torch.Tensor, first_latent: torch.Tensor | None = None) -> UNetBatch:
+        """Write the new frames into step 0 and return the UNet inputs of all rows.
+
+        ``first_latent`` replaces ``a0 * x0 + b0 * noise`` (txt2img passes fresh noise).
+        """
+        f = self.frame_buffer_size
+        alpha, beta = self._step_coeffs[0, 0], self._step_coeffs[1, 0]
+        new = self.x_t[:f]
+        if first_latent is None:
+            new.copy_(renoise(x0, self.noise[:f], alpha, beta))
+        else:
+            new.copy_(first_latent)
+        if self.rcfg is RCFGMode.SELF:
+            assert self.stock_noise is not None
+            self.stock_noise[:f].copy_(residual_noise(new, x0, alpha, beta))
+        if self.rcfg is RCFGMode.FULL:
+            self._unet_latents[: self.uncond_rows].copy_(self.x_t)
+        elif self.rcfg is RCFGMode.INITIALIZE:
+            self._unet_latents[:f].copy_(new)
+        return self._batch()
+
+    def _batch(self) -> UNetBatch:
+        return UNetBatch(self._unet_latents, self._timesteps, self._embeds, self._text_embeds, self._time_ids)
+
+    def finish(self, eps: torch.Tensor) -> torch.Tensor:
+        """Apply guidance and the LCM step to every row, shift the blocks, return the finished ones."""
+        f = self.frame_buffer_size
+        eps_cond = eps[self.uncond_rows :]
+        if self.rcfg is RCFGMode.INITIALIZE:
+            assert self.stock_noise is not None
+            self.stock_noise[:f].copy_(eps[:f])
+        eps_uncond = eps[: self.uncond_rows] if self.rcfg is RCFGMode.FULL else None
+        guided = guided_noise(self.rcfg, eps_cond, eps_uncond, self.stock_noise, self.guidance_scale, self.delta)
+        alpha, beta, c_skip, c_out = self._row_coeffs
+        x0_hat = lcm_denoise(self.x_t, guided, alpha, beta, c_skip, c_out)
+        out = x0_hat[-f:].clone()
+        if self.steps > 1:
+            self._shift(x0_hat)
+        return out
+
+    def _shift(self, x0_hat: torch.Tensor) -> None:
+        f = self.frame_buffer_size
+        alpha, beta = self._row_coeffs[0], self._row_coeffs[1]
+        x_ref = None
+        if self.stock_noise is not None:
+            x_ref = reference_latent(self.x_t[:-f], self.stock_noise[:-f], alpha[:-f], beta[:-f])
+        noise = self.noise[f:] if self.do_add_noise else None
+        self.x_t[f:].copy_(renoise(x0_hat[:-f], noise, alpha[f:], beta[f:]))
+        if self.stock_noise is not None and x_ref is not None:
+            self.stock_noise[f:].copy_(residual_noise(self.x_t[f:], x_ref, alpha[f:], beta[f:]))
+
+    def run_sequential(self, x_t: torch.Tensor, x0: torch.Tensor, predict_noise: NoisePredictor) -> torch.Tensor:
+        """All steps for one frame group, one UNet call per step (the reference path)."""
+        f = self.frame_buffer_size
+        stock = residual_noise(x_t, x0, self._step_coeffs[0, 0], self._step_coeffs[1, 0])
+        x0_hat = x_t
+        for k in range(self.steps):
+            alpha, beta, c_skip, c_out = self._step_coeffs[:, k]
+            self._timesteps.fill_(int(self.coefficients.timesteps[k]))
+            self.x_t.copy_(x_t)
+            uncond = self.uncond_rows if (self.rcfg is RCFGMode.FULL or k == 0) else 0
+            if uncond:
+                self._unet_latents[:uncond].copy_(x_t[:uncond])
+            start = self.uncond_rows - uncond
+            eps = predict_noise(self._batch().narrow(start, uncond + f))
+            if self.rcfg is RCFGMode.INITIALIZE and k == 0:
+                stock = eps[:f].clone()
+            eps_uncond = eps[:uncond] if self.rcfg is RCFGMode.FULL else None
+            guided = guided_noise(self.rcfg, eps[uncond:], eps_uncond, stock, self.guidance_scale, self.delta)
+            x0_hat = lcm_denoise(x_t, guided, alpha, beta, c_skip, c_out)
+            if k + 1 < self.steps:
+                x_ref = reference_latent(x_t, stock, alpha, beta)
+                a_next, b_next = self._step_coeffs[0, k + 1], self._step_coeffs[1, k + 1]
+                noise = self.noise[(k + 1) * f : (k + 2) * f] if self.do_add_noise else None
+                x_t = renoise(x0_hat, noise, a_next, b_next)
+                stock = residual_noise(x_t, x_ref, a_next, b_next)
+        return x0_hat

@@ -1,0 +1,3 @@
+from livediff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""A loaded model: its networks on one device, and the three calls the engine makes on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+from livediff.models.presets import ModelPreset
+from livediff.models.unet_batch import UNetBatch
+
+VAE_SCALE_FACTOR = 8  # every supported VAE downsamples by 8
+
+
+class WeightsMode(str, Enum):
+    """``pretrained`` loads real weights; ``random`` builds the exact architecture offline."""
+
+    PRETRAINED = "pretrained"
+    RANDOM = "random"
+
+
+class VaeKind(str, Enum):
+    """``tiny`` is TAESD / TAESDXL (fast, the default); ``full`` is the checkpoint's own VAE."""
+
+    TINY = "tiny"
+    FULL = "full"
+
+
+@dataclass
+class ModelBundle:
+    """The networks of one model on one device and dtype, ready for inference."""
+
+    preset: ModelPreset
+    unet: UNet2DConditionModel
+    vae: AutoencoderTiny | AutoencoderKL
+    text_encoders: tuple[Any, ...]
+    tokenizers: tuple[Any, ...]
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    weights: WeightsMode
+    source: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return VAE_SCALE_FACTOR
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def embed_shape(self) -> tuple[int, int]:
+        """(sequence length, width) of the UNet's cross-attention conditioning."""
+        return 77, int(self.unet.config.cross_attention_dim)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of SDXL's pooled text embedding, ``None`` for other families."""
+        if not self.preset.is_sdxl:
+            return None
+        return int(self.text_encoders[-1].config.projection_dim)
+
+    def describe(self) -> str:
+        return f"{self.preset.name} ({self.weights.value} weights from {self.source}) on {self.device} {self.dtype}"
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], ``[B, 3, H, W]`` → scaled latents ``[B, 4, H/8, W/8]``."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        if isinstance(self.vae, AutoencoderTiny):
+            latents = self.vae.encode(images).latents
+        else:
+            latents = self.vae.encode(images).latent_dist.mode()
+        return latents * self.scaling_factor
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images in [-1, 1] (not clamped)."""
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
+        """One UNet call over every row of ``batch``."""
+        added = None
+        if batch.text_embeds is not None:
+            added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
+        return self.unet(
+            batch.latents,
+            batch.timesteps,
+            encoder_hidden_states=batch.embeds,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]

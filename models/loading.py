@@ -1,0 +1,308 @@
+"""Load a model from a HF id, a diffusers folder or a single checkpoint file, or build it randomly.
+
+Sources (``ModelSpec.source``; ``None`` means the preset's HF id):
+
+- a Hugging Face id such as ``stabilityai/sd-turbo``, through the normal HF cache. With
+  ``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) only the cache is read;
+- a local diffusers folder (``model_index.json``, ``unet/``, ``text_encoder/`` …);
+- a single ``.safetensors`` / ``.ckpt`` checkpoint in the original (LDM) layout. Its
+  architecture comes from ``config_source`` (default: the preset's HF id, which must then be
+  cached, or any local diffusers folder).
+
+The tiny VAE comes from ``vae_source``, else the preset's TAESD repo, else a ``vae_tiny/``
+folder beside the model (what ``livediff export`` writes). LoRAs are fused into the weights
+at load and their layers removed, so they cost nothing per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from huggingface_hub import constants as hf_constants
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from livediff.exceptions import ModelLoadError, ModelNotAvailableError, ParameterError
+from livediff.models.architectures import Components, build_random
+from livediff.models.bundle import ModelBundle, VaeKind, WeightsMode
+from livediff.models.presets import LoraRef, ModelPreset, get_preset
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+TINY_VAE_FOLDER = "vae_tiny"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``loras=None`` takes the preset's own LoRAs (LCM-LoRA for ``sd15-lcm``)."""
+
+    preset: str = "sd-turbo"
+    weights: WeightsMode = WeightsMode.PRETRAINED
+    source: str | None = None
+    config_source: str | None = None
+    vae: VaeKind = VaeKind.TINY
+    vae_source: str | None = None
+    loras: tuple[LoraRef, ...] | None = None
+    seed: int = 0
+    variant: str | None = None
+    local_files_only: bool | None = None
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        for name, kind in (("weights", WeightsMode), ("vae", VaeKind)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                allowed = ", ".join(m.value for m in kind)
+                raise ParameterError(f"{name}={getattr(self, name)!r} is not one of: {allowed}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device={device!s} was asked for, but this machine has no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise ParameterError(f"dtype={dtype!r} is not one of: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _offline(spec: ModelSpec) -> bool:
+    if spec.local_files_only is not None:
+        return spec.local_files_only
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def _is_local(source: str) -> bool:
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> T:
+    """Run ``load(local_files_only)``; cache first, then the network unless offline.
+
+    Every failure becomes one clear :class:`ModelLoadError`; the original is chained as cause.
+    """
+    if _is_local(source):
+        if not os.path.exists(os.path.expanduser(source)):
+            raise ModelLoadError(f"{what}: no such file or folder: {source}")
+        try:
+            return load(True)
+        except Exception as exc:
+            raise ModelLoadError(f"{what}: could not load {source}: {exc}") from exc
+    try:
+        return load(True)
+    except Exception as cached_exc:
+        if offline:
+            raise ModelNotAvailableError(_not_cached_message(what, source, "downloads are off (HF_HUB_OFFLINE=1)")) from cached_exc
+    try:
+        return load(False)
+    except Exception as exc:
+        raise ModelNotAvailableError(_not_cached_message(what, source, f"the download failed ({type(exc).__name__}: {exc})")) from exc
+
+
+def _not_cached_message(what: str, source: str, reason: str) -> str:
+    return (
+        f"{what} '{source}' is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {reason}. "
+        f"Download it once with network access (huggingface-cli download {source}), point --source at a "
+        "local copy, or try the pipeline without weights using --weights random."
+    )
+
+
+def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _load_diffusers_folder(preset: ModelPreset, source: str, spec: ModelSpec, offline: bool) -> tuple[Components, dict[str, Any]]:
+    what = f"model {preset.name}"
+    common = {"variant": spec.variant} if spec.variant else {}
+
+    def load(local: bool) -> tuple[Components, dict[str, Any]]:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local, **common)
+        names = ("text_encoder", "text_encoder_2")[: len(preset.text_configs)]
+        encoders = []
+        for i, name in enumerate(names):
+            cls = CLIPTextModelWithProjection if preset.is_sdxl and i == len(names) - 1 else CLIPTextModel
+            encoders.append(cls.from_pretrained(source, subfolder=name, local_files_only=local, **common))
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(source, subfolder=name.replace("text_encoder", "tokenizer"), local_files_only=local)
+            for name in names
+        ]
+        scheduler_config = dict(LCMScheduler.load_config(source, subfolder="scheduler", local_files_only=local))
+        return Components(unet=unet, text_encoders=tuple(encoders), tokenizers=tuple(tokenizers)), scheduler_config
+
+    return _fetch(what, source, offline, load)
+
+
+def _load_single_file(preset: ModelPreset, path: str, spec: ModelSpec, offline: bool) -> tuple[Components, dict[str, Any], AutoencoderKL]:
+    config = spec.config_source or preset.hf_id
+    if config is None:
+        raise ParameterError(f"loading preset {preset.name} from a single file needs config_source (a diffusers folder)")
+    pipeline_cls = StableDiffusionXLPipeline if preset.is_sdxl else StableDiffusionPipeline
+    if not os.path.exists(path):
+        raise ModelLoadError(f"checkpoint file not found: {path}")
+
+    def load(local: bool) -> Any:
+        return pipeline_cls.from_single_file(path, config=config, local_files_only=local)
+
+    what = f"architecture config for {preset.name} (needed to read {Path(path).name})"
+    pipe = _fetch(what, config, offline, load)
+    encoders = tuple(e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None)
+    tokenizers = tuple(t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None)
+    components = Components(unet=pipe.unet, text_encoders=encoders, tokenizers=tokenizers)
+    return components, dict(pipe.scheduler.config), pipe.vae
+
+
+def _tiny_vae_source(preset: ModelPreset, spec: ModelSpec, model_source: str | None) -> str:
+    if spec.vae_source and spec.vae is VaeKind.TINY:
+        return spec.vae_source
+    for base in (model_source, spec.config_source):
+        if base and os.path.isdir(os.path.join(base, TINY_VAE_FOLDER)):
+            return os.path.join(base, TINY_VAE_FOLDER)
+    if preset.tiny_vae_id:
+        return preset.tiny_vae_id
+    raise ParameterError(
+        f"preset {preset.name} has no tiny VAE repo: pass vae_source, or keep a '{TINY_VAE_FOLDER}' folder beside the model"
+    )
+
+
+def _load_tiny_vae(preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool) -> AutoencoderTiny:
+    source = _tiny_vae_source(preset, spec, model_source)
+    return _fetch("tiny VAE", source, offline, lambda local: AutoencoderTiny.from_pretrained(source, local_files_only=local))
+
+
+def _load_full_vae(preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool) -> AutoencoderKL:
+    own_source = spec.vae_source if spec.vae is VaeKind.FULL else None
+    if own_source or preset.full_vae_id:
+        source = own_source or preset.full_vae_id
+        assert source is not None
+        return _fetch("VAE", source, offline, lambda local: AutoencoderKL.from_pretrained(source, local_files_only=local))
+    if model_source is None:
+        raise ParameterError("a full VAE needs a model source")
+    return _fetch("VAE", model_source, offline, lambda local: AutoencoderKL.from_pretrained(model_source, subfolder="vae", local_files_only=local))
+
+
+def _fuse_loras(preset: ModelPreset, components: Components, scheduler_config: dict[str, Any], loras: tuple[LoraRef, ...], offline: bool) -> None:
+    """Fuse each LoRA into the UNet / text encoder weights, then drop the LoRA layers."""
+    if not loras:
+        return
+    pipeline = _as_pipeline(preset, components, scheduler_config)
+    for index, lora in enumerate(loras):
+        name = f"lora_{index}"
+        kwargs: dict[str, Any] = {"adapter_name": name}
+        if lora.weight_name:
+            kwargs["weight_name"] = lora.weight_name
+
+        def load(local: bool, lora: LoraRef = lora, kwargs: dict[str, Any] = kwargs) -> None:
+            pipeline.load_lora_weights(lora.source, local_files_only=local, **kwargs)
+
+        _fetch("LoRA", lora.source, offline, load)
+        pipeline.fuse_lora(lora_scale=lora.scale, adapter_names=[name])
+        log.info("fused LoRA %s at scale %.3g", lora.source, lora.scale)
+    pipeline.unload_lora_weights()
+
+
+def _as_pipeline(preset: ModelPreset, components: Components, scheduler_config: dict[str, Any]) -> Any:
+    scheduler = LCMScheduler.from_config(scheduler_config)
+    if preset.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=components.full_vae, text_encoder=components.text_encoders[0], text_encoder_2=components.text_encoders[1],
+            tokenizer=components.tokenizers[0], tokenizer_2=components.tokenizers[1], unet=components.unet, scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=components.full_vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def load_components(spec: ModelSpec, *, tiny_vae: bool, full_vae: bool, device: torch.device) -> tuple[Components, dict[str, Any], str]:
+    """Networks (on CPU or ``device``, not yet cast) with the VAEs asked for, LoRAs fused.
+
+    Returns the components, the scheduler config, and a description of the source.
+    """
+    preset = get_preset(spec.preset)
+    offline = _offline(spec)
+    loras = preset.loras if spec.loras is None else spec.loras
+    if spec.weights is WeightsMode.RANDOM:
+        components = build_random(preset, seed=spec.seed, tiny_vae=tiny_vae, full_vae=full_vae, device=device)
+        scheduler_config = dict(preset.scheduler_config)
+        described = f"random init (seed {spec.seed})"
+        if spec.loras is None and preset.loras:
+            log.info("weights=random: not fusing the preset's LoRAs (%s); they change values, not speed",
+                     ", ".join(lora.source for lora in preset.loras))
+            loras = ()
+    else:
+        source = spec.source or preset.hf_id
+        if source is None:
+            raise ParameterError(f"preset {preset.name} has no published weights: pass a source folder, or use weights=random")
+        model_dir: str | None = None
+        single_file_vae: AutoencoderKL | None = None
+        if source.endswith(SINGLE_FILE_SUFFIXES):
+            components, scheduler_config, single_file_vae = _load_single_file(preset, source, spec, offline)
+        else:
+            components, scheduler_config = _load_diffusers_folder(preset, source, spec, offline)
+            model_dir = source
+        if full_vae:
+            if single_file_vae is not None and not (spec.vae is VaeKind.FULL and spec.vae_source) and not preset.full_vae_id:
+                components.full_vae = single_file_vae
+            else:
+                components.full_vae = _load_full_vae(preset, spec, model_dir or spec.config_source, offline)
+        if tiny_vae:
+            components.tiny_vae = _load_tiny_vae(preset, spec, model_dir or spec.config_source, offline)
+        described = source
+    _fuse_loras(preset, components, scheduler_config, loras, offline)
+    return components, scheduler_config, described
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> ModelBundle:
+    """Build or load the model ``spec`` names, on ``device`` in ``dtype`` (defaults: CUDA+fp16, else CPU+fp32)."""
+    preset = get_preset(spec.preset)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    use_tiny = spec.vae is VaeKind.TINY
+    components, scheduler_config, described = load_components(spec, tiny_vae=use_tiny, full_vae=not use_tiny, device=target)
+    vae = components.tiny_vae if use_tiny else components.full_vae
+    assert vae is not None
+    bundle = ModelBundle(
+        preset=preset,
+        unet=_place(components.unet, target, torch_dtype),
+        vae=_place(vae, target, torch_dtype),
+        text_encoders=tuple(_place(e, target, torch_dtype) for e in components.text_encoders),
+        tokenizers=components.tokenizers,
+        scheduler_config=scheduler_config,
+        device=target,
+        dtype=torch_dtype,
+        weights=spec.weights,
+        source=described,
+    )
+    log.info("loaded %s", bundle.describe())
+    return bundle
