@@ -74,12 +74,14 @@ class StreamOutput:
     """One output frame and the input it answers.
 
     ``index`` counts input frames from 0. ``skipped`` is true when the similarity filter
-    skipped the input and this is the previous output again.
+    skipped the input and this is the previous output again. ``tag`` is whatever the caller
+    passed with the input (timestamps, for instance).
     """
 
     image: torch.Tensor  # uint8 [H, W, 3] on the model device
     index: int
     skipped: bool = False
+    tag: Any = None
 
     def numpy(self) -> np.ndarray:
         return self.image.cpu().numpy()

@@ -33,11 +33,27 @@ from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import rgb_to_model_input
 from livediff.models.bundle import ModelBundle
 from livediff.models.prompts import PromptEncoder
-from livediff.models.unet_batch import Conditioning
+from livediff.models.unet_batch import Conditioning, UNetBatch
 
 log = logging.getLogger(__name__)
 _PROMPT_FIELDS = ("prompt", "negative_prompt", "blend")
 _SCHEDULE_FIELDS = ("steps", "strength", "t_index_list")
+
+
+_TXT2IMG_PLACEHOLDER = torch.zeros(1, 1, 3, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class FrameGroup:
+    """``frame_buffer_size`` frames that go through the model together, with their indices and tags.
+
+    An index of -1 marks a filler frame (padding or draining) whose output is never emitted.
+    """
+
+    images: list[torch.Tensor]
+    indices: list[int]
+    tags: list[Any]
+    emit: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,8 @@ class Stream:
         self.prompts = PromptEncoder(bundle, self.width, self.height)
         self.filter = SimilarityFilter(self.params.similarity_threshold, self.params.max_skip_frames, self.params.seed)
         self._generator = torch.Generator()
-        self._group: list[tuple[torch.Tensor, int, Any]] = []
-        self._in_flight: deque[list[int]] = deque()
+        self._pending: list[tuple[torch.Tensor, int, Any]] = []
+        self._in_flight: deque[FrameGroup | None] = deque()
         self._last_output: list[StreamOutput] = []
         self._frames_in = 0
         self._cond: Conditioning | None = None
@@ -170,85 +186,128 @@ class Stream:
     # ------------------------------------------------------------------ frames
     def process(self, frame: Any = None, *, tag: Any = None) -> list[StreamOutput]:
         """Feed one frame (``None`` in txt2img mode); returns the outputs this call produced."""
-        if self.config.mode is GenerationMode.TXT2IMG:
-            image = torch.zeros(1, 1, 3, dtype=torch.uint8) if frame is None else as_uint8_frame(frame)
-        elif frame is None:
-            raise ParameterError("img2img needs an input frame")
-        else:
-            image = as_uint8_frame(frame)
-        index = self._frames_in
-        self._frames_in += 1
-        self._group.append((image, index, tag))
-        if len(self._group) < self.config.frame_buffer_size:
-            return []
-        group, self._group = self._group, []
-        return self._run_group(group)
+        group = self.admit(frame, tag)
+        return [] if group is None else self.run(group)
 
     def __call__(self, frame: Any = None) -> torch.Tensor | None:
         """Shortcut for ``frame_buffer_size=1``: the newest output image, or ``None`` while filling."""
         outputs = self.process(frame)
         return outputs[-1].image if outputs else None
 
-    def _should_skip(self, group: list[tuple[torch.Tensor, int, Any]]) -> bool:
-        if not self.filter.enabled or not self._last_output or self.config.mode is GenerationMode.TXT2IMG:
-            return False
-        signals = [similarity_signal(image) for image, _, _ in group]
-        signal = signals[0] if len(signals) == 1 else torch.cat([torch.as_tensor(s) for s in signals])
-        return self.filter.should_skip(signal)
-
-    def _run_group(self, group: list[tuple[torch.Tensor, int, Any]], *, emit: bool = True) -> list[StreamOutput]:
-        indices = [index for _, index, _ in group]
-        if emit and self._should_skip(group):
-            previous = self._last_output
-            return [StreamOutput(previous[i % len(previous)].image, index, skipped=True) for i, index in enumerate(indices)]
+    def run(self, group: FrameGroup) -> list[StreamOutput]:
+        """All phases for one frame group on this stream alone (the single-session path)."""
+        skipped = self.skip_outputs(group)
+        if skipped is not None:
+            return skipped
         with torch.inference_mode():
-            x0, first_latent = self._encode(group)
-            x0_hat = self.batch.step(x0, self.bundle.predict_noise, first_latent)
-            decoded = model_output_to_rgb(self.bundle.decode(x0_hat))
-        self._in_flight.append(indices if emit else [])
+            pixels = self.model_input(group)
+            x0 = None if pixels is None else self.bundle.encode(pixels)
+            if self.config.use_denoising_batch:
+                x0_hat = self.finish(self.bundle.predict_noise(self.begin(group, x0)))
+            else:
+                x0, first = self._latents(group, x0)
+                x0_hat = self.batch.step(x0, self.bundle.predict_noise, first)
+            rgb = model_output_to_rgb(self.bundle.decode(x0_hat))
+        return self.complete(group, rgb)
+
+    # The phases below let a runtime batch several streams into one UNet call:
+    # admit → skip_outputs → model_input → (encode, batched) → begin → (UNet, batched) → finish
+    # → (decode, batched) → complete. Only Stream Batch (use_denoising_batch) splits this way.
+    def admit(self, frame: Any = None, tag: Any = None) -> FrameGroup | None:
+        """Validate a frame and add it to the current group; returns the group once it is full."""
+        if self.config.mode is GenerationMode.TXT2IMG:
+            image = _TXT2IMG_PLACEHOLDER if frame is None else as_uint8_frame(frame)
+        elif frame is None:
+            raise ParameterError("img2img needs an input frame")
+        else:
+            image = as_uint8_frame(frame)
+        self._pending.append((image, self._frames_in, tag))
+        self._frames_in += 1
+        if len(self._pending) < self.config.frame_buffer_size:
+            return None
+        pending, self._pending = self._pending, []
+        return FrameGroup([p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+
+    def skip_outputs(self, group: FrameGroup) -> list[StreamOutput] | None:
+        """The previous outputs again if the similarity filter skips this group, else ``None``."""
+        if not group.emit or not self.filter.enabled or not self._last_output:
+            return None
+        if self.config.mode is GenerationMode.TXT2IMG:
+            return None
+        signals = [torch.as_tensor(similarity_signal(image)) for image in group.images]
+        if not self.filter.should_skip(signals[0] if len(signals) == 1 else torch.cat(signals)):
+            return None
+        previous = self._last_output
+        return [
+            StreamOutput(previous[i % len(previous)].image, index, skipped=True, tag=tag)
+            for i, (index, tag) in enumerate(zip(group.indices, group.tags, strict=True))
+        ]
+
+    def model_input(self, group: FrameGroup) -> torch.Tensor | None:
+        """Frames fitted to the model: ``[F, 3, H, W]`` in [-1, 1] on the model device (``None`` in txt2img)."""
+        if self.config.mode is GenerationMode.TXT2IMG:
+            return None
+        device, pixels = self.bundle.device, []
+        for image in group.images:
+            crop = fit_crop(int(image.shape[0]), int(image.shape[1]), self.height, self.width, self.config.fit)
+            frame = image.to(device, non_blocking=True).unsqueeze(0)
+            pixels.append(rgb_to_model_input(frame, self.height, self.width, crop, self.bundle.dtype))
+        return pixels[0] if len(pixels) == 1 else torch.cat(pixels)
+
+    def _latents(self, group: FrameGroup, x0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x0, first_latent): txt2img starts from fresh seeded noise on a zero x0."""
+        if x0 is not None:
+            return x0, None
+        shape = (len(group.images), 4, *self.latent_size)
+        fresh = torch.randn(shape, generator=self._generator, dtype=torch.float32)
+        zeros = torch.zeros(shape, device=self.bundle.device, dtype=self.bundle.dtype)
+        return zeros, fresh.to(device=self.bundle.device, dtype=self.bundle.dtype)
+
+    def begin(self, group: FrameGroup, x0: torch.Tensor | None) -> UNetBatch:
+        """Write the group's latents into step 0 and return this stream's UNet rows."""
+        latents, first = self._latents(group, x0)
+        return self.batch.begin(latents, first)
+
+    def finish(self, eps: torch.Tensor) -> torch.Tensor:
+        """Noise predicted for this stream's rows → the finished latents ``[F, 4, h, w]``."""
+        return self.batch.finish(eps)
+
+    def complete(self, group: FrameGroup, rgb: torch.Tensor) -> list[StreamOutput]:
+        """Match decoded frames to the inputs they answer (after the Stream Batch delay)."""
+        self._in_flight.append(group if group.emit else None)
         if len(self._in_flight) <= self.delay:
             return []
         answered = self._in_flight.popleft()
-        outputs = [StreamOutput(decoded[i], index) for i, index in enumerate(answered)]
+        if answered is None:
+            return []
+        outputs = [
+            StreamOutput(rgb[i], index, tag=tag)
+            for i, (index, tag) in enumerate(zip(answered.indices, answered.tags, strict=True))
+            if index >= 0
+        ]
         if outputs:
             self._last_output = outputs
         return outputs
 
-    def _encode(self, group: list[tuple[torch.Tensor, int, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        f = len(group)
-        if self.config.mode is GenerationMode.TXT2IMG:
-            shape = (f, 4, *self.latent_size)
-            fresh = torch.randn(shape, generator=self._generator, dtype=torch.float32)
-            x0 = torch.zeros(shape, device=self.bundle.device, dtype=self.bundle.dtype)
-            return x0, fresh.to(device=self.bundle.device, dtype=self.bundle.dtype)
-        device = self.bundle.device
-        pixels = []
-        for image, _, _ in group:
-            crop = fit_crop(int(image.shape[0]), int(image.shape[1]), self.height, self.width, self.config.fit)
-            frame = image.to(device, non_blocking=True).unsqueeze(0)
-            pixels.append(rgb_to_model_input(frame, self.height, self.width, crop, self.bundle.dtype))
-        images = pixels[0] if f == 1 else torch.cat(pixels)
-        return self.bundle.encode(images), None
-
     def flush(self) -> list[StreamOutput]:
         """Run the frames still in flight to completion (e.g. at the end of a file)."""
         outputs: list[StreamOutput] = []
-        if self._group:  # a partial group: pad it with its last frame
-            pad = self._group[-1]
-            group = self._group + [(pad[0], -1, None)] * (self.config.frame_buffer_size - len(self._group))
-            self._group = []
-            outputs += [o for o in self._run_group(group) if o.index >= 0]
-        if not self._last_output and not self._in_flight:
-            return outputs
-        filler_source = self._last_frames
-        while any(self._in_flight):
-            outputs += [o for o in self._run_group(filler_source(), emit=False) if o.index >= 0]
+        if self._pending:  # a partial group: pad it with its last frame, whose copies are not emitted
+            image = self._pending[-1][0]
+            missing = self.config.frame_buffer_size - len(self._pending)
+            pending, self._pending = self._pending, []
+            group = FrameGroup(
+                [p[0] for p in pending] + [image] * missing,
+                [p[1] for p in pending] + [-1] * missing,
+                [p[2] for p in pending] + [None] * missing,
+            )
+            outputs += self.run(group)
+        while any(entry is not None for entry in self._in_flight):
+            filler = self._in_flight[-1] or FrameGroup([], [], [])
+            images = filler.images or [_TXT2IMG_PLACEHOLDER] * self.config.frame_buffer_size
+            outputs += self.run(FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False))
         self._in_flight.clear()
         return outputs
-
-    def _last_frames(self) -> list[tuple[torch.Tensor, int, Any]]:
-        blank = torch.zeros(self.height, self.width, 3, dtype=torch.uint8)
-        return [(blank, -1, None)] * self.config.frame_buffer_size
 
     @property
     def frames_in(self) -> int:
