@@ -1,0 +1,78 @@
+"""Cosine similarity of two frames in one reduction, as a 0-d float32 tensor (no host sync).
+
+Inputs are any float or uint8 tensors of equal shape (the two may differ in dtype); uint8 is
+scaled to [-1, 1] as ``x / 127.5 - 1`` first, as
+:func:`livediff.engine.similarity.similarity_signal` does. The value is::
+
+    dot(a, b) / max(|a| * |b|, 1e-6)          (sums in float32)
+
+Op: ``torch.ops.livediff.cosine_similarity``. It runs a Triton kernel on CUDA when the guard in
+:mod:`livediff.kernels._dispatch` holds, and the PyTorch reference otherwise. The result stays
+on the device; read it only where a sync is acceptable.
+"""
+
+from __future__ import annotations
+
+import torch
+from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+
+NORM_EPS = 1e-6
+TRITON_DTYPES = (*FLOAT_DTYPES, torch.uint8)
+TRITON_MAX_NUMEL = 4096 * 16384  # the kernel's BLOCK * MAX_PARTS (about 22 RGB 1080p frames)
+
+
+def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two frames as a 0-d float32 tensor on their device."""
+    return torch.ops.livediff.cosine_similarity(a, b)
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"frames must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.numel() == 0:
+        raise ValueError("frames have no elements")
+    for x in (a, b):
+        if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
+            raise ValueError(f"frames must be float or uint8, got {x.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"frames are on different devices: {a.device} and {b.device}")
+
+
+def as_signal(x: torch.Tensor) -> torch.Tensor:
+    """Flattened float32 values, uint8 scaled to [-1, 1]."""
+    if x.dtype == torch.uint8:
+        return x.reshape(-1).to(torch.float32) / 127.5 - 1.0
+    return x.reshape(-1).to(torch.float32)
+
+
+def _reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    fa, fb = as_signal(a), as_signal(b)
+    dot = torch.dot(fa, fb)
+    norms = torch.linalg.vector_norm(fa) * torch.linalg.vector_norm(fb)
+    return dot / norms.clamp_min(NORM_EPS)
+
+
+@torch.library.custom_op("livediff::cosine_similarity", mutates_args=())
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (every device)."""
+    _check(a, b)
+    return _reference(a, b)
+
+
+@cosine_similarity.register_kernel("cuda")
+def _cosine_similarity_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b)
+    fits = a.numel() <= TRITON_MAX_NUMEL and a.dtype in TRITON_DTYPES and b.dtype in TRITON_DTYPES
+    if not (fits and use_triton(a, b)):
+        return _reference(a, b)
+    from livediff.kernels import _triton_similarity
+
+    return _triton_similarity.cosine(a, b, NORM_EPS)
+
+
+@cosine_similarity.register_fake
+def _cosine_similarity_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check(a, b)
+    return a.new_empty((), dtype=torch.float32)

@@ -1,0 +1,71 @@
+"""What each kernel runs as on a device, for the engine to log at start-up.
+
+``kernels_status()`` answers per op whether its Triton kernel runs and, if not, why. The
+Triton path also needs contiguous inputs of a supported dtype per call; those per-call
+conditions are listed under ``guard`` so a log line names them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from livediff.kernels import fused_step, postprocess, preprocess, similarity  # noqa: F401  (registers the ops)
+from livediff.kernels._dispatch import (
+    INT32_LIMIT,
+    triton_interpreter_enabled,
+    triton_unavailable_reason,
+)
+
+_FLOATS = "float16, bfloat16, float32"
+_GUARDS = {
+    "livediff::preprocess_rgb": f"uint8 [N,H,W,3] contiguous; output {_FLOATS}",
+    "livediff::preprocess_i420": f"uint8 planes contiguous; output {_FLOATS}",
+    "livediff::preprocess_nv12": f"uint8 planes contiguous; output {_FLOATS}",
+    "livediff::postprocess_rgb": f"input {_FLOATS}, contiguous",
+    "livediff::postprocess_i420": f"input {_FLOATS}, contiguous",
+    "livediff::cosine_similarity": f"inputs {_FLOATS} or uint8, contiguous",
+    "livediff::stream_batch_step": f"latents {_FLOATS}, every tensor contiguous",
+}
+
+
+def kernels_status(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Per op: ``impl`` ("triton" or "reference"), ``reason`` when not Triton, and ``guard``.
+
+    ``device`` defaults to CUDA when available, else CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    reason = None
+    if device.type != "cuda":
+        reason = f"device {device.type}: the Triton kernels run on CUDA only"
+    elif not torch.cuda.is_available():
+        reason = "CUDA is not available"
+    else:
+        reason = triton_unavailable_reason()
+    version = None
+    if triton_unavailable_reason() is None:
+        import triton
+
+        version = str(triton.__version__)
+    ops = {}
+    for name, guard in _GUARDS.items():
+        entry: dict[str, Any] = {
+            "impl": "reference" if reason else "triton",
+            "guard": f"{guard}; < {INT32_LIMIT + 1} elements",
+        }
+        if reason:
+            entry["reason"] = reason
+        ops[name] = entry
+    return {
+        "device": str(device),
+        "triton_version": version,
+        "triton_interpreter": triton_interpreter_enabled(),
+        "ops": ops,
+    }
+
+
+def registered_ops() -> tuple[str, ...]:
+    """The ``livediff::`` ops this package registers (the keys of ``kernels_status()["ops"]``)."""
+    return tuple(_GUARDS)
