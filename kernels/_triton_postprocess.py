@@ -22,8 +22,8 @@ _UR, _UG, _UB = (tl.constexpr(c) for c in yuv.U_FROM_RGB)
 _VR, _VG, _VB = (tl.constexpr(c) for c in yuv.V_FROM_RGB)
 _Y_SHIFT = tl.constexpr(yuv.FIXED_SHIFT)
 _Y_HALF = tl.constexpr(1 << (yuv.FIXED_SHIFT - 1))
-_C_SHIFT = tl.constexpr(yuv.FIXED_SHIFT + 2)  # chroma sums are scaled to four samples
-_C_HALF = tl.constexpr(1 << (yuv.FIXED_SHIFT + 1))
+_C_SHIFT = tl.constexpr(yuv.FIXED_SHIFT + yuv.CHROMA_WEIGHT_BITS)
+_C_HALF = tl.constexpr(1 << (yuv.FIXED_SHIFT + yuv.CHROMA_WEIGHT_BITS - 1))
 
 
 @triton.jit
@@ -49,44 +49,53 @@ def _rgb_kernel(src, dst, plane, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pixel(src, plane, n, row, col, H, W, mask):
-    """One pixel of the 2×2 block: its uint8 RGB as int32, whether it exists, and its Y."""
-    present = mask & (row < H) & (col < W)
+def _rgb_at(src, plane, n, row, col, W, mask):
+    """The uint8 RGB of one pixel as int32, exactly as ``model_output_to_rgb`` rounds it."""
     base = src + n * 3 * plane + row * W + col
-    red = _to_byte(tl.load(base, mask=present, other=0.0)).to(tl.int32)
-    green = _to_byte(tl.load(base + plane, mask=present, other=0.0)).to(tl.int32)
-    blue = _to_byte(tl.load(base + 2 * plane, mask=present, other=0.0)).to(tl.int32)
-    luma = ((_YR * red + _YG * green + _YB * blue + _Y_HALF) >> _Y_SHIFT) + 16
-    keep = present.to(tl.int32)
-    return red * keep, green * keep, blue * keep, keep, luma, present
+    red = _to_byte(tl.load(base, mask=mask, other=0.0)).to(tl.int32)
+    green = _to_byte(tl.load(base + plane, mask=mask, other=0.0)).to(tl.int32)
+    blue = _to_byte(tl.load(base + 2 * plane, mask=mask, other=0.0)).to(tl.int32)
+    return red, green, blue
+
+
+@triton.jit
+def _luma(red, green, blue):
+    return ((red * _YR + green * _YG + blue * _YB + _Y_HALF) >> _Y_SHIFT) + 16
 
 
 @triton.jit
 def _i420_kernel(src, dst, H, W, CH, CW, BLOCK: tl.constexpr):
+    """One program per BLOCK chroma samples; each also writes the Y of its own 2×2 block."""
     n = tl.program_id(1)
     q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     chroma = CH * CW
     mask = q < chroma
     row = (q // CW) * 2
     col = (q % CW) * 2
+    col1 = tl.minimum(col + 1, W - 1)
     plane = H * W
     out = dst + n * (plane + 2 * chroma)
-    r0, g0, b0, c0, y0, m0 = _pixel(src, plane, n, row, col, H, W, mask)
-    r1, g1, b1, c1, y1, m1 = _pixel(src, plane, n, row, col + 1, H, W, mask)
-    r2, g2, b2, c2, y2, m2 = _pixel(src, plane, n, row + 1, col, H, W, mask)
-    r3, g3, b3, c3, y3, m3 = _pixel(src, plane, n, row + 1, col + 1, H, W, mask)
-    tl.store(out + row * W + col, y0.to(tl.uint8), mask=m0)
-    tl.store(out + row * W + col + 1, y1.to(tl.uint8), mask=m1)
-    tl.store(out + (row + 1) * W + col, y2.to(tl.uint8), mask=m2)
-    tl.store(out + (row + 1) * W + col + 1, y3.to(tl.uint8), mask=m3)
-    # Scale each block sum to four samples (x4 / count), then one shift divides and rounds.
-    count = tl.maximum(c0 + c1 + c2 + c3, 1)
-    factor = 4 // count
-    red = (r0 + r1 + r2 + r3) * factor
-    green = (g0 + g1 + g2 + g3) * factor
-    blue = (b0 + b1 + b2 + b3) * factor
-    u = ((_UR * red + _UG * green + _UB * blue + _C_HALF) >> _C_SHIFT) + 128
-    v = ((_VR * red + _VG * green + _VB * blue + _C_HALF) >> _C_SHIFT) + 128
+    # Rows 2j-1 … 2j+2 (edges clamped); the middle two hold this block's Y samples.
+    ra, ga, ba = _rgb_at(src, plane, n, tl.maximum(row - 1, 0), col, W, mask)
+    ra1, ga1, ba1 = _rgb_at(src, plane, n, tl.maximum(row - 1, 0), col1, W, mask)
+    rb, gb, bb = _rgb_at(src, plane, n, row, col, W, mask)
+    rb1, gb1, bb1 = _rgb_at(src, plane, n, row, col1, W, mask)
+    rc, gc, bc = _rgb_at(src, plane, n, tl.minimum(row + 1, H - 1), col, W, mask)
+    rc1, gc1, bc1 = _rgb_at(src, plane, n, tl.minimum(row + 1, H - 1), col1, W, mask)
+    rd, gd, bd = _rgb_at(src, plane, n, tl.minimum(row + 2, H - 1), col, W, mask)
+    rd1, gd1, bd1 = _rgb_at(src, plane, n, tl.minimum(row + 2, H - 1), col1, W, mask)
+    right = mask & (col + 1 < W)
+    lower = mask & (row + 1 < H)
+    tl.store(out + row * W + col, _luma(rb, gb, bb).to(tl.uint8), mask=mask)
+    tl.store(out + row * W + col + 1, _luma(rb1, gb1, bb1).to(tl.uint8), mask=right)
+    tl.store(out + (row + 1) * W + col, _luma(rc, gc, bc).to(tl.uint8), mask=lower)
+    tl.store(out + (row + 1) * W + col + 1, _luma(rc1, gc1, bc1).to(tl.uint8), mask=lower & right)
+    # Horizontal pairs, vertical (1, 3, 3, 1): weights add up to 16 = 2**4.
+    red = (ra + ra1) + 3 * (rb + rb1) + 3 * (rc + rc1) + (rd + rd1)
+    green = (ga + ga1) + 3 * (gb + gb1) + 3 * (gc + gc1) + (gd + gd1)
+    blue = (ba + ba1) + 3 * (bb + bb1) + 3 * (bc + bc1) + (bd + bd1)
+    u = ((red * _UR + green * _UG + blue * _UB + _C_HALF) >> _C_SHIFT) + 128
+    v = ((red * _VR + green * _VG + blue * _VB + _C_HALF) >> _C_SHIFT) + 128
     u = tl.minimum(tl.maximum(u, 0), 255)
     v = tl.minimum(tl.maximum(v, 0), 255)
     tl.store(out + plane + q, u.to(tl.uint8), mask=mask)

@@ -46,9 +46,9 @@ def _load_rgb(p0, p1, p2, n, row, col, H, W, CH, CW, mask, FORMAT: tl.constexpr)
         luma = (luma - 16.0) * _Y_SCALE
         cb = cb - 128.0
         cr = cr - 128.0
-        red = tl.minimum(tl.maximum(luma + _R_FROM_V * cr, 0.0), 255.0)
-        green = tl.minimum(tl.maximum(luma - _G_FROM_U * cb - _G_FROM_V * cr, 0.0), 255.0)
-        blue = tl.minimum(tl.maximum(luma + _B_FROM_U * cb, 0.0), 255.0)
+        red = tl.minimum(tl.maximum(luma + cr * _R_FROM_V, 0.0), 255.0)
+        green = tl.minimum(tl.maximum(luma - cb * _G_FROM_U - cr * _G_FROM_V, 0.0), 255.0)
+        blue = tl.minimum(tl.maximum(luma + cb * _B_FROM_U, 0.0), 255.0)
     return red, green, blue
 
 
