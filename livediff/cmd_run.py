@@ -1,0 +1,153 @@
+"""``livediff run INPUT OUTPUT``: transform a video file frame by frame with a diffusion model.
+
+The file goes through the same :class:`~livediff.engine.stream.Stream` a live session uses.
+Each input frame carries its timestamp as the stream's tag, so each output frame gets the
+timestamp of the input it answers, and the Stream Batch delay (``steps - 1`` frames) is
+compensated: the output has as many frames as the input, at the same times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from livediff.cli_options import (
+    add_model_options,
+    add_stream_options,
+    load_toml,
+    model_spec_from_args,
+    stream_settings_from_args,
+)
+from livediff.exceptions import MediaError
+
+log = logging.getLogger(__name__)
+
+# The values of livediff.streams.file_sink.AudioMode, spelled out so --help needs no PyAV.
+AUDIO_MODES = ("auto", "copy", "drop")
+
+DESCRIPTION = """\
+Transform a video file with a few-step diffusion model, frame by frame, as a live stream would.
+
+The output is at the model resolution: the preset's native size (512x512 for sd-turbo), or
+--width/--height. Each input frame is fitted to it by --fit (crop: the centred region with
+the output's aspect ratio; resize: the whole frame, stretched). The output keeps the input's
+frame rate and timestamps; its codec follows the extension:
+
+  .mp4 .mov .mkv   H.264 (libx264, yuv420p)      audio: AAC
+  .webm            VP8 (libvpx, yuv420p)          audio: Opus
+  .y4m             raw yuv420p                    no audio
+
+Audio (--audio): auto copies the input's audio packets untouched when the output container
+accepts that codec and re-encodes to the container's usual codec otherwise; copy insists on a
+copy (an error if impossible); drop writes no audio.
+"""
+
+EPILOG = """\
+examples:
+  livediff sample clip.mp4 && livediff run clip.mp4 out.mp4 --prompt "a watercolor painting"
+  livediff run in.mov out.webm --prompt "oil painting" --strength 0.6 --steps 2 --seed 7
+  livediff run in.mp4 out.mp4 --model tiny --weights random --prompt test   # offline smoke test
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="transform a video file (INPUT → OUTPUT at the model resolution)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "input", metavar="INPUT", help="video file to read (any format FFmpeg decodes)"
+    )
+    parser.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="file to write: .mp4, .mov, .mkv, .webm or .y4m (overwritten)",
+    )
+    parser.add_argument(
+        "--audio",
+        choices=AUDIO_MODES,
+        default="auto",
+        help="what to do with the input's audio (default: auto)",
+    )
+    add_model_options(parser)
+    add_stream_options(parser)
+    parser.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from livediff.engine.stream import Stream
+    from livediff.models.loading import load_model
+    from livediff.models.presets import get_preset
+    from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
+    from livediff.streams.file_source import FileSource
+
+    # Everything a user can get wrong is checked before the model loads.
+    config = load_toml(args.config)
+    spec = model_spec_from_args(args, config)
+    stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
+    output_format = output_format_for(args.output)
+    _check_not_same_file(Path(args.input), Path(args.output))
+    mode = AudioMode(args.audio)
+    if args.prompt is None and "prompt" not in config.get("params", {}):
+        log.warning("no --prompt given: generating with an empty prompt")
+
+    with FileSource(args.input, read_audio=mode is not AudioMode.DROP) as source:
+        audio = plan_audio(output_format, source.audio_stream, mode)
+        bundle = load_model(spec, device=args.device, dtype=args.dtype)
+        stream = Stream(bundle, stream_config, params, session_id=source.path.name)
+        frame_rate = source.video.frame_rate
+        if frame_rate is None:
+            log.warning("%s does not state a frame rate; the output assumes 30 fps", source.path)
+        sink = FileSink(
+            args.output,
+            width=stream.width,
+            height=stream.height,
+            frame_rate=frame_rate or 30,
+            time_base=source.video.time_base,
+            audio=audio,
+            output_format=output_format,
+        )
+        with sink:
+            transform(source, stream, sink)
+    rate = f"{float(frame_rate):g} fps" if frame_rate else "unknown rate"
+    print(
+        f"wrote {args.output}: {sink.frames_written} frames, {stream.width}x{stream.height} "
+        f"{output_format.video_codec}, {rate}"
+    )
+    print(f"audio: {audio.summary}")
+    return 0
+
+
+def transform(source: Any, stream: Any, sink: Any) -> None:
+    """Feed every video frame of ``source`` through ``stream`` into ``sink``; audio goes straight through."""
+    from livediff.streams.media import VideoFrame
+
+    def write(outputs: list[Any]) -> None:
+        for output in outputs:
+            sink.write(VideoFrame(output.numpy(), output.tag, output.index))
+
+    # disable=None: a bar on a terminal, nothing in logs and pipes.
+    with tqdm(
+        total=source.video.expected_frames, unit="frame", desc=source.path.name, disable=None
+    ) as progress:
+        for item in source:
+            if isinstance(item, VideoFrame):
+                write(stream.process(item.image, tag=item.time))
+                progress.update(1)
+            else:
+                sink.write(item)
+        write(stream.flush())
+
+
+def _check_not_same_file(input_path: Path, output_path: Path) -> None:
+    # Writing would truncate the input while it is being read.
+    if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
+        raise MediaError(f"OUTPUT {output_path} is the same file as INPUT; choose another name")
