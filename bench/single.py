@@ -1,0 +1,239 @@
+"""Single-stream benchmarks: the ``single`` and ``stages`` suites of ``livediff bench``.
+
+``single``: frames per second of one stream, uint8 frame in → uint8 frame out, both on the
+device, one sync per frame (as the peers were measured). Warm-up (compile, autotune, graph
+capture) is timed separately and shown with a progress bar.
+
+``stages``: milliseconds per stage (upload, pre, encode, unet, decode, post, download) with
+device events, on the same networks, not graphed (a graph hides stage boundaries).
+
+Run ``python -m livediff.bench.single --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm import tqdm
+
+from livediff.bench.records import emit, environment, gpu_memory_peak_mb, summarize
+from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.config import GenerationMode, RCFGMode, StreamConfig
+from livediff.engine.frames import fit_crop
+from livediff.kernels.postprocess import model_output_to_rgb
+from livediff.kernels.preprocess import rgb_to_model_input
+from livediff.models.bundle import ModelBundle
+from livediff.models.loading import ModelSpec, load_model
+from livediff.models.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Case:
+    steps: int = 1
+    rcfg: RCFGMode = RCFGMode.NONE
+    mode: GenerationMode = GenerationMode.IMG2IMG
+    size: int = 512
+
+
+QUICK = (
+    Case(1),
+    Case(2, RCFGMode.SELF),
+    Case(1, mode=GenerationMode.TXT2IMG),
+)
+FULL = tuple(
+    Case(steps, rcfg, mode, size)
+    for size in (512, 768)
+    for mode in GenerationMode
+    for steps in (1, 2, 4)
+    for rcfg in RCFGMode
+    if not (mode is GenerationMode.TXT2IMG and rcfg is not RCFGMode.NONE)
+)
+
+
+def _frames(size: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).to(device) for _ in range(count)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_single(bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int) -> dict[str, Any]:
+    device = bundle.device
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    config = StreamConfig(width=case.size, height=case.size, rcfg=case.rcfg, mode=case.mode)
+    stream = make_stream(bundle, backend, config, prompt="a photo of a cat", steps=case.steps, strength=0.5, guidance_scale=1.2)
+    inputs = _frames(case.size, 8, device)
+    txt2img = case.mode is GenerationMode.TXT2IMG
+    started = time.perf_counter()
+    label = f"{bundle.preset.name} {backend.value} {case.mode.value} {case.steps}-step rcfg={case.rcfg.value} {case.size}px"
+    for i in tqdm(range(warmup), desc=f"warm-up {label}", leave=False):
+        stream.process(None if txt2img else inputs[i % len(inputs)])
+    _sync(device)
+    warmup_s = time.perf_counter() - started
+    times = []
+    for i in range(frames):
+        t0 = time.perf_counter()
+        stream.process(None if txt2img else inputs[i % len(inputs)])
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    record = {
+        "system": "livediff",
+        "suite": "single",
+        "backend": backend.value,
+        "model": bundle.preset.name,
+        "weights": bundle.weights.value,
+        "width": case.size,
+        "height": case.size,
+        "steps": case.steps,
+        "mode": case.mode.value,
+        "rcfg": case.rcfg.value,
+        "sessions": 1,
+        **summarize(times),
+        "warmup_s": round(warmup_s, 2),
+        "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        **environment(device),
+    }
+    del stream
+    return record
+
+
+class _Events:
+    """Device (or host) timestamps between stages."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, start), (name, end) in itertools.pairwise(self.marks):
+            out[name] = start.elapsed_time(end) if self.cuda else (end - start) * 1000.0
+        return out
+
+
+def run_stages(bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int) -> dict[str, Any]:
+    device = bundle.device
+    config = StreamConfig(width=case.size, height=case.size, rcfg=case.rcfg)
+    from livediff.engine.stream import Stream
+
+    stream = Stream(bundle, config, prompt="a photo of a cat", steps=case.steps, strength=0.5)
+    host_frames = [f.cpu().pin_memory() if device.type == "cuda" else f.cpu() for f in _frames(case.size, 8, torch.device("cpu"))]
+    crop = fit_crop(case.size, case.size, case.size, case.size, config.fit)
+    per_stage: dict[str, list[float]] = {}
+    for i in range(warmup + frames):
+        ev = _Events(device)
+        ev.mark("start")
+        frame = host_frames[i % len(host_frames)].to(device, non_blocking=True).unsqueeze(0)
+        ev.mark("upload")
+        pixels = rgb_to_model_input(frame, case.size, case.size, crop, bundle.dtype)
+        ev.mark("pre")
+        x0 = bundle.encode(pixels)
+        ev.mark("encode")
+        eps = bundle.predict_noise(stream.batch.begin(x0))
+        x0_hat = stream.batch.finish(eps)
+        ev.mark("unet")
+        images = bundle.decode(x0_hat)
+        ev.mark("decode")
+        rgb = model_output_to_rgb(images)
+        ev.mark("post")
+        rgb.cpu()
+        ev.mark("download")
+        if i >= warmup:
+            for name, ms in ev.durations().items():
+                per_stage.setdefault(name, []).append(ms)
+    stages = {name: summarize(values)["ms_median"] for name, values in per_stage.items()}
+    total = [sum(values) for values in zip(*per_stage.values(), strict=True)]
+    return {
+        "system": "livediff",
+        "suite": "stages",
+        "backend": backend.value,
+        "model": bundle.preset.name,
+        "weights": bundle.weights.value,
+        "width": case.size,
+        "height": case.size,
+        "steps": case.steps,
+        "mode": case.mode.value,
+        "rcfg": case.rcfg.value,
+        "sessions": 1,
+        **summarize(total),
+        "stages_ms_median": stages,
+        "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
+        **environment(device),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="livediff bench --suite single|stages", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("single", "stages"), default="single")
+    parser.add_argument("--model", default="sd-turbo")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--backend", action="append", choices=[b.value for b in Backend], help="repeatable; default: compile on CUDA, eager on CPU")
+    parser.add_argument("--matrix", choices=("quick", "full", "headline"), default="quick")
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--out", type=Path, help="append JSON lines to this file as well as stdout")
+    parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--coordinate-descent", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = {"quick": QUICK, "full": FULL, "headline": (Case(1),)}[args.matrix]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = [Backend(b) for b in (args.backend or [("compile" if device.type == "cuda" else "eager")])]
+    outputs: list[TextIO] = []
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
+    try:
+        for backend in backends:
+            bundle = load_model(ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=args.dtype)
+            recipe = Recipe(fuse_qkv=args.fuse_qkv, channels_last=args.channels_last, coordinate_descent_tuning=args.coordinate_descent)
+            bundle = prepare_backend(bundle, backend, recipe)
+            runner = run_single if args.suite == "single" else run_stages
+            for case in cases:
+                if args.suite == "stages" and case.mode is GenerationMode.TXT2IMG:
+                    continue
+                record = runner(bundle, backend, case, args.frames, args.warmup)
+                if backend is Backend.COMPILE and args.suite == "single":
+                    record["recipe"] = recipe.label
+                emit(record, [sys.stdout, *outputs])
+            del bundle
+    finally:
+        for handle in outputs:
+            handle.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

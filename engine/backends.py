@@ -1,0 +1,58 @@
+"""Backends: how a model's networks run. Chosen by config, checked loudly at start-up.
+
+- ``eager``: plain PyTorch (SDPA attention). Works everywhere; the CPU default.
+- ``compile``: the speed recipe (:mod:`livediff.models.recipe`) plus CUDA graphs — the whole
+  frame step as one graph for a single stream (:class:`CapturedStream`), per batch bucket for
+  the multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
+- ``tensorrt``: ONNX export + TensorRT engines (``pip install 'livediff[tensorrt]'``).
+
+A backend that cannot start raises :class:`~livediff.exceptions.BackendError` at start-up;
+nothing falls back to a slower path behind the user's back.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import torch
+
+from livediff.engine.captured_stream import CapturedStream
+from livediff.engine.stream import Stream
+from livediff.exceptions import BackendError
+from livediff.models.bundle import ModelBundle
+from livediff.models.recipe import Recipe, apply_recipe
+
+
+class Backend(str, Enum):
+    EAGER = "eager"
+    COMPILE = "compile"
+    TENSORRT = "tensorrt"
+
+
+def default_backend(device: torch.device) -> Backend:
+    return Backend.COMPILE if device.type == "cuda" else Backend.EAGER
+
+
+def prepare_backend(bundle: ModelBundle, backend: Backend | str, recipe: Recipe | None = None) -> ModelBundle:
+    """Make ``bundle`` ready for ``backend``, or raise :class:`BackendError` saying why it can't."""
+    backend = Backend(backend)
+    if backend is Backend.EAGER:
+        return apply_recipe(bundle, Recipe(fuse_qkv=False, channels_last=False, compile=False))
+    if backend is Backend.COMPILE:
+        return apply_recipe(bundle, recipe or Recipe())
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(
+            "the tensorrt backend needs NVIDIA TensorRT: pip install 'livediff[tensorrt]' "
+            f"(import failed: {exc}). Use --backend compile meanwhile."
+        ) from exc
+    raise BackendError("the tensorrt backend is not available in this build yet; use --backend compile")
+
+
+def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:
+    """A :class:`Stream` for ``backend``: whole-step CUDA graph when compiled on CUDA."""
+    if Backend(backend) is Backend.COMPILE and bundle.device.type == "cuda":
+        return CapturedStream(bundle, *args, **kwargs)
+    return Stream(bundle, *args, **kwargs)

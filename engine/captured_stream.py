@@ -1,0 +1,109 @@
+"""A single stream whose whole frame step is one CUDA graph.
+
+upload → preprocess → encode → Stream Batch UNet (with RCFG) → scheduler step → decode →
+postprocess all replay as one graph over static buffers: the input frame is copied into a
+static uint8 buffer, the graph replays, and the output is the static uint8 result. There is no
+host sync in the step; the caller syncs once, when it needs the pixels (``StreamOutput.image``
+is a device tensor; an event-based wait is left to the consumer).
+
+Live updates keep working without recapture because they ``copy_`` into the same buffers the
+graph reads (embeddings, noise, coefficients, guidance). A new step count (new buffers) or a
+new input size captures a new graph; graphs are kept per input size.
+
+Requirements: CUDA, ``use_denoising_batch=True`` (the sequential reference path runs one UNet
+call per step and is not graphed). txt2img draws its per-frame noise from the CUDA generator
+inside the graph, so it is seeded but not bit-identical to the CPU path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from livediff.engine.config import GenerationMode
+from livediff.engine.frames import StreamOutput, fit_crop
+from livediff.engine.stream import FrameGroup, Stream
+from livediff.engine.stream_batch import StreamBatch
+from livediff.exceptions import BackendError
+from livediff.kernels.postprocess import model_output_to_rgb
+from livediff.kernels.preprocess import rgb_to_model_input
+
+log = logging.getLogger(__name__)
+WARMUP_ITERATIONS = 3
+
+
+class _FrameGraph:
+    """The captured step for one input size (and one StreamBatch)."""
+
+    def __init__(self, stream: Stream, height: int, width: int) -> None:
+        self.stream = stream
+        self.batch: StreamBatch = stream.batch
+        frames = stream.config.frame_buffer_size
+        device = stream.bundle.device
+        self.crop = fit_crop(height, width, stream.height, stream.width, stream.config.fit)
+        self.frames_in = torch.zeros(frames, height, width, 3, dtype=torch.uint8, device=device)
+        self.latent_shape = (frames, 4, *stream.latent_size)
+        self._capture()
+
+    def _body(self) -> torch.Tensor:
+        stream, bundle = self.stream, self.stream.bundle
+        if stream.config.mode is GenerationMode.TXT2IMG:
+            x0 = torch.zeros(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
+            first = torch.randn(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
+        else:
+            pixels = rgb_to_model_input(self.frames_in, stream.height, stream.width, self.crop, bundle.dtype)
+            x0, first = bundle.encode(pixels), None
+        eps = bundle.predict_noise(self.batch.begin(x0, first))
+        return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(WARMUP_ITERATIONS):  # compiles and autotunes outside the capture
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.frames_out = self._body()
+        self.batch.reset()  # warm-up frames must not linger in the latent buffer
+
+    def replay(self, frames: torch.Tensor) -> torch.Tensor:
+        self.frames_in.copy_(frames, non_blocking=True)
+        self.graph.replay()
+        return self.frames_out
+
+
+class CapturedStream(Stream):
+    """A :class:`Stream` that runs each frame group as one CUDA graph replay (see module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.bundle.device.type != "cuda":
+            raise BackendError(f"CUDA graphs need a CUDA device; this stream runs on {self.bundle.device}")
+        if not self.config.use_denoising_batch:
+            raise BackendError("the captured frame step needs use_denoising_batch=True")
+        self._graphs: dict[tuple[int, int], _FrameGraph] = {}
+
+    def graph_for(self, height: int, width: int) -> _FrameGraph:
+        """The captured step for this input size, capturing it on first use."""
+        captured = self._graphs.get((height, width))
+        if captured is None or captured.batch is not self.batch:
+            if captured is not None:
+                self._graphs.clear()  # the step count changed: every graph read the old buffers
+            log.info("[%s] capturing the frame step for %dx%d input", self.session_id, width, height)
+            captured = self._graphs[(height, width)] = _FrameGraph(self, height, width)
+        return captured
+
+    def run(self, group: FrameGroup) -> list[StreamOutput]:
+        skipped = self.skip_outputs(group)
+        if skipped is not None:
+            return skipped
+        first = group.images[0]
+        if any(image.shape != first.shape for image in group.images):
+            return super().run(group)  # mixed sizes inside one group: the eager path handles them
+        frames = torch.stack([image.to(self.bundle.device, non_blocking=True) for image in group.images])
+        rgb = self.graph_for(int(first.shape[0]), int(first.shape[1])).replay(frames).clone()
+        return self.complete(group, rgb)

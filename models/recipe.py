@@ -1,0 +1,100 @@
+"""The speed recipe, in one ordered place (after diffusion-fast's loader).
+
+Read top to bottom; each step assumes the ones above it:
+
+1. dtype — fp16 (or bf16) weights and activations; done at load by :func:`load_model`.
+2. SDPA — PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
+3. Fused QKV — one projection GEMM instead of three (self-attention) or two (cross-attention).
+4. channels_last — the memory format cuDNN and Inductor's convolutions are fastest in.
+5. Inductor flags — 1×1 convolutions as GEMMs, no epilogue fusion into GEMMs (it costs more
+   than it saves here), coordinate-descent tuning of the generated kernels when asked.
+6. ``torch.compile(fullgraph=True, dynamic=False)`` of the UNet and each VAE half. CUDA graphs
+   are applied afterwards, around the whole frame step or per batch bucket
+   (:mod:`livediff.models.graphed`), not by ``mode="reduce-overhead"``: one graph for the whole
+   step avoids the "output overwritten by a later replay" hazard between compiled modules.
+
+Compiled artefacts go to Inductor's on-disk cache, so a second start skips most of the
+compile (``TORCHINDUCTOR_CACHE_DIR``, default ``~/.cache/livediff/inductor``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from livediff.exceptions import BackendError, ParameterError
+from livediff.models.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which speed steps to apply; every flag can be turned off to measure its effect."""
+
+    fuse_qkv: bool = True
+    channels_last: bool = True
+    compile: bool = True
+    compile_mode: str = "default"
+    coordinate_descent_tuning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ParameterError(f"compile_mode={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+
+    @property
+    def label(self) -> str:
+        parts = ["sdpa"]
+        if self.fuse_qkv:
+            parts.append("qkv")
+        if self.channels_last:
+            parts.append("cl")
+        if self.compile:
+            parts.append(f"compile:{self.compile_mode}")
+        if self.coordinate_descent_tuning:
+            parts.append("cdt")
+        return "+".join(parts)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "livediff" / "inductor"
+
+
+def _configure_inductor(recipe: Recipe) -> None:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
+    from torch._inductor import config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_tuning = recipe.coordinate_descent_tuning
+    inductor.coordinate_descent_check_all_directions = recipe.coordinate_descent_tuning
+    inductor.fx_graph_cache = True
+
+
+def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
+    """Apply ``recipe`` to ``bundle``'s networks in place (compilation itself happens on first call)."""
+    if recipe.compile and bundle.device.type != "cuda":
+        raise BackendError(
+            f"the compile backend needs a CUDA device; this model is on {bundle.device}. Use --backend eager on CPU."
+        )
+    unet, vae = bundle.unet, bundle.vae
+    unet.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
+    if recipe.fuse_qkv:  # 3.
+        unet.fuse_qkv_projections()
+    if recipe.channels_last:  # 4.
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if recipe.compile:  # 5, 6.
+        _configure_inductor(recipe)
+        options = {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
+        unet.forward = torch.compile(unet.forward, **options)  # type: ignore[method-assign]
+        for half in (vae.encoder, vae.decoder):  # the VAE wrappers do host-side work; compile the networks
+            half.forward = torch.compile(half.forward, **options)  # type: ignore[method-assign]
+    log.info("speed recipe applied to %s: %s", bundle.preset.name, recipe.label)
+    return bundle
