@@ -75,6 +75,13 @@ def _configure_inductor(recipe: Recipe) -> None:
     inductor.coordinate_descent_tuning = recipe.coordinate_descent_tuning
     inductor.coordinate_descent_check_all_directions = recipe.coordinate_descent_tuning
     inductor.fx_graph_cache = True
+    # One compiled graph per batch bucket and resolution: allow more than dynamo's default 8
+    # before it would (silently) stop compiling new shapes.
+    from torch._dynamo import config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64))
 
 
 def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:

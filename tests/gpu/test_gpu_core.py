@@ -48,14 +48,13 @@ def test_cpu_and_cuda_agree(tiny_bundle: ModelBundle, cuda_tiny_bundle: ModelBun
     assert _max_diff(cpu, gpu.cpu()) <= 4  # fp32 CPU vs fp16 CUDA
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def compiled_tiny() -> ModelBundle:
     bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
     return prepare_backend(bundle, Backend.COMPILE)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-@pytest.mark.parametrize("rcfg", [RCFGMode.NONE, RCFGMode.SELF, RCFGMode.FULL])
+@pytest.mark.parametrize(("steps", "rcfg"), [(1, RCFGMode.NONE), (2, RCFGMode.SELF), (2, RCFGMode.FULL)])
 def test_captured_stream_matches_eager(cuda_tiny_bundle: ModelBundle, compiled_tiny: ModelBundle, steps: int, rcfg: RCFGMode) -> None:
     frames = _frames(6)
     config = StreamConfig(rcfg=rcfg)

@@ -1,0 +1,11 @@
+# Source this on a bare GPU machine (the team's lent H100/H200) from the repo root:
+#   source bench/gpu_env.sh
+# Installs the carried wheels in .whl/ (diffusers and what the machine lacks) and this
+# checkout into /tmp/site, without network, and puts them on PYTHONPATH.
+set -e
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null
+export PYTHONPATH=/tmp/site
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers, transformers, livediff; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+set +e
