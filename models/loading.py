@@ -33,6 +33,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from huggingface_hub import constants as hf_constants
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from livediff.exceptions import ModelLoadError, ModelNotAvailableError, ParameterError
@@ -165,6 +166,8 @@ def _load_single_file(preset: ModelPreset, path: str, spec: ModelSpec, offline: 
     pipeline_cls = StableDiffusionXLPipeline if preset.is_sdxl else StableDiffusionPipeline
     if not os.path.exists(path):
         raise ModelLoadError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        _check_safetensors(path)
 
     def load(local: bool) -> Any:
         return pipeline_cls.from_single_file(path, config=config, local_files_only=local)
@@ -175,6 +178,15 @@ def _load_single_file(preset: ModelPreset, path: str, spec: ModelSpec, offline: 
     tokenizers = tuple(t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None)
     components = Components(unet=pipe.unet, text_encoders=encoders, tokenizers=tokenizers)
     return components, dict(pipe.scheduler.config), pipe.vae
+
+
+def _check_safetensors(path: str) -> None:
+    """Read the header now: inside ``_fetch`` a broken file would be reported as an uncached config."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"checkpoint {path} is not a readable .safetensors file (a partial download?): {exc}") from exc
 
 
 def _tiny_vae_source(preset: ModelPreset, spec: ModelSpec, model_source: str | None) -> str:
