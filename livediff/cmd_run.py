@@ -94,13 +94,13 @@ def run_command(args: argparse.Namespace) -> int:
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     output_format = output_format_for(args.output)
-    _check_not_same_file(Path(args.input), Path(args.output))
+    _check_paths(Path(args.input), Path(args.output))
     mode = AudioMode(args.audio)
-    if args.prompt is None and "prompt" not in config.get("params", {}):
-        log.warning("no --prompt given: generating with an empty prompt")
 
     with FileSource(args.input, read_audio=mode is not AudioMode.DROP) as source:
         audio = plan_audio(output_format, source.audio_stream, mode)
+        if args.prompt is None and "prompt" not in config.get("params", {}):
+            log.warning("no --prompt given: generating with an empty prompt")
         bundle = load_model(spec, device=args.device, dtype=args.dtype)
         stream = Stream(bundle, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
@@ -147,7 +147,15 @@ def transform(source: Any, stream: Any, sink: Any) -> None:
         write(stream.flush())
 
 
-def _check_not_same_file(input_path: Path, output_path: Path) -> None:
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    """Refuse an OUTPUT that cannot be written before the model loads (FileSink checks again)."""
+    if output_path.is_dir():
+        raise MediaError(f"cannot write {output_path}: it is a folder")
+    folder = output_path.parent
+    if not folder.is_dir():
+        raise MediaError(f"cannot write {output_path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MediaError(f"cannot write {output_path}: no permission to write in {folder}")
     # Writing would truncate the input while it is being read.
     if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
         raise MediaError(f"OUTPUT {output_path} is the same file as INPUT; choose another name")

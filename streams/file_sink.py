@@ -385,6 +385,8 @@ def _open_output(path: Path, container: str) -> Any:
     if path.is_dir():
         raise MediaError(f"cannot write {path}: it is a folder")
     try:
+        # PyAV opens the file only when the header is written; create it now to fail early.
+        path.open("wb").close()
         return av.open(str(path), "w", format=container)
     except av.FFmpegError as exc:
         raise MediaError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from exc
