@@ -4,8 +4,7 @@
 # checkout into /tmp/site, without network, and puts them on PYTHONPATH.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:$PWD  # livediff itself runs from the checkout (see livediff/__init__.py)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers, transformers, livediff; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 set +e

@@ -17,9 +17,17 @@ Heavy modules (torch, diffusers) load on first use of these names, so ``import l
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# In a source checkout the layers sit beside this package (engine/, models/ …) and an install
+# maps them to livediff.engine, livediff.models …; when the checkout itself is on sys.path
+# (python -m from the repo root, PYTHONPATH=repo), resolve them the same way.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isdir(os.path.join(_checkout, "engine")):
+    __path__.append(_checkout)
 
 _EXPORTS = {
     "ModelSpec": "livediff.models.loading",
