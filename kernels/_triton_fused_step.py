@@ -68,7 +68,9 @@ def _step_kernel(
         c_out = tl.load(coef_ptr + 3 * R + r).to(tl.float32)
         x = tl.load(x_ptr + r * P + offs, mask=mask, other=0.0).to(tl.float32)
         cond = tl.load(eps_ptr + (U + r) * P + offs, mask=mask, other=0.0).to(tl.float32)
-        stock = tl.zeros((BLOCK,), dtype=tl.float32)
+        stock = tl.full(
+            (BLOCK,), 0.0, tl.float32
+        )  # tl.zeros is a @jit helper the interpreter may not run
         if MODE == 0:
             guided = cond
         else:

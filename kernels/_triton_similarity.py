@@ -18,6 +18,18 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _total(x):
+    """``tl.sum``; spelled as a reduce with our own combine so that Triton's interpreter runs it
+    even when ``triton.language`` was imported before ``TRITON_INTERPRET`` was set."""
+    return tl.reduce(x, 0, _add)
+
+
+@triton.jit
 def _signal(ptr, offs, mask, IS_BYTE: tl.constexpr):
     x = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
     if IS_BYTE:
@@ -41,18 +53,18 @@ def _partials_kernel(
     mask = offs < numel
     a = _signal(a_ptr, offs, mask, A_BYTE)
     b = _signal(b_ptr, offs, mask, B_BYTE)
-    tl.store(part_ptr + pid, tl.sum(a * b, axis=0))
-    tl.store(part_ptr + parts + pid, tl.sum(a * a, axis=0))
-    tl.store(part_ptr + 2 * parts + pid, tl.sum(b * b, axis=0))
+    tl.store(part_ptr + pid, _total(a * b))
+    tl.store(part_ptr + parts + pid, _total(a * a))
+    tl.store(part_ptr + 2 * parts + pid, _total(b * b))
 
 
 @triton.jit
 def _finish_kernel(part_ptr, out_ptr, parts, eps, PARTS_POW2: tl.constexpr):
     offs = tl.arange(0, PARTS_POW2)
     mask = offs < parts
-    dot = tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
-    aa = tl.sum(tl.load(part_ptr + parts + offs, mask=mask, other=0.0), axis=0)
-    bb = tl.sum(tl.load(part_ptr + 2 * parts + offs, mask=mask, other=0.0), axis=0)
+    dot = _total(tl.load(part_ptr + offs, mask=mask, other=0.0))
+    aa = _total(tl.load(part_ptr + parts + offs, mask=mask, other=0.0))
+    bb = _total(tl.load(part_ptr + 2 * parts + offs, mask=mask, other=0.0))
     tl.store(out_ptr, tl.div_rn(dot, tl.maximum(tl.sqrt_rn(aa) * tl.sqrt_rn(bb), eps)))
 
 

@@ -73,12 +73,14 @@ def fused_step(
     if out is None:
         out = x_t.new_empty((frame_buffer_size, *x_t.shape[1:]))
     rows = x_t.shape[0]
+    if coefficients.numel() == 4 * rows:  # StreamBatch keeps [4, R, 1, 1, 1]
+        coefficients = coefficients.reshape(4, rows)
     torch.ops.livediff.stream_batch_step(
         x_t,
         eps,
         stock,
         noise,
-        coefficients.reshape(4, rows),
+        coefficients,
         guidance_scale,
         delta,
         out,
