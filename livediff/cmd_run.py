@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -24,6 +25,12 @@ from livediff.cli_options import (
     stream_settings_from_args,
 )
 from livediff.exceptions import MediaError
+
+if TYPE_CHECKING:
+    from livediff.engine.frames import StreamOutput
+    from livediff.engine.stream import Stream
+    from livediff.streams.file_sink import FileSink
+    from livediff.streams.file_source import FileSource
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +112,32 @@ def run_command(args: argparse.Namespace) -> int:
         stream = Stream(bundle, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
         if frame_rate is None:
+            frame_rate = Fraction(30)
             log.warning("%s does not state a frame rate; the output assumes 30 fps", source.path)
         sink = FileSink(
             args.output,
             width=stream.width,
             height=stream.height,
-            frame_rate=frame_rate or 30,
+            frame_rate=frame_rate,
             time_base=source.video.time_base,
             audio=audio,
             output_format=output_format,
         )
         with sink:
             transform(source, stream, sink)
-    rate = f"{float(frame_rate):g} fps" if frame_rate else "unknown rate"
     print(
         f"wrote {args.output}: {sink.frames_written} frames, {stream.width}x{stream.height} "
-        f"{output_format.video_codec}, {rate}"
+        f"{output_format.video_codec}, {float(frame_rate):g} fps"
     )
     print(f"audio: {audio.summary}")
     return 0
 
 
-def transform(source: Any, stream: Any, sink: Any) -> None:
+def transform(source: FileSource, stream: Stream, sink: FileSink) -> None:
     """Feed every video frame of ``source`` through ``stream`` into ``sink``; audio goes straight through."""
     from livediff.streams.media import VideoFrame
 
-    def write(outputs: list[Any]) -> None:
+    def write(outputs: list[StreamOutput]) -> None:
         for output in outputs:
             sink.write(VideoFrame(output.numpy(), output.tag, output.index))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +31,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 import av
+import numpy as np
 
 from livediff.exceptions import MediaError
 
@@ -164,33 +165,18 @@ def plan_audio(output: OutputFormat, source: Any, mode: AudioMode) -> AudioPlan:
             f"use --audio auto to re-encode it to {output.audio_codec}, or --audio drop"
         )
     context = source.codec_context
-    plan = encode_plan(
-        output, int(context.sample_rate), str(context.layout.name), channels=int(context.channels)
-    )
+    plan = encode_plan(output, int(context.sample_rate), str(context.layout.name))
     summary = f"re-encoded to {plan.codec} ({output.extension} files cannot hold {codec})"
-    return AudioPlan(
-        AudioAction.ENCODE,
-        summary,
-        source,
-        plan.codec,
-        plan.sample_rate,
-        plan.layout,
-        plan.bit_rate,
-    )
+    return replace(plan, summary=summary, source=source)
 
 
-def encode_plan(
-    output: OutputFormat, sample_rate: int, layout: str, *, channels: int = 2
-) -> AudioPlan:
-    """Encode audio to ``output``'s usual codec, at a rate and layout that encoder takes."""
+def encode_plan(output: OutputFormat, sample_rate: int, layout: str) -> AudioPlan:
+    """Encode audio to ``output``'s usual codec, at a sample rate that encoder takes."""
     if output.audio_codec is None:
         return AudioPlan(AudioAction.NONE, f"none ({output.extension} files hold no audio)")
-    codec = av.Codec(output.audio_codec, "w")
-    rates = list(codec.audio_rates or ())
-    if rates and sample_rate not in rates:
+    rates = list(av.Codec(output.audio_codec, "w").audio_rates or ())
+    if rates and sample_rate not in rates:  # Opus has no 44.1 kHz, for one
         sample_rate = 48000 if 48000 in rates else max(rates)
-    if output.audio_codec == "libopus" and channels > 2:
-        layout = "stereo"  # multichannel Opus needs a mapping family PyAV does not set
     summary = f"encoded to {output.audio_codec}"
     return AudioPlan(
         AudioAction.ENCODE,
@@ -306,9 +292,11 @@ class FileSink:
             raise MediaError(f"writing {self.path} failed: {exc}") from exc
 
     def _write_video(self, item: VideoFrame) -> None:
-        if item.image.shape != (self.height, self.width, 3):
+        image = item.image
+        if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
             raise MediaError(
-                f"{self.path}: frame of shape {item.image.shape} does not fit the output ({self.height}, {self.width}, 3)"
+                f"{self.path}: a {image.dtype} frame of shape {image.shape} does not fit the "
+                f"output: uint8 ({self.height}, {self.width}, 3)"
             )
         pts = item.time.pts
         if self._last_pts is not None and pts <= self._last_pts:
@@ -321,7 +309,7 @@ class FileSink:
             )
             pts = self._last_pts + 1
         self._last_pts = pts
-        frame = av.VideoFrame.from_ndarray(item.image, format="rgb24")
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts, frame.time_base = pts, item.time.time_base
         self._container.mux(self._video.encode(frame))
         self.frames_written += 1
@@ -351,17 +339,25 @@ class FileSink:
         if self._closed:
             return
         self._closed = True
+        failures: list[Exception] = []
         try:
-            self._container.mux(self._video.encode(None))
-            if self.audio.action is AudioAction.ENCODE:
-                if self.audio.source is not None:  # frames the decoder still holds
-                    for frame in self.audio.source.codec_context.decode(None):
-                        self._container.mux(self._audio_out.encode(frame))
-                self._container.mux(self._audio_out.encode(None))
+            self._flush_encoders()
         except av.FFmpegError as exc:
-            raise MediaError(f"finishing {self.path} failed: {exc}") from exc
-        finally:
+            failures.append(exc)
+        try:  # always release the file, even when flushing failed
             self._container.close()
+        except (av.FFmpegError, OSError) as exc:
+            failures.append(exc)
+        if failures:
+            raise MediaError(f"finishing {self.path} failed: {failures[0]}") from failures[0]
+
+    def _flush_encoders(self) -> None:
+        self._container.mux(self._video.encode(None))
+        if self.audio.action is AudioAction.ENCODE:
+            if self.audio.source is not None:  # frames the decoder still holds
+                for frame in self.audio.source.codec_context.decode(None):
+                    self._container.mux(self._audio_out.encode(frame))
+            self._container.mux(self._audio_out.encode(None))
 
     def __enter__(self) -> FileSink:
         return self
