@@ -174,6 +174,8 @@ def test_sink_writes_each_format_with_its_frames_and_timestamps(
     with FileSource(path) as source:
         assert source.video.codec == codec
         assert source.video.frame_rate == 15
+        # Counted (mp4, mov) or estimated from the duration (the others keep no count).
+        assert source.video.expected_frames == 12
         assert source.audio is None
     frames = read_video(path)
     assert len(frames) == 12
