@@ -82,16 +82,25 @@ class Stream:
         config = config or StreamConfig()
         preset = bundle.preset
         if config.width is None or config.height is None:
-            config = config.with_resolution(config.width or preset.width, config.height or preset.height)
+            config = config.with_resolution(
+                config.width or preset.width, config.height or preset.height
+            )
         self.config = config
         self.bundle = bundle
         self.session_id = session_id
-        self.width, self.height = int(config.width or preset.width), int(config.height or preset.height)
-        base = params or GenerationParams(strength=preset.default_strength, steps=preset.default_steps)
+        self.width, self.height = (
+            int(config.width or preset.width),
+            int(config.height or preset.height),
+        )
+        base = params or GenerationParams(
+            strength=preset.default_strength, steps=preset.default_steps
+        )
         self.params = base.updated(**param_overrides) if param_overrides else base
         self.schedule = LCMSchedule(bundle.scheduler_config, config.num_inference_steps)
         self.prompts = PromptEncoder(bundle, self.width, self.height)
-        self.filter = SimilarityFilter(self.params.similarity_threshold, self.params.max_skip_frames, self.params.seed)
+        self.filter = SimilarityFilter(
+            self.params.similarity_threshold, self.params.max_skip_frames, self.params.seed
+        )
         self._generator = torch.Generator()
         self._pending: list[tuple[torch.Tensor, int, Any]] = []
         self._in_flight: deque[FrameGroup | None] = deque()
@@ -100,7 +109,9 @@ class Stream:
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
-        self.apply_update(self._prepare(self.params, frozenset(("prompt", "seed", "strength", "guidance_scale"))))
+        self.apply_update(
+            self._prepare(self.params, frozenset(("prompt", "seed", "strength", "guidance_scale")))
+        )
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -142,6 +153,14 @@ class Stream:
         """Check ``changes`` and encode any new prompt; touches no stream state (thread-safe)."""
         return self._prepare(self.params.updated(**changes), frozenset(changes))
 
+    def prepare_params(self, params: GenerationParams, changed: frozenset[str]) -> PreparedUpdate:
+        """Like :meth:`prepare_update`, for callers that track the target parameters themselves.
+
+        ``params`` is the complete new parameter set; ``changed`` names the fields that differ from
+        the parameters the stream will have when the update is applied. Touches no stream state.
+        """
+        return self._prepare(params, changed)
+
     def _prepare(self, params: GenerationParams, changed: frozenset[str]) -> PreparedUpdate:
         cond = uncond = None
         if changed & set(_PROMPT_FIELDS):
@@ -161,8 +180,12 @@ class Stream:
             if update.coefficients.steps == self.batch.steps:
                 self.batch.set_coefficients(update.coefficients)
             else:
-                log.info("[%s] steps %d -> %d: new latent buffer; frames in flight are dropped",
-                         self.session_id, self.batch.steps, update.coefficients.steps)
+                log.info(
+                    "[%s] steps %d -> %d: new latent buffer; frames in flight are dropped",
+                    self.session_id,
+                    self.batch.steps,
+                    update.coefficients.steps,
+                )
                 self.batch = self._new_batch(update.coefficients)
                 self._in_flight.clear()
                 rebuilt = True
@@ -249,12 +272,18 @@ class Stream:
             return None
         device, pixels = self.bundle.device, []
         for image in group.images:
-            crop = fit_crop(int(image.shape[0]), int(image.shape[1]), self.height, self.width, self.config.fit)
+            crop = fit_crop(
+                int(image.shape[0]), int(image.shape[1]), self.height, self.width, self.config.fit
+            )
             frame = image.to(device, non_blocking=True).unsqueeze(0)
-            pixels.append(rgb_to_model_input(frame, self.height, self.width, crop, self.bundle.dtype))
+            pixels.append(
+                rgb_to_model_input(frame, self.height, self.width, crop, self.bundle.dtype)
+            )
         return pixels[0] if len(pixels) == 1 else torch.cat(pixels)
 
-    def _latents(self, group: FrameGroup, x0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _latents(
+        self, group: FrameGroup, x0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x0, first_latent): txt2img starts from fresh seeded noise on a zero x0."""
         if x0 is not None:
             return x0, None
@@ -292,7 +321,9 @@ class Stream:
     def flush(self) -> list[StreamOutput]:
         """Run the frames still in flight to completion (e.g. at the end of a file)."""
         outputs: list[StreamOutput] = []
-        if self._pending:  # a partial group: pad it with its last frame, whose copies are not emitted
+        if (
+            self._pending
+        ):  # a partial group: pad it with its last frame, whose copies are not emitted
             image = self._pending[-1][0]
             missing = self.config.frame_buffer_size - len(self._pending)
             pending, self._pending = self._pending, []
@@ -305,7 +336,9 @@ class Stream:
         while any(entry is not None for entry in self._in_flight):
             filler = self._in_flight[-1] or FrameGroup([], [], [])
             images = filler.images or [_TXT2IMG_PLACEHOLDER] * self.config.frame_buffer_size
-            outputs += self.run(FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False))
+            outputs += self.run(
+                FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False)
+            )
         self._in_flight.clear()
         return outputs
 

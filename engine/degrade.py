@@ -1,0 +1,182 @@
+"""Overload handling by rule: the degrade levels, their thresholds, and the controller.
+
+Pressure
+    Over each window of ``window_s`` seconds the worker counts the frames that competed for
+    compute (generated outputs plus frames dropped for their deadline) and the *bad* ones among
+    them (finished after their deadline, or dropped for it). ``pressure = bad / total`` (0 for an
+    empty window, so an idle engine recovers).
+
+Levels, in the order they are taken (and left in reverse)
+    0. ``normal``
+    1. ``fewer_steps``: every session runs at most ``steps`` denoising steps (default 1). An
+       explicit ``t_index_list`` keeps its first (noisiest) index and is thinned evenly, so the
+       strength a user picked is kept; otherwise the list is re-derived from ``strength``.
+    2. ``lower_resolution``: as 1, and every session renders at ``resolution_scale`` of its size
+       (rounded down to a multiple of 8, at least ``min_side``) in a new Stream. Outputs keep
+       the session's size: frames are upscaled (bilinear) on the device before download, and
+       :attr:`OutputFrame.render_size <livediff.engine.session.OutputFrame.render_size>` says
+       what was generated. Frames in flight in the old Stream are lost (``dropped_reconfigure``).
+    3. ``refuse_sessions``: as 2, and :meth:`Engine.open_session` raises ``CapacityError``.
+
+Hysteresis
+    A level is raised after ``degrade_after`` consecutive windows with
+    ``pressure >= degrade_above`` and lowered after ``recover_after`` consecutive windows with
+    ``pressure <= recover_below``. Windows in between reset both counts, and so does every
+    change of level, so each level gets at least one full run of windows before the next move.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import IntEnum
+
+from livediff.engine.config import GenerationParams
+from livediff.exceptions import ParameterError
+
+log = logging.getLogger(__name__)
+
+
+class DegradeLevel(IntEnum):
+    """How far the engine has degraded; each level includes the ones below it."""
+
+    NORMAL = 0
+    FEWER_STEPS = 1
+    LOWER_RESOLUTION = 2
+    REFUSE_SESSIONS = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class DegradePolicy:
+    """Thresholds of the degrade controller (see the module docstring)."""
+
+    enabled: bool = True
+    window_s: float = 1.0
+    degrade_above: float = 0.25
+    recover_below: float = 0.05
+    degrade_after: int = 3
+    recover_after: int = 5
+    steps: int = 1
+    resolution_scale: float = 0.5
+    min_side: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParameterError(f"degrade.enabled={self.enabled!r} must be a bool")
+        if not 0 < self.window_s <= 3600:
+            raise ParameterError(
+                f"degrade.window_s={self.window_s!r} is out of range: expected (0, 3600]"
+            )
+        if not 0 <= self.recover_below < self.degrade_above <= 1:
+            raise ParameterError(
+                f"degrade thresholds recover_below={self.recover_below!r}, degrade_above={self.degrade_above!r}: "
+                "expected 0 <= recover_below < degrade_above <= 1 (the gap is the hysteresis band)"
+            )
+        for name in ("degrade_after", "recover_after", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+                raise ParameterError(
+                    f"degrade.{name}={value!r} is out of range: expected an integer in [1, 1000]"
+                )
+        if not 0.1 <= self.resolution_scale <= 1:
+            raise ParameterError(
+                f"degrade.resolution_scale={self.resolution_scale!r} is out of range: expected [0.1, 1]"
+            )
+        if not isinstance(self.min_side, int) or self.min_side < 64 or self.min_side % 8:
+            raise ParameterError(
+                f"degrade.min_side={self.min_side!r}: expected a multiple of 8, at least 64"
+            )
+
+
+def degraded_params(
+    requested: GenerationParams, level: DegradeLevel, policy: DegradePolicy
+) -> GenerationParams:
+    """The parameters a session actually runs with at ``level``."""
+    if level < DegradeLevel.FEWER_STEPS or requested.steps <= policy.steps:
+        return requested
+    if requested.t_index_list is None:
+        return requested.updated(steps=policy.steps)
+    indices = requested.t_index_list
+    keep = tuple(indices[(k * len(indices)) // policy.steps] for k in range(policy.steps))
+    return requested.updated(t_index_list=keep)
+
+
+def degraded_size(
+    width: int, height: int, level: DegradeLevel, policy: DegradePolicy
+) -> tuple[int, int]:
+    """The (width, height) a session renders at ``level``."""
+    if level < DegradeLevel.LOWER_RESOLUTION:
+        return width, height
+
+    def side(value: int) -> int:
+        return min(value, max(policy.min_side, int(value * policy.resolution_scale) // 8 * 8))
+
+    return side(width), side(height)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change of level, for metrics and logs."""
+
+    at: float
+    level: DegradeLevel
+    pressure: float
+
+
+class DegradeController:
+    """The level state machine; fed by the worker thread only (not thread-safe by design).
+
+    Readers on other threads may read :attr:`level` (one attribute read).
+    """
+
+    def __init__(self, policy: DegradePolicy, now: float) -> None:
+        self.policy = policy
+        self.level = DegradeLevel.NORMAL
+        self.pressure = 0.0
+        self.history: list[Transition] = []
+        self._window_start = now
+        self._total = 0
+        self._bad = 0
+        self._over = 0
+        self._under = 0
+
+    def observe(self, total: int, bad: int) -> None:
+        """Count frames that competed for compute, ``bad`` of them late or dropped for lateness."""
+        self._total += total
+        self._bad += bad
+
+    def tick(self, now: float) -> DegradeLevel | None:
+        """Close the window if it is over; returns the new level when it changes."""
+        policy = self.policy
+        if not policy.enabled or now - self._window_start < policy.window_s:
+            return None
+        self.pressure = self._bad / self._total if self._total else 0.0
+        self._window_start, self._total, self._bad = now, 0, 0
+        if self.pressure >= policy.degrade_above:
+            self._over, self._under = self._over + 1, 0
+        elif self.pressure <= policy.recover_below:
+            self._over, self._under = 0, self._under + 1
+        else:
+            self._over = self._under = 0
+        new = self.level
+        if self._over >= policy.degrade_after and self.level < DegradeLevel.REFUSE_SESSIONS:
+            new = DegradeLevel(self.level + 1)
+        elif self._under >= policy.recover_after and self.level > DegradeLevel.NORMAL:
+            new = DegradeLevel(self.level - 1)
+        if new is self.level:
+            return None
+        log.warning(
+            "[engine] degrade level %s -> %s (pressure %.2f over %.1f s windows)",
+            self.level.label,
+            new.label,
+            self.pressure,
+            policy.window_s,
+        )
+        self.level, self._over, self._under = new, 0, 0
+        self.history.append(Transition(now, new, self.pressure))
+        del self.history[:-64]
+        return new

@@ -1,0 +1,392 @@
+"""The live streaming runtime: many sessions, one model, one GPU worker, batched across sessions.
+
+>>> engine = Engine(bundle, runtime=RuntimeConfig(deadline_ms=100))
+>>> await engine.start()
+>>> session = await engine.open_session({"prompt": "a watercolor painting", "strength": 0.5})
+>>> session.submit(frame, pts=pts, time_base=time_base)      # never blocks; latest frame wins
+>>> out = await session.recv()                                # OutputFrame, uint8 H×W×3 on the host
+>>> await session.update(prompt="an oil painting")            # applies at the next frame
+>>> await engine.stop()
+
+Threads: the event loop (every public call), one control thread (prompt encoding, building
+Streams: :mod:`livediff.engine.control`) and one worker per device (all model compute:
+:mod:`livediff.engine.worker`). The event loop never waits on either; results come back through
+``loop.call_soon_threadsafe``. How sessions share a UNet call is the scheduler's grouping rule
+(:mod:`livediff.engine.scheduler`); how the engine sheds load is :mod:`livediff.engine.degrade`.
+
+Every public coroutine must be awaited on the loop the engine was first used on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import prometheus_client
+import torch
+
+from livediff.engine.config import GenerationParams, StreamConfig
+from livediff.engine.control import Plan, build_plan, replan
+from livediff.engine.degrade import DegradeLevel, DegradePolicy
+from livediff.engine.metrics import EngineMetrics, FrameCounts
+from livediff.engine.session import OutputFrame, Session, SessionCore
+from livediff.engine.worker import Worker
+from livediff.exceptions import CapacityError, ParameterError, SessionClosedError, SessionError
+from livediff.models.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+__all__ = ["DegradeLevel", "DegradePolicy", "Engine", "OutputFrame", "RuntimeConfig", "Session"]
+
+
+def _positive_int(name: str, value: Any, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+        raise ParameterError(
+            f"{name}={value!r} is out of range: expected an integer in [1, {high}]"
+        )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the engine schedules, bounds and degrades. Checked in ``__post_init__``.
+
+    - ``deadline_ms``: per-frame latency budget, arrival → output ready.
+    - ``max_sessions``: open sessions at most; beyond it ``open_session`` raises ``CapacityError``.
+    - ``batch_buckets``: UNet (and VAE) batch sizes; rows are padded up to the next one, and the
+      largest is the most rows one call takes.
+    - ``inbox_size`` / ``outbox_size``: per-session bounds (latest input wins; oldest output goes).
+    - ``max_consecutive_deadline_drops``: after this many deadline drops in a row a session's
+      next frame runs even if late, so no stream freezes.
+    - ``batch_time_smoothing``: weight of the newest batch time in the estimate used for drops.
+    - ``latency_window``: samples kept per percentile window.
+    - ``degrade``: the overload policy (:class:`~livediff.engine.degrade.DegradePolicy`).
+    """
+
+    deadline_ms: float = 100.0
+    max_sessions: int = 32
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    inbox_size: int = 1
+    outbox_size: int = 4
+    max_consecutive_deadline_drops: int = 3
+    batch_time_smoothing: float = 0.2
+    latency_window: int = 1024
+    degrade: DegradePolicy = field(default_factory=DegradePolicy)
+
+    def __post_init__(self) -> None:
+        value = self.deadline_ms
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 1 <= value <= 3_600_000
+        ):
+            raise ParameterError(
+                f"deadline_ms={value!r} is out of range: expected a number in [1, 3600000]"
+            )
+        _positive_int("max_sessions", self.max_sessions, 4096)
+        buckets = tuple(self.batch_buckets)
+        if not buckets or any(
+            not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets
+        ):
+            raise ParameterError(
+                f"batch_buckets={self.batch_buckets!r}: expected positive integers"
+            )
+        if any(a >= b for a, b in itertools.pairwise(buckets)) or buckets[-1] > 1024:
+            raise ParameterError(
+                f"batch_buckets={self.batch_buckets!r}: expected strictly increasing sizes up to 1024"
+            )
+        object.__setattr__(self, "batch_buckets", buckets)
+        _positive_int("inbox_size", self.inbox_size, 1024)
+        _positive_int("outbox_size", self.outbox_size, 1024)
+        _positive_int(
+            "max_consecutive_deadline_drops", self.max_consecutive_deadline_drops, 1_000_000
+        )
+        _positive_int("latency_window", self.latency_window, 1_000_000)
+        if not 0 < self.batch_time_smoothing <= 1:
+            raise ParameterError(
+                f"batch_time_smoothing={self.batch_time_smoothing!r}: expected (0, 1]"
+            )
+        if not isinstance(self.degrade, DegradePolicy):
+            raise ParameterError(f"degrade={self.degrade!r}: expected a DegradePolicy")
+
+
+class EngineState(str, Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Engine:
+    """Sessions over one :class:`ModelBundle`; see the module docstring.
+
+    ``stream_config`` is every session's default structure (resolution, RCFG, frame buffer …);
+    ``default_params`` the default live parameters (the preset's strength and steps if ``None``).
+    ``clock`` exists for tests that must drive time deterministically (default ``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        stream_config: StreamConfig | None = None,
+        runtime: RuntimeConfig | None = None,
+        default_params: GenerationParams | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        preset = bundle.preset
+        self.bundle = bundle
+        self.stream_config = _with_resolution(stream_config or StreamConfig(), bundle)
+        self.runtime = runtime or RuntimeConfig()
+        self.default_params = default_params or GenerationParams(
+            strength=preset.default_strength, steps=preset.default_steps
+        )
+        self.state = EngineState.NEW
+        self._clock = clock
+        self._metrics = EngineMetrics(self.runtime.latency_window)
+        self.registry: prometheus_client.CollectorRegistry = self._metrics.registry
+        self._sessions: dict[str, Session] = {}
+        self._opening = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livediff-control")
+        self._worker = Worker(
+            bundle, self.runtime, self._metrics, clock, self._post, self._on_level
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an Engine belongs to the event loop it was first used on")
+
+    async def start(self) -> None:
+        """Start the worker thread. Idempotent. Sessions may be opened (and fed) before it."""
+        self._bind_loop()
+        if self.state is EngineState.STOPPED:
+            raise SessionError("this engine was stopped; create a new one")
+        if self.state is EngineState.NEW:
+            self.state = EngineState.RUNNING
+            self._worker.start()
+            log.info("[engine] started: %s, %s", self.bundle.describe(), self.runtime)
+
+    async def stop(self) -> None:
+        """Close every session (their ``recv()`` raises ``SessionClosedError``: "engine stopped"),
+        let the worker finish its batch, and join it. Idempotent; safe to cancel (the shutdown
+        still completes in the background).
+        """
+        if self.state is EngineState.STOPPED:
+            return
+        self.state = EngineState.STOPPED
+        for session in list(self._sessions.values()):
+            session.end("engine stopped")
+        thread = self._worker.stop()
+
+        def join() -> None:
+            if thread is not None:
+                thread.join()
+            self._control.shutdown(wait=True, cancel_futures=True)
+
+        await asyncio.shield(asyncio.to_thread(join))
+        log.info("[engine] stopped")
+
+    async def wait_idle(self) -> None:
+        """Return once the worker has nothing left to do: every frame submitted and every update
+        made before the call has been answered, skipped or dropped (frames inside a Stream Batch
+        pipeline stay there until later frames push them out). Safe to cancel.
+        """
+        self._bind_loop()
+        if self.state is not EngineState.RUNNING:
+            raise SessionError(f"the engine is {self.state.value}, not running")
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self._worker.when_idle(resolve)
+        await future
+
+    def _post(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the event loop (from any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            log.debug("[engine] event loop closed; dropped a callback")
+
+    # ------------------------------------------------------------------ sessions
+    @property
+    def sessions(self) -> Mapping[str, Session]:
+        return dict(self._sessions)
+
+    async def open_session(
+        self,
+        params: Mapping[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
+        config: StreamConfig | None = None,
+    ) -> Session:
+        """A new session with ``params`` over the engine's defaults (and optionally its own ``config``).
+
+        Raises ``ParameterError`` for unknown or bad parameters or a duplicate ``session_id``, and
+        ``CapacityError`` at ``max_sessions`` or while degraded to refusing sessions. The Stream is
+        built on the control thread. Cancelling the call abandons the half-built session cleanly.
+        """
+        self._bind_loop()
+        if self.state is EngineState.STOPPED:
+            raise SessionClosedError("the engine is stopped")
+        requested = self.default_params.updated(**dict(params or {}))
+        stream_config = _with_resolution(config or self.stream_config, self.bundle)
+        sid = session_id if session_id is not None else uuid.uuid4().hex[:12]
+        if not isinstance(sid, str) or not sid or len(sid) > 128:
+            raise ParameterError(
+                f"session_id={sid!r}: expected a non-empty string of at most 128 characters"
+            )
+        if sid in self._sessions:
+            raise ParameterError(f"session_id={sid!r} is already open")
+        open_now = len(self._sessions) + self._opening
+        if open_now >= self.runtime.max_sessions:
+            self._metrics.refused("capacity")
+            raise CapacityError(
+                f"the engine is at capacity: {open_now} of {self.runtime.max_sessions} sessions "
+                "(RuntimeConfig.max_sessions); try again when one closes"
+            )
+        level = self._worker.degrade.level
+        if level >= DegradeLevel.REFUSE_SESSIONS:
+            self._metrics.refused("degraded")
+            raise CapacityError(
+                f"the engine is overloaded (degrade level {level.label}, pressure "
+                f"{self._worker.degrade.pressure:.2f}): new sessions are refused until load falls; "
+                "open sessions continue"
+            )
+        self._opening += 1
+        try:
+            plan = await asyncio.wrap_future(
+                self._control_job(self._build, stream_config, requested, sid)
+            )
+        finally:
+            self._opening -= 1
+        if self.state is EngineState.STOPPED:
+            raise SessionClosedError("the engine stopped while the session was being opened")
+        core = SessionCore(sid, plan, self.runtime.inbox_size, self.runtime.latency_window)
+        session = Session(
+            core,
+            stream_config,
+            runtime=self.runtime,
+            clock=self._clock,
+            metrics=self._metrics,
+            wake=self._worker.wake,
+            request=self._request,
+            on_close=self._closed,
+        )
+        self._sessions[sid] = session
+        self._metrics.session_opened(sid, len(self._sessions))
+        self._worker.add(session)
+        # The level may have moved while the Stream was being built.
+        if plan.level is not self._worker.degrade.level:
+            self._control_job(self._replan, core, plan.requested)
+        log.info(
+            "[%s] session opened: %dx%d, %d step(s), rcfg %s",
+            sid,
+            plan.stream.width,
+            plan.stream.height,
+            plan.stream.batch.steps,
+            stream_config.rcfg.value,
+        )
+        return session
+
+    def _closed(self, session: Session) -> None:
+        sid = session.id
+        if self._sessions.get(sid) is session:
+            del self._sessions[sid]
+        self._worker.remove(session)
+        with session.core.lock:
+            counts = FrameCounts(**asdict(session.core.metrics.counts))
+        self._metrics.session_closed(sid, len(self._sessions), counts)
+
+    # ------------------------------------------------------------------ control thread
+    def _control_job(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        def run() -> Any:
+            result = fn(*args)
+            # The worker's CUDA stream must find this thread's work finished.
+            if self.bundle.device.type == "cuda":
+                torch.cuda.current_stream(self.bundle.device).synchronize()
+            return result
+
+        return self._control.submit(run)
+
+    def _build(self, config: StreamConfig, requested: GenerationParams, sid: str) -> Plan:
+        level = self._worker.degrade.level
+        return build_plan(self.bundle, config, requested, level, self.runtime.degrade, sid)
+
+    def _replan(self, core: SessionCore, requested: GenerationParams) -> None:
+        if core.closed:
+            return
+        level = self._worker.degrade.level
+        item = replan(core.plan, requested, level, self.runtime.degrade, self.bundle, core.id)
+        if item is not None:
+            core.queue_control(item)
+            self._worker.wake()
+
+    def _request(self, core: SessionCore, requested: GenerationParams) -> Future[None]:
+        return self._control_job(self._replan, core, requested)
+
+    def _on_level(self, level: DegradeLevel) -> None:
+        """Worker thread: the degrade level changed; re-plan every session on the control thread."""
+        self._metrics.level_changed(int(level), level.label)
+
+        def relevel() -> None:
+            for session in list(self._sessions.values()):
+                self._replan(session.core, session.core.plan.requested)
+
+        with contextlib.suppress(RuntimeError):  # the control thread is shutting down
+            self._control_job(relevel)
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot: totals, rates, latency percentiles per stage (ms), batch sizes, degrade
+        state, and every open session's ``stats()``. Event loop only.
+        """
+        per_session = {sid: s.stats() for sid, s in self._sessions.items()}
+        totals = FrameCounts(**asdict(self._metrics.closed_counts))
+        for session in self._sessions.values():
+            with session.core.lock:
+                totals.add(session.core.metrics.counts)
+        degrade = self._worker.degrade
+        return {
+            "state": self.state.value,
+            "device": str(self.bundle.device),
+            "model": self.bundle.preset.name,
+            "sessions": len(self._sessions),
+            "max_sessions": self.runtime.max_sessions,
+            "frames": {**asdict(totals), "dropped": totals.dropped},
+            "fps_in": sum(float(s["fps_in"]) for s in per_session.values()),
+            "fps_out": sum(float(s["fps_out"]) for s in per_session.values()),
+            "degrade": {
+                "level": degrade.level.label,
+                "level_index": int(degrade.level),
+                "pressure": degrade.pressure,
+                "history": [
+                    (t.at, t.level.label, round(t.pressure, 3)) for t in list(degrade.history)
+                ],
+            },
+            "batch_ms_estimate": self._worker.estimator.snapshot(),
+            **self._metrics.snapshot(),
+            "per_session": per_session,
+        }
+
+
+def _with_resolution(config: StreamConfig, bundle: ModelBundle) -> StreamConfig:
+    preset = bundle.preset
+    return config.with_resolution(config.width or preset.width, config.height or preset.height)

@@ -1,0 +1,414 @@
+"""One client's stream inside the engine: frames in, generated frames out, live parameters.
+
+A :class:`Session` is made by :meth:`Engine.open_session <livediff.engine.runtime.Engine.open_session>`
+and owns its own :class:`~livediff.engine.stream.Stream` (prompt embeddings, seed, schedule,
+RCFG, similarity filter, the Stream Batch latent buffer and stock noise) over the engine's one
+shared :class:`~livediff.models.bundle.ModelBundle`. Frames never cross sessions: each frame is
+tagged with its session's own index and only ever enters that session's Stream.
+
+Flow control
+    ``submit`` puts a frame in a bounded inbox (``RuntimeConfig.inbox_size``, default 1). When
+    it is full the oldest waiting frame is discarded (``dropped_inbox``): the latest frame wins.
+    Outputs wait in a bounded outbox (``outbox_size``); when the consumer falls behind the oldest
+    output is discarded (``dropped_outbox``). Neither side ever blocks the other.
+
+Threads
+    ``submit``, ``recv``, ``update``, ``stats`` and ``close`` are called on the event loop.
+    :class:`SessionCore` holds what the GPU worker shares with them, behind one lock that is
+    only ever held for a few list operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from livediff.engine.config import GenerationParams, StreamConfig
+from livediff.engine.control import ControlItem, Plan
+from livediff.engine.frames import as_uint8_frame
+from livediff.engine.metrics import EngineMetrics, SessionMetrics
+from livediff.engine.stream import Stream
+from livediff.exceptions import SessionClosedError
+
+if TYPE_CHECKING:
+    from livediff.engine.runtime import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputFrame:
+    """One output, and the input frame it answers.
+
+    ``image`` is uint8 ``H × W × 3`` RGB in host memory at the session's resolution, read-only
+    (a skipped frame shares the previous output's array). ``index`` counts the session's
+    submitted frames from 0. ``skipped`` marks a similarity-filter skip (the previous output
+    again). ``render_size`` is the (width, height) actually generated: smaller than the image
+    while the engine is degraded to a lower resolution.
+    """
+
+    image: np.ndarray
+    pts: int | None
+    time_base: Fraction | None
+    index: int
+    skipped: bool
+    t_arrival: float
+    t_done: float
+    render_size: tuple[int, int] | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.t_done - self.t_arrival) * 1000.0
+
+
+@dataclass(frozen=True)
+class InputFrame:
+    """A submitted frame on its way through the engine."""
+
+    image: torch.Tensor  # uint8 [H, W, 3], host memory, owned by the engine
+    index: int
+    pts: int | None
+    time_base: Fraction | None
+    t_arrival: float
+    deadline: float
+
+
+class SessionCore:
+    """The state the worker shares with the event loop (lock) or owns alone (worker-only fields)."""
+
+    def __init__(self, session_id: str, plan: Plan, inbox_size: int, window: int) -> None:
+        self.id = session_id
+        self.lock = threading.Lock()
+        self.inbox_size = inbox_size
+        self.closed = False
+        # Under ``lock``:
+        self.metrics = SessionMetrics(window)
+        self._inbox: deque[InputFrame] = deque()
+        self._waiting_since: float | None = None
+        self._control: deque[ControlItem] = deque()
+        self._tracked: dict[int, InputFrame] = {}  # taken from the inbox, not yet answered
+        self._pending: list[int] = []  # admitted to a frame group that is not full yet
+        self._next_index = 0
+        # Worker thread only:
+        self.stream: Stream = plan.stream
+        self.consecutive_drops = 0
+        self.last_image: np.ndarray | None = None
+        # Control thread only:
+        self.plan = plan
+
+    # ------------------------------------------------------------------ event loop side
+    def push(
+        self,
+        image: torch.Tensor,
+        pts: int | None,
+        time_base: Fraction | None,
+        now: float,
+        budget: float,
+    ) -> tuple[int, int]:
+        """Queue a frame; returns (frames dropped from the inbox, inbox depth)."""
+        with self.lock:
+            if self.closed:
+                raise SessionClosedError(f"session {self.id} is closed")
+            frame = InputFrame(image, self._next_index, pts, time_base, now, now + budget)
+            self._next_index += 1
+            counts = self.metrics.counts
+            counts.submitted += 1
+            self.metrics.input_rate.tick(now)
+            dropped = 0
+            while len(self._inbox) >= self.inbox_size:
+                self._inbox.popleft()
+                dropped += 1
+            counts.dropped_inbox += dropped
+            self._inbox.append(frame)
+            if self._waiting_since is None:
+                self._waiting_since = frame.deadline
+            return dropped, len(self._inbox)
+
+    def queue_control(self, item: ControlItem) -> None:
+        with self.lock:
+            self._control.append(item)
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return len(self._inbox) + len(self._tracked)
+
+    def summary(self, now: float) -> dict[str, Any]:
+        with self.lock:
+            return {
+                **self.metrics.summary(now),
+                "inbox_depth": len(self._inbox),
+                "in_flight": len(self._inbox) + len(self._tracked),
+            }
+
+    # ------------------------------------------------------------------ worker side
+    def has_control(self) -> bool:
+        with self.lock:
+            return bool(self._control)
+
+    def take_control(self) -> list[ControlItem]:
+        with self.lock:
+            items = list(self._control)
+            self._control.clear()
+            return items
+
+    def priority(self) -> float | None:
+        """The scheduling key (see :mod:`livediff.engine.scheduler`), ``None`` with nothing waiting."""
+        with self.lock:
+            return None if self.closed or not self._inbox else self._waiting_since
+
+    def take(self) -> tuple[InputFrame | None, list[ControlItem]]:
+        """The next frame together with every control item queued before it (one atomic step)."""
+        with self.lock:
+            items = list(self._control)
+            self._control.clear()
+            if self.closed or not self._inbox:
+                return None, items
+            frame = self._inbox.popleft()
+            self._waiting_since = self._inbox[0].deadline if self._inbox else None
+            self._tracked[frame.index] = frame
+            return frame, items
+
+    def put_back(self, frame: InputFrame) -> None:
+        """Return a taken frame to the front of the inbox (dropped if newer frames filled it)."""
+        with self.lock:
+            self._tracked.pop(frame.index, None)
+            if len(self._inbox) >= self.inbox_size:
+                self.metrics.counts.dropped_inbox += 1
+                return
+            self._inbox.appendleft(frame)
+            self._waiting_since = (
+                frame.deadline
+                if self._waiting_since is None
+                else min(self._waiting_since, frame.deadline)
+            )
+
+    def dropped_for_deadline(self, frame: InputFrame) -> None:
+        with self.lock:
+            self._tracked.pop(frame.index, None)
+            self.metrics.counts.dropped_deadline += 1
+
+    def admitted(self, frame: InputFrame, group_complete: bool) -> None:
+        with self.lock:
+            if group_complete:
+                self._pending.clear()
+            else:
+                self._pending.append(frame.index)
+
+    def lost(self, including_pending: bool) -> int:
+        """Frames the Stream forgot (a new latent buffer or a new Stream); returns how many."""
+        with self.lock:
+            keep = set() if including_pending else set(self._pending)
+            lost = [index for index in self._tracked if index not in keep]
+            for index in lost:
+                del self._tracked[index]
+            if including_pending:
+                self._pending.clear()
+            self.metrics.counts.dropped_reconfigure += len(lost)
+            return len(lost)
+
+    def waited(self, seconds: float) -> None:
+        """A frame was taken by the worker after ``seconds`` in the inbox."""
+        with self.lock:
+            self.metrics.stages.add("queue", seconds * 1000.0)
+
+    def answered(
+        self,
+        frames: list[InputFrame],
+        skipped: bool,
+        t_done: float,
+        stages: dict[str, float],
+        gpu_s: float,
+    ) -> int:
+        """Record outputs for ``frames`` (``stages``: seconds per compute stage); returns how many were late."""
+        late = 0
+        with self.lock:
+            metrics, counts = self.metrics, self.metrics.counts
+            for frame in frames:
+                self._tracked.pop(frame.index, None)
+                is_late = t_done > frame.deadline
+                if skipped:
+                    counts.skipped += 1
+                else:
+                    late += is_late
+                    counts.processed += 1
+                    counts.late += is_late
+                    metrics.gpu_ms_per_frame.add(gpu_s * 1000.0)
+                for stage, seconds in stages.items():
+                    metrics.stages.add(stage, seconds * 1000.0)
+                metrics.stages.add("total", (t_done - frame.t_arrival) * 1000.0)
+            metrics.output_rate.tick(t_done, len(frames))
+        return late
+
+
+class Session:
+    """A live stream; see the module docstring. Made by ``Engine.open_session``, not directly.
+
+    Concurrency: every method must be called from the engine's event loop. ``submit`` and
+    ``stats`` never block. Several concurrent ``recv()`` calls each get a different output.
+    Concurrent ``update()`` calls apply in the order they were called.
+    """
+
+    def __init__(
+        self,
+        core: SessionCore,
+        config: StreamConfig,
+        *,
+        runtime: RuntimeConfig,
+        clock: Callable[[], float],
+        metrics: EngineMetrics,
+        wake: Callable[[], None],
+        request: Callable[[SessionCore, GenerationParams], Future[None]],
+        on_close: Callable[[Session], None],
+    ) -> None:
+        self.id = core.id
+        self.config = config
+        self.core = core
+        self._runtime = runtime
+        self._clock = clock
+        self._metrics = metrics
+        self._wake = wake
+        self._request = request
+        self._on_close = on_close
+        self._requested = core.plan.requested
+        self._outbox: deque[OutputFrame] = deque()
+        self._readable = asyncio.Event()
+        self._close_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._close_reason is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._close_reason
+
+    @property
+    def params(self) -> GenerationParams:
+        """The parameters asked for (the engine may run fewer steps while degraded; see ``stats()``)."""
+        return self._requested
+
+    def _closed_error(self) -> SessionClosedError:
+        return SessionClosedError(f"session {self.id} is closed: {self._close_reason}")
+
+    # ------------------------------------------------------------------ frames
+    def submit(
+        self, image: np.ndarray, *, pts: int | None = None, time_base: Fraction | None = None
+    ) -> None:
+        """Queue one RGB frame (uint8 ``H × W × 3``, any size; float in [0, 1] is accepted too).
+
+        Never blocks. The frame is checked here (an ``InvalidFrameError`` subclass says what is
+        wrong) and copied, so the caller may reuse its buffer. If the inbox is full the oldest
+        waiting frame is discarded (latest wins; counted as ``dropped_inbox``).
+        Raises ``SessionClosedError`` once the session has ended.
+        """
+        if self.closed:
+            raise self._closed_error()
+        frame = as_uint8_frame(image)
+        if isinstance(image, np.ndarray) and frame.dtype == torch.uint8:
+            frame = frame.clone()  # from_numpy shares the caller's memory
+        now = self._clock()
+        try:
+            dropped, depth = self.core.push(
+                frame, pts, time_base, now, self._runtime.deadline_ms / 1000.0
+            )
+        except SessionClosedError:
+            raise self._closed_error() from None
+        self._metrics.submitted(self.id, depth)
+        if dropped:
+            self._metrics.dropped(self.id, "inbox", dropped)
+        self._wake()
+
+    async def recv(self) -> OutputFrame:
+        """The next output, in order. Outputs already queued are returned after the session ends;
+        then ``SessionClosedError`` is raised. Cancelling a waiting ``recv()`` loses no output.
+        """
+        while not self._outbox:
+            if self.closed:
+                raise self._closed_error()
+            self._readable.clear()
+            await self._readable.wait()
+        output = self._outbox.popleft()
+        with self.core.lock:
+            self.core.metrics.counts.received += 1
+        self._metrics.outbox_depth(self.id, len(self._outbox))
+        return output
+
+    def deliver(self, outputs: list[OutputFrame]) -> None:
+        """Called on the event loop by the engine with this session's new outputs."""
+        if self.closed:
+            return
+        dropped = 0
+        for output in outputs:
+            if len(self._outbox) >= self._runtime.outbox_size:
+                self._outbox.popleft()
+                dropped += 1
+            self._outbox.append(output)
+        if dropped:
+            with self.core.lock:
+                self.core.metrics.counts.dropped_outbox += dropped
+            self._metrics.dropped(self.id, "outbox", dropped)
+            log.debug("[%s] consumer is behind: %d outputs discarded", self.id, dropped)
+        self._metrics.outbox_depth(self.id, len(self._outbox))
+        self._readable.set()
+
+    # ------------------------------------------------------------------ control
+    async def update(self, **changes: Any) -> None:
+        """Change live parameters (``GenerationParams`` fields: prompt, seed, strength, steps …).
+
+        Unknown keys or bad values raise ``ParameterError`` before anything changes. Prompts are
+        encoded on the engine's control thread; the change applies at the next frame boundary:
+        every frame submitted after ``update()`` returns is generated with it (frames already in
+        the Stream Batch pipeline finish with the old values). Concurrent calls apply in call
+        order. Cancelling the call does not withdraw the change once it has been checked.
+        """
+        if self.closed:
+            raise self._closed_error()
+        requested = self._requested.updated(**changes)
+        self._requested = requested
+        future = self._request(self.core, requested)
+        try:
+            await asyncio.shield(asyncio.wrap_future(future))
+        except Exception:
+            self._requested = self.core.plan.requested  # the control thread kept the last good set
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: frame counts, fps in/out, queue depths, latency percentiles per stage (ms) …"""
+        stream = self.core.stream
+        return {
+            "id": self.id,
+            "closed": self.closed,
+            "close_reason": self._close_reason,
+            **self.core.summary(self._clock()),
+            "outbox_depth": len(self._outbox),
+            "steps": stream.batch.steps,
+            "requested_steps": self._requested.steps,
+            "render_size": (stream.width, stream.height),
+            "size": (self.config.width, self.config.height),
+            "delay_frames": stream.delay,
+        }
+
+    async def close(self) -> None:
+        """End the session: waiting and later ``recv()`` calls raise ``SessionClosedError``. Idempotent."""
+        self.end("closed by the client")
+
+    def end(self, reason: str) -> None:
+        """Close with ``reason`` (engine side: stop, failures). Idempotent; event loop only."""
+        if self.closed:
+            return
+        self._close_reason = reason
+        with self.core.lock:
+            self.core.closed = True
+        log.info("[%s] session closed: %s", self.id, reason)
+        self._readable.set()
+        self._on_close(self)
