@@ -46,30 +46,53 @@ def _to_unit(frame: torch.Tensor) -> torch.Tensor:
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    return (
+        ((images[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    )
 
 
 def diffusers_runner(bundle: ModelBundle, size: int) -> Runner:
     scheduler = LCMScheduler.from_config(bundle.scheduler_config)
     if bundle.preset.is_sdxl:
         pipe: Any = StableDiffusionXLImg2ImgPipeline(
-            vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
-            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler,
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoders[0],
+            text_encoder_2=bundle.text_encoders[1],
+            tokenizer=bundle.tokenizers[0],
+            tokenizer_2=bundle.tokenizers[1],
+            unet=bundle.unet,
+            scheduler=scheduler,
         )
-        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device=bundle.device, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            PROMPT, device=bundle.device, do_classifier_free_guidance=False
+        )
         kwargs: dict[str, Any] = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     else:
         pipe = StableDiffusionImg2ImgPipeline(
-            vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoders[0],
+            tokenizer=bundle.tokenizers[0],
+            unet=bundle.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         embeds, _ = pipe.encode_prompt(PROMPT, bundle.device, 1, False)
         kwargs = {"prompt_embeds": embeds}
     pipe.set_progress_bar_config(disable=True)
 
     def run(frame: torch.Tensor) -> torch.Tensor:
-        out = pipe(image=_to_unit(frame), num_inference_steps=2, strength=0.5, guidance_scale=0.0,
-                   output_type="pt", height=size, width=size, **kwargs).images
+        out = pipe(
+            image=_to_unit(frame),
+            num_inference_steps=2,
+            strength=0.5,
+            guidance_scale=0.0,
+            output_type="pt",
+            height=size,
+            width=size,
+            **kwargs,
+        ).images
         return _to_uint8(out * 2 - 1)
 
     return run
@@ -80,17 +103,32 @@ def streamdiffusion_runner(bundle: ModelBundle, size: int, compiled: bool) -> Ru
     from streamdiffusion import StreamDiffusion
 
     pipe = StableDiffusionPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
-        scheduler=LCMScheduler.from_config(bundle.scheduler_config), safety_checker=None, feature_extractor=None,
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoders[0],
+        tokenizer=bundle.tokenizers[0],
+        unet=bundle.unet,
+        scheduler=LCMScheduler.from_config(bundle.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
-    stream = StreamDiffusion(pipe, t_index_list=list(STRENGTH_T_INDEX), torch_dtype=bundle.dtype, width=size,
-                             height=size, cfg_type="none")
+    stream = StreamDiffusion(
+        pipe,
+        t_index_list=list(STRENGTH_T_INDEX),
+        torch_dtype=bundle.dtype,
+        width=size,
+        height=size,
+        cfg_type="none",
+    )
     stream.prepare(prompt=PROMPT, num_inference_steps=50)
     if compiled:
         stream.unet = torch.compile(stream.unet, mode="reduce-overhead", fullgraph=True)
-        stream.vae.encoder = torch.compile(stream.vae.encoder, mode="reduce-overhead", fullgraph=True)
-        stream.vae.decoder = torch.compile(stream.vae.decoder, mode="reduce-overhead", fullgraph=True)
+        stream.vae.encoder = torch.compile(
+            stream.vae.encoder, mode="reduce-overhead", fullgraph=True
+        )
+        stream.vae.decoder = torch.compile(
+            stream.vae.decoder, mode="reduce-overhead", fullgraph=True
+        )
 
     def run(frame: torch.Tensor) -> torch.Tensor:
         return _to_uint8(stream(_to_unit(frame)))
@@ -100,8 +138,13 @@ def streamdiffusion_runner(bundle: ModelBundle, size: int, compiled: bool) -> Ru
 
 def livediff_runner(bundle: ModelBundle, size: int, backend: Backend) -> Runner:
     prepare_backend(bundle, backend)
-    stream = make_stream(bundle, backend, StreamConfig(width=size, height=size), prompt=PROMPT,
-                         t_index_list=STRENGTH_T_INDEX)
+    stream = make_stream(
+        bundle,
+        backend,
+        StreamConfig(width=size, height=size),
+        prompt=PROMPT,
+        t_index_list=STRENGTH_T_INDEX,
+    )
 
     def run(frame: torch.Tensor) -> torch.Tensor:
         return stream.process(frame)[0].image
@@ -109,7 +152,9 @@ def livediff_runner(bundle: ModelBundle, size: int, backend: Backend) -> Runner:
     return run
 
 
-def measure(name: str, runner: Runner, frames: list[torch.Tensor], count: int, warmup: int) -> dict[str, Any]:
+def measure(
+    name: str, runner: Runner, frames: list[torch.Tensor], count: int, warmup: int
+) -> dict[str, Any]:
     started = time.perf_counter()
     for i in range(warmup):
         runner(frames[i % len(frames)])
@@ -126,12 +171,19 @@ def measure(name: str, runner: Runner, frames: list[torch.Tensor], count: int, w
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="livediff bench --suite peers", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd-turbo", choices=("sd-turbo", "sdxl-turbo", "sd15-lcm"))
+    parser = argparse.ArgumentParser(
+        prog="livediff bench --suite peers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--model", default="sd-turbo", choices=("sd-turbo", "sdxl-turbo", "sd15-lcm")
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--systems", default="diffusers,streamdiffusion,streamdiffusion-compiled,livediff-eager,livediff-compile")
+    parser.add_argument(
+        "--systems",
+        default="diffusers,streamdiffusion,streamdiffusion-compiled,livediff-eager,livediff-compile",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -139,7 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
-    frames = [torch.randint(0, 256, (args.size, args.size, 3), generator=generator, dtype=torch.uint8).to(device) for _ in range(8)]
+    frames = [
+        torch.randint(0, 256, (args.size, args.size, 3), generator=generator, dtype=torch.uint8).to(
+            device
+        )
+        for _ in range(8)
+    ]
     outputs: list[TextIO] = [sys.stdout]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,20 +207,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            bundle = load_model(ModelSpec(preset=args.model, weights="random"), device=device, dtype="fp16")
+            bundle = load_model(
+                ModelSpec(preset=args.model, weights="random"), device=device, dtype="fp16"
+            )
             if system == "diffusers":
                 runner = diffusers_runner(bundle, args.size)
             elif system.startswith("streamdiffusion"):
-                runner = streamdiffusion_runner(bundle, args.size, compiled=system.endswith("compiled"))
+                runner = streamdiffusion_runner(
+                    bundle, args.size, compiled=system.endswith("compiled")
+                )
             else:
                 runner = livediff_runner(bundle, args.size, Backend(system.split("-", 1)[1]))
             result = measure(system, runner, frames, args.frames, args.warmup)
             name, _, variant = system.partition("-")
-            emit({
-                "system": name, "variant": variant or "eager", "suite": "peers", "model": args.model, "weights": "random",
-                "width": args.size, "height": args.size, "steps": 1, "mode": "img2img", "rcfg": "none", "sessions": 1,
-                **result, "gpu_mem_peak_mb": gpu_memory_peak_mb(device), **environment(device),
-            }, outputs)
+            emit(
+                {
+                    "system": name,
+                    "variant": variant or "eager",
+                    "suite": "peers",
+                    "model": args.model,
+                    "weights": "random",
+                    "width": args.size,
+                    "height": args.size,
+                    "steps": 1,
+                    "mode": "img2img",
+                    "rcfg": "none",
+                    "sessions": 1,
+                    **result,
+                    "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
+                    **environment(device),
+                },
+                outputs,
+            )
             del runner, bundle
     finally:
         for handle in outputs[1:]:

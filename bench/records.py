@@ -21,8 +21,24 @@ import numpy as np
 import torch
 
 REQUIRED_KEYS = (
-    "system", "suite", "model", "weights", "width", "height", "steps", "mode", "rcfg", "sessions",
-    "fps", "ms_median", "ms_p99", "device", "torch", "commit", "date", "command",
+    "system",
+    "suite",
+    "model",
+    "weights",
+    "width",
+    "height",
+    "steps",
+    "mode",
+    "rcfg",
+    "sessions",
+    "fps",
+    "ms_median",
+    "ms_p99",
+    "device",
+    "torch",
+    "commit",
+    "date",
+    "command",
 )
 
 
@@ -32,7 +48,11 @@ def git_commit() -> str:
         return os.environ["LIVEDIFF_COMMIT"]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -56,7 +76,11 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+    return (
+        float(np.percentile(np.asarray(values, dtype=np.float64), q))
+        if len(values)
+        else float("nan")
+    )
 
 
 def summarize(ms_per_frame: Sequence[float]) -> dict[str, float]:

@@ -61,7 +61,10 @@ FULL = tuple(
 
 def _frames(size: int, count: int, device: torch.device) -> list[torch.Tensor]:
     generator = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).to(device) for _ in range(count)]
+    return [
+        torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).to(device)
+        for _ in range(count)
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -69,14 +72,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_single(bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int) -> dict[str, Any]:
+def run_single(
+    bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int
+) -> dict[str, Any]:
     device = bundle.device
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     config = StreamConfig(width=case.size, height=case.size, rcfg=case.rcfg, mode=case.mode)
-    stream = make_stream(bundle, backend, config, prompt="a photo of a cat", steps=case.steps, strength=0.5, guidance_scale=1.2)
+    stream = make_stream(
+        bundle,
+        backend,
+        config,
+        prompt="a photo of a cat",
+        steps=case.steps,
+        strength=0.5,
+        guidance_scale=1.2,
+    )
     inputs = _frames(case.size, 8, device)
     txt2img = case.mode is GenerationMode.TXT2IMG
     started = time.perf_counter()
@@ -137,13 +150,18 @@ class _Events:
         return out
 
 
-def run_stages(bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int) -> dict[str, Any]:
+def run_stages(
+    bundle: ModelBundle, backend: Backend, case: Case, frames: int, warmup: int
+) -> dict[str, Any]:
     device = bundle.device
     config = StreamConfig(width=case.size, height=case.size, rcfg=case.rcfg)
     from livediff.engine.stream import Stream
 
     stream = Stream(bundle, config, prompt="a photo of a cat", steps=case.steps, strength=0.5)
-    host_frames = [f.cpu().pin_memory() if device.type == "cuda" else f.cpu() for f in _frames(case.size, 8, torch.device("cpu"))]
+    host_frames = [
+        f.cpu().pin_memory() if device.type == "cuda" else f.cpu()
+        for f in _frames(case.size, 8, torch.device("cpu"))
+    ]
     crop = fit_crop(case.size, case.size, case.size, case.size, config.fit)
     per_stage: dict[str, list[float]] = {}
     for i in range(warmup + frames):
@@ -189,11 +207,18 @@ def run_stages(bundle: ModelBundle, backend: Backend, case: Case, frames: int, w
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="livediff bench --suite single|stages", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="livediff bench --suite single|stages", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--suite", choices=("single", "stages"), default="single")
     parser.add_argument("--model", default="sd-turbo")
     parser.add_argument("--weights", default="random")
-    parser.add_argument("--backend", action="append", choices=[b.value for b in Backend], help="repeatable; default: compile on CUDA, eager on CPU")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=[b.value for b in Backend],
+        help="repeatable; default: compile on CUDA, eager on CPU",
+    )
     parser.add_argument("--matrix", choices=("quick", "full", "headline"), default="quick")
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
@@ -203,6 +228,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--coordinate-descent", action="store_true")
+    parser.add_argument("--freezing", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
     return parser.parse_args(argv)
 
 
@@ -210,15 +237,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cases = {"quick": QUICK, "full": FULL, "headline": (Case(1),)}[args.matrix]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backends = [Backend(b) for b in (args.backend or [("compile" if device.type == "cuda" else "eager")])]
+    backends = [
+        Backend(b) for b in (args.backend or [("compile" if device.type == "cuda" else "eager")])
+    ]
     outputs: list[TextIO] = []
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
     try:
         for backend in backends:
-            bundle = load_model(ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=args.dtype)
-            recipe = Recipe(fuse_qkv=args.fuse_qkv, channels_last=args.channels_last, coordinate_descent_tuning=args.coordinate_descent)
+            bundle = load_model(
+                ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=args.dtype
+            )
+            recipe = Recipe(
+                fuse_qkv=args.fuse_qkv,
+                channels_last=args.channels_last,
+                coordinate_descent_tuning=args.coordinate_descent,
+                freezing=args.freezing,
+                cudnn_benchmark=args.cudnn_benchmark,
+            )
             bundle = prepare_backend(bundle, backend, recipe)
             runner = run_single if args.suite == "single" else run_stages
             for case in cases:

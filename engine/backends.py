@@ -34,7 +34,9 @@ def default_backend(device: torch.device) -> Backend:
     return Backend.COMPILE if device.type == "cuda" else Backend.EAGER
 
 
-def prepare_backend(bundle: ModelBundle, backend: Backend | str, recipe: Recipe | None = None) -> ModelBundle:
+def prepare_backend(
+    bundle: ModelBundle, backend: Backend | str, recipe: Recipe | None = None
+) -> ModelBundle:
     """Make ``bundle`` ready for ``backend``, or raise :class:`BackendError` saying why it can't."""
     backend = Backend(backend)
     if backend is Backend.EAGER:
@@ -48,7 +50,9 @@ def prepare_backend(bundle: ModelBundle, backend: Backend | str, recipe: Recipe 
             "the tensorrt backend needs NVIDIA TensorRT: pip install 'livediff[tensorrt]' "
             f"(import failed: {exc}). Use --backend compile meanwhile."
         ) from exc
-    raise BackendError("the tensorrt backend is not available in this build yet; use --backend compile")
+    raise BackendError(
+        "the tensorrt backend is not available in this build yet; use --backend compile"
+    )
 
 
 def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:

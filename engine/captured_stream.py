@@ -53,7 +53,9 @@ class _FrameGraph:
             x0 = torch.zeros(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
             first = torch.randn(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
         else:
-            pixels = rgb_to_model_input(self.frames_in, stream.height, stream.width, self.crop, bundle.dtype)
+            pixels = rgb_to_model_input(
+                self.frames_in, stream.height, stream.width, self.crop, bundle.dtype
+            )
             x0, first = bundle.encode(pixels), None
         eps = bundle.predict_noise(self.batch.begin(x0, first))
         return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
@@ -82,7 +84,9 @@ class CapturedStream(Stream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.bundle.device.type != "cuda":
-            raise BackendError(f"CUDA graphs need a CUDA device; this stream runs on {self.bundle.device}")
+            raise BackendError(
+                f"CUDA graphs need a CUDA device; this stream runs on {self.bundle.device}"
+            )
         if not self.config.use_denoising_batch:
             raise BackendError("the captured frame step needs use_denoising_batch=True")
         self._graphs: dict[tuple[int, int], _FrameGraph] = {}
@@ -93,7 +97,9 @@ class CapturedStream(Stream):
         if captured is None or captured.batch is not self.batch:
             if captured is not None:
                 self._graphs.clear()  # the step count changed: every graph read the old buffers
-            log.info("[%s] capturing the frame step for %dx%d input", self.session_id, width, height)
+            log.info(
+                "[%s] capturing the frame step for %dx%d input", self.session_id, width, height
+            )
             captured = self._graphs[(height, width)] = _FrameGraph(self, height, width)
         return captured
 
@@ -104,6 +110,8 @@ class CapturedStream(Stream):
         first = group.images[0]
         if any(image.shape != first.shape for image in group.images):
             return super().run(group)  # mixed sizes inside one group: the eager path handles them
-        frames = torch.stack([image.to(self.bundle.device, non_blocking=True) for image in group.images])
+        frames = torch.stack(
+            [image.to(self.bundle.device, non_blocking=True) for image in group.images]
+        )
         rgb = self.graph_for(int(first.shape[0]), int(first.shape[1])).replay(frames).clone()
         return self.complete(group, rgb)

@@ -13,6 +13,7 @@ message that names the field, the value and the accepted range.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -109,13 +110,15 @@ class StreamConfig:
                     f"a multiple of 8 in [64, {MAX_RESOLUTION}]",
                 )
         _check(
-            _is_int(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS,
+            _is_int(self.num_inference_steps)
+            and 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS,
             "num_inference_steps",
             self.num_inference_steps,
             f"an integer in [1, {MAX_INFERENCE_STEPS}]",
         )
         _check(
-            _is_int(self.frame_buffer_size) and 1 <= self.frame_buffer_size <= MAX_FRAME_BUFFER_SIZE,
+            _is_int(self.frame_buffer_size)
+            and 1 <= self.frame_buffer_size <= MAX_FRAME_BUFFER_SIZE,
             "frame_buffer_size",
             self.frame_buffer_size,
             f"an integer in [1, {MAX_FRAME_BUFFER_SIZE}]",
@@ -154,7 +157,12 @@ def normalize_prompt(prompt: PromptLike) -> tuple[tuple[str, float], ...]:
     for text, weight in items:
         if not isinstance(text, str):
             raise ParameterError(f"prompt text must be a string, got {type(text).__name__}")
-        _check(len(text) <= MAX_PROMPT_CHARS, "len(prompt text)", len(text), f"at most {MAX_PROMPT_CHARS} characters")
+        _check(
+            len(text) <= MAX_PROMPT_CHARS,
+            "len(prompt text)",
+            len(text),
+            f"at most {MAX_PROMPT_CHARS} characters",
+        )
         _check(_is_number(weight) and weight >= 0, "prompt weight", weight, "a finite number >= 0")
     total = sum(weight for _, weight in items)
     _check(total > 0, "sum of prompt weights", total, "> 0")
@@ -192,9 +200,24 @@ class GenerationParams:
             f"at most {MAX_PROMPT_CHARS} characters",
         )
         object.__setattr__(self, "blend", _enum(BlendMethod, self.blend, "blend"))
-        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
-        _check(_is_int(self.steps) and 1 <= self.steps <= 50, "steps", self.steps, "an integer in [1, 50]")
-        _check(_is_number(self.strength) and 0 < self.strength <= 1, "strength", self.strength, "a number in (0, 1]")
+        _check(
+            _is_int(self.seed) and 0 <= self.seed < 2**63,
+            "seed",
+            self.seed,
+            "an integer in [0, 2**63)",
+        )
+        _check(
+            _is_int(self.steps) and 1 <= self.steps <= 50,
+            "steps",
+            self.steps,
+            "an integer in [1, 50]",
+        )
+        _check(
+            _is_number(self.strength) and 0 < self.strength <= 1,
+            "strength",
+            self.strength,
+            "a number in (0, 1]",
+        )
         if self.t_index_list is not None:
             values = tuple(self.t_index_list)
             _check(
@@ -204,7 +227,7 @@ class GenerationParams:
                 "a non-empty list of integers >= 0",
             )
             _check(
-                all(a < b for a, b in zip(values, values[1:], strict=False)),
+                all(a < b for a, b in itertools.pairwise(values)),
                 "t_index_list",
                 self.t_index_list,
                 "strictly increasing indices (later steps are less noisy)",
@@ -217,7 +240,12 @@ class GenerationParams:
             self.guidance_scale,
             f"a number in [0, {MAX_GUIDANCE_SCALE}]",
         )
-        _check(_is_number(self.delta) and 0 <= self.delta <= MAX_DELTA, "delta", self.delta, f"a number in [0, {MAX_DELTA}]")
+        _check(
+            _is_number(self.delta) and 0 <= self.delta <= MAX_DELTA,
+            "delta",
+            self.delta,
+            f"a number in [0, {MAX_DELTA}]",
+        )
         if self.similarity_threshold is not None:
             _check(
                 _is_number(self.similarity_threshold) and 0 <= self.similarity_threshold <= 1,
@@ -237,7 +265,9 @@ class GenerationParams:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ParameterError(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ParameterError(
+                f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         if "strength" in changes and "t_index_list" not in changes:
             changes["t_index_list"] = None  # a new strength re-derives the steps
         if "steps" in changes and "t_index_list" not in changes:

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from livediff.engine.config import FitMode
-from livediff.exceptions import EmptyFrameError, FrameDtypeError, FrameShapeError, NonFiniteFrameError
+from livediff.exceptions import (
+    EmptyFrameError,
+    FrameDtypeError,
+    FrameShapeError,
+    NonFiniteFrameError,
+)
 from livediff.kernels.preprocess import Crop
 
 MAX_FRAME_SIDE = 8192
@@ -33,29 +38,41 @@ def as_uint8_frame(frame: Any) -> torch.Tensor:
     Raises a specific :class:`~livediff.exceptions.InvalidFrameError` subclass per problem.
     """
     if isinstance(frame, np.ndarray):
-        if frame.dtype == object or not (np.issubdtype(frame.dtype, np.number) or frame.dtype == np.bool_):
-            raise FrameDtypeError(f"frame dtype {frame.dtype} is not supported: expected uint8 RGB (or float in [0, 1])")
+        if frame.dtype == object or not (
+            np.issubdtype(frame.dtype, np.number) or frame.dtype == np.bool_
+        ):
+            raise FrameDtypeError(
+                f"frame dtype {frame.dtype} is not supported: expected uint8 RGB (or float in [0, 1])"
+            )
         tensor = torch.from_numpy(np.ascontiguousarray(frame))
     elif isinstance(frame, torch.Tensor):
         tensor = frame
     else:
-        raise FrameDtypeError(f"a frame must be a numpy array or a torch tensor, not {type(frame).__name__}")
+        raise FrameDtypeError(
+            f"a frame must be a numpy array or a torch tensor, not {type(frame).__name__}"
+        )
     if tensor.ndim != 3:
-        raise FrameShapeError(f"frame shape {tuple(tensor.shape)} is not H×W×3: expected 3 dimensions, got {tensor.ndim}")
+        raise FrameShapeError(
+            f"frame shape {tuple(tensor.shape)} is not H×W×3: expected 3 dimensions, got {tensor.ndim}"
+        )
     height, width, channels = tensor.shape
     if height == 0 or width == 0:
         raise EmptyFrameError(f"frame shape {tuple(tensor.shape)} has no pixels")
     if channels != 3:
         raise FrameShapeError(f"frame has {channels} channels: expected 3 (RGB, channels last)")
     if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
-        raise FrameShapeError(f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side")
+        raise FrameShapeError(
+            f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side"
+        )
     if tensor.dtype == torch.uint8:
         return tensor
     if tensor.dtype in _FLOAT_DTYPES:
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteFrameError("frame holds NaN or infinite values")
         return (tensor.to(torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
-    raise FrameDtypeError(f"frame dtype {tensor.dtype} is not supported: expected uint8 RGB (or float in [0, 1])")
+    raise FrameDtypeError(
+        f"frame dtype {tensor.dtype} is not supported: expected uint8 RGB (or float in [0, 1])"
+    )
 
 
 def fit_crop(source_h: int, source_w: int, target_h: int, target_w: int, mode: FitMode) -> Crop:

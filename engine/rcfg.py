@@ -71,17 +71,23 @@ def guided_noise(
     return negative + guidance_scale * (eps_cond - negative)
 
 
-def residual_noise(x_t: torch.Tensor, x_ref: torch.Tensor, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor) -> torch.Tensor:
+def residual_noise(
+    x_t: torch.Tensor, x_ref: torch.Tensor, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor
+) -> torch.Tensor:
     """Virtual residual noise that takes ``x_ref`` to ``x_t`` at this step (eq. 7)."""
     return (x_t - alpha_sqrt * x_ref) / beta_sqrt
 
 
-def reference_latent(x_t: torch.Tensor, stock_noise: torch.Tensor, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor) -> torch.Tensor:
+def reference_latent(
+    x_t: torch.Tensor, stock_noise: torch.Tensor, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor
+) -> torch.Tensor:
     """Inverse of :func:`residual_noise`: the reference latent a row's stock noise points to."""
     return (x_t - beta_sqrt * stock_noise) / alpha_sqrt
 
 
-def renoise(x0: torch.Tensor, noise: torch.Tensor | None, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor) -> torch.Tensor:
+def renoise(
+    x0: torch.Tensor, noise: torch.Tensor | None, alpha_sqrt: torch.Tensor, beta_sqrt: torch.Tensor
+) -> torch.Tensor:
     """Forward diffusion of a clean latent to the next step's noise level (``do_add_noise``)."""
     if noise is None:
         return alpha_sqrt * x0

@@ -29,6 +29,7 @@ Coefficients
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,9 @@ def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> 
     return [(num_inference_steps - i) * stride - 1 for i in range(num_inference_steps)]
 
 
-def strength_to_t_index_list(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:
+def strength_to_t_index_list(
+    strength: float, steps: int, num_inference_steps: int = 50
+) -> tuple[int, ...]:
     """Map ``strength`` in (0, 1] and a step count onto schedule indices (see module docstring)."""
     if not 0 < strength <= 1:
         raise ParameterError(f"strength={strength!r} is out of range: expected a number in (0, 1]")
@@ -82,14 +85,18 @@ class StepCoefficients:
 class LCMSchedule:
     """Precomputes step coefficients from a model's scheduler config (betas and timestep scaling)."""
 
-    def __init__(self, scheduler_config: dict[str, Any] | Any, num_inference_steps: int = 50) -> None:
+    def __init__(
+        self, scheduler_config: dict[str, Any] | Any, num_inference_steps: int = 50
+    ) -> None:
         self._scheduler = LCMScheduler.from_config(scheduler_config)
         self.num_train_timesteps = int(self._scheduler.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         self.timesteps = lcm_timesteps(num_inference_steps, self.num_train_timesteps)
         self._alphas_cumprod = self._scheduler.alphas_cumprod.to(torch.float64)
 
-    def resolve(self, t_index_list: Sequence[int] | None, strength: float, steps: int) -> tuple[int, ...]:
+    def resolve(
+        self, t_index_list: Sequence[int] | None, strength: float, steps: int
+    ) -> tuple[int, ...]:
         """``t_index_list`` if given (checked against the schedule), else the strength mapping."""
         if t_index_list is None:
             return strength_to_t_index_list(strength, steps, self.num_inference_steps)
@@ -99,7 +106,7 @@ class LCMSchedule:
                 f"t_index_list={list(indices)} is out of range: expected indices in "
                 f"[0, {self.num_inference_steps - 1}] for num_inference_steps={self.num_inference_steps}"
             )
-        if any(a >= b for a, b in zip(indices, indices[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(indices)):
             raise ParameterError(f"t_index_list={list(indices)} must be strictly increasing")
         return indices
 
@@ -107,7 +114,9 @@ class LCMSchedule:
         indices = self.resolve(t_index_list, 1.0, 1)
         timesteps = [self.timesteps[i] for i in indices]
         alpha_bar = self._alphas_cumprod[timesteps]
-        scalings = [self._scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
+        scalings = [
+            self._scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps
+        ]
         return StepCoefficients(
             t_index_list=indices,
             timesteps=torch.tensor(timesteps, dtype=torch.long),

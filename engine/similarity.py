@@ -26,7 +26,9 @@ import torch
 SIGNAL_SIDE = 64
 
 
-def similarity_signal(frame: np.ndarray | torch.Tensor, side: int = SIGNAL_SIDE) -> np.ndarray | torch.Tensor:
+def similarity_signal(
+    frame: np.ndarray | torch.Tensor, side: int = SIGNAL_SIDE
+) -> np.ndarray | torch.Tensor:
     """A ~``side``×``side`` subsample of an ``[H, W, 3]`` uint8 frame, flattened, in [-1, 1]."""
     height, width = frame.shape[0], frame.shape[1]
     sy, sx = max(1, height // side), max(1, width // side)
@@ -36,7 +38,9 @@ def similarity_signal(frame: np.ndarray | torch.Tensor, side: int = SIGNAL_SIDE)
     return sample.reshape(-1).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def cosine_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, eps: float = 1e-6) -> float:
+def cosine_similarity(
+    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, eps: float = 1e-6
+) -> float:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         value = torch.nn.functional.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1), eps=eps)
         return float(value.item())
@@ -79,8 +83,14 @@ class SimilarityFilter:
     def should_skip(self, signal: np.ndarray | torch.Tensor) -> bool:
         """True when this frame should be skipped; records the frame as the reference if it runs."""
         skip = False
-        if self.threshold is not None and self._reference is not None and self._reference.shape == signal.shape:
-            probability = skip_probability(cosine_similarity(self._reference, signal), self.threshold)
+        if (
+            self.threshold is not None
+            and self._reference is not None
+            and self._reference.shape == signal.shape
+        ):
+            probability = skip_probability(
+                cosine_similarity(self._reference, signal), self.threshold
+            )
             forced = self.consecutive_skips >= self.max_skip_frames
             skip = not forced and self._rng.random() < probability
         if skip:

@@ -20,10 +20,18 @@ noise predicted for those rows and returns the finished latents.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from livediff.engine.config import RCFGMode
-from livediff.engine.rcfg import guided_noise, lcm_denoise, reference_latent, renoise, residual_noise
+from livediff.engine.rcfg import (
+    guided_noise,
+    lcm_denoise,
+    reference_latent,
+    renoise,
+    residual_noise,
+)
 from livediff.engine.schedule import StepCoefficients
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
 
@@ -64,17 +72,21 @@ class StreamBatch:
 
         h, w = latent_size
         seq, dim = embed_shape
-        opts = {"device": device, "dtype": dtype}
+        opts: dict[str, Any] = {"device": device, "dtype": dtype}
         self._unet_latents = torch.zeros(self.unet_rows, LATENT_CHANNELS, h, w, **opts)
         self.x_t = self._unet_latents[self.uncond_rows :]
         self.noise = torch.zeros(self.steps * f, LATENT_CHANNELS, h, w, **opts)
         uses_stock = rcfg in (RCFGMode.SELF, RCFGMode.INITIALIZE)
-        self.stock_noise = torch.zeros(self.latent_rows, LATENT_CHANNELS, h, w, **opts) if uses_stock else None
+        self.stock_noise = (
+            torch.zeros(self.latent_rows, LATENT_CHANNELS, h, w, **opts) if uses_stock else None
+        )
         self._timesteps = torch.zeros(self.unet_rows, dtype=torch.long, device=device)
         self._embeds = torch.zeros(self.unet_rows, seq, dim, **opts)
         self._text_embeds = torch.zeros(self.unet_rows, pooled_dim, **opts) if pooled_dim else None
         self._time_ids = torch.zeros(self.unet_rows, 6, **opts) if pooled_dim else None
-        self._step_coeffs = torch.zeros(4, self.steps, 1, 1, 1, **opts)  # alpha, beta, c_skip, c_out per step
+        self._step_coeffs = torch.zeros(
+            4, self.steps, 1, 1, 1, **opts
+        )  # alpha, beta, c_skip, c_out per step
         self._row_coeffs = torch.zeros(4, self.latent_rows, 1, 1, 1, **opts)
         self.guidance_scale = torch.ones((), **opts)
         self.delta = torch.ones((), **opts)
@@ -87,11 +99,18 @@ class StreamBatch:
             raise ValueError(f"this buffer runs {self.steps} steps, not {coefficients.steps}")
         self.coefficients = coefficients
         stacked = torch.stack(
-            [coefficients.alpha_sqrt, coefficients.beta_sqrt, coefficients.c_skip, coefficients.c_out]
+            [
+                coefficients.alpha_sqrt,
+                coefficients.beta_sqrt,
+                coefficients.c_skip,
+                coefficients.c_out,
+            ]
         ).view(4, self.steps, 1, 1, 1)
         self._step_coeffs.copy_(stacked)
         if self.use_denoising_batch:
-            self._row_coeffs.copy_(self._step_coeffs.repeat_interleave(self.frame_buffer_size, dim=1))
+            self._row_coeffs.copy_(
+                self._step_coeffs.repeat_interleave(self.frame_buffer_size, dim=1)
+            )
             latent_t = coefficients.timesteps.repeat_interleave(self.frame_buffer_size)
             self._timesteps[self.uncond_rows :].copy_(latent_t)
             self._timesteps[: self.uncond_rows].copy_(latent_t[: self.uncond_rows])
@@ -130,7 +149,10 @@ class StreamBatch:
 
     # ------------------------------------------------------------------ the step
     def step(
-        self, x0: torch.Tensor, predict_noise: NoisePredictor, first_latent: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        predict_noise: NoisePredictor,
+        first_latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Advance by one frame group; ``x0`` is ``[F, 4, h, w]`` (encoded input or zeros).
 
@@ -166,7 +188,9 @@ class StreamBatch:
         return self._batch()
 
     def _batch(self) -> UNetBatch:
-        return UNetBatch(self._unet_latents, self._timesteps, self._embeds, self._text_embeds, self._time_ids)
+        return UNetBatch(
+            self._unet_latents, self._timesteps, self._embeds, self._text_embeds, self._time_ids
+        )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:
         """Apply guidance and the LCM step to every row, shift the blocks, return the finished ones."""
@@ -176,7 +200,9 @@ class StreamBatch:
             assert self.stock_noise is not None
             self.stock_noise[:f].copy_(eps[:f])
         eps_uncond = eps[: self.uncond_rows] if self.rcfg is RCFGMode.FULL else None
-        guided = guided_noise(self.rcfg, eps_cond, eps_uncond, self.stock_noise, self.guidance_scale, self.delta)
+        guided = guided_noise(
+            self.rcfg, eps_cond, eps_uncond, self.stock_noise, self.guidance_scale, self.delta
+        )
         alpha, beta, c_skip, c_out = self._row_coeffs
         x0_hat = lcm_denoise(self.x_t, guided, alpha, beta, c_skip, c_out)
         out = x0_hat[-f:].clone()
@@ -195,7 +221,9 @@ class StreamBatch:
         if self.stock_noise is not None and x_ref is not None:
             self.stock_noise[f:].copy_(residual_noise(self.x_t[f:], x_ref, alpha[f:], beta[f:]))
 
-    def run_sequential(self, x_t: torch.Tensor, x0: torch.Tensor, predict_noise: NoisePredictor) -> torch.Tensor:
+    def run_sequential(
+        self, x_t: torch.Tensor, x0: torch.Tensor, predict_noise: NoisePredictor
+    ) -> torch.Tensor:
         """All steps for one frame group, one UNet call per step (the reference path)."""
         f = self.frame_buffer_size
         stock = residual_noise(x_t, x0, self._step_coeffs[0, 0], self._step_coeffs[1, 0])
@@ -212,7 +240,9 @@ class StreamBatch:
             if self.rcfg is RCFGMode.INITIALIZE and k == 0:
                 stock = eps[:f].clone()
             eps_uncond = eps[:uncond] if self.rcfg is RCFGMode.FULL else None
-            guided = guided_noise(self.rcfg, eps[uncond:], eps_uncond, stock, self.guidance_scale, self.delta)
+            guided = guided_noise(
+                self.rcfg, eps[uncond:], eps_uncond, stock, self.guidance_scale, self.delta
+            )
             x0_hat = lcm_denoise(x_t, guided, alpha, beta, c_skip, c_out)
             if k + 1 < self.steps:
                 x_ref = reference_latent(x_t, stock, alpha, beta)

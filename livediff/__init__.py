@@ -26,7 +26,9 @@ __version__ = "0.1.0"
 # maps them to livediff.engine, livediff.models …; when the checkout itself is on sys.path
 # (python -m from the repo root, PYTHONPATH=repo), resolve them the same way.
 _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isdir(os.path.join(_checkout, "engine")):
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isdir(
+    os.path.join(_checkout, "engine")
+):
     __path__.append(_checkout)
 
 _EXPORTS = {

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time streaming video generation with few-step diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"livediff {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -23,8 +23,12 @@ SUITES = {
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark suite (JSON lines + plots)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark suite (JSON lines + plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
     parser.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")
     parser.set_defaults(handler=run)

@@ -50,15 +50,17 @@ def build_random(
     """The preset's exact architecture with seeded random weights.
 
     Tokenizers are the offline byte-level CLIP tokenizer (see :mod:`livediff.models.tokenizer`).
-    Building on the target ``device`` avoids a slow CPU initialisation of large models.
+    Weights are drawn on the CPU whatever ``device`` is, so a seed gives the same model on
+    every device (the caller moves it; a large model takes a few seconds longer to build).
     """
-    target = torch.device(device)
-    cuda_devices = [target.index or 0] if target.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), target:
+    del device  # kept for callers; weights are always initialised on the CPU (see above)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(preset.unet_config)
         encoders = tuple(
-            build_text_encoder(cfg, with_projection=preset.is_sdxl and i == len(preset.text_configs) - 1)
+            build_text_encoder(
+                cfg, with_projection=preset.is_sdxl and i == len(preset.text_configs) - 1
+            )
             for i, cfg in enumerate(preset.text_configs)
         )
         return Components(

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers import AutoencoderTiny
 
 from livediff.models.presets import ModelPreset
 from livediff.models.unet_batch import UNetBatch
@@ -34,8 +34,8 @@ class ModelBundle:
     """The networks of one model on one device and dtype, ready for inference."""
 
     preset: ModelPreset
-    unet: UNet2DConditionModel
-    vae: AutoencoderTiny | AutoencoderKL
+    unet: Any  # diffusers UNet2DConditionModel (its stubs hide config/forward from type checkers)
+    vae: Any  # diffusers AutoencoderTiny (TAESD) or AutoencoderKL
     text_encoders: tuple[Any, ...]
     tokenizers: tuple[Any, ...]
     scheduler_config: dict[str, Any]
@@ -71,10 +71,11 @@ class ModelBundle:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], ``[B, 3, H, W]`` → scaled latents ``[B, 4, H/8, W/8]``."""
         images = images.to(device=self.device, dtype=self.dtype)
+        encoded = self.vae.encode(images)
         if isinstance(self.vae, AutoencoderTiny):
-            latents = self.vae.encode(images).latents
+            latents = encoded.latents
         else:
-            latents = self.vae.encode(images).latent_dist.mode()
+            latents = encoded.latent_dist.mode()
         return latents * self.scaling_factor
 
     @torch.inference_mode()

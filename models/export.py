@@ -15,15 +15,21 @@ from livediff.models.loading import ModelSpec, _as_pipeline, load_components, re
 from livediff.models.presets import get_preset
 
 
-def export_model(spec: ModelSpec, folder: str | Path, *, dtype: str | torch.dtype | None = "fp32") -> Path:
+def export_model(
+    spec: ModelSpec, folder: str | Path, *, dtype: str | torch.dtype | None = "fp32"
+) -> Path:
     """Load (or build) ``spec`` and save it to ``folder``; returns the folder."""
     target = Path(folder)
     preset = get_preset(spec.preset)
-    components, scheduler_config, _ = load_components(spec, tiny_vae=True, full_vae=True, device=torch.device("cpu"))
+    components, scheduler_config, _ = load_components(
+        spec, tiny_vae=True, full_vae=True, device=torch.device("cpu")
+    )
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     pipeline = _as_pipeline(preset, components, scheduler_config)
     pipeline.to(dtype=torch_dtype)
     pipeline.save_pretrained(target, safe_serialization=True)
     assert components.tiny_vae is not None
-    components.tiny_vae.to(dtype=torch_dtype).save_pretrained(target / "vae_tiny", safe_serialization=True)
+    components.tiny_vae.to(dtype=torch_dtype).save_pretrained(
+        target / "vae_tiny", safe_serialization=True
+    )
     return target

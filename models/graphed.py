@@ -50,7 +50,9 @@ class BucketGraphs:
     def bucket_for(self, rows: int) -> int:
         index = bisect.bisect_left(self.buckets, rows)
         if index == len(self.buckets):
-            raise BackendError(f"{self.name}: {rows} rows exceed the largest batch bucket {self.buckets[-1]}")
+            raise BackendError(
+                f"{self.name}: {rows} rows exceed the largest batch bucket {self.buckets[-1]}"
+            )
         return self.buckets[index]
 
     def capture(self, bucket: int) -> _Captured:
@@ -86,12 +88,18 @@ class GraphedBundle(ModelBundle):
     """A :class:`ModelBundle` whose UNet and VAE calls replay CUDA graphs per bucket."""
 
     def setup_graphs(
-        self, *, unet_buckets: Sequence[int], frame_buckets: Sequence[int], latent_size: tuple[int, int]
+        self,
+        *,
+        unet_buckets: Sequence[int],
+        frame_buckets: Sequence[int],
+        latent_size: tuple[int, int],
     ) -> None:
         if self.device.type != "cuda":
             raise BackendError("CUDA graphs need a CUDA device")
         if self.preset.is_sdxl:
-            raise BackendError("per-bucket graphs for SDXL's added conditioning are not implemented; use the whole-step graph")
+            raise BackendError(
+                "per-bucket graphs for SDXL's added conditioning are not implemented; use the whole-step graph"
+            )
         h, w = latent_size
         factor = self.vae_scale_factor
         seq, dim = self.embed_shape
@@ -105,16 +113,22 @@ class GraphedBundle(ModelBundle):
                 torch.zeros(rows, seq, dim, **opts),
             ]
 
-        def unet(latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        def unet(
+            latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor
+        ) -> torch.Tensor:
             return base.predict_noise(self, UNetBatch(latents, timesteps, embeds))
 
         self._unet_graphs = BucketGraphs("unet", tuple(sorted(unet_buckets)), unet, unet_inputs)
         self._encode_graphs = BucketGraphs(
-            "vae-encode", tuple(sorted(frame_buckets)), lambda x: base.encode(self, x),
+            "vae-encode",
+            tuple(sorted(frame_buckets)),
+            lambda x: base.encode(self, x),
             lambda rows: [torch.zeros(rows, 3, h * factor, w * factor, **opts)],
         )
         self._decode_graphs = BucketGraphs(
-            "vae-decode", tuple(sorted(frame_buckets)), lambda z: base.decode(self, z),
+            "vae-decode",
+            tuple(sorted(frame_buckets)),
+            lambda z: base.decode(self, z),
             lambda rows: [torch.zeros(rows, 4, h, w, **opts)],
         )
 

@@ -69,7 +69,9 @@ class ModelSpec:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
                 allowed = ", ".join(m.value for m in kind)
-                raise ParameterError(f"{name}={getattr(self, name)!r} is not one of: {allowed}") from None
+                raise ParameterError(
+                    f"{name}={getattr(self, name)!r} is not one of: {allowed}"
+                ) from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -77,7 +79,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"device={device!s} was asked for, but this machine has no CUDA device")
+        raise ParameterError(
+            f"device={device!s} was asked for, but this machine has no CUDA device"
+        )
     return resolved
 
 
@@ -86,8 +90,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    table = {
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if dtype not in table:
         raise ParameterError(f"dtype={dtype!r} is not one of: auto, {', '.join(table)}")
     return table[dtype]
@@ -100,7 +110,11 @@ def _offline(spec: ModelSpec) -> bool:
 
 
 def _is_local(source: str) -> bool:
-    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(SINGLE_FILE_SUFFIXES)
+    return (
+        os.path.exists(source)
+        or source.startswith((".", "/", "~"))
+        or source.endswith(SINGLE_FILE_SUFFIXES)
+    )
 
 
 def _fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> T:
@@ -119,11 +133,15 @@ def _fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> 
         return load(True)
     except Exception as cached_exc:
         if offline:
-            raise ModelNotAvailableError(_not_cached_message(what, source, "downloads are off (HF_HUB_OFFLINE=1)")) from cached_exc
+            raise ModelNotAvailableError(
+                _not_cached_message(what, source, "downloads are off (HF_HUB_OFFLINE=1)")
+            ) from cached_exc
     try:
         return load(False)
     except Exception as exc:
-        raise ModelNotAvailableError(_not_cached_message(what, source, f"the download failed ({type(exc).__name__}: {exc})")) from exc
+        raise ModelNotAvailableError(
+            _not_cached_message(what, source, f"the download failed ({type(exc).__name__}: {exc})")
+        ) from exc
 
 
 def _not_cached_message(what: str, source: str, reason: str) -> str:
@@ -138,31 +156,51 @@ def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _load_diffusers_folder(preset: ModelPreset, source: str, spec: ModelSpec, offline: bool) -> tuple[Components, dict[str, Any]]:
+def _load_diffusers_folder(
+    preset: ModelPreset, source: str, spec: ModelSpec, offline: bool
+) -> tuple[Components, dict[str, Any]]:
     what = f"model {preset.name}"
-    common = {"variant": spec.variant} if spec.variant else {}
+    common: dict[str, Any] = {"variant": spec.variant} if spec.variant else {}
 
     def load(local: bool) -> tuple[Components, dict[str, Any]]:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local, **common)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", local_files_only=local, **common
+        )
         names = ("text_encoder", "text_encoder_2")[: len(preset.text_configs)]
         encoders = []
         for i, name in enumerate(names):
-            cls = CLIPTextModelWithProjection if preset.is_sdxl and i == len(names) - 1 else CLIPTextModel
-            encoders.append(cls.from_pretrained(source, subfolder=name, local_files_only=local, **common))
+            cls = (
+                CLIPTextModelWithProjection
+                if preset.is_sdxl and i == len(names) - 1
+                else CLIPTextModel
+            )
+            encoders.append(
+                cls.from_pretrained(source, subfolder=name, local_files_only=local, **common)
+            )
         tokenizers = [
-            CLIPTokenizer.from_pretrained(source, subfolder=name.replace("text_encoder", "tokenizer"), local_files_only=local)
+            CLIPTokenizer.from_pretrained(
+                source, subfolder=name.replace("text_encoder", "tokenizer"), local_files_only=local
+            )
             for name in names
         ]
-        scheduler_config = dict(LCMScheduler.load_config(source, subfolder="scheduler", local_files_only=local))
-        return Components(unet=unet, text_encoders=tuple(encoders), tokenizers=tuple(tokenizers)), scheduler_config
+        scheduler_config = dict(
+            LCMScheduler.load_config(source, subfolder="scheduler", local_files_only=local)
+        )
+        return Components(
+            unet=unet, text_encoders=tuple(encoders), tokenizers=tuple(tokenizers)
+        ), scheduler_config
 
     return _fetch(what, source, offline, load)
 
 
-def _load_single_file(preset: ModelPreset, path: str, spec: ModelSpec, offline: bool) -> tuple[Components, dict[str, Any], AutoencoderKL]:
+def _load_single_file(
+    preset: ModelPreset, path: str, spec: ModelSpec, offline: bool
+) -> tuple[Components, dict[str, Any], AutoencoderKL]:
     config = spec.config_source or preset.hf_id
     if config is None:
-        raise ParameterError(f"loading preset {preset.name} from a single file needs config_source (a diffusers folder)")
+        raise ParameterError(
+            f"loading preset {preset.name} from a single file needs config_source (a diffusers folder)"
+        )
     pipeline_cls = StableDiffusionXLPipeline if preset.is_sdxl else StableDiffusionPipeline
     if not os.path.exists(path):
         raise ModelLoadError(f"checkpoint file not found: {path}")
@@ -174,8 +212,12 @@ def _load_single_file(preset: ModelPreset, path: str, spec: ModelSpec, offline: 
 
     what = f"architecture config for {preset.name} (needed to read {Path(path).name})"
     pipe = _fetch(what, config, offline, load)
-    encoders = tuple(e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None)
-    tokenizers = tuple(t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None)
+    encoders = tuple(
+        e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None
+    )
+    tokenizers = tuple(
+        t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None
+    )
     components = Components(unet=pipe.unet, text_encoders=encoders, tokenizers=tokenizers)
     return components, dict(pipe.scheduler.config), pipe.vae
 
@@ -186,7 +228,9 @@ def _check_safetensors(path: str) -> None:
         with safe_open(path, framework="pt"):
             pass
     except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"checkpoint {path} is not a readable .safetensors file (a partial download?): {exc}") from exc
+        raise ModelLoadError(
+            f"checkpoint {path} is not a readable .safetensors file (a partial download?): {exc}"
+        ) from exc
 
 
 def _tiny_vae_source(preset: ModelPreset, spec: ModelSpec, model_source: str | None) -> str:
@@ -202,23 +246,50 @@ def _tiny_vae_source(preset: ModelPreset, spec: ModelSpec, model_source: str | N
     )
 
 
-def _load_tiny_vae(preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool) -> AutoencoderTiny:
+def _load_tiny_vae(
+    preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool
+) -> AutoencoderTiny:
     source = _tiny_vae_source(preset, spec, model_source)
-    return _fetch("tiny VAE", source, offline, lambda local: AutoencoderTiny.from_pretrained(source, local_files_only=local))
+    return _fetch(
+        "tiny VAE",
+        source,
+        offline,
+        lambda local: AutoencoderTiny.from_pretrained(source, local_files_only=local),
+    )
 
 
-def _load_full_vae(preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool) -> AutoencoderKL:
+def _load_full_vae(
+    preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool
+) -> AutoencoderKL:
     own_source = spec.vae_source if spec.vae is VaeKind.FULL else None
     if own_source or preset.full_vae_id:
         source = own_source or preset.full_vae_id
         assert source is not None
-        return _fetch("VAE", source, offline, lambda local: AutoencoderKL.from_pretrained(source, local_files_only=local))
+        return _fetch(
+            "VAE",
+            source,
+            offline,
+            lambda local: AutoencoderKL.from_pretrained(source, local_files_only=local),
+        )
     if model_source is None:
         raise ParameterError("a full VAE needs a model source")
-    return _fetch("VAE", model_source, offline, lambda local: AutoencoderKL.from_pretrained(model_source, subfolder="vae", local_files_only=local))
+    return _fetch(
+        "VAE",
+        model_source,
+        offline,
+        lambda local: AutoencoderKL.from_pretrained(
+            model_source, subfolder="vae", local_files_only=local
+        ),
+    )
 
 
-def _fuse_loras(preset: ModelPreset, components: Components, scheduler_config: dict[str, Any], loras: tuple[LoraRef, ...], offline: bool) -> None:
+def _fuse_loras(
+    preset: ModelPreset,
+    components: Components,
+    scheduler_config: dict[str, Any],
+    loras: tuple[LoraRef, ...],
+    offline: bool,
+) -> None:
     """Fuse each LoRA into the UNet / text encoder weights, then drop the LoRA layers."""
     if not loras:
         return
@@ -238,20 +309,35 @@ def _fuse_loras(preset: ModelPreset, components: Components, scheduler_config: d
     pipeline.unload_lora_weights()
 
 
-def _as_pipeline(preset: ModelPreset, components: Components, scheduler_config: dict[str, Any]) -> Any:
+def _as_pipeline(
+    preset: ModelPreset, components: Components, scheduler_config: dict[str, Any]
+) -> Any:
     scheduler = LCMScheduler.from_config(scheduler_config)
     if preset.is_sdxl:
         return StableDiffusionXLPipeline(
-            vae=components.full_vae, text_encoder=components.text_encoders[0], text_encoder_2=components.text_encoders[1],
-            tokenizer=components.tokenizers[0], tokenizer_2=components.tokenizers[1], unet=components.unet, scheduler=scheduler,
+            vae=components.full_vae,
+            text_encoder=components.text_encoders[0],
+            text_encoder_2=components.text_encoders[1],
+            tokenizer=components.tokenizers[0],
+            tokenizer_2=components.tokenizers[1],
+            unet=components.unet,
+            scheduler=scheduler,
         )
     return StableDiffusionPipeline(
-        vae=components.full_vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=components.full_vae,
+        text_encoder=components.text_encoders[0],
+        tokenizer=components.tokenizers[0],
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
-def load_components(spec: ModelSpec, *, tiny_vae: bool, full_vae: bool, device: torch.device) -> tuple[Components, dict[str, Any], str]:
+def load_components(
+    spec: ModelSpec, *, tiny_vae: bool, full_vae: bool, device: torch.device
+) -> tuple[Components, dict[str, Any], str]:
     """Networks (on CPU or ``device``, not yet cast) with the VAEs asked for, LoRAs fused.
 
     Returns the components, the scheduler config, and a description of the source.
@@ -260,31 +346,47 @@ def load_components(spec: ModelSpec, *, tiny_vae: bool, full_vae: bool, device: 
     offline = _offline(spec)
     loras = preset.loras if spec.loras is None else spec.loras
     if spec.weights is WeightsMode.RANDOM:
-        components = build_random(preset, seed=spec.seed, tiny_vae=tiny_vae, full_vae=full_vae, device=device)
+        components = build_random(
+            preset, seed=spec.seed, tiny_vae=tiny_vae, full_vae=full_vae, device=device
+        )
         scheduler_config = dict(preset.scheduler_config)
         described = f"random init (seed {spec.seed})"
         if spec.loras is None and preset.loras:
-            log.info("weights=random: not fusing the preset's LoRAs (%s); they change values, not speed",
-                     ", ".join(lora.source for lora in preset.loras))
+            log.info(
+                "weights=random: not fusing the preset's LoRAs (%s); they change values, not speed",
+                ", ".join(lora.source for lora in preset.loras),
+            )
             loras = ()
     else:
         source = spec.source or preset.hf_id
         if source is None:
-            raise ParameterError(f"preset {preset.name} has no published weights: pass a source folder, or use weights=random")
+            raise ParameterError(
+                f"preset {preset.name} has no published weights: pass a source folder, or use weights=random"
+            )
         model_dir: str | None = None
         single_file_vae: AutoencoderKL | None = None
         if source.endswith(SINGLE_FILE_SUFFIXES):
-            components, scheduler_config, single_file_vae = _load_single_file(preset, source, spec, offline)
+            components, scheduler_config, single_file_vae = _load_single_file(
+                preset, source, spec, offline
+            )
         else:
             components, scheduler_config = _load_diffusers_folder(preset, source, spec, offline)
             model_dir = source
         if full_vae:
-            if single_file_vae is not None and not (spec.vae is VaeKind.FULL and spec.vae_source) and not preset.full_vae_id:
+            if (
+                single_file_vae is not None
+                and not (spec.vae is VaeKind.FULL and spec.vae_source)
+                and not preset.full_vae_id
+            ):
                 components.full_vae = single_file_vae
             else:
-                components.full_vae = _load_full_vae(preset, spec, model_dir or spec.config_source, offline)
+                components.full_vae = _load_full_vae(
+                    preset, spec, model_dir or spec.config_source, offline
+                )
         if tiny_vae:
-            components.tiny_vae = _load_tiny_vae(preset, spec, model_dir or spec.config_source, offline)
+            components.tiny_vae = _load_tiny_vae(
+                preset, spec, model_dir or spec.config_source, offline
+            )
         described = source
     _fuse_loras(preset, components, scheduler_config, loras, offline)
     return components, scheduler_config, described
@@ -301,7 +403,9 @@ def load_model(
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     use_tiny = spec.vae is VaeKind.TINY
-    components, scheduler_config, described = load_components(spec, tiny_vae=use_tiny, full_vae=not use_tiny, device=target)
+    components, scheduler_config, described = load_components(
+        spec, tiny_vae=use_tiny, full_vae=not use_tiny, device=target
+    )
     vae = components.tiny_vae if use_tiny else components.full_vae
     assert vae is not None
     bundle = ModelBundle(

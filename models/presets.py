@@ -264,4 +264,6 @@ def get_preset(name: str) -> ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ParameterError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise ParameterError(
+            f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}"
+        ) from None

@@ -55,7 +55,9 @@ def blend(parts: Sequence[tuple[torch.Tensor, float]], method: BlendMethod) -> t
         return parts[0][0]
     if method is BlendMethod.LINEAR:
         total = sum(weight for _, weight in parts)
-        mixed = sum((tensor.float() * (weight / total) for tensor, weight in parts), torch.zeros(()))
+        mixed = sum(
+            (tensor.float() * (weight / total) for tensor, weight in parts), torch.zeros(())
+        )
         return mixed.to(parts[0][0].dtype)
     result, so_far = parts[0][0], parts[0][1]
     for tensor, weight in parts[1:]:
@@ -78,7 +80,9 @@ class PromptEncoder:
 
     def _time_ids(self) -> torch.Tensor:
         h, w = self.height, self.width
-        return torch.tensor([[h, w, 0, 0, h, w]], device=self.bundle.device, dtype=self.bundle.dtype)
+        return torch.tensor(
+            [[h, w, 0, 0, h, w]], device=self.bundle.device, dtype=self.bundle.dtype
+        )
 
     @torch.inference_mode()
     def encode_text(self, text: str) -> Conditioning:
@@ -119,7 +123,9 @@ class PromptEncoder:
             time_ids=self._time_ids(),
         )
 
-    def encode(self, prompt: Sequence[tuple[str, float]], method: BlendMethod = BlendMethod.LINEAR) -> Conditioning:
+    def encode(
+        self, prompt: Sequence[tuple[str, float]], method: BlendMethod = BlendMethod.LINEAR
+    ) -> Conditioning:
         """Encode and blend weighted prompts."""
         parts = [(self.encode_text(text), weight) for text, weight in prompt if weight > 0]
         if not parts:

@@ -7,7 +7,9 @@ Read top to bottom; each step assumes the ones above it:
 3. Fused QKV — one projection GEMM instead of three (self-attention) or two (cross-attention).
 4. channels_last — the memory format cuDNN and Inductor's convolutions are fastest in.
 5. Inductor flags — 1×1 convolutions as GEMMs, no epilogue fusion into GEMMs (it costs more
-   than it saves here), coordinate-descent tuning of the generated kernels when asked.
+   than it saves here), coordinate-descent tuning of the generated kernels and weight
+   freezing when asked; cuDNN's benchmark mode picks the fastest convolution algorithms for
+   the (static) shapes.
 6. ``torch.compile(fullgraph=True, dynamic=False)`` of the UNet and each VAE half. CUDA graphs
    are applied afterwards, around the whole frame step or per batch bucket
    (:mod:`livediff.models.graphed`), not by ``mode="reduce-overhead"``: one graph for the whole
@@ -23,6 +25,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -43,10 +47,14 @@ class Recipe:
     compile: bool = True
     compile_mode: str = "default"
     coordinate_descent_tuning: bool = False
+    cudnn_benchmark: bool = True
+    freezing: bool = False
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
-            raise ParameterError(f"compile_mode={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+            raise ParameterError(
+                f"compile_mode={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}"
+            )
 
     @property
     def label(self) -> str:
@@ -59,6 +67,10 @@ class Recipe:
             parts.append(f"compile:{self.compile_mode}")
         if self.coordinate_descent_tuning:
             parts.append("cdt")
+        if self.freezing:
+            parts.append("freeze")
+        if self.cudnn_benchmark:
+            parts.append("cudnn-bench")
         return "+".join(parts)
 
 
@@ -75,6 +87,7 @@ def _configure_inductor(recipe: Recipe) -> None:
     inductor.coordinate_descent_tuning = recipe.coordinate_descent_tuning
     inductor.coordinate_descent_check_all_directions = recipe.coordinate_descent_tuning
     inductor.fx_graph_cache = True
+    inductor.freezing = recipe.freezing
     # One compiled graph per batch bucket and resolution: allow more than dynamo's default 8
     # before it would (silently) stop compiling new shapes.
     from torch._dynamo import config as dynamo
@@ -97,11 +110,16 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
     if recipe.channels_last:  # 4.
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+    if recipe.cudnn_benchmark:  # static shapes: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     if recipe.compile:  # 5, 6.
         _configure_inductor(recipe)
-        options = {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
-        unet.forward = torch.compile(unet.forward, **options)  # type: ignore[method-assign]
-        for half in (vae.encoder, vae.decoder):  # the VAE wrappers do host-side work; compile the networks
-            half.forward = torch.compile(half.forward, **options)  # type: ignore[method-assign]
+        options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
+        unet.forward = torch.compile(unet.forward, **options)
+        for half in (
+            vae.encoder,
+            vae.decoder,
+        ):  # the VAE wrappers do host-side work; compile the networks
+            half.forward = torch.compile(half.forward, **options)
     log.info("speed recipe applied to %s: %s", bundle.preset.name, recipe.label)
     return bundle

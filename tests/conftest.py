@@ -14,11 +14,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from livediff.models.bundle import ModelBundle  # noqa: E402
-from livediff.models.export import export_model  # noqa: E402
-from livediff.models.loading import ModelSpec, load_model  # noqa: E402
+from livediff.models.bundle import ModelBundle
+from livediff.models.export import export_model
+from livediff.models.loading import ModelSpec, load_model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,7 +39,10 @@ def tiny_bundle() -> ModelBundle:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved diffusers folder of the tiny model (with ``vae_tiny/``), as ``livediff export`` writes it."""
-    return export_model(ModelSpec(preset="tiny", weights="random", seed=1), tmp_path_factory.mktemp("tiny") / "model")
+    return export_model(
+        ModelSpec(preset="tiny", weights="random", seed=1),
+        tmp_path_factory.mktemp("tiny") / "model",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,9 @@ GOOD = np.full((64, 80, 3), 120, dtype=np.uint8)
         (torch.full((16, 16, 3), float("inf")), NonFiniteFrameError, "NaN or infinite"),
     ],
 )
-def test_bad_frames(tiny_bundle: ModelBundle, frame: Any, error: type[InvalidFrameError], message: str) -> None:
+def test_bad_frames(
+    tiny_bundle: ModelBundle, frame: Any, error: type[InvalidFrameError], message: str
+) -> None:
     stream = Stream(tiny_bundle, StreamConfig(), prompt="x")
     with pytest.raises(error, match=message):
         stream.process(frame)
@@ -85,7 +87,16 @@ def test_bad_parameters(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("width", 100), ("height", 32), ("width", 4096), ("frame_buffer_size", 0), ("num_inference_steps", 0), ("rcfg", "sometimes"), ("mode", "video2video"), ("fit", "zoom")],
+    [
+        ("width", 100),
+        ("height", 32),
+        ("width", 4096),
+        ("frame_buffer_size", 0),
+        ("num_inference_steps", 0),
+        ("rcfg", "sometimes"),
+        ("mode", "video2video"),
+        ("fit", "zoom"),
+    ],
 )
 def test_bad_stream_config(field: str, value: Any) -> None:
     with pytest.raises(ParameterError, match=field):

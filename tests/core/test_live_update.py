@@ -36,7 +36,14 @@ def _first_output(stream: Stream) -> torch.Tensor:
     return outputs[0].image
 
 
-BASE: dict[str, Any] = {"prompt": "a castle", "negative_prompt": "fog", "strength": 0.6, "seed": 3, "guidance_scale": 1.5, "delta": 1.0}
+BASE: dict[str, Any] = {
+    "prompt": "a castle",
+    "negative_prompt": "fog",
+    "strength": 0.6,
+    "seed": 3,
+    "guidance_scale": 1.5,
+    "delta": 1.0,
+}
 
 
 @pytest.mark.parametrize(
@@ -53,7 +60,9 @@ BASE: dict[str, Any] = {"prompt": "a castle", "negative_prompt": "fog", "strengt
         (RCFGMode.SELF, {"delta": 0.5}),
     ],
 )
-def test_update_lands_on_next_frame_without_reallocating(tiny_bundle: ModelBundle, rcfg: RCFGMode, change: dict[str, Any]) -> None:
+def test_update_lands_on_next_frame_without_reallocating(
+    tiny_bundle: ModelBundle, rcfg: RCFGMode, change: dict[str, Any]
+) -> None:
     config = StreamConfig(rcfg=rcfg)
     stream = Stream(tiny_bundle, config, **BASE)
     before = _first_output(stream)
@@ -67,7 +76,9 @@ def test_update_lands_on_next_frame_without_reallocating(tiny_bundle: ModelBundl
 
 
 def test_update_with_stream_batch_applies_at_next_call(tiny_bundle: ModelBundle) -> None:
-    frames = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+    frames = [
+        np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)
+    ]
     plain = Stream(tiny_bundle, StreamConfig(), steps=2, **BASE)
     changed = Stream(tiny_bundle, StreamConfig(), steps=2, **BASE)
     out_plain = [plain.process(f) for f in frames]
@@ -81,7 +92,9 @@ def test_update_with_stream_batch_applies_at_next_call(tiny_bundle: ModelBundle)
         assert all(not torch.equal(x.image, y.image) for x, y in zip(a, b, strict=True))
 
 
-def test_changing_the_step_count_reallocates_and_restarts_the_pipeline(tiny_bundle: ModelBundle) -> None:
+def test_changing_the_step_count_reallocates_and_restarts_the_pipeline(
+    tiny_bundle: ModelBundle,
+) -> None:
     stream = Stream(tiny_bundle, StreamConfig(), steps=1, **BASE)
     _first_output(stream)
     stream.update(steps=3)

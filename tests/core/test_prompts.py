@@ -54,7 +54,9 @@ def tiny_sdxl_bundle() -> ModelBundle:
         "addition_time_embed_dim": 8,
         "projection_class_embeddings_input_dim": 6 * 8 + 32,
     }
-    preset = dataclasses.replace(tiny, name="tiny-sdxl", family=Family.SDXL, unet_config=unet, text_configs=(text, text))
+    preset = dataclasses.replace(
+        tiny, name="tiny-sdxl", family=Family.SDXL, unet_config=unet, text_configs=(text, text)
+    )
     parts = build_random(preset, seed=0)
     assert parts.tiny_vae is not None
     return ModelBundle(
@@ -84,7 +86,9 @@ def test_sdxl_conditioning(tiny_sdxl_bundle: ModelBundle) -> None:
 
 @pytest.mark.parametrize("rcfg", [RCFGMode.NONE, RCFGMode.FULL])
 def test_sdxl_stream_runs(tiny_sdxl_bundle: ModelBundle, rcfg: RCFGMode) -> None:
-    stream = Stream(tiny_sdxl_bundle, StreamConfig(rcfg=rcfg), prompt="a red car", steps=2, guidance_scale=2.0)
+    stream = Stream(
+        tiny_sdxl_bundle, StreamConfig(rcfg=rcfg), prompt="a red car", steps=2, guidance_scale=2.0
+    )
     frame = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
     outputs = stream.process(frame) + stream.process(frame) + stream.flush()
     assert [o.index for o in outputs] == [0, 1]

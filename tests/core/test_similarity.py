@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,9 @@ def test_skip_rate_follows_probability() -> None:
     noise = np.random.default_rng(3).standard_normal(base.shape).astype(np.float32)
     noise -= noise.dot(base) / base.dot(base) * base  # orthogonal to base
     angle = np.arccos(0.99)  # similarity 0.99
-    other = np.cos(angle) * base + np.sin(angle) * noise * np.linalg.norm(base) / np.linalg.norm(noise)
+    other = np.cos(angle) * base + np.sin(angle) * noise * np.linalg.norm(base) / np.linalg.norm(
+        noise
+    )
     flt = SimilarityFilter(threshold=0.98, max_skip_frames=10_000, seed=5)
     trials = 4000
     skips = 0
@@ -74,13 +78,15 @@ def test_stream_reemits_previous_output_and_skips_the_unet(tiny_bundle: ModelBun
             calls.append(1)
             return tiny_bundle.predict_noise(batch)  # type: ignore[arg-type]
 
-    stream = Stream(CountingBundle(), StreamConfig(), prompt="x", similarity_threshold=0.95, max_skip_frames=2)  # type: ignore[arg-type]
+    stream = Stream(
+        CountingBundle(), StreamConfig(), prompt="x", similarity_threshold=0.95, max_skip_frames=2
+    )  # type: ignore[arg-type]
     frame = _frame(6)
     outputs = [stream.process(frame)[0] for _ in range(7)]
     assert [o.skipped for o in outputs] == [False, False, True, True, False, True, True]
     assert [o.index for o in outputs] == list(range(7))
     assert len(calls) == 3  # skipped frames cost no UNet call
-    for previous, current in zip(outputs, outputs[1:], strict=False):
+    for previous, current in itertools.pairwise(outputs):
         if current.skipped:
             assert torch.equal(current.image, previous.image)
     different = stream.process(_frame(7))[0]

@@ -27,7 +27,12 @@ def _frames(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
         ((720, 1280), (512, 512), FitMode.RESIZE, (0, 0, 720, 1280)),
     ],
 )
-def test_fit_crop(source: tuple[int, int], target: tuple[int, int], mode: FitMode, expected: tuple[int, int, int, int]) -> None:
+def test_fit_crop(
+    source: tuple[int, int],
+    target: tuple[int, int],
+    mode: FitMode,
+    expected: tuple[int, int, int, int],
+) -> None:
     assert fit_crop(*source, *target, mode) == expected
 
 
@@ -41,13 +46,17 @@ def test_preprocess_range_and_layout() -> None:
 
 @pytest.mark.parametrize("frame_buffer_size", [1, 2])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_outputs_answer_inputs_in_order(tiny_bundle: ModelBundle, steps: int, frame_buffer_size: int) -> None:
+def test_outputs_answer_inputs_in_order(
+    tiny_bundle: ModelBundle, steps: int, frame_buffer_size: int
+) -> None:
     frames = _frames(7, (72, 96))
     results = {}
     for batched in (True, False):
         config = StreamConfig(frame_buffer_size=frame_buffer_size, use_denoising_batch=batched)
         stream = Stream(tiny_bundle, config, prompt="a harbour", steps=steps, seed=4)
-        outputs = [o for i, f in enumerate(frames) for o in stream.process(f, tag=f"t{i}")] + stream.flush()
+        outputs = [
+            o for i, f in enumerate(frames) for o in stream.process(f, tag=f"t{i}")
+        ] + stream.flush()
         assert [o.index for o in outputs] == list(range(7))
         assert [o.tag for o in outputs] == [f"t{i}" for i in range(7)]
         assert all(o.image.shape == (128, 128, 3) and o.image.dtype == torch.uint8 for o in outputs)
@@ -74,16 +83,23 @@ def test_output_depends_on_input_and_prompt(tiny_bundle: ModelBundle) -> None:
 
 def test_same_seed_same_output(tiny_bundle: ModelBundle) -> None:
     frame = _frames(1, (64, 64))[0]
-    outs = [Stream(tiny_bundle, StreamConfig(), prompt="x", seed=8).process(frame)[0].image for _ in range(2)]
+    outs = [
+        Stream(tiny_bundle, StreamConfig(), prompt="x", seed=8).process(frame)[0].image
+        for _ in range(2)
+    ]
     assert torch.equal(*outs)
 
 
 def test_txt2img_stream(tiny_bundle: ModelBundle) -> None:
-    stream = Stream(tiny_bundle, StreamConfig(mode=GenerationMode.TXT2IMG), prompt="stars", steps=2, seed=5)
+    stream = Stream(
+        tiny_bundle, StreamConfig(mode=GenerationMode.TXT2IMG), prompt="stars", steps=2, seed=5
+    )
     assert stream.batch.coefficients.timesteps[0] == 999  # txt2img starts from pure noise
     outputs = [o for _ in range(4) for o in stream.process()] + stream.flush()
     assert [o.index for o in outputs] == [0, 1, 2, 3]
     assert not torch.equal(outputs[0].image, outputs[1].image)  # fresh noise per frame
-    again = Stream(tiny_bundle, StreamConfig(mode=GenerationMode.TXT2IMG), prompt="stars", steps=2, seed=5)
+    again = Stream(
+        tiny_bundle, StreamConfig(mode=GenerationMode.TXT2IMG), prompt="stars", steps=2, seed=5
+    )
     replay = [o for _ in range(4) for o in again.process()] + again.flush()
     assert all(torch.equal(x.image, y.image) for x, y in zip(outputs, replay, strict=True))

@@ -30,7 +30,14 @@ def _conditioning(bundle: ModelBundle) -> tuple[Conditioning, Conditioning]:
     return encoder.encode((("a red fox in snow", 1.0),)), encoder.encode_negative("blurry")
 
 
-def _stream_batch(bundle: ModelBundle, steps: int, frames: int, rcfg: RCFGMode, batched: bool, add_noise: bool = True) -> StreamBatch:
+def _stream_batch(
+    bundle: ModelBundle,
+    steps: int,
+    frames: int,
+    rcfg: RCFGMode,
+    batched: bool,
+    add_noise: bool = True,
+) -> StreamBatch:
     batch = StreamBatch(
         _coefficients(bundle, steps),
         frame_buffer_size=frames,
@@ -45,7 +52,9 @@ def _stream_batch(bundle: ModelBundle, steps: int, frames: int, rcfg: RCFGMode, 
     )
     cond, uncond = _conditioning(bundle)
     batch.set_embeddings(cond, uncond)
-    batch.set_noise(torch.randn(steps * frames, 4, 16, 16, generator=torch.Generator().manual_seed(7)))
+    batch.set_noise(
+        torch.randn(steps * frames, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    )
     batch.set_guidance(GUIDANCE, DELTA)
     return batch
 
@@ -58,7 +67,9 @@ def _inputs(count: int, frames: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("rcfg", list(RCFGMode))
 @pytest.mark.parametrize("frames", [1, 2])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_stream_batch_equals_sequential_after_delay(tiny_bundle: ModelBundle, steps: int, frames: int, rcfg: RCFGMode) -> None:
+def test_stream_batch_equals_sequential_after_delay(
+    tiny_bundle: ModelBundle, steps: int, frames: int, rcfg: RCFGMode
+) -> None:
     inputs = _inputs(5, frames)
     batched = _stream_batch(tiny_bundle, steps, frames, rcfg, batched=True)
     sequential = _stream_batch(tiny_bundle, steps, frames, rcfg, batched=False)
@@ -90,7 +101,9 @@ def test_stream_batch_without_add_noise(tiny_bundle: ModelBundle, steps: int) ->
 def _unet(bundle: ModelBundle, x: torch.Tensor, t: int, embeds: torch.Tensor) -> torch.Tensor:
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long)
     with torch.inference_mode():
-        return bundle.unet(x, timesteps, encoder_hidden_states=embeds.expand(x.shape[0], -1, -1)).sample
+        return bundle.unet(
+            x, timesteps, encoder_hidden_states=embeds.expand(x.shape[0], -1, -1)
+        ).sample
 
 
 def paper_reference(
@@ -106,20 +119,26 @@ def paper_reference(
         eps_c = _unet(bundle, x_t, t, cond.embeds)
         if mode is RCFGMode.NONE:
             eps = eps_c
-        elif mode is RCFGMode.FULL:  # eq. 5: classic CFG with a negative-prompt prediction every step
+        elif (
+            mode is RCFGMode.FULL
+        ):  # eq. 5: classic CFG with a negative-prompt prediction every step
             eps_u = _unet(bundle, x_t, t, uncond.embeds)
             eps = eps_u + GUIDANCE * (eps_c - eps_u)
         else:
             if mode is RCFGMode.SELF:
                 reference = x0  # Self-Negative: the residual points to the input latent
             else:
-                if x0_negative is None:  # Onetime-Negative: one negative prediction at tau_0 (eq. 9)
+                if (
+                    x0_negative is None
+                ):  # Onetime-Negative: one negative prediction at tau_0 (eq. 9)
                     eps_u0 = _unet(bundle, x_t, t, uncond.embeds)
                     x0_negative = (x_t - b[0] * eps_u0) / a[0]
                 reference = x0_negative
             eps_residual = (x_t - a[i] * reference) / b[i]  # eq. 7 / 10
             eps = DELTA * eps_residual + GUIDANCE * (eps_c - DELTA * eps_residual)  # eq. 8
-        x0_hat = float(c.c_out[i]) * (x_t - b[i] * eps) / a[i] + float(c.c_skip[i]) * x_t  # LCM step
+        x0_hat = (
+            float(c.c_out[i]) * (x_t - b[i] * eps) / a[i] + float(c.c_skip[i]) * x_t
+        )  # LCM step
         if i + 1 < c.steps:
             x_t = a[i + 1] * x0_hat + b[i + 1] * noise[i + 1 : i + 2]
     return x0_hat
@@ -127,7 +146,9 @@ def paper_reference(
 
 @pytest.mark.parametrize("rcfg", list(RCFGMode))
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_rcfg_matches_paper_transcription(tiny_bundle: ModelBundle, steps: int, rcfg: RCFGMode) -> None:
+def test_rcfg_matches_paper_transcription(
+    tiny_bundle: ModelBundle, steps: int, rcfg: RCFGMode
+) -> None:
     inputs = _inputs(3, 1)
     batched = _stream_batch(tiny_bundle, steps, 1, rcfg, batched=True)
     fillers = [torch.zeros_like(inputs[0])] * (steps - 1)
@@ -152,5 +173,7 @@ def test_guidance_changes_the_result(tiny_bundle: ModelBundle) -> None:
 
 def test_unet_rows_per_mode(tiny_bundle: ModelBundle) -> None:
     """Rows per UNet call: n*F for none/self, 2*n*F for full, n*F + F for initialize."""
-    rows = {rcfg: _stream_batch(tiny_bundle, 3, 2, rcfg, batched=True).unet_rows for rcfg in RCFGMode}
+    rows = {
+        rcfg: _stream_batch(tiny_bundle, 3, 2, rcfg, batched=True).unet_rows for rcfg in RCFGMode
+    }
     assert rows == {RCFGMode.NONE: 6, RCFGMode.SELF: 6, RCFGMode.FULL: 12, RCFGMode.INITIALIZE: 8}

@@ -20,7 +20,10 @@ pytestmark = pytest.mark.gpu
 
 def _frames(count: int, size: tuple[int, int] = (96, 128)) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
-    return [torch.from_numpy(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).cuda() for _ in range(count)]
+    return [
+        torch.from_numpy(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).cuda()
+        for _ in range(count)
+    ]
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -29,11 +32,19 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("rcfg", list(RCFGMode))
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_batched_equals_sequential_fp16(cuda_tiny_bundle: ModelBundle, steps: int, rcfg: RCFGMode) -> None:
+def test_batched_equals_sequential_fp16(
+    cuda_tiny_bundle: ModelBundle, steps: int, rcfg: RCFGMode
+) -> None:
     frames = _frames(5)
     outputs = {}
     for batched in (True, False):
-        stream = Stream(cuda_tiny_bundle, StreamConfig(rcfg=rcfg, use_denoising_batch=batched), prompt="a boat", steps=steps, guidance_scale=1.6)
+        stream = Stream(
+            cuda_tiny_bundle,
+            StreamConfig(rcfg=rcfg, use_denoising_batch=batched),
+            prompt="a boat",
+            steps=steps,
+            guidance_scale=1.6,
+        )
         outputs[batched] = [o for f in frames for o in stream.process(f)] + stream.flush()
     assert [o.index for o in outputs[True]] == [o.index for o in outputs[False]] == list(range(5))
     for a, b in zip(outputs[True], outputs[False], strict=True):
@@ -54,12 +65,18 @@ def compiled_tiny() -> ModelBundle:
     return prepare_backend(bundle, Backend.COMPILE)
 
 
-@pytest.mark.parametrize(("steps", "rcfg"), [(1, RCFGMode.NONE), (2, RCFGMode.SELF), (2, RCFGMode.FULL)])
-def test_captured_stream_matches_eager(cuda_tiny_bundle: ModelBundle, compiled_tiny: ModelBundle, steps: int, rcfg: RCFGMode) -> None:
+@pytest.mark.parametrize(
+    ("steps", "rcfg"), [(1, RCFGMode.NONE), (2, RCFGMode.SELF), (2, RCFGMode.FULL)]
+)
+def test_captured_stream_matches_eager(
+    cuda_tiny_bundle: ModelBundle, compiled_tiny: ModelBundle, steps: int, rcfg: RCFGMode
+) -> None:
     frames = _frames(6)
     config = StreamConfig(rcfg=rcfg)
     eager = Stream(cuda_tiny_bundle, config, prompt="a boat", steps=steps, guidance_scale=1.4)
-    captured = make_stream(compiled_tiny, Backend.COMPILE, config, prompt="a boat", steps=steps, guidance_scale=1.4)
+    captured = make_stream(
+        compiled_tiny, Backend.COMPILE, config, prompt="a boat", steps=steps, guidance_scale=1.4
+    )
     assert isinstance(captured, CapturedStream)
     expected = [o for f in frames for o in eager.process(f)]
     got = [o for f in frames for o in captured.process(f)]
@@ -91,7 +108,13 @@ def test_no_recompile_after_warm_up(compiled_tiny: ModelBundle) -> None:
 
 
 def test_txt2img_captured(compiled_tiny: ModelBundle) -> None:
-    stream = make_stream(compiled_tiny, Backend.COMPILE, StreamConfig(mode=GenerationMode.TXT2IMG), prompt="stars", steps=2)
+    stream = make_stream(
+        compiled_tiny,
+        Backend.COMPILE,
+        StreamConfig(mode=GenerationMode.TXT2IMG),
+        prompt="stars",
+        steps=2,
+    )
     outputs = [o for _ in range(5) for o in stream.process()]
     assert [o.index for o in outputs] == [0, 1, 2, 3]
     assert not torch.equal(outputs[0].image, outputs[1].image)
