@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,19 +48,13 @@ def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbosity < 2:
-        # diffusers/transformers narrate every load; their warnings stay, their chatter goes.
+        # diffusers/transformers narrate every load and draw progress bars; keep their errors only.
+        # Set through their environment variables so that nothing heavy is imported here.
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for name in ("diffusers", "transformers", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            from diffusers.utils import logging as diffusers_logging
-            from transformers.utils import logging as transformers_logging
-
-            diffusers_logging.set_verbosity_error()
-            diffusers_logging.disable_progress_bar()
-            transformers_logging.set_verbosity_error()
-            transformers_logging.disable_progress_bar()
-        except ImportError:
-            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
