@@ -229,6 +229,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--coordinate-descent", action="store_true")
     parser.add_argument("--freezing", action="store_true")
+    parser.add_argument(
+        "--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient")
+    )
+    parser.add_argument(
+        "--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs")
+    )
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
     return parser.parse_args(argv)
 
@@ -255,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 coordinate_descent_tuning=args.coordinate_descent,
                 freezing=args.freezing,
                 cudnn_benchmark=args.cudnn_benchmark,
+                sdpa_backend=args.sdpa_backend,
+                compile_mode=args.compile_mode,
             )
             bundle = prepare_backend(bundle, backend, recipe)
             runner = run_single if args.suite == "single" else run_stages

@@ -35,6 +35,7 @@ from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,13 @@ class Recipe:
     coordinate_descent_tuning: bool = False
     cudnn_benchmark: bool = True
     freezing: bool = False
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient — process-wide torch setting
 
     def __post_init__(self) -> None:
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ParameterError(
+                f"sdpa_backend={self.sdpa_backend!r}: expected one of {', '.join(SDPA_BACKENDS)}"
+            )
         if self.compile_mode not in COMPILE_MODES:
             raise ParameterError(
                 f"compile_mode={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}"
@@ -70,6 +76,8 @@ class Recipe:
             parts.append("freeze")
         if self.cudnn_benchmark:
             parts.append("cudnn-bench")
+        if self.sdpa_backend != "auto":
+            parts.append(f"attn:{self.sdpa_backend}")
         return "+".join(parts)
 
 
@@ -96,6 +104,15 @@ def _configure_inductor(recipe: Recipe) -> None:
             setattr(dynamo, name, max(getattr(dynamo, name), 64))
 
 
+def _select_sdpa(backend: str) -> None:
+    """Leave only one SDPA kernel family enabled (a process-wide PyTorch switch)."""
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(backend == "flash")
+    cuda.enable_cudnn_sdp(backend == "cudnn")
+    cuda.enable_mem_efficient_sdp(backend == "efficient")
+    cuda.enable_math_sdp(False)
+
+
 def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
     """Apply ``recipe`` to ``bundle``'s networks in place (compilation itself happens on first call)."""
     if recipe.compile and bundle.device.type != "cuda":
@@ -104,6 +121,8 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
         )
     unet, vae = bundle.unet, bundle.vae
     unet.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
+    if recipe.sdpa_backend != "auto":
+        _select_sdpa(recipe.sdpa_backend)
     if recipe.fuse_qkv:  # 3.
         unet.fuse_qkv_projections()
     if recipe.channels_last:  # 4.
