@@ -1,0 +1,273 @@
+"""A Python WebRTC peer (aiortc) for ``livediff serve``: send video, receive the processed video,
+change parameters over the data channel.
+
+As a library::
+
+    client = WebRTCClient("http://127.0.0.1:8080", params={"prompt": "a cat"}, codec="vp8")
+    await client.connect(ImageTrack(frames, fps=30))     # or MediaPlayer("clip.mp4").video
+    frame = await client.recv_frame()                     # uint8 RGB numpy, the model's resolution
+    reply = await client.update(prompt="a dog")           # {"ok": true} or {"error": ...}
+    print(client.stats)                                   # the server's last {"stats": ...}
+    await client.close()
+
+As a command::
+
+    python -m livediff.clients.webrtc_client --url http://127.0.0.1:8080 --input clip.mp4 \\
+        --output styled.mp4 --seconds 10 --codec h264 --prompt "a cat" --update prompt="a dog"
+
+The protocol is :mod:`livediff.streams.signaling` (``POST /offer``) and
+:mod:`livediff.streams.peer` (data channel). The client uses no STUN server unless given one;
+``--host-address 127.0.0.1`` makes it offer loopback candidates (aioice never does on its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import itertools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpsender import RTCRtpSender
+
+from livediff.exceptions import LivediffError, SessionClosedError
+from livediff.streams.ice import HostAddressRestriction, rtc_configuration
+from livediff.streams.server_config import IceServer
+
+FrameFactory = Callable[[int], np.ndarray]
+
+
+class ImageTrack(VideoStreamTrack):
+    """A video track of numpy RGB frames at ``fps``: ``frames(i)`` gives frame ``i`` (uint8 ``H×W×3``)."""
+
+    def __init__(self, frames: FrameFactory | np.ndarray, *, fps: int = 30) -> None:
+        super().__init__()
+        self._frames = frames
+        self._fps = fps
+        self._index = 0
+        self._started_at: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        if self._started_at is None:
+            self._started_at = loop.time()
+        index = self._index
+        self._index += 1
+        wait = self._started_at + index / self._fps - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)  # pacing to the frame rate, as a camera does
+        image = self._frames(index) if callable(self._frames) else self._frames
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts, frame.time_base = index * (90000 // self._fps), fractions.Fraction(1, 90000)
+        return frame
+
+
+class WebRTCClient:
+    """One peer connection = one server session. See the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        codec: str | None = None,
+        ice_servers: Sequence[IceServer] = (),
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.params = dict(params or {})
+        self.codec = codec
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
+        self.session: str | None = None
+        self.stats: dict[str, Any] | None = None
+        self.stats_received = 0
+        self.channel: RTCDataChannel = self.pc.createDataChannel("control")
+        self._track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+        self._open = asyncio.Event()
+        self._stats_event = asyncio.Event()
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self.channel.on("open", self._open.set)
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video" and not self._track.done():
+            self._track.set_result(track)
+
+    def _on_message(self, message: str | bytes) -> None:
+        data = json.loads(message)
+        if "stats" in data:
+            self.stats = data["stats"]
+            self.stats_received += 1
+            self._stats_event.set()
+            return
+        waiter = self._replies.pop(data.get("id"), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(data)
+
+    async def connect(self, source: MediaStreamTrack) -> None:
+        """Offer ``source`` and apply the server's answer; a refusal raises :class:`LivediffError`."""
+        transceiver = self.pc.addTransceiver(source, direction="sendrecv")
+        if self.codec:
+            wanted = f"video/{self.codec}".lower()
+            codecs = RTCRtpSender.getCapabilities("video").codecs
+            preferred = [c for c in codecs if c.mimeType.lower() == wanted]
+            if not preferred:
+                raise LivediffError(f"codec {self.codec!r} is not supported; choose vp8 or h264")
+            transceiver.setCodecPreferences(
+                preferred + [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+            )
+        await self.pc.setLocalDescription(
+            await self.pc.createOffer()
+        )  # aiortc gathers all candidates first
+        offer = self.pc.localDescription
+        body = {"sdp": offer.sdp, "type": offer.type, "params": self.params}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.url}/offer", json=body) as response,
+        ):
+            answer = await response.json()
+        if response.status != 200:
+            await self.pc.close()
+            raise LivediffError(
+                f"the server refused the offer ({response.status}): {answer.get('error')}"
+            )
+        self.session = answer["session"]
+        await self.pc.setRemoteDescription(
+            RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
+        )
+
+    async def output(self) -> MediaStreamTrack:
+        """The processed video track from the server."""
+        return await self._track
+
+    async def recv_frame(self) -> np.ndarray:
+        """The next processed frame as uint8 RGB; :class:`SessionClosedError` once the track ends."""
+        frame = await self.recv_video_frame()
+        return frame.to_ndarray(format="rgb24")
+
+    async def recv_video_frame(self) -> av.VideoFrame:
+        track = await self.output()
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            raise SessionClosedError("the server's video track ended") from None
+        assert isinstance(frame, av.VideoFrame)
+        return frame
+
+    async def update(self, **params: Any) -> dict[str, Any]:
+        """Send live parameters over the data channel; returns ``{"ok": true}`` or ``{"error": ...}``."""
+        await self._open.wait()
+        request_id = next(self._ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = waiter
+        self.channel.send(json.dumps({**params, "id": request_id}))
+        return await waiter
+
+    async def next_stats(self) -> dict[str, Any]:
+        """Wait for the next ``{"stats": ...}`` message from the server."""
+        self._stats_event.clear()
+        await self._stats_event.wait()
+        assert self.stats is not None
+        return self.stats
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+def _parse_update(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--update {text!r} must look like key=value")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from aiortc.contrib.media import MediaBlackhole, MediaPlayer, MediaRecorder
+
+    restriction = (
+        HostAddressRestriction(args.host_address) if args.host_address else contextlib.nullcontext()
+    )
+    with restriction:
+        params = {
+            k: v
+            for k, v in (("prompt", args.prompt), ("seed", args.seed), ("strength", args.strength))
+            if v is not None
+        }
+        client = WebRTCClient(
+            args.url,
+            params=params,
+            codec=args.codec,
+            ice_servers=[IceServer(urls=(url,)) for url in args.ice_server or ()],
+        )
+        player = MediaPlayer(args.input, loop=True)
+        if player.video is None:
+            raise LivediffError(f"{args.input} has no video")
+        await client.connect(player.video)
+        recorder = MediaRecorder(args.output) if args.output else MediaBlackhole()
+        recorder.addTrack(await client.output())
+        await recorder.start()
+        replies = [await client.update(**dict([item])) for item in args.update or ()]
+        await asyncio.sleep(args.seconds)  # how long the user asked to stream
+        stats = client.stats
+        await recorder.stop()
+        await client.close()
+        player.video.stop()
+    return {"session": client.session, "replies": replies, "stats": stats, "output": args.output}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m livediff.clients.webrtc_client", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
+    parser.add_argument(
+        "--input", required=True, help="a media file (looped) or a device PyAV can open"
+    )
+    parser.add_argument("--output", help="record the processed video to this file")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to stream")
+    parser.add_argument("--codec", choices=("vp8", "h264"))
+    parser.add_argument("--prompt")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--strength", type=float)
+    parser.add_argument(
+        "--update",
+        action="append",
+        type=_parse_update,
+        metavar="KEY=VALUE",
+        help="send a live parameter change once connected (repeatable)",
+    )
+    parser.add_argument(
+        "--host-address", action="append", metavar="IP", help="offer only this ICE host address"
+    )
+    parser.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server URL")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = asyncio.run(run(args))
+    except (LivediffError, OSError, aiohttp.ClientError) as exc:
+        print(f"webrtc_client: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""A websocket client for ``livediff serve`` (protocol: :mod:`livediff.streams.ws_protocol`).
+
+As a library::
+
+    async with await WsClient.connect("ws://127.0.0.1:8080/ws", params={"prompt": "a cat"}) as client:
+        await client.send_frame(rgb_uint8_hwc)           # JPEG-encoded off the event loop
+        image = await client.recv_frame()                # the next processed frame, uint8 RGB
+        reply = await client.update(strength=0.7)        # {"ok": true} or {"error": ...}
+
+As a command::
+
+    python -m livediff.clients.ws_client --url ws://127.0.0.1:8080/ws --input clip.mp4 \\
+        --output styled.mp4 --prompt "a watercolor painting" [--max-frames 300] [--in-flight 2]
+
+The command keeps at most ``--in-flight`` frames unanswered (the server drops the rest
+anyway), writes every answer to ``--output`` at the input's frame rate, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+from livediff.exceptions import LivediffError, SessionClosedError
+from livediff.streams.jpeg import decode_jpeg, encode_jpeg
+
+DEFAULT_MAX_SIZE = 8 * 1024 * 1024
+
+
+class WsClient:
+    """One connection = one server session. Use :meth:`connect`; close with :meth:`close` or ``async with``."""
+
+    def __init__(self, connection: ClientConnection, session: str) -> None:
+        self.connection = connection
+        self.session = session
+        self.errors: list[str] = []  # unsolicited {"error": ...} messages (refused frames)
+        self._outputs: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, params: dict[str, Any] | None = None, max_size: int = DEFAULT_MAX_SIZE
+    ) -> WsClient:
+        """Connect and wait for the server's ``{"session": id}``; a refusal raises :class:`LivediffError`."""
+        if params:
+            from urllib.parse import urlencode
+
+            url = f"{url}{'&' if '?' in url else '?'}{urlencode({k: _query_value(v) for k, v in params.items()})}"
+        connection = await connect(url, max_size=max_size, compression=None)
+        first = json.loads(await connection.recv())
+        if "session" not in first:
+            await connection.close()
+            raise LivediffError(f"the server refused the session: {first.get('error', first)}")
+        return cls(connection, str(first["session"]))
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.connection:
+                if isinstance(message, bytes):
+                    self._outputs.put_nowait(message)
+                    continue
+                reply = json.loads(message)
+                waiter = self._replies.pop(reply.get("id"), None)
+                if waiter is not None:
+                    waiter.set_result(reply)
+                elif "error" in reply:
+                    self.errors.append(str(reply["error"]))
+        finally:
+            self._outputs.put_nowait(None)
+            for waiter in self._replies.values():
+                if not waiter.done():
+                    waiter.set_exception(
+                        SessionClosedError("the connection closed before the reply")
+                    )
+
+    async def send_frame(self, frame: np.ndarray | bytes, *, quality: int = 85) -> None:
+        """Send one frame: uint8 ``[H, W, 3]`` RGB (encoded here) or JPEG bytes as they are."""
+        if not isinstance(frame, bytes):
+            frame = await asyncio.get_running_loop().run_in_executor(
+                None, partial(encode_jpeg, frame, quality=quality)
+            )
+        await self.connection.send(frame)
+
+    async def recv_jpeg(self) -> bytes:
+        """The next processed frame as JPEG bytes; :class:`SessionClosedError` once the connection is over."""
+        data = await self._outputs.get()
+        if data is None:
+            self._outputs.put_nowait(None)
+            raise SessionClosedError(
+                f"connection closed (code {self.connection.close_code}, {self.connection.close_reason!r})"
+            )
+        return data
+
+    async def recv_frame(self) -> np.ndarray:
+        """The next processed frame, decoded to uint8 RGB."""
+        data = await self.recv_jpeg()
+        return await asyncio.get_running_loop().run_in_executor(None, decode_jpeg, data)
+
+    async def update(self, **params: Any) -> dict[str, Any]:
+        """Send a control message and return the server's reply (``{"ok": true}`` or ``{"error": ...}``)."""
+        request_id = next(self._ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = waiter
+        await self.connection.send(json.dumps({**params, "id": request_id}))
+        return await waiter
+
+    async def close(self) -> None:
+        await self.connection.close()
+        with contextlib.suppress(Exception):
+            await self._reader
+
+    async def __aenter__(self) -> WsClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _query_value(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+async def stream_file(args: argparse.Namespace) -> dict[str, Any]:
+    """Send ``args.input`` through the server and write the answers to ``args.output``."""
+    from livediff.streams.camera_source import CameraSource, iterate_in_thread
+    from livediff.streams.file_sink import FileSink
+    from livediff.streams.media import MediaTime, VideoFrame
+
+    params = {
+        k: v
+        for k, v in (
+            ("prompt", args.prompt),
+            ("negative_prompt", args.negative_prompt),
+            ("seed", args.seed),
+            ("strength", args.strength),
+        )
+        if v is not None
+    }
+    source = CameraSource(
+        args.input, loop=False, realtime=not args.no_realtime, max_frames=args.max_frames
+    )
+    answered = asyncio.Condition()
+    outstanding = (
+        0  # frames sent and not answered yet; a dropped frame is forgotten after answer_timeout
+    )
+    sink: FileSink | None = None
+    received = sent = 0
+    started = time.perf_counter()
+
+    async def wait_for_room(limit: int) -> None:
+        nonlocal outstanding
+        async with answered:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    answered.wait_for(lambda: outstanding <= limit), timeout=args.answer_timeout
+                )
+            outstanding = min(outstanding, limit)
+
+    async with await WsClient.connect(args.url, params=params) as client:
+
+        async def receive() -> None:
+            nonlocal sink, received, outstanding
+            while True:
+                try:
+                    image = await client.recv_frame()
+                except SessionClosedError:
+                    return
+                async with answered:
+                    outstanding = max(0, outstanding - 1)
+                    answered.notify_all()
+                if args.output:
+                    if sink is None:
+                        rate = source.frame_rate
+                        sink = FileSink(
+                            args.output,
+                            width=image.shape[1],
+                            height=image.shape[0],
+                            frame_rate=rate,
+                            time_base=1 / rate,
+                        )
+                    sink.write(
+                        VideoFrame(image, MediaTime(received, 1 / source.frame_rate), received)
+                    )
+                received += 1
+
+        receiver = asyncio.ensure_future(receive())
+        async for frame in iterate_in_thread(source.frames()):
+            await wait_for_room(args.in_flight - 1)
+            await client.send_frame(frame.image)
+            outstanding += 1
+            sent += 1
+        await wait_for_room(0)
+        await client.close()
+        await receiver
+        errors = list(client.errors)
+    if sink is not None:
+        sink.close()
+    seconds = time.perf_counter() - started
+    return {
+        "session": client.session,
+        "sent": sent,
+        "received": received,
+        "errors": errors,
+        "fps": round(received / seconds, 2) if seconds else None,
+        "output": args.output,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m livediff.clients.ws_client", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    parser.add_argument("--input", required=True, help="media file or camera (/dev/videoN)")
+    parser.add_argument("--output", help="file to write the processed frames to (.mp4, .y4m …)")
+    parser.add_argument("--prompt")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--strength", type=float)
+    parser.add_argument("--max-frames", type=int)
+    parser.add_argument(
+        "--in-flight", type=int, default=2, help="frames sent but not yet answered (default 2)"
+    )
+    parser.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for an answer before sending on",
+    )
+    parser.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="send a file as fast as answers come, not at its frame rate",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = asyncio.run(stream_file(args))
+    except (LivediffError, OSError) as exc:
+        print(f"ws_client: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""``livediff camera``: a camera or a file, through the model, into a virtual camera (or a file).
+
+    livediff camera --input /dev/video0 --vcam --prompt "a watercolor painting"
+    livediff camera --input clip.mp4 --loop --vcam --vcam-device /dev/video10
+    livediff camera --input clip.mp4 --output styled.mp4
+    livediff camera --input clip.mp4 --vcam --vcam-backend y4m --vcam-device out.y4m   # test backend
+
+The virtual camera is v4l2loopback on Linux and OBS's camera on Windows and macOS; other
+applications (OBS, video calls, browsers) pick it up like any webcam. Without ``--output``
+the virtual camera is the output; with both, frames go to both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from livediff.cli_options import add_model_options, add_stream_options, load_toml
+from livediff.cmd_serve import add_runtime_options
+from livediff.exceptions import ParameterError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "camera",
+        help="run a camera or file through the model into a virtual camera",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_argument_group("input")
+    source.add_argument(
+        "--input",
+        required=True,
+        metavar="DEVICE|FILE",
+        help="/dev/videoN, an FFmpeg device name, or a media file",
+    )
+    source.add_argument(
+        "--input-format",
+        help="FFmpeg input device format (v4l2, avfoundation, dshow); default: v4l2 for /dev/*",
+    )
+    source.add_argument(
+        "--input-size", metavar="WxH", help="size to ask the camera for, e.g. 640x480"
+    )
+    source.add_argument("--input-fps", type=float, help="frame rate to ask the camera for")
+    source.add_argument("--loop", action="store_true", help="loop a file input")
+    source.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="read a file as fast as possible instead of at its frame rate",
+    )
+    source.add_argument("--max-frames", type=int, help="stop after this many input frames")
+    sink = parser.add_argument_group("output")
+    sink.add_argument(
+        "--vcam",
+        action="store_true",
+        help="send the output to a virtual camera (the default without --output)",
+    )
+    sink.add_argument(
+        "--vcam-backend",
+        help="pyvirtualcam backend: v4l2loopback, obs, unitycapture, or y4m (writes --vcam-device as a file)",
+    )
+    sink.add_argument(
+        "--vcam-device",
+        help="virtual camera device, e.g. /dev/video10 (default: the first free one)",
+    )
+    sink.add_argument(
+        "--vcam-fps",
+        type=float,
+        default=30.0,
+        help="frame rate the virtual camera announces (default 30)",
+    )
+    sink.add_argument(
+        "--output", help="also (or only) write the output to this file (.mp4, .mkv, .webm, .y4m …)"
+    )
+    add_model_options(parser)
+    add_stream_options(parser)
+    add_runtime_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def _size(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ParameterError(f"--input-size {text!r} must look like 640x480") from None
+    return width, height
+
+
+def run(args: argparse.Namespace) -> int:
+    from livediff.cmd_serve import engine_from_args, run_event_loop
+    from livediff.streams.camera_source import CameraSource
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ParameterError("--max-frames must be at least 1")
+    width, height = _size(args.input_size)
+    config = load_toml(args.config)
+    source = CameraSource(
+        args.input,
+        width=width,
+        height=height,
+        fps=args.input_fps,
+        input_format=args.input_format,
+        loop=args.loop,
+        realtime=False if args.no_realtime else None,
+        max_frames=args.max_frames,
+    )
+    size = model_resolution(args, config)
+    engine = engine_from_args(args, config)
+    return run_event_loop(_camera(engine, source, size, args))
+
+
+async def _camera(engine: Any, source: Any, size: tuple[int, int], args: argparse.Namespace) -> int:
+    from livediff.streams.file_sink import FileSink
+    from livediff.streams.local_pipeline import describe, run_local_pipeline
+    from livediff.streams.vcam import VirtualCamera
+
+    width, height = size
+    sinks: list[Any] = []
+    started = time.monotonic()
+    await engine.start()
+    try:
+        if args.vcam or not args.output:
+            camera = VirtualCamera(
+                width, height, fps=args.vcam_fps, backend=args.vcam_backend, device=args.vcam_device
+            )
+            sinks.append(camera)
+            print(
+                f"livediff camera: virtual camera {camera.device} ({camera.backend}) {width}x{height}",
+                flush=True,
+            )
+        if args.output:
+            rate = source.frame_rate
+            file_sink = FileSink(
+                args.output, width=width, height=height, frame_rate=rate, time_base=1 / rate
+            )
+            sinks.append(_FileOutput(file_sink, 1 / rate))
+        result = await run_local_pipeline(engine, source, sinks)
+        print(f"livediff camera: {describe(result, started)}", flush=True)
+    finally:
+        for sink in sinks:
+            sink.close()
+        await engine.stop()
+    return 0
+
+
+def model_resolution(args: argparse.Namespace, config: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) of the outputs: ``--width/--height`` or ``[stream]``, else the preset's."""
+    from livediff.cli_options import model_spec_from_args, stream_settings_from_args
+    from livediff.models.presets import get_preset
+
+    preset = get_preset(model_spec_from_args(args, config).preset)
+    stream_config, _ = stream_settings_from_args(args, config, preset)
+    return int(stream_config.width or preset.width), int(stream_config.height or preset.height)
+
+
+class _FileOutput:
+    """A :class:`~livediff.streams.file_sink.FileSink` as a frame sink, frames numbered at its rate."""
+
+    def __init__(self, sink: Any, time_base: Any) -> None:
+        self._sink = sink
+        self._time_base = time_base
+        self._index = 0
+
+    def send(self, image: Any) -> None:
+        from livediff.streams.media import MediaTime, VideoFrame
+
+        self._sink.write(VideoFrame(image, MediaTime(self._index, self._time_base), self._index))
+        self._index += 1
+
+    def close(self) -> None:
+        self._sink.close()

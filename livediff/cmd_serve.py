@@ -1,0 +1,193 @@
+"""``livediff serve``: WebRTC, websocket and browser clients for live sessions, plus /metrics.
+
+    livediff serve --model sd-turbo --prompt "a watercolor painting"
+    livediff serve --host 0.0.0.0 --port 8080 --host-address 192.168.1.20 --config livediff.toml
+    livediff serve --model tiny --weights random --port 0          # offline smoke test; prints the URL
+
+The first line on stdout is ``livediff serve: listening on http://HOST:PORT/`` (with the real
+port when ``--port 0``). SIGINT / SIGTERM close every session and stop cleanly.
+
+The config file may add ``[server]`` (see :mod:`livediff.streams.server_config`) and
+``[runtime]`` (the engine runtime's settings) to the shared ``[model]``, ``[stream]`` and
+``[params]`` tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from livediff.cli_options import (
+    add_model_options,
+    add_stream_options,
+    load_toml,
+    model_spec_from_args,
+    stream_settings_from_args,
+)
+from livediff.exceptions import ParameterError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve live sessions over WebRTC and websockets, with a browser client",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    group.add_argument(
+        "--port", type=int, help="port to listen on; 0 picks a free one (default 8080)"
+    )
+    group.add_argument(
+        "--host-address",
+        action="append",
+        metavar="IP",
+        dest="host_addresses",
+        help="offer only this address as ICE host candidate (repeatable; 127.0.0.1 for loopback)",
+    )
+    group.add_argument(
+        "--ice-server",
+        action="append",
+        metavar="URL",
+        dest="ice_servers",
+        help="STUN/TURN server URL (repeatable; default: none, host candidates only)",
+    )
+    group.add_argument(
+        "--max-connections", type=int, help="WebRTC peers + websocket clients at once (default 64)"
+    )
+    group.add_argument(
+        "--stats-interval",
+        type=float,
+        dest="stats_interval_s",
+        help="seconds between data-channel stats",
+    )
+    group.add_argument(
+        "--latency-marker",
+        action="store_true",
+        default=None,
+        help="copy the frame-counter marker from inputs to outputs (glass-to-glass benchmarks)",
+    )
+    add_model_options(parser)
+    add_stream_options(parser)
+    add_runtime_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--max-sessions", type=int, help="sessions the engine serves at once")
+    group.add_argument(
+        "--deadline-ms", type=float, help="per-frame latency budget, arrival to output"
+    )
+    group.add_argument(
+        "--no-degrade",
+        action="store_true",
+        help="never shed load (fewer steps, lower resolution, refusals)",
+    )
+
+
+def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from livediff.streams.server_config import ServerConfig
+
+    table = config.get("server", {})
+    if not isinstance(table, dict):
+        raise ParameterError("[server] in the config file must be a table")
+    return ServerConfig.from_table(
+        table,
+        host=args.host,
+        port=args.port,
+        host_addresses=tuple(args.host_addresses) if args.host_addresses else None,
+        ice_servers=tuple(args.ice_servers) if args.ice_servers else None,
+        max_connections=args.max_connections,
+        stats_interval_s=args.stats_interval_s,
+        latency_marker=args.latency_marker,
+    )
+
+
+def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """Load the model and build (not start) the engine these flags and config file describe."""
+    from livediff.engine.runtime import Engine
+    from livediff.models.loading import load_model
+
+    spec = model_spec_from_args(args, config)
+    from livediff.models.presets import get_preset
+
+    stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
+    bundle = load_model(spec, device=args.device, dtype=args.dtype)
+    return Engine(bundle, stream_config, runtime_config_from_args(args, config), params)
+
+
+def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """``RuntimeConfig`` from ``[runtime]`` (with an optional ``[runtime.degrade]``) and the flags."""
+    from livediff.engine.degrade import DegradePolicy
+    from livediff.engine.runtime import RuntimeConfig
+
+    values = dict(config.get("runtime", {}))
+    degrade = dict(values.pop("degrade", {}))
+    if getattr(args, "no_degrade", False):
+        degrade["enabled"] = False
+    for name in ("max_sessions", "deadline_ms"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if isinstance(values.get("batch_buckets"), list):
+        values["batch_buckets"] = tuple(values["batch_buckets"])
+    try:
+        return RuntimeConfig(**values, degrade=DegradePolicy(**degrade))
+    except TypeError as exc:
+        raise ParameterError(f"[runtime] in the config file: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_toml(args.config)
+    server_config = server_config_from_args(args, config)
+    engine = engine_from_args(args, config)
+    return run_event_loop(serve(engine, server_config))
+
+
+def run_event_loop(main: Any) -> int:
+    """Run ``main`` on uvloop where it exists (Linux, macOS), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed; using asyncio's event loop")
+        return int(asyncio.run(main) or 0)
+    return int(uvloop.run(main) or 0)
+
+
+async def serve(engine: Any, server_config: Any) -> int:
+    """Start ``engine`` and the app; serve until SIGINT/SIGTERM; then close everything."""
+    from aiohttp import web
+
+    from livediff.streams.app import create_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    runner = web.AppRunner(create_app(engine, server_config), handle_signals=False, access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, server_config.host, server_config.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(f"livediff serve: listening on http://{_url_host(host)}:{port}/", flush=True)
+        await stop.wait()
+        print("livediff serve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        await runner.cleanup()
+        await engine.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,134 @@
+"""The aiohttp application of ``livediff serve``.
+
+>>> engine = Engine(bundle, stream_config, RuntimeConfig(), params)
+>>> await engine.start()
+>>> runner = web.AppRunner(create_app(engine, ServerConfig()))
+>>> await runner.setup(); await web.TCPSite(runner, "127.0.0.1", 8080).start()
+...
+>>> await runner.cleanup(); await engine.stop()      # the app never starts or stops the engine
+
+Routes:
+
+- ``GET /`` — the browser client (``clients/web``), its files under ``/static/``.
+- ``POST /offer`` — WebRTC signaling (:mod:`livediff.streams.signaling`).
+- ``GET /ws`` — the websocket protocol (:mod:`livediff.streams.ws_protocol`).
+- ``GET /metrics`` — Prometheus exposition of the engine's registry plus the transport metrics.
+- ``GET /healthz`` — ``{"status": "ok", "peers": n, "websockets": n}``.
+- ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON.
+
+All state lives on the app (:mod:`livediff.streams.app_keys`). At shutdown every peer and
+websocket is closed (close code 1001) and their sessions end; the ICE host-address
+restriction, if configured, is active exactly while the app runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from livediff.streams import app_keys, ws_protocol
+from livediff.streams.http_errors import json_errors
+from livediff.streams.ice import HostAddressRestriction
+from livediff.streams.peer_registry import PeerRegistry
+from livediff.streams.server_config import ServerConfig
+from livediff.streams.signaling import handle_offer
+from livediff.streams.transport_metrics import TransportMetrics
+from livediff.streams.ws_handler import handle_ws
+
+log = logging.getLogger(__name__)
+
+
+def web_client_dir() -> Path:
+    """The folder of the browser client's files (``clients/web`` in the source tree)."""
+    return Path(str(importlib.resources.files("livediff.clients").joinpath("web")))
+
+
+def create_app(engine: Any, config: ServerConfig | None = None) -> web.Application:
+    """An app serving ``engine`` (already started by the caller) with ``config``."""
+    config = config or ServerConfig()
+    static = Path(config.static_dir) if config.static_dir else web_client_dir()
+    if not (static / "index.html").is_file():
+        raise FileNotFoundError(f"the browser client is missing: no index.html in {static}")
+    app = web.Application(client_max_size=config.max_offer_bytes, middlewares=[json_errors])
+    app[app_keys.ENGINE] = engine
+    app[app_keys.CONFIG] = config
+    app[app_keys.PEERS] = PeerRegistry()
+    app[app_keys.WEBSOCKETS] = set()
+    app.cleanup_ctx.append(_transport_metrics)
+    if config.host_addresses:
+        app.cleanup_ctx.append(_host_address_restriction)
+    app.on_shutdown.append(_close_connections)
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", static)
+    app.router.add_post("/offer", handle_offer)
+    app.router.add_get("/ws", handle_ws)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/stats", _stats)
+    return app
+
+
+async def _transport_metrics(app: web.Application) -> AsyncIterator[None]:
+    metrics = TransportMetrics(app[app_keys.ENGINE].registry)
+    peers, sockets = app[app_keys.PEERS], app[app_keys.WEBSOCKETS]
+    metrics.connections.labels("webrtc").set_function(lambda: len(peers))
+    metrics.connections.labels("websocket").set_function(lambda: len(sockets))
+    app[app_keys.METRICS] = metrics
+    try:
+        yield
+    finally:
+        metrics.close()
+
+
+async def _host_address_restriction(app: web.Application) -> AsyncIterator[None]:
+    with HostAddressRestriction(app[app_keys.CONFIG].host_addresses):
+        yield
+
+
+async def _close_connections(app: web.Application) -> None:
+    sockets, peers = list(app[app_keys.WEBSOCKETS]), len(app[app_keys.PEERS])
+    for ws in sockets:
+        with contextlib.suppress(ConnectionError):
+            await ws.close(code=ws_protocol.CLOSE_GOING_AWAY, message=b"server shutdown")
+    await app[app_keys.PEERS].close_all()
+    log.info("shutdown: closed %d peers' and %d websockets' sessions", peers, len(sockets))
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[app_keys.ENGINE].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response(
+        {
+            "status": "ok",
+            "peers": len(app[app_keys.PEERS]),
+            "websockets": len(app[app_keys.WEBSOCKETS]),
+        }
+    )
+
+
+async def _stats(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response(
+        {
+            "peers": [peer.stats() for peer in app[app_keys.PEERS]],
+            "websockets": len(app[app_keys.WEBSOCKETS]),
+            "engine": app[app_keys.ENGINE].metrics(),
+        },
+        dumps=lambda value: json.dumps(value, default=str),
+    )

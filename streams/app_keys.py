@@ -1,0 +1,17 @@
+"""Typed keys of the state an app built by :func:`livediff.streams.app.create_app` carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from livediff.streams.peer_registry import PeerRegistry
+from livediff.streams.server_config import ServerConfig
+from livediff.streams.transport_metrics import TransportMetrics
+
+ENGINE = web.AppKey("engine", Any)  # livediff.engine.runtime.Engine, started by the app's owner
+CONFIG = web.AppKey("config", ServerConfig)
+PEERS = web.AppKey("peers", PeerRegistry)
+WEBSOCKETS = web.AppKey("websockets", set)  # open web.WebSocketResponse objects
+METRICS = web.AppKey("metrics", TransportMetrics)

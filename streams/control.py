@@ -1,0 +1,121 @@
+"""Live-parameter control messages, shared by the websocket and the WebRTC data channel.
+
+A control message is one JSON object (UTF-8 text) whose keys are live generation parameters::
+
+    {"prompt": "a watercolor painting", "negative_prompt": "blurry", "seed": 7,
+     "strength": 0.6, "guidance_scale": 1.2, "delta": 1.0, "id": 12}
+
+- Parameter keys: ``prompt`` (a string, or ``[[text, weight], ...]`` to blend), ``negative_prompt``,
+  ``blend`` (``linear``/``slerp``), ``seed``, ``strength``, ``steps``, ``t_index_list``,
+  ``guidance_scale``, ``delta``, ``similarity_threshold`` (``null`` turns the filter off),
+  ``max_skip_frames``. Every key is optional; at least one must be present.
+- ``id`` (optional, a string or an integer) is echoed in the reply, to match replies to requests.
+
+Each control message gets exactly one reply: ``{"ok": true}`` once the change is in effect for
+the next frame, or ``{"error": "<what was wrong>"}`` and nothing changed (plus ``"id"`` when
+the request had one). Problems with a control message never close the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from livediff.engine.config import LIVE_PARAMETER_NAMES
+from livediff.exceptions import ParameterError
+
+_INT_KEYS = frozenset({"seed", "steps", "max_skip_frames"})
+_FLOAT_KEYS = frozenset({"strength", "guidance_scale", "delta", "similarity_threshold"})
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A parsed control message: the parameter changes and the optional request id."""
+
+    changes: dict[str, Any] = field(default_factory=dict)
+    id: str | int | None = None
+
+
+def parse_control(text: str | bytes, *, max_bytes: int = 64 * 1024) -> ControlRequest:
+    """Parse one control message: JSON, an object, a valid ``id``, at least one other key.
+
+    :class:`ParameterError` says what is wrong. Parameter names are checked afterwards, by
+    :func:`session_params`, so that its error can carry the request's ``id``.
+    """
+    if len(text) > max_bytes:
+        raise ParameterError(
+            f"control message of {len(text)} bytes is too large: at most {max_bytes}"
+        )
+    try:
+        message = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"control message is not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ParameterError(
+            f"a control message must be a JSON object, not {type(message).__name__}"
+        )
+    request_id = message.pop("id", None)
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+    ):
+        raise ParameterError("id must be a string or an integer")
+    if not message:
+        raise ParameterError(
+            f"a control message needs at least one of: {', '.join(sorted(LIVE_PARAMETER_NAMES))}"
+        )
+    return ControlRequest(message, request_id)
+
+
+def session_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check parameter names and JSON shapes; value ranges are checked by the engine."""
+    unknown = sorted(set(values) - LIVE_PARAMETER_NAMES)
+    if unknown:
+        raise ParameterError(
+            f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(LIVE_PARAMETER_NAMES))}"
+        )
+    params = dict(values)
+    prompt = params.get("prompt")
+    if isinstance(prompt, list):
+        try:
+            params["prompt"] = [(str(text), weight) for text, weight in prompt]
+        except (TypeError, ValueError):
+            raise ParameterError(
+                "prompt must be a string or a list of [text, weight] pairs"
+            ) from None
+    if isinstance(params.get("t_index_list"), list):
+        params["t_index_list"] = tuple(params["t_index_list"])
+    return params
+
+
+def params_from_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """Session parameters from URL query strings (``?prompt=a%20cat&seed=3``), typed by name."""
+    params: dict[str, Any] = {}
+    for key, text in query.items():
+        try:
+            if key in _INT_KEYS:
+                params[key] = int(text)
+            elif key in _FLOAT_KEYS:
+                params[key] = (
+                    None
+                    if key == "similarity_threshold" and text in ("", "none", "null")
+                    else float(text)
+                )
+            elif key == "t_index_list":
+                params[key] = tuple(int(v) for v in text.split(","))
+            else:
+                params[key] = text
+        except ValueError:
+            raise ParameterError(f"{key}={text!r} is not a number") from None
+    return session_params(params)
+
+
+def ok_reply(request_id: str | int | None = None) -> str:
+    return json.dumps({"ok": True} if request_id is None else {"ok": True, "id": request_id})
+
+
+def error_reply(message: str, request_id: str | int | None = None) -> str:
+    return json.dumps(
+        {"error": message} if request_id is None else {"error": message, "id": request_id}
+    )

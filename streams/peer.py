@@ -1,0 +1,237 @@
+"""One WebRTC peer of the server: its RTCPeerConnection, its engine session and its data channel.
+
+Lifecycle: :meth:`LivePeer.answer` applies the browser's offer and returns the answer. The
+remote video goes into the session (:func:`~livediff.streams.webrtc_tracks.forward_video`) and
+a :class:`~livediff.streams.webrtc_tracks.SessionVideoTrack` goes back. The peer closes itself,
+and its session, when the connection fails or closes, when the remote track ends, or when
+the session ends; :meth:`close` is idempotent and safe to call from anywhere.
+
+Data channel (any label, opened by the client; the first one is used): the client sends
+control messages (:mod:`livediff.streams.control`), each answered with ``{"ok": true}`` or
+``{"error": ...}``; the server sends ``{"stats": {...}}`` every ``stats_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+from livediff.exceptions import ParameterError, SessionClosedError
+from livediff.streams.control import error_reply, ok_reply, parse_control, session_params
+from livediff.streams.flow_stats import FlowStats
+from livediff.streams.ice import rtc_configuration
+from livediff.streams.server_config import ServerConfig
+from livediff.streams.transport_metrics import TransportMetrics
+from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
+
+logger = logging.getLogger(__name__)
+TRANSPORT = "webrtc"
+
+
+class SessionLogger(logging.LoggerAdapter):
+    """Prefixes every message with the session id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '-'}] {msg}", kwargs
+
+
+class LivePeer:
+    """See the module docstring. Create one per offer, after the engine accepted the session."""
+
+    def __init__(
+        self,
+        session: Any,
+        config: ServerConfig,
+        *,
+        metrics: TransportMetrics | None = None,
+        on_closed: Callable[[LivePeer], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.id: str = session.id
+        self.config = config
+        self.log = SessionLogger(logger, {"session": self.id})
+        self.flow = FlowStats()
+        self.codec: str | None = None
+        self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
+        self._metrics = metrics
+        self._on_closed = on_closed
+        self._markers: OrderedDict[Any, int] | None = (
+            OrderedDict() if config.latency_marker else None
+        )
+        self._outputs: list[SessionVideoTrack] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._channel: RTCDataChannel | None = None
+        self._update_lock = asyncio.Lock()
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # ---------------------------------------------------------------- negotiation
+    async def answer(self, sdp: str) -> RTCSessionDescription:
+        """Apply the remote offer and return the local answer. Bad SDP raises ``ValueError``."""
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:  # aiortc's SDP parser raises whatever the text trips it on
+            raise ValueError(f"the offer's SDP was refused: {type(exc).__name__}: {exc}") from exc
+        if not self._outputs:
+            raise ValueError(
+                "the offer has no video track to receive (add a sendrecv video transceiver)"
+            )
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        local = self.pc.localDescription
+        self.codec = _video_codec(local.sdp)
+        self.log.info("answered; video codec %s", self.codec)
+        return local
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "video" or self._outputs:
+            self.log.info("ignoring remote %s track", track.kind)
+            self._spawn(drain(track))
+            return
+        output = SessionVideoTrack(
+            self.session, self.flow, markers=self._markers, on_output=self._count_output
+        )
+        self._outputs.append(output)
+        self.pc.addTrack(output)
+        self._spawn(self._forward(track))
+
+    async def _forward(self, track: MediaStreamTrack) -> None:
+        await forward_video(
+            track,
+            self.session,
+            self.flow,
+            self.log,
+            markers=self._markers,
+            on_input=self._count_input,
+        )
+        self._spawn(self.close())  # the remote track or the session ended: nothing left to do
+
+    def _count_input(self) -> None:
+        if self._metrics is not None:
+            self._metrics.frames.labels(TRANSPORT, "in").inc()
+
+    def _count_output(self, latency_ms: float | None) -> None:
+        if self._metrics is not None:
+            self._metrics.frames.labels(TRANSPORT, "out").inc()
+            if latency_ms is not None:
+                self._metrics.latency.labels(TRANSPORT).observe(latency_ms / 1000.0)
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        self.log.info("connection %s", state)
+        if state in ("failed", "closed"):
+            self._spawn(self.close())
+
+    # ---------------------------------------------------------------- data channel
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if self._channel is not None:
+            self.log.warning("ignoring extra data channel %r", channel.label)
+            return
+        self._channel = channel
+        self.log.info("data channel %r open", channel.label)
+        channel.on("message", lambda message: self._spawn(self._on_control(message)))
+        self._spawn(self._send_stats(channel))
+
+    async def _on_control(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self._reply(error_reply("binary messages are not accepted on the control channel"))
+            return
+        try:
+            request = parse_control(message, max_bytes=self.config.ws_max_control_bytes)
+        except ParameterError as exc:
+            self._reply(error_reply(str(exc)))
+            return
+        async with self._update_lock:  # FIFO: updates apply in the order they were sent
+            try:
+                await self.session.update(**session_params(request.changes))
+            except (ParameterError, SessionClosedError) as exc:
+                self._reply(error_reply(str(exc), request.id))
+                return
+        self.log.info("updated %s", ", ".join(sorted(request.changes)))
+        self._reply(ok_reply(request.id))
+
+    def _reply(self, text: str) -> None:
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(text)
+
+    async def _send_stats(self, channel: RTCDataChannel) -> None:
+        while not self._closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), timeout=self.config.stats_interval_s)
+            if self._closing or channel.readyState == "closed":
+                return
+            if channel.readyState == "open":
+                channel.send(json.dumps({"stats": self.stats()}, default=str))
+
+    def stats(self) -> dict[str, Any]:
+        """This peer's counters, with the engine's view of the session under ``engine``."""
+        result: dict[str, Any] = {
+            "session": self.id,
+            "codec": self.codec,
+            "state": self.pc.connectionState,
+        }
+        result.update(self.flow.snapshot())
+        try:
+            result["engine"] = self.session.stats()
+        except SessionClosedError:
+            result["engine"] = None
+        return result
+
+    # ---------------------------------------------------------------- teardown
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Close the connection and the session; idempotent, and waits until both are done."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        current = asyncio.current_task()
+        pending = [t for t in self._tasks if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for output in self._outputs:
+            output.stop()
+        await self.pc.close()
+        with contextlib.suppress(SessionClosedError):
+            await self.session.close()
+        self.log.info(
+            "closed after %d frames in, %d out", self.flow.frames_in, self.flow.frames_out
+        )
+        self._closed.set()
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+
+def _video_codec(sdp: str) -> str | None:
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "video" and media.rtp.codecs:
+            return str(media.rtp.codecs[0].mimeType)
+    return None

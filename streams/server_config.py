@@ -1,0 +1,170 @@
+"""The ``[server]`` settings of ``livediff serve``: address, ICE, limits.
+
+All fields have bounded defaults; ``__post_init__`` checks them and raises
+:class:`~livediff.exceptions.ParameterError` naming the field. In a TOML file::
+
+    [server]
+    host = "0.0.0.0"
+    port = 8080
+    host_addresses = ["192.168.1.20"]        # ICE host candidates (default: every interface)
+    ice_servers = [{ urls = ["stun:stun.example.org:3478"] },
+                   { urls = ["turn:turn.example.org"], username = "u", credential = "p" }]
+    max_connections = 16                      # WebRTC peers + websocket clients
+    ws_max_message_bytes = 4194304
+    stats_interval_s = 1.0
+
+No public STUN server is used unless one is configured: with ``ice_servers = []`` (the
+default) only host candidates are offered, which is right for a LAN or loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from livediff.exceptions import ParameterError
+
+ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server, as in the browser's ``RTCIceServer``."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+    def __post_init__(self) -> None:
+        urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)
+        if not urls or not all(isinstance(u, str) and u.startswith(ICE_URL_SCHEMES) for u in urls):
+            raise ParameterError(
+                f"ice server urls={self.urls!r}: expected URLs starting with stun:, stuns:, turn: or turns:"
+            )
+        object.__setattr__(self, "urls", urls)
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ParameterError(f"[server] {name}={value!r} is out of range: expected {expected}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of the HTTP / WebRTC / websocket server (see the module docstring)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    host_addresses: tuple[str, ...] = ()
+    ice_servers: tuple[IceServer, ...] = ()
+    max_connections: int = 64
+    max_offer_bytes: int = 256 * 1024
+    ws_max_message_bytes: int = 4 * 1024 * 1024
+    ws_max_control_bytes: int = 64 * 1024
+    jpeg_quality: int = 85
+    stats_interval_s: float = 1.0
+    latency_marker: bool = False
+    static_dir: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.port, int) and 0 <= self.port < 65536,
+            "port",
+            self.port,
+            "an integer in [0, 65535]",
+        )
+        addresses = tuple(self.host_addresses)
+        for address in addresses:
+            try:
+                ipaddress.ip_address(address)
+            except (ValueError, TypeError):
+                raise ParameterError(
+                    f"[server] host_addresses: {address!r} is not an IP address"
+                ) from None
+        object.__setattr__(self, "host_addresses", addresses)
+        servers = tuple(s if isinstance(s, IceServer) else _ice_server(s) for s in self.ice_servers)
+        object.__setattr__(self, "ice_servers", servers)
+        _check(
+            _int_in(self.max_connections, 1, 10_000),
+            "max_connections",
+            self.max_connections,
+            "an integer in [1, 10000]",
+        )
+        _check(
+            _int_in(self.max_offer_bytes, 1024, 16 << 20),
+            "max_offer_bytes",
+            self.max_offer_bytes,
+            "1 KiB to 16 MiB",
+        )
+        _check(
+            _int_in(self.ws_max_message_bytes, 1024, 256 << 20),
+            "ws_max_message_bytes",
+            self.ws_max_message_bytes,
+            "1 KiB to 256 MiB",
+        )
+        _check(
+            _int_in(self.ws_max_control_bytes, 256, 1 << 20),
+            "ws_max_control_bytes",
+            self.ws_max_control_bytes,
+            "256 B to 1 MiB",
+        )
+        _check(
+            _int_in(self.jpeg_quality, 1, 100),
+            "jpeg_quality",
+            self.jpeg_quality,
+            "an integer in [1, 100]",
+        )
+        interval = self.stats_interval_s
+        _check(
+            isinstance(interval, (int, float))
+            and math.isfinite(interval)
+            and 0.05 <= interval <= 60,
+            "stats_interval_s",
+            interval,
+            "a number of seconds in [0.05, 60]",
+        )
+        _check(
+            isinstance(self.latency_marker, bool),
+            "latency_marker",
+            self.latency_marker,
+            "true or false",
+        )
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any] | None, **overrides: Any) -> ServerConfig:
+        """Build from a TOML ``[server]`` table; ``overrides`` that are not ``None`` win."""
+        values = dict(table or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ParameterError(
+                f"unknown key(s) in [server]: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        for key in ("host_addresses", "ice_servers"):
+            if key in values and not isinstance(values[key], (list, tuple)):
+                raise ParameterError(f"[server] {key} must be a list")
+        config = cls(**values)
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return replace(config, **changes) if changes else config
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _ice_server(item: Any) -> IceServer:
+    if isinstance(item, str):
+        return IceServer(urls=(item,))
+    if isinstance(item, Mapping):
+        unknown = sorted(set(item) - {"urls", "username", "credential"})
+        if unknown:
+            raise ParameterError(f"[server] ice_servers: unknown key(s) {', '.join(unknown)}")
+        if "urls" not in item:
+            raise ParameterError("[server] ice_servers: each server needs urls")
+        return IceServer(
+            urls=item["urls"], username=item.get("username"), credential=item.get("credential")
+        )
+    raise ParameterError(f"[server] ice_servers: {item!r} is neither a URL nor a table")

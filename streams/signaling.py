@@ -1,0 +1,119 @@
+"""``POST /offer``: one HTTP round trip from a WebRTC offer to a live session.
+
+Request (``Content-Type: application/json``)::
+
+    {"sdp": "<the offer, ICE gathering complete>", "type": "offer",
+     "params": {"prompt": "a watercolor painting", "strength": 0.5, "seed": 7}}   # params optional
+
+Answer ``200``: ``{"sdp": "<answer>", "type": "answer", "session": "<session id>"}``.
+
+The offer must carry every ICE candidate (wait for gathering to complete: the server takes no
+trickled candidates) and a ``sendrecv`` video transceiver: its video goes into the session
+and the processed video comes back on the same transceiver. Codec choice is the offerer's
+(``setCodecPreferences``); VP8 and H.264 are supported. Errors are JSON
+``{"error": "<what was wrong>"}``:
+
+- ``400`` body not JSON, not an object, missing/invalid ``sdp`` or ``type``, ``params`` that
+  are unknown or out of range, SDP the server cannot use (no video, unparsable);
+- ``413`` body larger than ``[server] max_offer_bytes``;
+- ``415`` content type other than ``application/json``;
+- ``503`` (with ``Retry-After``) the server or the engine is at capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from livediff.exceptions import CapacityError, ParameterError
+from livediff.streams import app_keys
+from livediff.streams.control import session_params
+from livediff.streams.http_errors import json_error
+from livediff.streams.peer import LivePeer
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = "5"
+
+
+class OfferError(ValueError):
+    """A request to ``/offer`` that cannot be served as sent (answered with 400)."""
+
+
+def parse_offer(body: Any) -> tuple[str, dict[str, Any]]:
+    """The SDP and the session parameters of an ``/offer`` body; :class:`OfferError` if malformed."""
+    if not isinstance(body, dict):
+        raise OfferError(f"the body must be a JSON object, not {type(body).__name__}")
+    unknown = sorted(set(body) - {"sdp", "type", "params"})
+    if unknown:
+        raise OfferError(
+            f"unknown field(s): {', '.join(unknown)}; expected sdp, type and optionally params"
+        )
+    sdp, kind = body.get("sdp"), body.get("type")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise OfferError("missing field: sdp (the offer's session description, a string)")
+    if kind != "offer":
+        raise OfferError(f'type must be "offer", got {kind!r}')
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise OfferError("params must be a JSON object of session parameters")
+    try:
+        return sdp, session_params(params)
+    except ParameterError as exc:
+        raise OfferError(str(exc)) from None
+
+
+async def handle_offer(request: web.Request) -> web.Response:
+    app = request.app
+    config, peers, metrics = app[app_keys.CONFIG], app[app_keys.PEERS], app[app_keys.METRICS]
+
+    def reject(status: int, reason: str, message: str, **kwargs: Any) -> web.Response:
+        metrics.rejected.labels("webrtc", reason).inc()
+        log.info("offer from %s refused (%d): %s", request.remote, status, message)
+        return json_error(status, message, **kwargs)
+
+    if request.content_type != "application/json":
+        return reject(
+            415,
+            "content_type",
+            f"expected Content-Type: application/json, got {request.content_type!r}",
+        )
+    try:
+        body = json.loads(await request.text())
+    except ValueError as exc:
+        return reject(400, "json", f"the body is not valid JSON: {exc}")
+    try:
+        sdp, params = parse_offer(body)
+    except OfferError as exc:
+        return reject(400, "fields", str(exc))
+    if len(peers) + len(app[app_keys.WEBSOCKETS]) >= config.max_connections:
+        return reject(
+            503,
+            "capacity",
+            f"the server has {config.max_connections} connections, its limit",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    engine = app[app_keys.ENGINE]
+    try:
+        session = await engine.open_session(params)
+    except ParameterError as exc:
+        return reject(400, "params", str(exc))
+    except CapacityError as exc:
+        return reject(503, "capacity", str(exc), headers={"Retry-After": RETRY_AFTER_S})
+    peer = LivePeer(session, config, metrics=metrics, on_closed=peers.discard)
+    try:
+        answer = await peer.answer(sdp)
+    except ValueError as exc:
+        await peer.close()
+        return reject(400, "sdp", str(exc))
+    except BaseException:
+        await peer.close()
+        raise
+    peers.add(peer)
+    metrics.connections.labels("webrtc").set(len(peers))
+    peer.log.info("new peer from %s", request.remote)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": peer.id})

@@ -1,0 +1,127 @@
+"""aiortc media for one session: the processed track sent back, and the pump that feeds the session.
+
+Incoming video is pulled from the remote track by :func:`forward_video` and submitted to the
+session (latest frame wins inside the engine, so a slow model drops frames instead of queueing
+them). :class:`SessionVideoTrack` is what the peer sends back: each ``recv()`` awaits the
+session's next output and keeps the ``pts``/``time_base`` of the input it answers, so RTP
+timestamps on the way out match the ones that came in.
+
+Pixel-format conversion runs in the default executor; the event loop only moves references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from livediff.exceptions import InvalidFrameError, SessionClosedError
+from livediff.streams.flow_stats import FlowStats
+from livediff.streams.frame_marker import read_marker, stamp_marker
+
+MarkerMap = OrderedDict  # pts -> latency-marker value, bounded by the writer
+_MARKER_LIMIT = 256
+OutputCallback = Callable[[float | None], None]
+
+
+class SessionVideoTrack(MediaStreamTrack):
+    """The processed video of one session, as an aiortc track. ``stop()`` is idempotent."""
+
+    kind = "video"
+
+    def __init__(
+        self,
+        session: Any,
+        flow: FlowStats,
+        *,
+        markers: MarkerMap | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> None:
+        super().__init__()
+        self._session = session
+        self._flow = flow
+        self._markers = markers
+        self._on_output = on_output
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            out = await self._session.recv()
+        except SessionClosedError:
+            self.stop()
+            raise MediaStreamError from None
+        marker = None if self._markers is None else self._markers.pop(out.pts, None)
+        loop = asyncio.get_running_loop()
+        frame = await loop.run_in_executor(None, _to_video_frame, out.image, marker)
+        frame.pts, frame.time_base = out.pts, out.time_base
+        latency = self._flow.frame_out(out.pts)
+        if self._on_output is not None:
+            self._on_output(latency)
+        return frame
+
+
+def _to_video_frame(image: np.ndarray, marker: int | None) -> av.VideoFrame:
+    if marker is not None:
+        image = image.copy()  # the engine may send the same buffer again (skipped frames)
+        stamp_marker(image, marker)
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+
+
+def _to_rgb(frame: av.VideoFrame, want_marker: bool) -> tuple[np.ndarray, int | None]:
+    image = frame.to_ndarray(format="rgb24")
+    return image, read_marker(image) if want_marker else None
+
+
+async def forward_video(
+    track: MediaStreamTrack,
+    session: Any,
+    flow: FlowStats,
+    log: logging.LoggerAdapter[logging.Logger],
+    *,
+    markers: MarkerMap | None = None,
+    on_input: Callable[[], None] | None = None,
+) -> None:
+    """Submit every frame of ``track`` to ``session`` until either ends. Bad frames are logged and skipped."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            log.info("remote video track ended")
+            return
+        arrived = time.perf_counter()
+        if not isinstance(frame, av.VideoFrame):
+            continue
+        image, marker = await loop.run_in_executor(None, _to_rgb, frame, markers is not None)
+        flow.frame_in(frame.pts, arrived)
+        if on_input is not None:
+            on_input()
+        if markers is not None and marker is not None:
+            markers[frame.pts] = marker
+            if len(markers) > _MARKER_LIMIT:
+                markers.popitem(last=False)
+        try:
+            session.submit(image, pts=frame.pts, time_base=frame.time_base)
+        except SessionClosedError:
+            log.info("session closed; stop reading the remote track")
+            return
+        except InvalidFrameError as exc:
+            flow.errors += 1
+            log.warning("frame %s refused: %s", frame.pts, exc)
+
+
+async def drain(track: MediaStreamTrack) -> None:
+    """Consume a track nobody needs (audio), so aiortc's receive queue does not grow."""
+    while True:
+        try:
+            await track.recv()
+        except MediaStreamError:
+            return

@@ -1,0 +1,215 @@
+"""``GET /ws``: one websocket client, one engine session (protocol: :mod:`livediff.streams.ws_protocol`).
+
+Two tasks per connection: the reader decodes JPEGs (in the executor) and submits them, and
+applies control messages in order; the writer awaits the session's outputs, encodes them (in
+the executor) and sends them. Sends are serialised by a lock. Whatever ends first — the client
+closing, a close sent by the server, the session ending — ends both, and the session is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
+from livediff.streams import app_keys, ws_protocol
+from livediff.streams.control import (
+    error_reply,
+    ok_reply,
+    params_from_query,
+    parse_control,
+    session_params,
+)
+from livediff.streams.flow_stats import FlowStats
+from livediff.streams.jpeg import decode_jpeg, encode_jpeg
+from livediff.streams.peer import SessionLogger
+from livediff.streams.server_config import ServerConfig
+from livediff.streams.transport_metrics import TransportMetrics
+
+logger = logging.getLogger(__name__)
+TRANSPORT = "websocket"
+
+
+async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    config, metrics, sockets = app[app_keys.CONFIG], app[app_keys.METRICS], app[app_keys.WEBSOCKETS]
+    ws = web.WebSocketResponse(
+        max_msg_size=config.ws_max_message_bytes, compress=False, heartbeat=30.0
+    )
+    await ws.prepare(request)
+
+    async def refuse(code: int, reason: str, message: str) -> web.WebSocketResponse:
+        metrics.rejected.labels(TRANSPORT, reason).inc()
+        logger.info("websocket from %s refused: %s", request.remote, message)
+        await ws.send_str(error_reply(message))
+        await ws.close(code=code, message=ws_protocol.close_reason(message))
+        return ws
+
+    if len(sockets) + len(app[app_keys.PEERS]) >= config.max_connections:
+        return await refuse(
+            ws_protocol.CLOSE_TRY_AGAIN,
+            "capacity",
+            f"the server has {config.max_connections} connections, its limit",
+        )
+    try:
+        session = await app[app_keys.ENGINE].open_session(params_from_query(request.query))
+    except ParameterError as exc:
+        return await refuse(ws_protocol.CLOSE_POLICY, "params", str(exc))
+    except CapacityError as exc:
+        return await refuse(ws_protocol.CLOSE_TRY_AGAIN, "capacity", str(exc))
+    sockets.add(ws)
+    try:
+        await WsConnection(ws, session, config, metrics).run()
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+class WsConnection:
+    """The two tasks of one websocket client; :meth:`run` returns when the connection is over."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        session: Any,
+        config: ServerConfig,
+        metrics: TransportMetrics,
+    ) -> None:
+        self.ws = ws
+        self.session = session
+        self.config = config
+        self.metrics = metrics
+        self.flow = FlowStats()
+        self.log = SessionLogger(logger, {"session": session.id})
+        self._send_lock = asyncio.Lock()
+        self._frames = 0
+        self._last_pts = -1
+        self._t0 = time.perf_counter()
+
+    async def run(self) -> None:
+        self.log.info("websocket session open")
+        await self._send(ws_protocol.hello(self.session.id))
+        writer = asyncio.ensure_future(self._write())
+        try:
+            await self._read()
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            with contextlib.suppress(SessionClosedError):
+                await self.session.close()
+            if not self.ws.closed:
+                await self.ws.close()
+            self.log.info(
+                "websocket session closed (code %s) after %d frames in, %d out",
+                self.ws.close_code,
+                self.flow.frames_in,
+                self.flow.frames_out,
+            )
+
+    async def _send(self, data: str | bytes) -> None:
+        async with self._send_lock:
+            if self.ws.closed:
+                return
+            if isinstance(data, bytes):
+                await self.ws.send_bytes(data)
+            else:
+                await self.ws.send_str(data)
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            if message.type is WSMsgType.BINARY:
+                await self._on_frame(message.data)
+            elif message.type is WSMsgType.TEXT:
+                await self._on_control(message.data)
+            elif message.type is WSMsgType.ERROR:
+                self.log.info("websocket error: %s", self.ws.exception() or message.data)
+                self.metrics.rejected.labels(TRANSPORT, "protocol").inc()
+
+    async def _on_frame(self, data: bytes) -> None:
+        index = self._frames
+        self._frames += 1
+        arrived = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(None, decode_jpeg, data)
+        except InvalidFrameError as exc:
+            self._reject("frame", f"frame {index}: {exc}")
+            await self._send(error_reply(f"frame {index}: {exc}"))
+            return
+        pts = max(self._last_pts + 1, int((arrived - self._t0) * 1_000_000))
+        self._last_pts = pts
+        try:
+            self.session.submit(image, pts=pts, time_base=ws_protocol.PTS_TIME_BASE)
+        except InvalidFrameError as exc:
+            self._reject("frame", f"frame {index}: {exc}")
+            await self._send(error_reply(f"frame {index}: {exc}"))
+            return
+        except SessionClosedError as exc:
+            await self._fail(str(exc))
+            return
+        self.flow.frame_in(pts, arrived)
+        self.metrics.frames.labels(TRANSPORT, "in").inc()
+
+    async def _on_control(self, text: str) -> None:
+        try:
+            request = parse_control(text, max_bytes=self.config.ws_max_control_bytes)
+        except ParameterError as exc:
+            self._reject("control", str(exc))
+            await self._send(error_reply(str(exc)))
+            return
+        try:
+            await self.session.update(**session_params(request.changes))
+        except ParameterError as exc:
+            self._reject("control", str(exc))
+            await self._send(error_reply(str(exc), request.id))
+            return
+        except SessionClosedError as exc:
+            await self._fail(str(exc))
+            return
+        self.log.info("updated %s", ", ".join(sorted(request.changes)))
+        await self._send(ok_reply(request.id))
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.flow.errors += 1
+        self.metrics.rejected.labels(TRANSPORT, reason).inc()
+        self.log.info("refused %s: %s", reason, message)
+
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        previous: bytes | None = None
+        while True:
+            try:
+                out = await self.session.recv()
+            except SessionClosedError as exc:
+                await self._fail(str(exc))
+                return
+            if out.skipped and previous is not None:
+                data = previous
+            else:
+                data = await loop.run_in_executor(
+                    None, partial(encode_jpeg, out.image, quality=self.config.jpeg_quality)
+                )
+            previous = data
+            await self._send(data)
+            latency = self.flow.frame_out(out.pts)
+            self.metrics.frames.labels(TRANSPORT, "out").inc()
+            if latency is not None:
+                self.metrics.latency.labels(TRANSPORT).observe(latency / 1000.0)
+
+    async def _fail(self, message: str) -> None:
+        """The session ended under us: tell the client and close."""
+        if self.ws.closed:
+            return
+        self.log.warning("session ended: %s", message)
+        await self._send(error_reply(f"session ended: {message}"))
+        async with self._send_lock:
+            await self.ws.close(
+                code=ws_protocol.CLOSE_INTERNAL, message=ws_protocol.close_reason(message)
+            )

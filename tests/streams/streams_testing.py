@@ -1,0 +1,183 @@
+"""Helpers for the server-edge tests (imported as ``streams_testing``; not a test module).
+
+The tiny model with random weights answers almost every input with the same near-black
+picture, which would make "this output came from that session" untestable. :func:`make_visible`
+rescales the tiny VAE decoder's last layer so outputs span the visible range; then the seed
+(the Stream Batch noise) changes the output by ~30 grey levels, far above codec loss (~8).
+Sessions in these tests therefore differ in prompt *and* seed, and every received frame is
+checked against the output the model makes for its own session (:func:`reference_output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from aiohttp import web
+
+from livediff.engine.config import GenerationParams
+from livediff.engine.degrade import DegradePolicy
+from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.engine.stream import Stream
+from livediff.models.bundle import ModelBundle
+from livediff.models.export import export_model
+from livediff.models.loading import ModelSpec, load_model
+from livediff.streams.app import create_app
+from livediff.streams.netns import in_loopback_netns, loopback_netns_argv, netns_tools_missing
+from livediff.streams.server_config import ServerConfig
+
+# Slow CPUs must not trigger deadline drops or load shedding: the tests check content, not speed.
+TEST_RUNTIME = RuntimeConfig(deadline_ms=600_000, degrade=DegradePolicy(enabled=False))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_visible(bundle_vae: Any) -> None:
+    """Scale the tiny TAESD decoder's output layer so images are mid-grey ± 40 levels, not black."""
+    with torch.no_grad():
+        last = bundle_vae.decoder.layers[-1]
+        last.weight.mul_(8.0)
+        last.bias.fill_(0.5)
+
+
+def visible_tiny_bundle() -> ModelBundle:
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cpu", dtype="fp32")
+    make_visible(bundle.vae)
+    return bundle
+
+
+def export_visible_tiny(folder: Path) -> Path:
+    """A diffusers folder of the visible tiny model, for ``livediff serve --model tiny --source``."""
+    from diffusers import AutoencoderTiny
+
+    export_model(ModelSpec(preset="tiny", weights="random"), folder)
+    vae = AutoencoderTiny.from_pretrained(folder / "vae_tiny")
+    make_visible(vae)
+    vae.save_pretrained(folder / "vae_tiny", safe_serialization=True)
+    return folder
+
+
+def pattern(width: int, height: int, seed: int) -> np.ndarray:
+    """A test picture: a background colour and a few coloured squares."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = rng.integers(0, 256, 3)
+    side = min(width, height) // 4
+    for _ in range(6):
+        x, y = rng.integers(0, width - side), rng.integers(0, height - side)
+        image[y : y + side, x : x + side] = rng.integers(0, 256, 3)
+    return image
+
+
+def reference_output(bundle: ModelBundle, image: np.ndarray, **params: Any) -> np.ndarray:
+    """What a one-step session with ``params`` (over the preset's defaults) makes of ``image``."""
+    preset = bundle.preset
+    base = GenerationParams(strength=preset.default_strength, steps=preset.default_steps)
+    stream = Stream(bundle, params=base.updated(**params))
+    (output,) = stream.process(image)
+    return output.numpy().astype(np.float32)
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference in grey levels."""
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def closest(image: np.ndarray, references: dict[str, np.ndarray]) -> str:
+    return min(references, key=lambda name: distance(image, references[name]))
+
+
+def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 30) -> Path:
+    """A yuv420p Y4M clip (Chromium's fake-camera format)."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="yuv4mpegpipe") as container:
+        stream = container.add_stream("rawvideo", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    bundle: ModelBundle, config: ServerConfig | None = None, runtime: RuntimeConfig = TEST_RUNTIME
+) -> AsyncIterator[tuple[str, web.Application, Engine]]:
+    """An engine and the app on ``127.0.0.1:<free port>``; yields (base URL, app, engine)."""
+    engine = Engine(bundle, None, runtime, None)
+    await engine.start()
+    app = create_app(engine, config or ServerConfig())
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}", app, engine
+    finally:
+        await runner.cleanup()
+        await engine.stop()
+
+
+# ---------------------------------------------------------------- loopback network namespace
+NEEDS_NETNS = pytest.mark.skipif(
+    not in_loopback_netns(),
+    reason="WebRTC: runs inside a loopback-only network namespace (see test_in_loopback_netns)",
+)
+
+
+def netns_module_runner(module_file: str, *, timeout_s: int = 900) -> Callable[[], None]:
+    """A test that runs ``module_file`` under pytest inside ``unshare --net`` and passes if it passes."""
+
+    @pytest.mark.skipif(in_loopback_netns(), reason="already inside the loopback network namespace")
+    @pytest.mark.timeout(timeout_s)
+    def test_in_loopback_netns() -> None:
+        missing = netns_tools_missing()
+        if missing:
+            pytest.skip(
+                f"needs {' and '.join(missing)} (util-linux, iproute2) to make a loopback-only network namespace"
+            )
+        argv = loopback_netns_argv(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-rA",
+                "-k",
+                "not test_in_loopback_netns",
+                module_file,
+            ]
+        )
+        result = subprocess.run(
+            argv,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s - 30,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        output = result.stdout[-12000:] + result.stderr[-4000:]
+        assert result.returncode == 0, (
+            f"tests inside the loopback netns failed (exit {result.returncode}):\n{output}"
+        )
+        assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], (
+            output
+        )
+
+    return test_in_loopback_netns
