@@ -47,6 +47,7 @@ nothing). Call it through :func:`fused_step`.
 from __future__ import annotations
 
 import torch
+
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
 RCFG_MODES = ("none", "full", "self", "initialize")
@@ -131,7 +132,7 @@ def check_step_args(
             raise ValueError(f"{name} is {tensor.dtype}: expected x_t's dtype {x_t.dtype}")
 
 
-def _reference(
+def reference(
     x_t: torch.Tensor,
     eps: torch.Tensor,
     stock: torch.Tensor | None,
@@ -198,7 +199,7 @@ def stream_batch_step(
 ) -> None:
     """Reference implementation (every device)."""
     check_step_args(x_t, eps, stock, noise, coefficients, out, rcfg, frame_buffer_size)
-    _reference(
+    reference(
         x_t, eps, stock, noise, coefficients, guidance_scale, delta, out, rcfg, frame_buffer_size
     )
 
@@ -219,7 +220,7 @@ def _stream_batch_step_cuda(
     check_step_args(x_t, eps, stock, noise, coefficients, out, rcfg, frame_buffer_size)
     tensors = (eps, stock, noise, coefficients, guidance_scale, delta, out)
     if not _triton_ok(x_t, *tensors):
-        _reference(
+        reference(
             x_t,
             eps,
             stock,

@@ -16,6 +16,7 @@ reference otherwise. Both are bit-exact against their reference.
 from __future__ import annotations
 
 import torch
+
 from livediff.kernels import yuv
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
@@ -37,9 +38,13 @@ def _check_images(images: torch.Tensor) -> None:
         )
 
 
-def _rgb_reference(images: torch.Tensor) -> torch.Tensor:
+def reference_rgb(images: torch.Tensor) -> torch.Tensor:
     scaled = (images.to(torch.float32) + 1.0) * 127.5
     return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def reference_i420(images: torch.Tensor) -> torch.Tensor:
+    return yuv.rgb_to_i420(reference_rgb(images))
 
 
 def _triton_ok(images: torch.Tensor) -> bool:
@@ -50,14 +55,14 @@ def _triton_ok(images: torch.Tensor) -> bool:
 def postprocess_rgb(images: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check_images(images)
-    return _rgb_reference(images)
+    return reference_rgb(images)
 
 
 @postprocess_rgb.register_kernel("cuda")
 def _postprocess_rgb_cuda(images: torch.Tensor) -> torch.Tensor:
     _check_images(images)
     if not _triton_ok(images):
-        return _rgb_reference(images)
+        return reference_rgb(images)
     from livediff.kernels import _triton_postprocess
 
     n, _, height, width = images.shape
@@ -77,14 +82,14 @@ def _postprocess_rgb_fake(images: torch.Tensor) -> torch.Tensor:
 def postprocess_i420(images: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check_images(images)
-    return yuv.rgb_to_i420(_rgb_reference(images))
+    return reference_i420(images)
 
 
 @postprocess_i420.register_kernel("cuda")
 def _postprocess_i420_cuda(images: torch.Tensor) -> torch.Tensor:
     _check_images(images)
     if not _triton_ok(images):
-        return yuv.rgb_to_i420(_rgb_reference(images))
+        return reference_i420(images)
     from livediff.kernels import _triton_postprocess
 
     n, _, height, width = images.shape

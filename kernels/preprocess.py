@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from livediff.kernels import yuv
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
@@ -112,13 +113,31 @@ def resize_reference(
     return (region / 127.5 - 1.0).to(dtype).contiguous()
 
 
-def _rgb_reference(
+def reference_rgb(
     frames: torch.Tensor, crop: Crop, height: int, width: int, dtype: torch.dtype
 ) -> torch.Tensor:
     top, left, crop_h, crop_w = crop
     region = frames[:, top : top + crop_h, left : left + crop_w, :]  # crop before converting
     images = region.permute(0, 3, 1, 2).to(torch.float32)
     return resize_reference(images, (0, 0, crop_h, crop_w), height, width, dtype)
+
+
+def reference_i420(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    crop: Crop,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return resize_reference(yuv.i420_to_rgb_float(y, u, v), crop, height, width, dtype)
+
+
+def reference_nv12(
+    y: torch.Tensor, uv: torch.Tensor, crop: Crop, height: int, width: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return resize_reference(yuv.nv12_to_rgb_float(y, uv), crop, height, width, dtype)
 
 
 def _empty_output(like: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +164,7 @@ def preprocess_rgb(
     crop = (top, left, crop_height, crop_width)
     _check_rgb(frames)
     check_resize(frames.shape[1], frames.shape[2], crop, height, width, dtype)
-    return _rgb_reference(frames, crop, height, width, dtype)
+    return reference_rgb(frames, crop, height, width, dtype)
 
 
 @preprocess_rgb.register_kernel("cuda")
@@ -163,7 +182,7 @@ def _preprocess_rgb_cuda(
     _check_rgb(frames)
     check_resize(frames.shape[1], frames.shape[2], crop, height, width, dtype)
     if not _triton_ok(dtype, frames):
-        return _rgb_reference(frames, crop, height, width, dtype)
+        return reference_rgb(frames, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
     out = _empty_output(frames, height, width, dtype)
@@ -207,7 +226,7 @@ def preprocess_i420(
     crop = (top, left, crop_height, crop_width)
     yuv.check_i420_planes(y, u, v)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    return resize_reference(yuv.i420_to_rgb_float(y, u, v), crop, height, width, dtype)
+    return reference_i420(y, u, v, crop, height, width, dtype)
 
 
 @preprocess_i420.register_kernel("cuda")
@@ -227,7 +246,7 @@ def _preprocess_i420_cuda(
     yuv.check_i420_planes(y, u, v)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
     if not _triton_ok(dtype, y, u, v):
-        return resize_reference(yuv.i420_to_rgb_float(y, u, v), crop, height, width, dtype)
+        return reference_i420(y, u, v, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
     out = _empty_output(y, height, width, dtype)
@@ -270,7 +289,7 @@ def preprocess_nv12(
     crop = (top, left, crop_height, crop_width)
     yuv.check_nv12_planes(y, uv)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    return resize_reference(yuv.nv12_to_rgb_float(y, uv), crop, height, width, dtype)
+    return reference_nv12(y, uv, crop, height, width, dtype)
 
 
 @preprocess_nv12.register_kernel("cuda")
@@ -289,7 +308,7 @@ def _preprocess_nv12_cuda(
     yuv.check_nv12_planes(y, uv)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
     if not _triton_ok(dtype, y, uv):
-        return resize_reference(yuv.nv12_to_rgb_float(y, uv), crop, height, width, dtype)
+        return reference_nv12(y, uv, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
     out = _empty_output(y, height, width, dtype)

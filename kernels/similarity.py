@@ -14,6 +14,7 @@ on the device; read it only where a sync is acceptable.
 from __future__ import annotations
 
 import torch
+
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
 NORM_EPS = 1e-6
@@ -47,7 +48,7 @@ def as_signal(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).to(torch.float32)
 
 
-def _reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fa, fb = as_signal(a), as_signal(b)
     dot = torch.dot(fa, fb)
     norms = torch.linalg.vector_norm(fa) * torch.linalg.vector_norm(fb)
@@ -58,7 +59,7 @@ def _reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check(a, b)
-    return _reference(a, b)
+    return reference(a, b)
 
 
 @cosine_similarity.register_kernel("cuda")
@@ -66,7 +67,7 @@ def _cosine_similarity_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b)
     fits = a.numel() <= TRITON_MAX_NUMEL and a.dtype in TRITON_DTYPES and b.dtype in TRITON_DTYPES
     if not (fits and use_triton(a, b)):
-        return _reference(a, b)
+        return reference(a, b)
     from livediff.kernels import _triton_similarity
 
     return _triton_similarity.cosine(a, b, NORM_EPS)

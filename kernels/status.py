@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from livediff.kernels import fused_step, postprocess, preprocess, similarity  # noqa: F401  (registers the ops)
 from livediff.kernels._dispatch import (
     INT32_LIMIT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels_testing import RCFG_MODES, fused_inputs
+
 from livediff.engine.config import RCFGMode
 from livediff.engine.schedule import LCMSchedule
 from livediff.engine.stream_batch import StreamBatch

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from kernels_testing import RCFG_MODES, fused_inputs
+
 from livediff.kernels import fused_step as fused_step_module
 from livediff.kernels.fused_step import fused_step
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from kernels_testing import naive_i420
+
 from livediff.kernels import yuv
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 

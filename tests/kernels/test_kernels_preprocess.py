@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from kernels_testing import naive_bilinear, naive_yuv420_to_rgb
+
 from livediff.kernels import yuv
 from livediff.kernels.preprocess import i420_to_model_input, nv12_to_model_input, rgb_to_model_input
 

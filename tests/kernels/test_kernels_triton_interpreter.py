@@ -20,6 +20,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from kernels_testing import RCFG_MODES, fused_inputs
+
 from livediff.kernels import postprocess, preprocess, similarity, yuv
 from livediff.kernels.fused_step import fused_step
 
