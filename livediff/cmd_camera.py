@@ -110,20 +110,24 @@ def run(args: argparse.Namespace) -> int:
         realtime=False if args.no_realtime else None,
         max_frames=args.max_frames,
     )
-    size = model_resolution(args, config)
-    engine = engine_from_args(args, config)
-    return run_event_loop(_camera(engine, source, size, args))
+    sinks = open_sinks(
+        args, model_resolution(args, config), source.frame_rate
+    )  # before the slow model load
+    try:
+        engine = engine_from_args(args, config)
+        return run_event_loop(_camera(engine, source, sinks))
+    finally:
+        for sink in sinks:
+            sink.close()
 
 
-async def _camera(engine: Any, source: Any, size: tuple[int, int], args: argparse.Namespace) -> int:
+def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any) -> list[Any]:
+    """The virtual camera (``--vcam``, or no ``--output``) and the ``--output`` file."""
     from livediff.streams.file_sink import FileSink
-    from livediff.streams.local_pipeline import describe, run_local_pipeline
     from livediff.streams.vcam import VirtualCamera
 
     width, height = size
     sinks: list[Any] = []
-    started = time.monotonic()
-    await engine.start()
     try:
         if args.vcam or not args.output:
             camera = VirtualCamera(
@@ -135,17 +139,28 @@ async def _camera(engine: Any, source: Any, size: tuple[int, int], args: argpars
                 flush=True,
             )
         if args.output:
-            rate = source.frame_rate
+            time_base = 1 / frame_rate
             file_sink = FileSink(
-                args.output, width=width, height=height, frame_rate=rate, time_base=1 / rate
+                args.output, width=width, height=height, frame_rate=frame_rate, time_base=time_base
             )
-            sinks.append(_FileOutput(file_sink, 1 / rate))
-        result = await run_local_pipeline(engine, source, sinks)
-        print(f"livediff camera: {describe(result, started)}", flush=True)
-    finally:
+            sinks.append(_FileOutput(file_sink, time_base))
+    except BaseException:
         for sink in sinks:
             sink.close()
+        raise
+    return sinks
+
+
+async def _camera(engine: Any, source: Any, sinks: list[Any]) -> int:
+    from livediff.streams.local_pipeline import describe, run_local_pipeline
+
+    started = time.monotonic()
+    await engine.start()
+    try:
+        result = await run_local_pipeline(engine, source, sinks)
+    finally:
         await engine.stop()
+    print(f"livediff camera: {describe(result, started)}", flush=True)
     return 0
 
 

@@ -16,7 +16,8 @@ import aioice.ice
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from streams_testing import (
+
+from helpers.streams_testing import (
     NEEDS_NETNS,
     distance,
     netns_module_runner,
@@ -25,7 +26,6 @@ from streams_testing import (
     running_server,
     visible_tiny_bundle,
 )
-
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.models.bundle import ModelBundle
 from livediff.streams import app_keys

@@ -10,7 +10,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from streams_testing import (
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from helpers.streams_testing import (
     TEST_RUNTIME,
     distance,
     pattern,
@@ -20,9 +23,6 @@ from streams_testing import (
     visible_tiny_bundle,
     write_y4m,
 )
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-
 from livediff.clients.ws_client import WsClient, build_parser, stream_file
 from livediff.engine.runtime import RuntimeConfig
 from livediff.exceptions import LivediffError

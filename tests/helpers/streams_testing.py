@@ -1,4 +1,4 @@
-"""Helpers for the server-edge tests (imported as ``streams_testing``; not a test module).
+"""Helpers for the server-edge tests: tests/streams and tests/browser (``helpers.streams_testing``).
 
 The tiny model with random weights answers almost every input with the same near-black
 picture, which would make "this output came from that session" untestable. :func:`make_visible`
