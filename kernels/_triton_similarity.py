@@ -77,5 +77,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     _partials_kernel[(parts,)](
         a, b, partials, numel, parts, A_BYTE=a_byte, B_BYTE=b_byte, BLOCK=BLOCK, num_warps=NUM_WARPS
     )
-    _finish_kernel[(1,)](partials, out, parts, eps, PARTS_POW2=triton.next_power_of_2(parts))
+    _finish_kernel[(1,)](
+        partials, out, parts, eps, PARTS_POW2=max(16, triton.next_power_of_2(parts))
+    )
     return out

@@ -69,6 +69,9 @@ def fused_step(
     """Run one step in place (see the module docstring); returns ``out`` (allocated if ``None``).
 
     ``rcfg`` is ``"none" | "full" | "self" | "initialize"`` (an ``RCFGMode`` works: its value is used).
+    Every tensor must be on one device; ``out`` must not overlap ``x_t`` or ``stock``. The
+    Triton kernel runs when all are CUDA and contiguous (``x_t`` a leading-dim slice of a
+    contiguous buffer is fine) with ``x_t`` in float16, bfloat16 or float32.
     """
     mode = str(getattr(rcfg, "value", rcfg))
     if out is None:
