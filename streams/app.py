@@ -14,7 +14,8 @@ Routes:
 - ``GET /ws`` — the websocket protocol (:mod:`livediff.streams.ws_protocol`).
 - ``GET /metrics`` — Prometheus exposition of the engine's registry plus the transport metrics.
 - ``GET /healthz`` — ``{"status": "ok", "peers": n, "websockets": n}``.
-- ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON.
+- ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON
+  (``?samples=1`` adds each peer's recent server-added latencies, for benchmarks).
 
 All state lives on the app (:mod:`livediff.streams.app_keys`). At shutdown every peer and
 websocket is closed (close code 1001) and their sessions end; the ICE host-address
@@ -124,11 +125,19 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _stats(request: web.Request) -> web.Response:
     app = request.app
+    samples = request.query.get("samples") == "1"
     return web.json_response(
         {
-            "peers": [peer.stats() for peer in app[app_keys.PEERS]],
+            "peers": [_peer_stats(peer, samples) for peer in app[app_keys.PEERS]],
             "websockets": len(app[app_keys.WEBSOCKETS]),
             "engine": app[app_keys.ENGINE].metrics(),
         },
         dumps=lambda value: json.dumps(value, default=str),
     )
+
+
+def _peer_stats(peer: Any, samples: bool) -> dict[str, Any]:
+    stats: dict[str, Any] = peer.stats()
+    if samples:  # raw server-added latencies (ms), for benchmarks' own percentiles
+        stats["server_latency_samples_ms"] = [round(v, 3) for v in peer.flow.latencies_ms()]
+    return stats
