@@ -247,12 +247,16 @@ async function collectStats() {
 }
 
 function renderServerStats(s) {
+  // s: the server's per-session stats (streams/peer.py); s.engine is the engine's session.stats()
+  const ms = (v) => (typeof v === 'number' ? `${v.toFixed(0)}` : '–');
   $('stat-server-fps').textContent = `${s.fps_in} / ${s.fps_out}`;
-  $('stat-latency').textContent = s.server_latency_ms_p50 === undefined ? '–'
-    : `${s.server_latency_ms_p50} / ${s.server_latency_ms_p99} ms`;
+  $('stat-latency').textContent = `${ms(s.server_latency_ms_p50)} / ${ms(s.server_latency_ms_p99)} ms`;
   const engine = s.engine || {};
-  $('stat-engine').textContent = Object.entries(engine)
-    .filter(([, v]) => typeof v !== 'object').map(([k, v]) => `${k} ${typeof v === 'number' ? +v.toFixed(2) : v}`).join(', ') || '–';
+  const total = (engine.latency_ms || {}).total || {};
+  $('stat-engine-latency').textContent = `${ms(total.p50)} / ${ms(total.p99)} ms`;
+  $('stat-drops').textContent = engine.dropped === undefined ? '–' : `${engine.dropped} / ${engine.skipped}`;
+  $('stat-engine').textContent = engine.steps === undefined ? '–'
+    : `${engine.steps} step(s), ${(engine.render_size || []).join('×')}`;
 }
 
 function snapshot(which) {
