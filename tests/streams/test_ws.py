@@ -250,3 +250,23 @@ async def test_metrics_and_health_count_websocket_frames(server: Any, frame: np.
     assert 'livediff_transport_frames_total{direction="in",transport="websocket"} 1.0' in text
     assert 'livediff_transport_frames_total{direction="out",transport="websocket"} 1.0' in text
     assert "livediff_transport_server_latency_seconds_count" in text
+
+
+async def test_skipped_frames_are_answered_with_the_previous_output(
+    server: Any, frame: np.ndarray
+) -> None:
+    base, _, engine = server
+    async with await WsClient.connect(
+        ws_url(base), params={**FOX, "similarity_threshold": 0.5}
+    ) as client:
+        answers = []
+        for _ in range(4):  # one at a time: none is dropped, each gets exactly one answer
+            await client.send_frame(frame)
+            answers.append(await client.recv_jpeg())
+        stats = engine.sessions[client.session].stats()
+    assert (
+        stats["skipped"] >= 1
+        and stats["processed"] + stats["skipped"] == 4
+        and stats["dropped"] == 0
+    )
+    assert len(set(answers)) == 1
