@@ -256,7 +256,7 @@ def test_virtual_camera_output_plays_as_the_browser_camera(
         "--config",
         str(config_file),
         "--prompt",
-        WHALE["prompt"],
+        str(WHALE["prompt"]),
         "--seed",
         str(WHALE["seed"]),
     ]

@@ -89,8 +89,8 @@ async def test_two_sessions_get_their_own_outputs_and_never_each_others(
     try:
         assert len(engine.sessions) == 2
         peers = app[app_keys.PEERS]
-        assert peers.get(fox.session or "").codec == "video/VP8"  # type: ignore[union-attr]
-        assert peers.get(whale.session or "").codec == "video/H264"  # type: ignore[union-attr]
+        assert peers.get(fox.session or "").codec == "video/VP8"
+        assert peers.get(whale.session or "").codec == "video/H264"
 
         async def collect(client: WebRTCClient, count: int) -> list[np.ndarray]:
             return [await client.recv_frame() for _ in range(count)]
@@ -153,7 +153,7 @@ async def test_offer_errors_are_json_4xx_and_the_server_keeps_serving(
 ) -> None:
     base, app, engine = server
     good_sdp = await _offer_sdp()
-    cases = [
+    cases: list[tuple[dict[str, Any], int, str]] = [
         (
             {"data": "sdp=v=0", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
             415,
