@@ -59,8 +59,9 @@ def _step_kernel(
     kind = x_ptr.dtype.element_ty
     g = tl.load(g_ptr).to(tl.float32)
     d = tl.load(d_ptr).to(tl.float32)
-    for i in tl.static_range(STEPS):  # unrolled: k is a compile-time constant
-        k: tl.constexpr = STEPS - 1 - i
+    # Unrolled, last block first (it reads x_t[k + 1] before block k overwrites it); k is a
+    # compile-time constant (assigning a constexpr in the loop body is rejected by Triton 3.6).
+    for k in tl.static_range(STEPS - 1, -1, -1):
         r = k * F + j
         alpha = tl.load(coef_ptr + r).to(tl.float32)
         beta = tl.load(coef_ptr + R + r).to(tl.float32)
