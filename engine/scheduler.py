@@ -4,7 +4,8 @@ Priority
     A session's priority is the deadline of the oldest frame that has been waiting since the
     session was last served. A frame that is replaced in the inbox (latest wins) hands its
     place in line to the newer frame, so a session whose frames keep being replaced still
-    moves to the front: with equal budgets this is round-robin, and no session starves.
+    moves to the front: with equal budgets this is round-robin, and no session starves. Equal
+    deadlines go to the session served fewest times.
 
 Grouping rule (what may share one UNet call)
     Sessions share a call when their Streams have the same latent size (same resolution,
@@ -54,14 +55,15 @@ class Candidate(Generic[T]):
     key: GroupKey
     priority: float
     rows: int
-    order: int  # tie-break: the session opened first goes first
+    served: int  # tie-break: the session served fewest times goes first
+    order: int  # then the session opened first
 
 
 def plan_batch(candidates: Sequence[Candidate[T]], max_rows: int) -> list[Candidate[T]]:
     """The sessions of the next call, earliest deadline first."""
     if not candidates:
         return []
-    ranked = sorted(candidates, key=lambda c: (c.priority, c.order))
+    ranked = sorted(candidates, key=lambda c: (c.priority, c.served, c.order))
     head = ranked[0]
     chosen, rows = [head], head.rows
     if head.key[2]:

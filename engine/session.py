@@ -54,7 +54,8 @@ class OutputFrame:
     (a skipped frame shares the previous output's array). ``index`` counts the session's
     submitted frames from 0. ``skipped`` marks a similarity-filter skip (the previous output
     again). ``render_size`` is the (width, height) actually generated: smaller than the image
-    while the engine is degraded to a lower resolution.
+    while the engine is degraded to a lower resolution. ``compute_ms`` is the device time of
+    the batch that generated it divided by the frames in that batch (``None`` when skipped).
     """
 
     image: np.ndarray
@@ -65,6 +66,7 @@ class OutputFrame:
     t_arrival: float
     t_done: float
     render_size: tuple[int, int] | None = None
+    compute_ms: float | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -102,6 +104,7 @@ class SessionCore:
         # Worker thread only:
         self.stream: Stream = plan.stream
         self.consecutive_drops = 0
+        self.served = 0  # batches this session was planned into (the scheduler's tie-break)
         self.last_image: np.ndarray | None = None
         # Control thread only:
         self.plan = plan

@@ -213,10 +213,14 @@ class Worker:
             if priority is not None:
                 stream = core.stream
                 key = group_key(stream.latent_size, stream.config.use_denoising_batch, session.id)
-                candidates.append(Candidate(session, key, priority, stream.batch.unet_rows, order))
+                rows = stream.batch.unet_rows
+                candidates.append(Candidate(session, key, priority, rows, core.served, order))
         if not candidates:
             return worked
-        self._run_batch(plan_batch(candidates, self.max_rows))
+        plan = plan_batch(candidates, self.max_rows)
+        for candidate in plan:
+            candidate.item.core.served += 1
+        self._run_batch(plan)
         return True
 
     def _apply(self, session: Session, items: list[ControlItem]) -> bool:
@@ -319,7 +323,7 @@ class Worker:
         t_done = self.clock()
         core.answered(frames, True, t_done, {}, 0.0)
         render = (core.stream.width, core.stream.height)
-        outputs = [self._output(session, f, image, True, t_done, render) for f in frames]
+        outputs = [self._output(session, f, image, t_done, render, None) for f in frames]
         self.post(partial(session.deliver, outputs))
 
     def _output(
@@ -327,16 +331,25 @@ class Worker:
         session: Session,
         frame: InputFrame,
         image: Any,
-        skipped: bool,
         t_done: float,
         render: tuple[int, int],
+        compute_s: float | None,
     ) -> OutputFrame:
         latency = t_done - frame.t_arrival
-        self.metrics.output(
-            session.id, skipped=skipped, late=t_done > frame.deadline, latency_s=latency
-        )
+        skipped = compute_s is None
+        late = t_done > frame.deadline
+        self.metrics.output(session.id, skipped=skipped, late=late, latency_s=latency)
+        compute_ms = None if compute_s is None else compute_s * 1000.0
         return OutputFrame(
-            image, frame.pts, frame.time_base, frame.index, skipped, frame.t_arrival, t_done, render
+            image,
+            frame.pts,
+            frame.time_base,
+            frame.index,
+            skipped,
+            frame.t_arrival,
+            t_done,
+            render,
+            compute_ms,
         )
 
     def _compute(self, key: GroupKey, entries: list[_Entry]) -> None:
@@ -365,7 +378,9 @@ class Worker:
         t_done = self.clock()
         stages = timer.durations()
         gpu_s = sum(stages.values())
+        per_frame = gpu_s / max(1, sum(len(e.group.images) for e in entries))
         generated = late = 0
+        deliveries: list[Callable[[], None]] = []
         for entry, answer, host in zip(entries, answers, hosts, strict=True):
             core = entry.session.core
             render = (entry.stream.width, entry.stream.height)
@@ -381,24 +396,23 @@ class Worker:
                     image = host[len(frames)].numpy()
                     image.flags.writeable = False
                     frames.append(out.tag)
-                outputs.append(
-                    self._output(entry.session, out.tag, image, out.skipped, t_done, render)
-                )
+                share = None if out.skipped else per_frame
+                outputs.append(self._output(entry.session, out.tag, image, t_done, render, share))
             if skipped:
                 core.answered(skipped, True, t_done, {}, 0.0)
             if frames:
                 core.last_image = outputs[-1].image
-                late += core.answered(frames, False, t_done, stages, gpu_s / len(frames))
+                late += core.answered(frames, False, t_done, stages, per_frame)
                 generated += len(frames)
             if outputs:
-                self.post(partial(entry.session.deliver, outputs))
+                deliveries.append(partial(entry.session.deliver, outputs))
         for stage, seconds in stages.items():
             self.metrics.stage(stage, seconds, generated)
-        self.metrics.batch(
-            rows, padded, len(entries), gpu_s / max(1, sum(len(e.group.images) for e in entries))
-        )
+        self.metrics.batch(rows, padded, len(entries), per_frame)
         self.estimator.record(key, padded, t_done - t_start)
         self.degrade.observe(generated, late)
+        for delivery in deliveries:  # after the bookkeeping, so a receiver sees it done
+            self.post(delivery)
 
     def _batched(
         self, entries: list[_Entry], sizes: list[tuple[int, int]], timer: _StageTimer

@@ -1,0 +1,377 @@
+"""The ``multi`` suite: N live sessions on one device, batched by livediff vs N independent Streams.
+
+    python -m livediff.bench.multi                      # sd-turbo architecture, random weights, 512², 1 step
+    python -m livediff.bench.multi --model tiny --weights random --sessions 1,2 --seconds 2   # CPU smoke
+
+For every session count N, N sources each deliver a ``--frame-size``² uint8 frame every
+1/``--fps`` seconds for ``--warmup`` + ``--seconds`` seconds; only the last ``--seconds`` count.
+
+- ``livediff``: one :class:`~livediff.engine.runtime.Engine` (cross-session batching, EDF,
+  deadline drops; degrading off unless ``--degrade``). A producer task per session submits on
+  schedule, a consumer task per session receives.
+- ``independent``: N :class:`~livediff.engine.stream.Stream` objects, each in its own thread
+  (and CUDA stream), each answering the newest frame of its source whenever it is free (latest
+  wins) and syncing per frame — N separate StreamDiffusion-style pipelines on one GPU.
+
+Each JSON line (see :mod:`livediff.bench.records`) adds: ``fps`` = outputs per second over all
+sessions; ``ms_median``/``ms_p99`` = compute time per generated frame (livediff: device time of
+a batch ÷ its frames; independent: wall time of one synced ``Stream.process``, which shares the
+device with the other N-1 streams); ``latency_ms_p50``/``latency_ms_p99`` = source arrival →
+output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_mem_peak_mb``.
+A PNG of throughput and latency against sessions goes to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from livediff.bench.records import emit, environment, gpu_memory_peak_mb, percentile
+from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.config import GenerationParams, StreamConfig
+from livediff.engine.degrade import DegradePolicy
+from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.exceptions import SessionClosedError
+from livediff.models.bundle import ModelBundle
+from livediff.models.loading import ModelSpec, load_model
+
+
+@dataclass
+class Tally:
+    """What one system did in the measured window."""
+
+    delivered: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    compute_ms: list[float] = field(default_factory=list)
+    done_in_window: int = 0
+
+    def record(
+        self, t_arrival: float, t_done: float, compute_ms: float | None, window: tuple[float, float]
+    ) -> None:
+        if window[0] <= t_arrival < window[1]:
+            self.latency_ms.append((t_done - t_arrival) * 1000.0)
+            if compute_ms is not None:
+                self.compute_ms.append(compute_ms)
+        if window[0] <= t_done < window[1]:
+            self.done_in_window += 1
+
+
+def source_frames(size: int, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def _reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------- livediff
+async def run_livediff(
+    bundle: ModelBundle,
+    config: StreamConfig,
+    params: GenerationParams,
+    args: argparse.Namespace,
+    sessions: int,
+) -> Tally:
+    runtime = RuntimeConfig(
+        deadline_ms=args.deadline_ms,
+        max_sessions=max(sessions, 1),
+        batch_buckets=tuple(args.buckets),
+        degrade=DegradePolicy(enabled=args.degrade),
+    )
+    engine = Engine(bundle, config, runtime, params)
+    await engine.start()
+    handles = [await engine.open_session({"seed": k}) for k in range(sessions)]
+    loop = asyncio.get_running_loop()
+    period = 1.0 / args.fps
+    start = loop.time() + 0.2
+    window = (start + args.warmup, start + args.warmup + args.seconds)
+    tally = Tally()
+
+    async def produce(k: int) -> None:
+        frames = source_frames(args.frame_size, 8, k)
+        index = 0
+        while (t := start + index * period) < window[1]:
+            await asyncio.sleep(max(0.0, t - loop.time()))  # pacing the source, not synchronisation
+            handles[k].submit(frames[index % len(frames)], pts=index)
+            if t >= window[0]:
+                tally.delivered += 1
+            index += 1
+
+    async def consume(k: int) -> None:
+        try:
+            while True:
+                out = await handles[k].recv()
+                tally.record(out.t_arrival, out.t_done, out.compute_ms, window)
+        except SessionClosedError:
+            pass
+
+    consumers = [asyncio.create_task(consume(k)) for k in range(sessions)]
+    await asyncio.gather(*(produce(k) for k in range(sessions)))
+    await engine.wait_idle()
+    await engine.stop()
+    await asyncio.gather(*consumers)
+    return tally
+
+
+# ---------------------------------------------------------------------- independent
+def run_independent(
+    bundle: ModelBundle,
+    backend: Backend,
+    config: StreamConfig,
+    params: GenerationParams,
+    args: argparse.Namespace,
+    sessions: int,
+) -> Tally:
+    streams = [
+        make_stream(bundle, backend, config, params.updated(seed=k)) for k in range(sessions)
+    ]
+    period = 1.0 / args.fps
+    start = time.monotonic() + 0.2
+    window = (start + args.warmup, start + args.warmup + args.seconds)
+    total = math.ceil((window[1] - start) / period)
+    tally = Tally(
+        delivered=sessions * sum(1 for i in range(total) if start + i * period >= window[0])
+    )
+    lock = threading.Lock()
+
+    def serve(k: int) -> None:
+        frames = source_frames(args.frame_size, 8, k)
+        cuda = bundle.device.type == "cuda"
+        context = torch.cuda.stream(torch.cuda.Stream(bundle.device)) if cuda else _null()
+        last = -1
+        with context, torch.inference_mode():
+            while True:
+                newest = min(total - 1, math.floor((time.monotonic() - start) / period))
+                if newest <= last:
+                    if last == total - 1:
+                        return
+                    time.sleep(
+                        max(0.0, start + (last + 1) * period - time.monotonic())
+                    )  # next arrival
+                    continue
+                arrival = start + newest * period
+                began = time.monotonic()
+                outputs = streams[k].process(frames[newest % len(frames)])
+                for out in outputs:
+                    out.image.cpu()  # the frame on the host: one sync per frame
+                done = time.monotonic()
+                with lock:
+                    tally.record(arrival, done, (done - began) * 1000.0, window)
+                last = newest
+
+    threads = [
+        threading.Thread(target=serve, args=(k,), name=f"independent-{k}") for k in range(sessions)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------- records and plot
+def record(
+    system: str,
+    tally: Tally,
+    bundle: ModelBundle,
+    config: StreamConfig,
+    args: argparse.Namespace,
+    sessions: int,
+) -> dict[str, Any]:
+    answered = len(tally.latency_ms)
+    return {
+        "system": system,
+        "suite": "multi",
+        "model": bundle.preset.name,
+        "weights": bundle.weights.value,
+        "width": config.width,
+        "height": config.height,
+        "steps": args.steps,
+        "mode": config.mode.value,
+        "rcfg": config.rcfg.value,
+        "sessions": sessions,
+        "fps": round(tally.done_in_window / args.seconds, 2),
+        "ms_median": round(percentile(tally.compute_ms, 50), 3),
+        "ms_p99": round(percentile(tally.compute_ms, 99), 3),
+        "latency_ms_p50": round(percentile(tally.latency_ms, 50), 3),
+        "latency_ms_p99": round(percentile(tally.latency_ms, 99), 3),
+        "drop_rate": round(1.0 - answered / tally.delivered, 4) if tally.delivered else None,
+        "gpu_mem_peak_mb": gpu_memory_peak_mb(bundle.device),
+        "input_fps": args.fps,
+        "frame_size": args.frame_size,
+        "seconds": args.seconds,
+        "backend": args.backend,
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        **environment(bundle.device),
+    }
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    for system, marker in (("livediff", "o"), ("independent", "s")):
+        rows = [r for r in records if r["system"] == system]
+        if not rows:
+            continue
+        sessions = [r["sessions"] for r in rows]
+        throughput.plot(sessions, [r["fps"] for r in rows], marker=marker, label=system)
+        latency.plot(
+            sessions, [r["latency_ms_p50"] for r in rows], marker=marker, label=f"{system} p50"
+        )
+        latency.plot(
+            sessions,
+            [r["latency_ms_p99"] for r in rows],
+            marker=marker,
+            linestyle="--",
+            label=f"{system} p99",
+        )
+    first = records[0]
+    title = f"{first['model']} {first['width']}² {first['steps']} step, {first['device']}"
+    throughput.set(xscale="log", xlabel="sessions", ylabel="output fps (all sessions)", title=title)
+    latency.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sessions",
+        ylabel="arrival → output (ms)",
+        title="latency",
+    )
+    for axes in (throughput, latency):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------- entry point
+def graphed(bundle: ModelBundle, config: StreamConfig, buckets: Sequence[int]) -> ModelBundle:
+    """The compiled bundle with one CUDA graph per batch bucket, all captured before timing."""
+    from livediff.models.graphed import GraphedBundle
+
+    assert config.width is not None and config.height is not None
+    factor = bundle.vae_scale_factor
+    wrapped = GraphedBundle.wrap(bundle)
+    wrapped.setup_graphs(
+        unet_buckets=buckets,
+        frame_buckets=buckets,
+        latent_size=(config.height // factor, config.width // factor),
+    )
+    wrapped.warm_up(progress=lambda name: print(f"captured {name}", file=sys.stderr, flush=True))
+    return wrapped
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m livediff.bench.multi", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", default="sd-turbo")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument(
+        "--sessions", default="1,2,4,8,16,32", help="comma-separated session counts"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="unmeasured seconds first (default 3 on CUDA, 1 on CPU)",
+    )
+    parser.add_argument(
+        "--fps", type=float, default=30.0, help="frames per second from each source"
+    )
+    parser.add_argument("--frame-size", type=int, default=512, help="source frames are N×N")
+    parser.add_argument(
+        "--width", type=int, default=None, help="model resolution (default: the preset's)"
+    )
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--deadline-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--buckets", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32]
+    )
+    parser.add_argument("--degrade", action="store_true", help="let the engine degrade under load")
+    parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
+    parser.add_argument("--systems", default="livediff,independent")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/multi.png"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if args.warmup is None:
+        args.warmup = 3.0 if device.type == "cuda" else 1.0
+    bundle = load_model(
+        ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=dtype
+    )
+    backend = Backend(args.backend)
+    bundle = prepare_backend(bundle, backend)
+    config = StreamConfig(
+        width=args.width or bundle.preset.width, height=args.height or bundle.preset.height
+    )
+    batched = bundle
+    if backend is Backend.COMPILE and device.type == "cuda":
+        batched = graphed(bundle, config, args.buckets)
+    params = GenerationParams(strength=bundle.preset.default_strength, steps=args.steps)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    outputs: list[TextIO] = [sys.stdout]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
+    records: list[dict[str, Any]] = []
+    try:
+        for sessions in (int(v) for v in args.sessions.split(",")):
+            for system in systems:
+                _reset_memory(device)
+                if system == "livediff":
+                    tally = asyncio.run(run_livediff(batched, config, params, args, sessions))
+                elif system == "independent":
+                    tally = run_independent(bundle, backend, config, params, args, sessions)
+                else:
+                    raise SystemExit(f"unknown system {system!r}: expected livediff or independent")
+                records.append(record(system, tally, bundle, config, args, sessions))
+                emit(records[-1], outputs)
+    finally:
+        for handle in outputs[1:]:
+            handle.close()
+    if args.plot and records:
+        plot(records, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
