@@ -40,6 +40,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from livediff.exceptions import LivediffError, SessionClosedError
+from livediff.streams.camera_source import CameraSource
 from livediff.streams.ice import HostAddressRestriction, rtc_configuration
 from livediff.streams.server_config import IceServer
 
@@ -71,6 +72,36 @@ class ImageTrack(VideoStreamTrack):
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts, frame.time_base = index * (90000 // self._fps), fractions.Fraction(1, 90000)
         return frame
+
+
+class SourceTrack(MediaStreamTrack):
+    """A camera or file (:class:`~livediff.streams.camera_source.CameraSource`) as a video track.
+
+    Files play at their own frame rate and loop with rising timestamps (aiortc's ``MediaPlayer``
+    stops pacing after the first loop).
+    """
+
+    kind = "video"
+
+    def __init__(self, source: CameraSource) -> None:
+        super().__init__()
+        self._source = source
+        self._frames = source.frames()
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        item = await asyncio.get_running_loop().run_in_executor(None, next, self._frames, None)
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        frame = av.VideoFrame.from_ndarray(item.image, format="rgb24")
+        frame.pts, frame.time_base = round(item.time.seconds * 90000), fractions.Fraction(1, 90000)
+        return frame
+
+    def stop(self) -> None:
+        self._source.stop()
+        super().stop()
 
 
 class WebRTCClient:
@@ -197,7 +228,7 @@ def _parse_update(text: str) -> tuple[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from aiortc.contrib.media import MediaBlackhole, MediaPlayer, MediaRecorder
+    from aiortc.contrib.media import MediaBlackhole, MediaRecorder
 
     restriction = (
         HostAddressRestriction(args.host_address) if args.host_address else contextlib.nullcontext()
@@ -214,10 +245,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             codec=args.codec,
             ice_servers=[IceServer(urls=(url,)) for url in args.ice_server or ()],
         )
-        player = MediaPlayer(args.input, loop=True)
-        if player.video is None:
-            raise LivediffError(f"{args.input} has no video")
-        await client.connect(player.video)
+        track = SourceTrack(CameraSource(args.input, loop=True))
+        await client.connect(track)
         recorder = MediaRecorder(args.output) if args.output else MediaBlackhole()
         recorder.addTrack(await client.output())
         await recorder.start()
@@ -226,7 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stats = client.stats
         await recorder.stop()
         await client.close()
-        player.video.stop()
+        track.stop()
     return {"session": client.session, "replies": replies, "stats": stats, "output": args.output}
 
 
@@ -236,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
     parser.add_argument(
-        "--input", required=True, help="a media file (looped) or a device PyAV can open"
+        "--input", required=True, help="a media file (looped) or a camera (/dev/videoN)"
     )
     parser.add_argument("--output", help="record the processed video to this file")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to stream")

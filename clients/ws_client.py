@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = asyncio.run(stream_file(args))
-    except (LivediffError, OSError) as exc:
+    except (LivediffError, OSError, ValueError) as exc:  # ValueError: a malformed --url
         print(f"ws_client: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
