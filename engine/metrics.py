@@ -14,6 +14,8 @@ Frame accounting (exact at every instant, under the session lock)::
     submitted = processed + skipped + dropped_inbox + dropped_deadline + dropped_reconfigure + in_flight
     processed + skipped = received + dropped_outbox + outbox_depth      (outputs, once delivered)
 
+``dropped_outbox`` also counts outputs that arrive after their session was closed.
+
 ``late`` counts processed frames that finished after their deadline (they are not drops).
 """
 

@@ -348,7 +348,9 @@ class Session:
 
     def deliver(self, outputs: list[OutputFrame]) -> None:
         """Called on the event loop by the engine with this session's new outputs."""
-        if self.closed:
+        if self.closed:  # nobody will read them: counted like outputs a slow reader lost
+            with self.core.lock:
+                self.core.metrics.counts.dropped_outbox += len(outputs)
             return
         dropped = 0
         for output in outputs:
