@@ -32,6 +32,7 @@ from livediff.engine.frames import fit_crop
 from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import rgb_to_model_input
 from livediff.models.bundle import ModelBundle
+from livediff.models.graphed import GraphedBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.recipe import Recipe
 
@@ -158,6 +159,17 @@ def run_stages(
     from livediff.engine.stream import Stream
 
     stream = Stream(bundle, config, prompt="a photo of a cat", steps=case.steps, strength=0.5)
+    if (
+        backend is Backend.COMPILE
+    ):  # time graph replays: unGraphed compiled code is launch-bound at batch 1
+        graphed = GraphedBundle.wrap(bundle)
+        graphed.setup_graphs(
+            unet_buckets=(stream.batch.unet_rows,),
+            frame_buckets=(1,),
+            latent_size=stream.latent_size,
+        )
+        graphed.warm_up()
+        bundle = graphed
     host_frames = [
         f.cpu().pin_memory() if device.type == "cuda" else f.cpu()
         for f in _frames(case.size, 8, torch.device("cpu"))

@@ -12,6 +12,7 @@ nothing falls back to a slower path behind the user's back.
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import Any
 
@@ -20,8 +21,11 @@ import torch
 from livediff.engine.captured_stream import CapturedStream
 from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
+from livediff.kernels.status import kernels_status
 from livediff.models.bundle import ModelBundle
 from livediff.models.recipe import Recipe, apply_recipe
+
+log = logging.getLogger(__name__)
 
 
 class Backend(str, Enum):
@@ -42,6 +46,7 @@ def prepare_backend(
     if backend is Backend.EAGER:
         return apply_recipe(bundle, Recipe(fuse_qkv=False, channels_last=False, compile=False))
     if backend is Backend.COMPILE:
+        _report_kernels(bundle)
         return apply_recipe(bundle, recipe or Recipe())
     try:
         import tensorrt  # noqa: F401
@@ -53,6 +58,18 @@ def prepare_backend(
     raise BackendError(
         "the tensorrt backend is not available in this build yet; use --backend compile"
     )
+
+
+def _report_kernels(bundle: ModelBundle) -> None:
+    """Say at start-up which fused kernels run as Triton and which fall back, and why."""
+    status = kernels_status(bundle.device)
+    slow = {
+        name: op.get("reason", "") for name, op in status["ops"].items() if op["impl"] != "triton"
+    }
+    if slow and bundle.device.type == "cuda":
+        log.warning("Triton kernels unavailable, using PyTorch references: %s", slow)
+    else:
+        log.info("fused kernels: %s", {name: op["impl"] for name, op in status["ops"].items()})
 
 
 def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:

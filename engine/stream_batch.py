@@ -33,6 +33,7 @@ from livediff.engine.rcfg import (
     residual_noise,
 )
 from livediff.engine.schedule import StepCoefficients
+from livediff.kernels.fused_step import fused_step
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
 
 LATENT_CHANNELS = 4
@@ -88,6 +89,7 @@ class StreamBatch:
             4, self.steps, 1, 1, 1, **opts
         )  # alpha, beta, c_skip, c_out per step
         self._row_coeffs = torch.zeros(4, self.latent_rows, 1, 1, 1, **opts)
+        self._finished = torch.zeros(f, LATENT_CHANNELS, h, w, **opts)
         self.guidance_scale = torch.ones((), **opts)
         self.delta = torch.ones((), **opts)
         self.set_coefficients(coefficients)
@@ -164,7 +166,7 @@ class StreamBatch:
                 first_latent = renoise(x0, self.noise[: self.frame_buffer_size], alpha, beta)
             return self.run_sequential(first_latent, x0, predict_noise)
         batch = self.begin(x0, first_latent)
-        return self.finish(predict_noise(batch))
+        return self.finish(predict_noise(batch)).clone()
 
     def begin(self, x0: torch.Tensor, first_latent: torch.Tensor | None = None) -> UNetBatch:
         """Write the new frames into step 0 and return the UNet inputs of all rows.
@@ -193,33 +195,24 @@ class StreamBatch:
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:
-        """Apply guidance and the LCM step to every row, shift the blocks, return the finished ones."""
-        f = self.frame_buffer_size
-        eps_cond = eps[self.uncond_rows :]
-        if self.rcfg is RCFGMode.INITIALIZE:
-            assert self.stock_noise is not None
-            self.stock_noise[:f].copy_(eps[:f])
-        eps_uncond = eps[: self.uncond_rows] if self.rcfg is RCFGMode.FULL else None
-        guided = guided_noise(
-            self.rcfg, eps_cond, eps_uncond, self.stock_noise, self.guidance_scale, self.delta
-        )
-        alpha, beta, c_skip, c_out = self._row_coeffs
-        x0_hat = lcm_denoise(self.x_t, guided, alpha, beta, c_skip, c_out)
-        out = x0_hat[-f:].clone()
-        if self.steps > 1:
-            self._shift(x0_hat)
-        return out
+        """Guidance and the LCM step for every row, then shift the blocks; returns the finished block.
 
-    def _shift(self, x0_hat: torch.Tensor) -> None:
-        f = self.frame_buffer_size
-        alpha, beta = self._row_coeffs[0], self._row_coeffs[1]
-        x_ref = None
-        if self.stock_noise is not None:
-            x_ref = reference_latent(self.x_t[:-f], self.stock_noise[:-f], alpha[:-f], beta[:-f])
-        noise = self.noise[f:] if self.do_add_noise else None
-        self.x_t[f:].copy_(renoise(x0_hat[:-f], noise, alpha[f:], beta[f:]))
-        if self.stock_noise is not None and x_ref is not None:
-            self.stock_noise[f:].copy_(residual_noise(self.x_t[f:], x_ref, alpha[f:], beta[f:]))
+        One fused kernel (:func:`livediff.kernels.fused_step.fused_step`; its PyTorch reference
+        off CUDA) does what :mod:`livediff.engine.rcfg` spells out. The result is a buffer this
+        object reuses: it is valid until the next ``finish``.
+        """
+        return fused_step(
+            self.x_t,
+            eps.contiguous(),  # channels-last UNet output would send the kernel down its reference path
+            self.stock_noise,
+            self.noise if self.do_add_noise else None,
+            self._row_coeffs,
+            self.guidance_scale,
+            self.delta,
+            rcfg=self.rcfg.value,
+            frame_buffer_size=self.frame_buffer_size,
+            out=self._finished,
+        )
 
     def run_sequential(
         self, x_t: torch.Tensor, x0: torch.Tensor, predict_noise: NoisePredictor
