@@ -24,9 +24,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("queue", "encode", "unet", "decode", "total")
@@ -139,6 +142,28 @@ class SessionMetrics:
             "latency_ms": self.stages.summary(),
             "gpu_ms_per_frame": self.gpu_ms_per_frame.summary(),
         }
+
+
+class StageTimer:
+    """Marks between stages: CUDA events on CUDA (read after the output event), else the clock."""
+
+    def __init__(self, cuda: bool, clock: Callable[[], float]) -> None:
+        self.cuda, self.clock = cuda, clock
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, self.clock()))
+
+    def durations(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:], strict=False):
+            out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+        return out
 
 
 class EngineMetrics:

@@ -141,9 +141,9 @@ class SessionCore:
         with self.lock:
             self._control.append(item)
 
-    def in_flight(self) -> int:
+    def inbox_depth(self) -> int:
         with self.lock:
-            return len(self._inbox) + len(self._tracked)
+            return len(self._inbox)
 
     def summary(self, now: float) -> dict[str, Any]:
         with self.lock:

@@ -32,7 +32,7 @@ import torch
 from livediff.engine.batcher import Batcher, resize_rgb
 from livediff.engine.control import SwapStream
 from livediff.engine.degrade import DegradeController, DegradeLevel
-from livediff.engine.metrics import EngineMetrics
+from livediff.engine.metrics import EngineMetrics, StageTimer
 from livediff.engine.scheduler import (
     BatchTimeEstimator,
     Candidate,
@@ -60,28 +60,6 @@ class _Entry:
     stream: Stream
     group: FrameGroup
     pixels: torch.Tensor | None
-
-
-class _StageTimer:
-    """Marks between stages: CUDA events on CUDA (read after the output event), else the clock."""
-
-    def __init__(self, cuda: bool, clock: Callable[[], float]) -> None:
-        self.cuda, self.clock = cuda, clock
-        self.marks: list[tuple[str, Any]] = []
-
-    def mark(self, name: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
-        else:
-            self.marks.append((name, self.clock()))
-
-    def durations(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for (_, start), (name, end) in zip(self.marks, self.marks[1:], strict=False):
-            out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
-        return out
 
 
 class Worker:
@@ -230,12 +208,8 @@ class Worker:
                 if isinstance(item, SwapStream):
                     lost = core.lost(including_pending=True)
                     core.stream = item.stream
-                    log.info(
-                        "[%s] now rendering at %dx%d",
-                        session.id,
-                        item.stream.width,
-                        item.stream.height,
-                    )
+                    size = (item.stream.width, item.stream.height)
+                    log.info("[%s] now rendering at %dx%d", session.id, *size)
                 else:
                     before = item.stream.batch
                     item.stream.apply_update(item.update)
@@ -269,6 +243,8 @@ class Worker:
             frame, items = core.take()
             if items:
                 self._apply(session, items)
+                if core.closed:  # the update failed the session
+                    continue
                 stream = core.stream
                 key = group_key(stream.latent_size, stream.config.use_denoising_batch, session.id)
                 if frame is not None and (
@@ -278,6 +254,7 @@ class Worker:
                     continue
             if frame is None:
                 continue
+            self.metrics.inbox_depth(session.id, core.inbox_depth())
             if should_drop(
                 now, frame.t_arrival, frame.deadline, estimate, core.consecutive_drops, limit
             ):
@@ -353,7 +330,7 @@ class Worker:
         )
 
     def _compute(self, key: GroupKey, entries: list[_Entry]) -> None:
-        timer = _StageTimer(self.cuda, self.clock)
+        timer = StageTimer(self.cuda, self.clock)
         t_start = self.clock()
         timer.mark("start")
         sizes = [
@@ -415,7 +392,7 @@ class Worker:
             self.post(delivery)
 
     def _batched(
-        self, entries: list[_Entry], sizes: list[tuple[int, int]], timer: _StageTimer
+        self, entries: list[_Entry], sizes: list[tuple[int, int]], timer: StageTimer
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         latents = iter(self.batcher.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
@@ -431,7 +408,7 @@ class Worker:
         return answers, hosts, call.rows, call.padded_rows
 
     def _sequential(
-        self, entry: _Entry, size: tuple[int, int], timer: _StageTimer
+        self, entry: _Entry, size: tuple[int, int], timer: StageTimer
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         answer = entry.stream.run(entry.group)  # steps as separate UNet calls; counted as "unet"
         timer.mark("unet")
