@@ -18,7 +18,9 @@ sessions; ``ms_median``/``ms_p99`` = compute time per generated frame (livediff:
 a batch ÷ its frames; independent: wall time of one synced ``Stream.process``, which shares the
 device with the other N-1 streams); ``latency_ms_p50``/``latency_ms_p99`` = source arrival →
 output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_mem_peak_mb``.
-A PNG of throughput and latency against sessions goes to ``--plot``.
+A PNG of throughput and latency against sessions goes to ``--plot`` (needs matplotlib; where
+it is missing, e.g. on a bare GPU machine, the script says so and the plot can be drawn
+later from the JSON lines: ``python -m livediff.bench.multi --replot results.jsonl --plot out.png``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, percentile
+from livediff.bench.records import (
+    emit,
+    environment,
+    gpu_memory_peak_mb,
+    percentile,
+    read_records,
+)
 from livediff.engine.backends import Backend, make_stream, prepare_backend
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
@@ -256,15 +264,12 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         )
     first = records[0]
     title = f"{first['model']} {first['width']}² {first['steps']} step, {first['device']}"
-    throughput.set(xscale="log", xlabel="sessions", ylabel="output fps (all sessions)", title=title)
-    latency.set(
-        xscale="log",
-        yscale="log",
-        xlabel="sessions",
-        ylabel="arrival → output (ms)",
-        title="latency",
-    )
+    throughput.set(xlabel="sessions", ylabel="output fps (all sessions)", title=title)
+    latency.set(yscale="log", xlabel="sessions", ylabel="arrival → output (ms)", title="latency")
+    counts = sorted({r["sessions"] for r in records})
     for axes in (throughput, latency):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(counts, [str(c) for c in counts])
         axes.grid(True, which="both", alpha=0.3)
         axes.legend()
     figure.tight_layout()
@@ -326,11 +331,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, default=Path("bench/results/multi.png"))
+    parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(read_records(args.replot), args.plot)
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.warmup is None:
@@ -369,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for handle in outputs[1:]:
             handle.close()
     if args.plot and records:
-        plot(records, args.plot)
+        try:
+            plot(records, args.plot)
+        except ImportError as exc:
+            print(f"no plot: {exc}; draw it later with --replot", file=sys.stderr)
     return 0
 
 
