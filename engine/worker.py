@@ -156,7 +156,7 @@ class Worker:
         if not self.cuda:
             yield
             return
-        torch.cuda.set_device(self.bundle.device)
+        torch.cuda.set_device(self.bundle.device.index or 0)  # a bare 'cuda' has no index
         with torch.cuda.stream(torch.cuda.Stream(self.bundle.device)):
             yield
 

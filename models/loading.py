@@ -76,12 +76,16 @@ class ModelSpec:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ParameterError(
             f"device={device!s} was asked for, but this machine has no CUDA device"
         )
+    if (
+        resolved.type == "cuda" and resolved.index is None
+    ):  # name the device: threads set it explicitly
+        resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 
