@@ -47,7 +47,7 @@ from livediff.bench.records import (
     percentile,
     read_records,
 )
-from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.backends import Backend, make_stream, prepare_backend, runtime_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
@@ -279,22 +279,6 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
-def graphed(bundle: ModelBundle, config: StreamConfig, buckets: Sequence[int]) -> ModelBundle:
-    """The compiled bundle with one CUDA graph per batch bucket, all captured before timing."""
-    from livediff.models.graphed import GraphedBundle
-
-    assert config.width is not None and config.height is not None
-    factor = bundle.vae_scale_factor
-    wrapped = GraphedBundle.wrap(bundle)
-    wrapped.setup_graphs(
-        unet_buckets=buckets,
-        frame_buckets=buckets,
-        latent_size=(config.height // factor, config.width // factor),
-    )
-    wrapped.warm_up(progress=lambda name: print(f"captured {name}", file=sys.stderr, flush=True))
-    return wrapped
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m livediff.bench.multi", description=__doc__.splitlines()[0]
@@ -352,9 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = StreamConfig(
         width=args.width or bundle.preset.width, height=args.height or bundle.preset.height
     )
-    batched = bundle
-    if backend is Backend.COMPILE and device.type == "cuda":
-        batched = graphed(bundle, config, args.buckets)
+    factor = bundle.vae_scale_factor
+    assert config.width is not None and config.height is not None
+    batched = runtime_bundle(
+        bundle,
+        backend,
+        latent_size=(config.height // factor, config.width // factor),
+        buckets=args.buckets,
+    )
     params = GenerationParams(strength=bundle.preset.default_strength, steps=args.steps)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     outputs: list[TextIO] = [sys.stdout]

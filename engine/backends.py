@@ -13,16 +13,19 @@ nothing falls back to a slower path behind the user's back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from livediff.engine.captured_stream import CapturedStream
 from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
 from livediff.kernels.status import kernels_status
 from livediff.models.bundle import ModelBundle
+from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,39 @@ def _report_kernels(bundle: ModelBundle) -> None:
         log.warning("Triton kernels unavailable, using PyTorch references: %s", slow)
     else:
         log.info("fused kernels: %s", {name: op["impl"] for name, op in status["ops"].items()})
+
+
+def resolve_backend(backend: Backend | str | None, device: torch.device) -> Backend:
+    """``None``/``"auto"`` → the device's default; anything else must be a :class:`Backend`."""
+    if backend is None or backend == "auto":
+        return default_backend(device)
+    try:
+        return Backend(backend)
+    except ValueError:
+        choices = ", ".join(b.value for b in Backend)
+        raise BackendError(f"unknown backend {backend!r}; choose auto, {choices}") from None
+
+
+def runtime_bundle(
+    bundle: ModelBundle,
+    backend: Backend,
+    *,
+    latent_size: tuple[int, int],
+    buckets: Sequence[int],
+    show_progress: bool = True,
+) -> ModelBundle:
+    """The bundle a multi-session runtime should use: per-bucket CUDA graphs when compiled on CUDA.
+
+    Compiling and capturing happens here, before any session starts (a capture must not race
+    the worker), with a progress bar; Inductor's on-disk cache makes the next start quicker.
+    """
+    if backend is not Backend.COMPILE or bundle.device.type != "cuda":
+        return bundle
+    graphed = GraphedBundle.wrap(bundle)
+    graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
+    with tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar:
+        graphed.warm_up(progress=lambda name: (bar.set_postfix_str(name), bar.update()))
+    return graphed
 
 
 def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:

@@ -68,7 +68,10 @@ class _FrameGraph:
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
+        with (
+            torch.inference_mode(),
+            torch.cuda.graph(self.graph, capture_error_mode="thread_local"),
+        ):
             self.frames_out = self._body()
         self.batch.reset()  # warm-up frames must not linger in the latent buffer
 

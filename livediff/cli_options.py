@@ -75,6 +75,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cuda, cuda:1, cpu … (default: cuda if available)"
     )
     group.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "eager", "compile", "tensorrt"),
+        help="eager PyTorch, or compile (torch.compile + CUDA graphs; the CUDA default); "
+        "tensorrt needs pip install 'livediff[tensorrt]'",
+    )
+    group.add_argument(
         "--dtype",
         default=None,
         choices=("auto", "fp16", "bf16", "fp32"),
@@ -258,3 +265,17 @@ def stream_settings_from_args(
     elif param_values.get("t_index_list") is not None:
         param_values["t_index_list"] = tuple(param_values["t_index_list"])
     return StreamConfig(**stream_values), GenerationParams(**param_values)
+
+
+def load_for_backend(spec: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load the model for ``--device``/``--dtype`` and make it ready for ``--backend``.
+
+    Returns ``(bundle, backend)``; a backend that cannot start raises ``BackendError`` here,
+    before anything else runs.
+    """
+    from livediff.engine.backends import prepare_backend, resolve_backend
+    from livediff.models.loading import load_model
+
+    bundle = load_model(spec, device=args.device, dtype=args.dtype)
+    backend = resolve_backend(getattr(args, "backend", None), bundle.device)
+    return prepare_backend(bundle, backend), backend

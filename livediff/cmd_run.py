@@ -90,8 +90,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from livediff.engine.stream import Stream
-    from livediff.models.loading import load_model
+    from livediff.cli_options import load_for_backend
+    from livediff.engine.backends import make_stream
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
     from livediff.streams.file_source import FileSource
@@ -108,8 +108,8 @@ def run_command(args: argparse.Namespace) -> int:
         audio = plan_audio(output_format, source.audio_stream, mode)
         if args.prompt is None and "prompt" not in config.get("params", {}):
             log.warning("no --prompt given: generating with an empty prompt")
-        bundle = load_model(spec, device=args.device, dtype=args.dtype)
-        stream = Stream(bundle, stream_config, params, session_id=source.path.name)
+        bundle, backend = load_for_backend(spec, args)
+        stream = make_stream(bundle, backend, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
         if frame_rate is None:
             frame_rate = Fraction(30)

@@ -113,15 +113,25 @@ def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) ->
 
 def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     """Load the model and build (not start) the engine these flags and config file describe."""
+    from livediff.cli_options import load_for_backend
+    from livediff.engine.backends import runtime_bundle
     from livediff.engine.runtime import Engine
-    from livediff.models.loading import load_model
-
-    spec = model_spec_from_args(args, config)
     from livediff.models.presets import get_preset
 
+    spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
-    bundle = load_model(spec, device=args.device, dtype=args.dtype)
-    return Engine(bundle, stream_config, runtime_config_from_args(args, config), params)
+    runtime_config = runtime_config_from_args(args, config)
+    bundle, backend = load_for_backend(spec, args)
+    factor = bundle.vae_scale_factor
+    height = stream_config.height or bundle.preset.height
+    width = stream_config.width or bundle.preset.width
+    bundle = runtime_bundle(
+        bundle,
+        backend,
+        latent_size=(height // factor, width // factor),
+        buckets=runtime_config.batch_buckets,
+    )
+    return Engine(bundle, stream_config, runtime_config, params)
 
 
 def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:

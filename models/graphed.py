@@ -19,6 +19,7 @@ import bisect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,27 +40,31 @@ class _Captured:
 
 @dataclass
 class BucketGraphs:
-    """One captured graph per bucket for a function of static-shaped tensors."""
+    """One captured graph per (bucket, row shapes) for a function of static-shaped tensors.
+
+    Row shapes are part of the key, so a new resolution (the runtime's degrade step) captures
+    its own graphs on first use. Calls with more rows than the largest bucket run the
+    function directly (compiled, not graphed) and say so once in the log.
+    """
 
     name: str
     buckets: tuple[int, ...]
     function: Callable[..., torch.Tensor]
-    example: Callable[[int], list[torch.Tensor]]  # bucket size → zero-filled inputs of that size
-    _graphs: dict[int, _Captured] = field(default_factory=dict)
+    _graphs: dict[tuple[Any, ...], _Captured] = field(default_factory=dict)
+    _warned_oversize: bool = False
 
-    def bucket_for(self, rows: int) -> int:
+    def bucket_for(self, rows: int) -> int | None:
         index = bisect.bisect_left(self.buckets, rows)
-        if index == len(self.buckets):
-            raise BackendError(
-                f"{self.name}: {rows} rows exceed the largest batch bucket {self.buckets[-1]}"
-            )
-        return self.buckets[index]
+        return self.buckets[index] if index < len(self.buckets) else None
 
-    def capture(self, bucket: int) -> _Captured:
-        captured = self._graphs.get(bucket)
+    def capture(self, bucket: int, templates: Sequence[torch.Tensor]) -> _Captured:
+        key = (bucket, *((tuple(t.shape[1:]), t.dtype) for t in templates))
+        captured = self._graphs.get(key)
         if captured is not None:
             return captured
-        inputs = self.example(bucket)
+        inputs = [
+            torch.zeros((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in templates
+        ]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
@@ -67,17 +72,29 @@ class BucketGraphs:
                 self.function(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # Each graph keeps its own memory pool: outputs of one bucket must survive replays of others.
-        with torch.inference_mode(), torch.cuda.graph(graph):
+        # Each graph keeps its own memory pool: outputs of one bucket must survive replays of
+        # others. thread_local: other threads (prompt encoding) may use the GPU meanwhile.
+        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             output = self.function(*inputs)
         captured = _Captured(graph, inputs, output)
-        self._graphs[bucket] = captured
-        log.info("captured %s graph for bucket %d", self.name, bucket)
+        self._graphs[key] = captured
+        log.info("captured %s graph for bucket %d, rows %s", self.name, bucket, key[1:])
         return captured
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         rows = int(tensors[0].shape[0])
-        captured = self.capture(self.bucket_for(rows))
+        bucket = self.bucket_for(rows)
+        if bucket is None:
+            if not self._warned_oversize:
+                log.warning(
+                    "%s: %d rows exceed the largest bucket %d; running without a graph",
+                    self.name,
+                    rows,
+                    self.buckets[-1],
+                )
+                self._warned_oversize = True
+            return self.function(*tensors)
+        captured = self.capture(bucket, tensors)
         for static, value in zip(captured.inputs, tensors, strict=True):
             static[:rows].copy_(value)
         captured.graph.replay()
@@ -94,55 +111,56 @@ class GraphedBundle(ModelBundle):
         frame_buckets: Sequence[int],
         latent_size: tuple[int, int],
     ) -> None:
+        """Choose the buckets; ``latent_size`` is what :meth:`warm_up` captures ahead of use."""
         if self.device.type != "cuda":
             raise BackendError("CUDA graphs need a CUDA device")
-        if self.preset.is_sdxl:
-            raise BackendError(
-                "per-bucket graphs for SDXL's added conditioning are not implemented; use the whole-step graph"
-            )
-        h, w = latent_size
-        factor = self.vae_scale_factor
-        seq, dim = self.embed_shape
-        opts = {"device": self.device, "dtype": self.dtype}
         base = ModelBundle
+        self._latent_size = latent_size
 
-        def unet_inputs(rows: int) -> list[torch.Tensor]:
-            return [
-                torch.zeros(rows, 4, h, w, **opts),
-                torch.full((rows,), 999, dtype=torch.long, device=self.device),
-                torch.zeros(rows, seq, dim, **opts),
-            ]
+        def unet(*tensors: torch.Tensor) -> torch.Tensor:
+            return base.predict_noise(self, UNetBatch(*tensors))
 
-        def unet(
-            latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor
-        ) -> torch.Tensor:
-            return base.predict_noise(self, UNetBatch(latents, timesteps, embeds))
-
-        self._unet_graphs = BucketGraphs("unet", tuple(sorted(unet_buckets)), unet, unet_inputs)
+        self._unet_graphs = BucketGraphs("unet", tuple(sorted(unet_buckets)), unet)
         self._encode_graphs = BucketGraphs(
-            "vae-encode",
-            tuple(sorted(frame_buckets)),
-            lambda x: base.encode(self, x),
-            lambda rows: [torch.zeros(rows, 3, h * factor, w * factor, **opts)],
+            "vae-encode", tuple(sorted(frame_buckets)), lambda x: base.encode(self, x)
         )
         self._decode_graphs = BucketGraphs(
-            "vae-decode",
-            tuple(sorted(frame_buckets)),
-            lambda z: base.decode(self, z),
-            lambda rows: [torch.zeros(rows, 4, h, w, **opts)],
+            "vae-decode", tuple(sorted(frame_buckets)), lambda z: base.decode(self, z)
         )
 
+    def _templates(self) -> dict[str, list[torch.Tensor]]:
+        h, w = self._latent_size
+        factor = self.vae_scale_factor
+        seq, dim = self.embed_shape
+        opts: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
+        unet = [
+            torch.zeros(1, 4, h, w, **opts),
+            torch.zeros(1, dtype=torch.long, device=self.device),
+            torch.zeros(1, seq, dim, **opts),
+        ]
+        if self.pooled_dim:
+            unet += [torch.zeros(1, self.pooled_dim, **opts), torch.zeros(1, 6, **opts)]
+        return {
+            "unet": unet,
+            "vae-encode": [torch.zeros(1, 3, h * factor, w * factor, **opts)],
+            "vae-decode": [torch.zeros(1, 4, h, w, **opts)],
+        }
+
     def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile and capture every bucket now instead of on first use."""
+        """Compile and capture every bucket at the set-up latent size now, not on first use."""
+        templates = self._templates()
         for graphs in (self._unet_graphs, self._encode_graphs, self._decode_graphs):
             for bucket in graphs.buckets:
-                graphs.capture(bucket)
+                graphs.capture(bucket, templates[graphs.name])
                 if progress is not None:
                     progress(f"{graphs.name}[{bucket}]")
 
     @torch.inference_mode()
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
-        return self._unet_graphs(batch.latents, batch.timesteps, batch.embeds)
+        tensors = [batch.latents, batch.timesteps, batch.embeds]
+        if batch.text_embeds is not None and batch.time_ids is not None:
+            tensors += [batch.text_embeds, batch.time_ids]
+        return self._unet_graphs(*tensors)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
