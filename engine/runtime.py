@@ -21,23 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import prometheus_client
 import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
-from livediff.engine.control import Plan, build_plan, replan
+from livediff.engine.control import Plan, SwapStream, build_plan, replan
 from livediff.engine.degrade import DegradeLevel, DegradePolicy
 from livediff.engine.metrics import EngineMetrics, FrameCounts
+from livediff.engine.placement import Placement
+from livediff.engine.runtime_config import RuntimeConfig
 from livediff.engine.session import OutputFrame, Session, SessionCore
 from livediff.engine.worker import Worker
 from livediff.exceptions import CapacityError, ParameterError, SessionClosedError, SessionError
@@ -45,76 +47,6 @@ from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 __all__ = ["DegradeLevel", "DegradePolicy", "Engine", "OutputFrame", "RuntimeConfig", "Session"]
-
-
-def _positive_int(name: str, value: Any, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-        raise ParameterError(
-            f"{name}={value!r} is out of range: expected an integer in [1, {high}]"
-        )
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How the engine schedules, bounds and degrades. Checked in ``__post_init__``.
-
-    - ``deadline_ms``: per-frame latency budget, arrival → output ready.
-    - ``max_sessions``: open sessions at most; beyond it ``open_session`` raises ``CapacityError``.
-    - ``batch_buckets``: UNet (and VAE) batch sizes; rows are padded up to the next one, and the
-      largest is the most rows one call takes.
-    - ``inbox_size`` / ``outbox_size``: per-session bounds (latest input wins; oldest output goes).
-    - ``max_consecutive_deadline_drops``: after this many deadline drops in a row a session's
-      next frame runs even if late, so no stream freezes.
-    - ``batch_time_smoothing``: weight of the newest batch time in the estimate used for drops.
-    - ``latency_window``: samples kept per percentile window.
-    - ``degrade``: the overload policy (:class:`~livediff.engine.degrade.DegradePolicy`).
-    """
-
-    deadline_ms: float = 100.0
-    max_sessions: int = 32
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    inbox_size: int = 1
-    outbox_size: int = 4
-    max_consecutive_deadline_drops: int = 3
-    batch_time_smoothing: float = 0.2
-    latency_window: int = 1024
-    degrade: DegradePolicy = field(default_factory=DegradePolicy)
-
-    def __post_init__(self) -> None:
-        value = self.deadline_ms
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 1 <= value <= 3_600_000
-        ):
-            raise ParameterError(
-                f"deadline_ms={value!r} is out of range: expected a number in [1, 3600000]"
-            )
-        _positive_int("max_sessions", self.max_sessions, 4096)
-        buckets = tuple(self.batch_buckets)
-        if not buckets or any(
-            not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets
-        ):
-            raise ParameterError(
-                f"batch_buckets={self.batch_buckets!r}: expected positive integers"
-            )
-        if any(a >= b for a, b in itertools.pairwise(buckets)) or buckets[-1] > 1024:
-            raise ParameterError(
-                f"batch_buckets={self.batch_buckets!r}: expected strictly increasing sizes up to 1024"
-            )
-        object.__setattr__(self, "batch_buckets", buckets)
-        _positive_int("inbox_size", self.inbox_size, 1024)
-        _positive_int("outbox_size", self.outbox_size, 1024)
-        _positive_int(
-            "max_consecutive_deadline_drops", self.max_consecutive_deadline_drops, 1_000_000
-        )
-        _positive_int("latency_window", self.latency_window, 1_000_000)
-        if not 0 < self.batch_time_smoothing <= 1:
-            raise ParameterError(
-                f"batch_time_smoothing={self.batch_time_smoothing!r}: expected (0, 1]"
-            )
-        if not isinstance(self.degrade, DegradePolicy):
-            raise ParameterError(f"degrade={self.degrade!r}: expected a DegradePolicy")
 
 
 class EngineState(str, Enum):
@@ -156,8 +88,9 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livediff-control")
         self._worker = Worker(
-            bundle, self.runtime, self._metrics, clock, self._post, self._on_level
+            bundle, self.runtime, self._metrics, clock, self._post, self._on_level, self._rebuild
         )
+        self._placement = Placement([str(bundle.device)], self.runtime.max_sessions_per_device)
 
     # ------------------------------------------------------------------ lifecycle
     def _bind_loop(self) -> None:
@@ -262,6 +195,11 @@ class Engine:
                 f"the engine is at capacity: {open_now} of {self.runtime.max_sessions} sessions "
                 "(RuntimeConfig.max_sessions); try again when one closes"
             )
+        if self._worker.failed:
+            self._metrics.refused("capacity")
+            raise CapacityError(
+                "the engine's worker failed repeatedly and is down; the server must be restarted"
+            )
         level = self._worker.degrade.level
         if level >= DegradeLevel.REFUSE_SESSIONS:
             self._metrics.refused("degraded")
@@ -270,15 +208,21 @@ class Engine:
                 f"{self._worker.degrade.pressure:.2f}): new sessions are refused until load falls; "
                 "open sessions continue"
             )
+        if self._placement.acquire(sid) is None:
+            self._metrics.refused("capacity")
+            raise CapacityError(self._placement.full_message())
         self._opening += 1
         try:
             plan = await asyncio.wrap_future(
                 self._control_job(self._build, stream_config, requested, sid)
             )
+            if self.state is EngineState.STOPPED:
+                raise SessionClosedError("the engine stopped while the session was being opened")
+        except BaseException:
+            self._placement.release(sid)
+            raise
         finally:
             self._opening -= 1
-        if self.state is EngineState.STOPPED:
-            raise SessionClosedError("the engine stopped while the session was being opened")
         core = SessionCore(sid, plan, self.runtime.inbox_size, self.runtime.latency_window)
         session = Session(
             core,
@@ -310,6 +254,7 @@ class Engine:
         sid = session.id
         if self._sessions.get(sid) is session:
             del self._sessions[sid]
+            self._placement.release(sid)
         self._worker.remove(session)
         with session.core.lock:
             counts = FrameCounts(**asdict(session.core.metrics.counts))
@@ -338,6 +283,26 @@ class Engine:
         if item is not None:
             core.queue_control(item)
             self._worker.wake()
+
+    def _rebuild(self, session: Session) -> None:
+        """Worker thread: ``session`` lost its Stream to a fault; build a new one off the hot path."""
+
+        def build() -> None:
+            core = session.core
+            if core.closed:
+                return
+            try:
+                plan = self._build(core.plan.config, core.plan.requested, core.id)
+            except Exception as exc:
+                log.error("[%s] could not rebuild the stream", core.id, exc_info=exc)
+                self._post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
+                return
+            core.plan = plan
+            core.queue_control(SwapStream(plan.stream))
+            self._worker.wake()
+
+        with contextlib.suppress(RuntimeError):  # the control thread is shutting down
+            self._control_job(build)
 
     def _request(self, core: SessionCore, requested: GenerationParams) -> Future[None]:
         return self._control_job(self._replan, core, requested)
@@ -382,6 +347,14 @@ class Engine:
                 ],
             },
             "batch_ms_estimate": self._worker.estimator.snapshot(),
+            "devices": self._placement.loads(),
+            "faults": {
+                "worker_restarts": self._worker.restarts.total,
+                "worker_failed": self._worker.failed,
+                "oom_batches": self._worker.faults.oom_batch_count,
+                "oom_frames": self._worker.faults.oom_frame_count,
+                "batch_row_cap": self._worker.row_cap.value,
+            },
             **self._metrics.snapshot(),
             "per_session": per_session,
         }

@@ -41,7 +41,7 @@ from livediff.engine.stream import Stream
 from livediff.exceptions import SessionClosedError
 
 if TYPE_CHECKING:
-    from livediff.engine.runtime import RuntimeConfig
+    from livediff.engine.runtime_config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class SessionCore:
         self.stream: Stream = plan.stream
         self.consecutive_drops = 0
         self.served = 0  # batches this session was planned into (the scheduler's tie-break)
+        self.suspended = False  # its Stream was lost to a fault; a new one is on its way
+        self.oom_strikes = 0  # out-of-memory batches in a row
         self.last_image: np.ndarray | None = None
         # Control thread only:
         self.plan = plan

@@ -15,6 +15,10 @@ Results reach the event loop only through ``post`` (``loop.call_soon_threadsafe`
 never waits for this thread. The thread never sleeps: with nothing to do it waits on a
 condition that ``submit`` / ``update`` / ``close`` notify (with a timeout only while degraded,
 so an idle engine still recovers).
+
+Faults (out of device memory in a batch, the thread itself failing) are handled as
+:mod:`livediff.engine.faults` describes: the batch's sessions degrade, or the worker's sessions
+end and a new thread takes over.
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from livediff.engine.batcher import Batcher, resize_rgb
+from livediff.engine.batch_run import BatchRun, Entry
 from livediff.engine.control import SwapStream
 from livediff.engine.degrade import DegradeController, DegradeLevel
-from livediff.engine.metrics import EngineMetrics, StageTimer
+from livediff.engine.faults import FaultMetrics, RestartBudget, RowCap, is_out_of_memory
+from livediff.engine.metrics import EngineMetrics
 from livediff.engine.scheduler import (
     BatchTimeEstimator,
     Candidate,
@@ -42,24 +46,16 @@ from livediff.engine.scheduler import (
     plan_batch,
     should_drop,
 )
-from livediff.engine.session import InputFrame, OutputFrame, Session
-from livediff.engine.stream import FrameGroup, Stream
+from livediff.engine.session import Session
 
 if TYPE_CHECKING:
     from livediff.engine.control import ControlItem
-    from livediff.engine.runtime import RuntimeConfig
+    from livediff.engine.runtime_config import RuntimeConfig
     from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 Post = Callable[[Callable[[], None]], None]
-
-
-@dataclass
-class _Entry:
-    session: Session
-    stream: Stream
-    group: FrameGroup
-    pixels: torch.Tensor | None
+MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session alone at the floor fails
 
 
 class Worker:
@@ -73,6 +69,7 @@ class Worker:
         clock: Callable[[], float],
         post: Post,
         on_level: Callable[[DegradeLevel], None],
+        rebuild: Callable[[Session], None],
     ) -> None:
         self.bundle = bundle
         self.runtime = runtime
@@ -80,11 +77,16 @@ class Worker:
         self.clock = clock
         self.post = post
         self.on_level = on_level
+        self.rebuild = rebuild
         self.cuda = bundle.device.type == "cuda"
-        self.batcher = Batcher(bundle, runtime.batch_buckets)
+        self.runner = BatchRun(bundle, runtime, metrics, clock, post)
         self.estimator = BatchTimeEstimator(runtime.batch_time_smoothing)
         self.degrade = DegradeController(runtime.degrade, clock())
-        self.max_rows = max(runtime.batch_buckets)
+        self.row_cap = RowCap(runtime.batch_buckets)
+        self.faults = FaultMetrics(metrics.registry)
+        self.faults.row_cap.set(self.row_cap.value)
+        self.restarts = RestartBudget()
+        self.failed = False  # down for good: it failed more often than the restart budget allows
         self._cond = threading.Condition()
         self._signalled = False
         self._stopping = False
@@ -95,17 +97,26 @@ class Worker:
 
     # ------------------------------------------------------------------ event loop side
     def start(self) -> None:
-        if self._thread is None:
-            name = f"livediff-worker-{self.bundle.device}"
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._thread is None:
+                self._start_thread()
+
+    def _start_thread(self) -> None:
+        """Under ``_cond``: a new compute thread (at start, and after a failure)."""
+        name = f"livediff-worker-{self.bundle.device}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
 
     def stop(self) -> threading.Thread | None:
         """Ask the thread to finish its current batch and exit; returns it, to be joined."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        return self._thread
+            return self._thread
 
     def wake(self) -> None:
         with self._cond:
@@ -142,14 +153,36 @@ class Worker:
                         waiters, self._idle_waiters = self._idle_waiters, []
                     for callback in waiters:
                         self.post(callback)
-        except BaseException:
-            log.exception("[engine] worker failed; closing every session")
-            with self._cond:
-                sessions = [s for _, s in self._sessions.values()]
-            for session in sessions:
-                self.post(partial(session.end, "engine worker failed (see the server log)"))
-            raise
+        except BaseException as exc:
+            self._crashed(exc)
+            return
         log.info("[engine] worker stopped")
+
+    def _crashed(self, exc: BaseException) -> None:
+        """The loop failed: end this worker's sessions, then start a new thread (within budget)."""
+        log.error("[engine] worker failed; closing its sessions", exc_info=exc)
+        with self._cond:
+            sessions = [s for _, s in self._sessions.values()]
+            self._sessions.clear()
+            restart = not self._stopping and self.restarts.allow(self.clock())
+            if restart:
+                self._start_thread()
+            elif not self._stopping:
+                self.failed = True
+        reason = f"engine worker failed ({type(exc).__name__}; see the server log)"
+        for session in sessions:
+            with session.core.lock:
+                session.core.closed = True
+            self.post(partial(session.end, reason))
+        if restart:
+            self.faults.worker_restarts.inc()
+            log.warning("[engine] worker restarted (%d so far)", self.restarts.total)
+        elif self.failed:
+            log.critical(
+                "[engine] worker failed %d times in %.0f s: not restarting; new sessions are refused",
+                self.restarts.max_restarts,
+                self.restarts.window_s,
+            )
 
     @contextlib.contextmanager
     def _device_context(self) -> Iterator[None]:
@@ -187,6 +220,8 @@ class Worker:
             core = session.core
             if core.has_control():
                 worked |= self._apply(session, core.take_control())
+            if core.suspended:  # waiting for the Stream that replaces one lost to a fault
+                continue
             priority = core.priority()
             if priority is not None:
                 stream = core.stream
@@ -195,7 +230,7 @@ class Worker:
                 candidates.append(Candidate(session, key, priority, rows, core.served, order))
         if not candidates:
             return worked
-        plan = plan_batch(candidates, self.max_rows)
+        plan = plan_batch(candidates, self.row_cap.value)
         for candidate in plan:
             candidate.item.core.served += 1
         self._run_batch(plan)
@@ -208,6 +243,7 @@ class Worker:
                 if isinstance(item, SwapStream):
                     lost = core.lost(including_pending=True)
                     core.stream = item.stream
+                    core.suspended = False
                     size = (item.stream.width, item.stream.height)
                     log.info("[%s] now rendering at %dx%d", session.id, *size)
                 else:
@@ -229,6 +265,33 @@ class Worker:
             session.core.closed = True
         self.post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
 
+    def _out_of_memory(self, sessions: list[Session], rows: int, exc: BaseException) -> None:
+        """Shed a batch that ran out of device memory (see :mod:`livediff.engine.faults`)."""
+        cap = self.row_cap.lower(rows)
+        self.faults.row_cap.set(cap)
+        self.faults.oom_batches.inc()
+        self.faults.oom_frames.inc(len(sessions))
+        self.faults.oom_batch_count += 1
+        self.faults.oom_frame_count += len(sessions)
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.degrade.observe(len(sessions), len(sessions))
+        for session in sessions:
+            core = session.core
+            core.oom_strikes += 1
+            if core.oom_strikes >= MAX_OOM_STRIKES and self.row_cap.at_floor:
+                self._fail(session, exc)
+                continue
+            core.suspended = True
+            self.rebuild(session)
+        log.warning(
+            "[engine] out of device memory in a batch of %d rows (sessions %s): frames shed, "
+            "Streams rebuilt, batches now at most %d rows",
+            rows,
+            ", ".join(s.id for s in sessions),
+            cap,
+        )
+
     # ------------------------------------------------------------------ one batch
     def _run_batch(self, plan: list[Candidate[Session]]) -> None:
         head = plan[0]
@@ -236,7 +299,7 @@ class Worker:
         estimate = self.estimator.estimate(head.key, bucket)
         limit = self.runtime.max_consecutive_deadline_drops
         now = self.clock()
-        entries: list[_Entry] = []
+        entries: list[Entry] = []
         deadline_drops = 0
         for candidate in plan:
             session, core = candidate.item, candidate.item.core
@@ -267,9 +330,12 @@ class Worker:
             core.waited(now - frame.t_arrival)
             self.metrics.stage("queue", now - frame.t_arrival)
             try:
-                entry = self._admit(session, frame)
+                entry = self.runner.admit(session, frame)
             except Exception as exc:
-                self._fail(session, exc)
+                if is_out_of_memory(exc):
+                    self._out_of_memory([session], bucket, exc)
+                else:
+                    self._fail(session, exc)
                 continue
             if entry is not None:
                 entries.append(entry)
@@ -277,144 +343,25 @@ class Worker:
         if entries:
             self._compute(head.key, entries)
 
-    def _admit(self, session: Session, frame: InputFrame) -> _Entry | None:
-        """Admit the frame to its Stream; a full group that the filter skips is answered here."""
-        core = session.core
-        stream = core.stream
-        image = frame.image.pin_memory() if self.cuda else frame.image
-        group = stream.admit(image, tag=frame)
-        core.admitted(frame, group is not None)
-        if group is None:
-            return None
-        if not stream.config.use_denoising_batch:
-            return _Entry(session, stream, group, None)  # Stream.run asks the filter itself
-        if stream.skip_outputs(group) is not None:
-            self._emit_skipped(session, list(group.tags))
-            return None
-        return _Entry(session, stream, group, stream.model_input(group))
-
-    def _emit_skipped(self, session: Session, frames: list[InputFrame]) -> None:
-        core = session.core
-        image = core.last_image
-        assert image is not None  # the filter only skips once the Stream has emitted an output
-        t_done = self.clock()
-        core.answered(frames, True, t_done, {}, 0.0)
-        render = (core.stream.width, core.stream.height)
-        outputs = [self._output(session, f, image, t_done, render, None) for f in frames]
-        self.post(partial(session.deliver, outputs))
-
-    def _output(
-        self,
-        session: Session,
-        frame: InputFrame,
-        image: Any,
-        t_done: float,
-        render: tuple[int, int],
-        compute_s: float | None,
-    ) -> OutputFrame:
-        latency = t_done - frame.t_arrival
-        skipped = compute_s is None
-        late = t_done > frame.deadline
-        self.metrics.output(session.id, skipped=skipped, late=late, latency_s=latency)
-        compute_ms = None if compute_s is None else compute_s * 1000.0
-        return OutputFrame(
-            image,
-            frame.pts,
-            frame.time_base,
-            frame.index,
-            skipped,
-            frame.t_arrival,
-            t_done,
-            render,
-            compute_ms,
-        )
-
-    def _compute(self, key: GroupKey, entries: list[_Entry]) -> None:
-        timer = StageTimer(self.cuda, self.clock)
-        t_start = self.clock()
-        timer.mark("start")
-        sizes = [
-            (int(e.session.config.height or 0), int(e.session.config.width or 0)) for e in entries
-        ]
+    def _compute(self, key: GroupKey, entries: list[Entry]) -> None:
         try:
-            if key[2]:
-                answers, hosts, rows, padded = self._batched(entries, sizes, timer)
-            else:
-                answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], timer)
-            done = None
-            if self.cuda:
-                done = torch.cuda.Event()
-                done.record()
+            computed = self.runner.model(key, entries)
         except Exception as exc:
+            if is_out_of_memory(exc):
+                rows = sum(e.stream.batch.unet_rows for e in entries)
+                padded = bucket_for(rows, self.runtime.batch_buckets)
+                self._out_of_memory([e.session for e in entries], padded, exc)
+                return
             log.error("[engine] batch of %d sessions failed", len(entries), exc_info=exc)
             for entry in entries:
                 self._fail(entry.session, exc)
             return
-        if done is not None:
-            done.synchronize()  # the one host wait per batch
-        t_done = self.clock()
-        stages = timer.durations()
-        gpu_s = sum(stages.values())
-        per_frame = gpu_s / max(1, sum(len(e.group.images) for e in entries))
-        generated = late = 0
-        deliveries: list[Callable[[], None]] = []
-        for entry, answer, host in zip(entries, answers, hosts, strict=True):
-            core = entry.session.core
-            render = (entry.stream.width, entry.stream.height)
-            outputs: list[OutputFrame] = []
-            frames: list[InputFrame] = []
-            skipped: list[InputFrame] = []
-            # Host rows follow the generated outputs; skipped ones reuse the last image.
-            for out in answer:
-                if out.skipped:
-                    image = core.last_image
-                    skipped.append(out.tag)
-                else:
-                    image = host[len(frames)].numpy()
-                    image.flags.writeable = False
-                    frames.append(out.tag)
-                share = None if out.skipped else per_frame
-                outputs.append(self._output(entry.session, out.tag, image, t_done, render, share))
-            if skipped:
-                core.answered(skipped, True, t_done, {}, 0.0)
-            if frames:
-                core.last_image = outputs[-1].image
-                late += core.answered(frames, False, t_done, stages, per_frame)
-                generated += len(frames)
-            if outputs:
-                deliveries.append(partial(entry.session.deliver, outputs))
-        for stage, seconds in stages.items():
-            self.metrics.stage(stage, seconds, generated)
-        self.metrics.batch(rows, padded, len(entries), per_frame)
-        self.estimator.record(key, padded, t_done - t_start)
-        self.degrade.observe(generated, late)
-        for delivery in deliveries:  # after the bookkeeping, so a receiver sees it done
+        done = self.runner.outputs(entries, computed)
+        self.row_cap.succeeded()
+        self.faults.row_cap.set(self.row_cap.value)
+        for entry in entries:
+            entry.session.core.oom_strikes = 0
+        self.estimator.record(key, computed.padded, done.seconds)
+        self.degrade.observe(done.generated, done.late)
+        for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done
             self.post(delivery)
-
-    def _batched(
-        self, entries: list[_Entry], sizes: list[tuple[int, int]], timer: StageTimer
-    ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
-        latents = iter(self.batcher.encode([e.pixels for e in entries if e.pixels is not None]))
-        timer.mark("encode")
-        unet_inputs = [
-            e.stream.begin(e.group, None if e.pixels is None else next(latents)) for e in entries
-        ]
-        eps, call = self.batcher.predict(unet_inputs)
-        timer.mark("unet")
-        finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
-        rgbs, hosts = self.batcher.decode_rgb(finished, sizes)
-        timer.mark("decode")
-        answers = [e.stream.complete(e.group, rgb) for e, rgb in zip(entries, rgbs, strict=True)]
-        return answers, hosts, call.rows, call.padded_rows
-
-    def _sequential(
-        self, entry: _Entry, size: tuple[int, int], timer: StageTimer
-    ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
-        answer = entry.stream.run(entry.group)  # steps as separate UNet calls; counted as "unet"
-        timer.mark("unet")
-        generated = [out.image for out in answer if not out.skipped]
-        host = torch.empty(0, dtype=torch.uint8)
-        if generated:
-            host = self.batcher.to_host([resize_rgb(torch.stack(generated), size)])[0]
-        rows = entry.stream.batch.unet_rows
-        return [answer], [host], rows, bucket_for(rows, self.runtime.batch_buckets)

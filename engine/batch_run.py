@@ -1,0 +1,221 @@
+"""One batch on the device, for the worker thread: admit frames, run the model, make the outputs.
+
+:meth:`BatchRun.admit` puts a session's frame into its Stream (a similarity-filter skip is
+answered at once). :meth:`BatchRun.model` runs the admitted groups as one batched encode →
+UNet → decode (or a non-Stream-Batch session alone) and raises whatever the model raises: the
+worker decides what a failure means (:mod:`livediff.engine.faults`). :meth:`BatchRun.outputs`
+waits for the device once, records every answer in its session's counters, and returns the
+deliveries for the worker to post to the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from livediff.engine.batcher import Batcher, resize_rgb
+from livediff.engine.metrics import EngineMetrics, StageTimer
+from livediff.engine.scheduler import GroupKey, bucket_for
+from livediff.engine.session import InputFrame, OutputFrame, Session
+from livediff.engine.stream import FrameGroup, Stream
+
+if TYPE_CHECKING:
+    from livediff.engine.runtime_config import RuntimeConfig
+    from livediff.models.bundle import ModelBundle
+
+Post = Callable[[Callable[[], None]], None]
+
+
+@dataclass
+class Entry:
+    """One session's frame group in a batch."""
+
+    session: Session
+    stream: Stream
+    group: FrameGroup
+    pixels: torch.Tensor | None
+
+
+@dataclass
+class Computed:
+    """The model's answer to a batch, not yet waited for (CUDA) or recorded."""
+
+    answers: list[list[Any]]
+    hosts: list[torch.Tensor]
+    rows: int
+    padded: int
+    timer: StageTimer
+    t_start: float
+    done: Any = None  # the CUDA event after the host copies
+
+
+@dataclass
+class Done:
+    """What the worker needs after a batch: its counts, its wall time and the deliveries."""
+
+    generated: int = 0
+    late: int = 0
+    seconds: float = 0.0
+    deliveries: list[Callable[[], None]] = field(default_factory=list)
+
+
+class BatchRun:
+    """See the module docstring. Worker thread only."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        runtime: RuntimeConfig,
+        metrics: EngineMetrics,
+        clock: Callable[[], float],
+        post: Post,
+    ) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.clock = clock
+        self.post = post
+        self.cuda = bundle.device.type == "cuda"
+        self.batcher = Batcher(bundle, runtime.batch_buckets)
+
+    def admit(self, session: Session, frame: InputFrame) -> Entry | None:
+        """Admit the frame to its Stream; a full group that the filter skips is answered here."""
+        core = session.core
+        stream = core.stream
+        image = frame.image.pin_memory() if self.cuda else frame.image
+        group = stream.admit(image, tag=frame)
+        core.admitted(frame, group is not None)
+        if group is None:
+            return None
+        if not stream.config.use_denoising_batch:
+            return Entry(session, stream, group, None)  # Stream.run asks the filter itself
+        if stream.skip_outputs(group) is not None:
+            self._emit_skipped(session, list(group.tags))
+            return None
+        return Entry(session, stream, group, stream.model_input(group))
+
+    def _emit_skipped(self, session: Session, frames: list[InputFrame]) -> None:
+        core = session.core
+        image = core.last_image
+        assert image is not None  # the filter only skips once the Stream has emitted an output
+        t_done = self.clock()
+        core.answered(frames, True, t_done, {}, 0.0)
+        render = (core.stream.width, core.stream.height)
+        outputs = [self._output(session, f, image, t_done, render, None) for f in frames]
+        self.post(partial(session.deliver, outputs))
+
+    def _output(
+        self,
+        session: Session,
+        frame: InputFrame,
+        image: Any,
+        t_done: float,
+        render: tuple[int, int],
+        compute_s: float | None,
+    ) -> OutputFrame:
+        latency = t_done - frame.t_arrival
+        skipped = compute_s is None
+        late = t_done > frame.deadline
+        self.metrics.output(session.id, skipped=skipped, late=late, latency_s=latency)
+        compute_ms = None if compute_s is None else compute_s * 1000.0
+        return OutputFrame(
+            image,
+            frame.pts,
+            frame.time_base,
+            frame.index,
+            skipped,
+            frame.t_arrival,
+            t_done,
+            render,
+            compute_ms,
+        )
+
+    # ------------------------------------------------------------------ the model
+    def model(self, key: GroupKey, entries: list[Entry]) -> Computed:
+        """Run the batch; raises what the model raises (nothing has been answered then)."""
+        timer = StageTimer(self.cuda, self.clock)
+        t_start = self.clock()
+        timer.mark("start")
+        sizes = [
+            (int(e.session.config.height or 0), int(e.session.config.width or 0)) for e in entries
+        ]
+        if key[2]:
+            answers, hosts, rows, padded = self._batched(entries, sizes, timer)
+        else:
+            answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], timer)
+        computed = Computed(answers, hosts, rows, padded, timer, t_start)
+        if self.cuda:
+            computed.done = torch.cuda.Event()
+            computed.done.record()
+        return computed
+
+    def _batched(
+        self, entries: list[Entry], sizes: list[tuple[int, int]], timer: StageTimer
+    ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
+        latents = iter(self.batcher.encode([e.pixels for e in entries if e.pixels is not None]))
+        timer.mark("encode")
+        unet_inputs = [
+            e.stream.begin(e.group, None if e.pixels is None else next(latents)) for e in entries
+        ]
+        eps, call = self.batcher.predict(unet_inputs)
+        timer.mark("unet")
+        finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
+        rgbs, hosts = self.batcher.decode_rgb(finished, sizes)
+        timer.mark("decode")
+        answers = [e.stream.complete(e.group, rgb) for e, rgb in zip(entries, rgbs, strict=True)]
+        return answers, hosts, call.rows, call.padded_rows
+
+    def _sequential(
+        self, entry: Entry, size: tuple[int, int], timer: StageTimer
+    ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
+        answer = entry.stream.run(entry.group)  # steps as separate UNet calls; counted as "unet"
+        timer.mark("unet")
+        generated = [out.image for out in answer if not out.skipped]
+        host = torch.empty(0, dtype=torch.uint8)
+        if generated:
+            host = self.batcher.to_host([resize_rgb(torch.stack(generated), size)])[0]
+        rows = entry.stream.batch.unet_rows
+        return [answer], [host], rows, bucket_for(rows, self.runtime.batch_buckets)
+
+    # ------------------------------------------------------------------ the answers
+    def outputs(self, entries: list[Entry], computed: Computed) -> Done:
+        """Wait for the device (once), record every answer, and build the deliveries."""
+        if computed.done is not None:
+            computed.done.synchronize()  # the one host wait per batch
+        t_done = self.clock()
+        stages = computed.timer.durations()
+        gpu_s = sum(stages.values())
+        per_frame = gpu_s / max(1, sum(len(e.group.images) for e in entries))
+        result = Done(seconds=t_done - computed.t_start)
+        for entry, answer, host in zip(entries, computed.answers, computed.hosts, strict=True):
+            core = entry.session.core
+            render = (entry.stream.width, entry.stream.height)
+            outputs: list[OutputFrame] = []
+            frames: list[InputFrame] = []
+            skipped: list[InputFrame] = []
+            # Host rows follow the generated outputs; skipped ones reuse the last image.
+            for out in answer:
+                if out.skipped:
+                    image = core.last_image
+                    skipped.append(out.tag)
+                else:
+                    image = host[len(frames)].numpy()
+                    image.flags.writeable = False
+                    frames.append(out.tag)
+                share = None if out.skipped else per_frame
+                outputs.append(self._output(entry.session, out.tag, image, t_done, render, share))
+            if skipped:
+                core.answered(skipped, True, t_done, {}, 0.0)
+            if frames:
+                core.last_image = outputs[-1].image
+                result.late += core.answered(frames, False, t_done, stages, per_frame)
+                result.generated += len(frames)
+            if outputs:
+                result.deliveries.append(partial(entry.session.deliver, outputs))
+        for stage, seconds in stages.items():
+            self.metrics.stage(stage, seconds, result.generated)
+        self.metrics.batch(computed.rows, computed.padded, len(entries), per_frame)
+        return result
