@@ -95,7 +95,10 @@ async def test_counts_add_up_under_random_load(probe_bundle: ProbeBundle) -> Non
                     session.submit(make_frame(k, burst % 3))
             if burst % 5 == 4:
                 await engine.wait_idle()
-                await sessions[0].recv()
+                # A slow reader: it takes one output now and then. Only when one is waiting:
+                # with a 5 ms deadline all of a burst's frames may have been dropped.
+                if sessions[0].stats()["outbox_depth"]:
+                    await sessions[0].recv()
         await engine.wait_idle()
     finally:
         await engine.stop()
