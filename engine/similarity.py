@@ -80,11 +80,16 @@ class SimilarityFilter:
     def reseed(self, seed: int) -> None:
         self._rng.seed(seed)
 
-    def should_skip(self, signal: np.ndarray | torch.Tensor) -> bool:
-        """True when this frame should be skipped; records the frame as the reference if it runs."""
+    def should_skip(self, signal: np.ndarray | torch.Tensor, *, can_skip: bool = True) -> bool:
+        """True when this frame should be skipped; records the frame as the reference if it runs.
+
+        ``can_skip=False`` (nothing to re-emit yet) runs the frame but still takes it as the
+        reference, so the next identical frame can already be skipped.
+        """
         skip = False
         if (
-            self.threshold is not None
+            can_skip
+            and self.threshold is not None
             and self._reference is not None
             and self._reference.shape == signal.shape
         ):

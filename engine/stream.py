@@ -253,12 +253,11 @@ class Stream:
 
     def skip_outputs(self, group: FrameGroup) -> list[StreamOutput] | None:
         """The previous outputs again if the similarity filter skips this group, else ``None``."""
-        if not group.emit or not self.filter.enabled or not self._last_output:
-            return None
-        if self.config.mode is GenerationMode.TXT2IMG:
+        if not group.emit or not self.filter.enabled or self.config.mode is GenerationMode.TXT2IMG:
             return None
         signals = [torch.as_tensor(similarity_signal(image)) for image in group.images]
-        if not self.filter.should_skip(signals[0] if len(signals) == 1 else torch.cat(signals)):
+        signal = signals[0] if len(signals) == 1 else torch.cat(signals)
+        if not self.filter.should_skip(signal, can_skip=bool(self._last_output)):
             return None
         previous = self._last_output
         return [
