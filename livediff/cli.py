@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from livediff import __version__
@@ -55,6 +56,8 @@ def configure_logging(verbosity: int) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for name in ("diffusers", "transformers", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # diffusers passes an argument huggingface_hub deprecated; the warning is not the user's.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

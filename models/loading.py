@@ -151,7 +151,7 @@ def _fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> 
 def _not_cached_message(what: str, source: str, reason: str) -> str:
     return (
         f"{what} '{source}' is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {reason}. "
-        f"Download it once with network access (huggingface-cli download {source}), point --source at a "
+        f"Download it once with network access (hf download {source}), point --source at a "
         "local copy, or try the pipeline without weights using --weights random."
     )
 
