@@ -4,7 +4,9 @@
 - ``compile``: the speed recipe (:mod:`livediff.models.recipe`) plus CUDA graphs — the whole
   frame step as one graph for a single stream (:class:`CapturedStream`), per batch bucket for
   the multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
-- ``tensorrt``: ONNX export + TensorRT engines (``pip install 'livediff[tensorrt]'``).
+- ``tensorrt``: ONNX export + TensorRT engines (``pip install 'livediff[tensorrt]'``), cached
+  in ``~/.cache/livediff/tensorrt``, each replayed as a CUDA graph per batch bucket
+  (:class:`~livediff.models.tensorrt_engine.TensorRTBundle`).
 
 A backend that cannot start raises :class:`~livediff.exceptions.BackendError` at start-up;
 nothing falls back to a slower path behind the user's back.
@@ -27,6 +29,7 @@ from livediff.kernels.status import kernels_status
 from livediff.models.bundle import ModelBundle
 from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
+from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,7 @@ def prepare_backend(
             "the tensorrt backend needs NVIDIA TensorRT: pip install 'livediff[tensorrt]' "
             f"(import failed: {exc}). Use --backend compile meanwhile."
         ) from exc
-    raise BackendError(
-        "the tensorrt backend is not available in this build yet; use --backend compile"
-    )
+    return load_tensorrt_bundle(bundle)
 
 
 def _report_kernels(bundle: ModelBundle) -> None:
@@ -99,6 +100,14 @@ def runtime_bundle(
     Compiling and capturing happens here, before any session starts (a capture must not race
     the worker), with a progress bar; Inductor's on-disk cache makes the next start quicker.
     """
+    if isinstance(bundle, TensorRTBundle):  # prepare_backend built it: capture, don't re-wrap
+        with tqdm(desc="tensorrt capture", disable=not show_progress) as bar:
+            bundle.warm_up(
+                latent_size,
+                buckets=buckets,
+                progress=lambda name: (bar.set_postfix_str(name), bar.update()),
+            )
+        return bundle
     if backend is not Backend.COMPILE or bundle.device.type != "cuda":
         return bundle
     graphed = GraphedBundle.wrap(bundle)
