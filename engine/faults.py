@@ -9,9 +9,9 @@ Out of device memory in a batch
     scheduled), the shed frames count as late for the degrade controller (so sustained
     pressure moves the engine to fewer steps, then lower resolution), and batches are capped
     one bucket below the size that failed (:class:`RowCap`; the cap rises again one bucket per
-    ``recover_after`` successful batches). A session that is caught in ``max_strikes``
-    out-of-memory batches in a row, the last ones alone at the smallest bucket, fails with
-    that reason; the others go on.
+    ``recover_after`` successful batches). A session caught in ``MAX_OOM_STRIKES`` (3)
+    out-of-memory batches in a row, the last of them alone, cannot run at all: it fails with
+    that reason, and the others go on.
 
 The worker thread dies
     An exception that escapes the worker's loop (a bug, a broken device) ends every session
@@ -59,10 +59,6 @@ class RowCap:
         if self._successes >= self.recover_after:
             self._successes = 0
             self.value = min(b for b in self.buckets if b > self.value)
-
-    @property
-    def at_floor(self) -> bool:
-        return self.value <= self.buckets[0]
 
 
 class RestartBudget:

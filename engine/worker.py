@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Post = Callable[[Callable[[], None]], None]
-MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session alone at the floor fails
+MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session that ran alone fails
 
 
 class Worker:
@@ -279,7 +279,7 @@ class Worker:
         for session in sessions:
             core = session.core
             core.oom_strikes += 1
-            if core.oom_strikes >= MAX_OOM_STRIKES and self.row_cap.at_floor:
+            if core.oom_strikes >= MAX_OOM_STRIKES and len(sessions) == 1:
                 self._fail(session, exc)
                 continue
             core.suspended = True

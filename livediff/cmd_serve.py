@@ -5,7 +5,13 @@
     livediff serve --model tiny --weights random --port 0          # offline smoke test; prints the URL
 
 The first line on stdout is ``livediff serve: listening on http://HOST:PORT/`` (with the real
-port when ``--port 0``). SIGINT / SIGTERM close every session and stop cleanly.
+port when ``--port 0``). SIGINT / SIGTERM drain the server (:mod:`livediff.streams.drain`):
+new clients are refused, frames in flight are finished, every client gets a closing message
+(websocket close 1001 "server shutdown"; data channel ``{"closing": "server shutdown"}``),
+then the process exits 0.
+
+Access token (:mod:`livediff.streams.auth`): ``--token`` wins over ``$LIVEDIFF_TOKEN``, which
+wins over ``[server] token``. Prefer the environment or the file: a flag shows in ``ps``.
 
 The config file may add ``[server]`` (see :mod:`livediff.streams.server_config`) and
 ``[runtime]`` (the engine runtime's settings) to the shared ``[model]``, ``[stream]`` and
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -63,6 +70,11 @@ def add_parser(subparsers: Any) -> None:
         "--max-connections", type=int, help="WebRTC peers + websocket clients at once (default 64)"
     )
     group.add_argument(
+        "--token",
+        help="access token clients must present (default: $LIVEDIFF_TOKEN, then [server] token; "
+        "none: open server). Visible in ps: prefer the environment variable",
+    )
+    group.add_argument(
         "--stats-interval",
         type=float,
         dest="stats_interval_s",
@@ -84,6 +96,9 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--max-sessions", type=int, help="sessions the engine serves at once")
     group.add_argument(
+        "--max-sessions-per-device", type=int, help="sessions each device serves at once"
+    )
+    group.add_argument(
         "--deadline-ms", type=float, help="per-frame latency budget, arrival to output"
     )
     group.add_argument(
@@ -94,13 +109,17 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from livediff.streams.auth import resolve_token
     from livediff.streams.server_config import ServerConfig
 
     table = config.get("server", {})
     if not isinstance(table, dict):
         raise ParameterError("[server] in the config file must be a table")
+    table = dict(table)
+    token = resolve_token(getattr(args, "token", None), os.environ, table.pop("token", None))
     return ServerConfig.from_table(
         table,
+        token=token,
         host=args.host,
         port=args.port,
         host_addresses=tuple(args.host_addresses) if args.host_addresses else None,
@@ -143,7 +162,7 @@ def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -
     degrade = dict(values.pop("degrade", {}))
     if getattr(args, "no_degrade", False):
         degrade["enabled"] = False
-    for name in ("max_sessions", "deadline_ms"):
+    for name in ("max_sessions", "max_sessions_per_device", "deadline_ms"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if isinstance(values.get("batch_buckets"), list):
@@ -190,7 +209,12 @@ async def serve(engine: Any, server_config: Any) -> int:
         host, port = runner.addresses[0][:2]
         print(f"livediff serve: listening on http://{_url_host(host)}:{port}/", flush=True)
         await stop.wait()
-        print("livediff serve: shutting down", file=sys.stderr, flush=True)
+        print(
+            f"livediff serve: shutting down (up to {server_config.shutdown_timeout_s:g} s to "
+            "finish the frames in flight)",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         await runner.cleanup()
         await engine.stop()

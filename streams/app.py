@@ -17,8 +17,14 @@ Routes:
 - ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON
   (``?samples=1`` adds each peer's recent server-added latencies, for benchmarks).
 
-All state lives on the app (:mod:`livediff.streams.app_keys`). At shutdown every peer and
-websocket is closed (close code 1001) and their sessions end; the ICE host-address
+Access: with a token configured, ``/offer``, ``/ws``, ``/stats`` (and ``/metrics`` if asked)
+need it, and browsers from other origins are refused (:mod:`livediff.streams.auth`). Every
+answer carries the security headers of :mod:`livediff.streams.security_headers`.
+
+All state lives on the app (:mod:`livediff.streams.app_keys`, plus the access policy and the
+drain state). At shutdown the connections are drained (:mod:`livediff.streams.drain`): frames
+in flight are finished, every client gets its closing message, their sessions end; whatever
+is left after ``shutdown_timeout_s`` is closed at once (code 1001). The ICE host-address
 restriction, if configured, is active exactly while the app runs.
 """
 
@@ -36,9 +42,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from livediff.streams import app_keys, ws_protocol
+from livediff.streams.auth import ACCESS, AccessPolicy, access_control
+from livediff.streams.drain import DRAIN, Drain, drain_connections
 from livediff.streams.http_errors import json_errors
 from livediff.streams.ice import HostAddressRestriction
 from livediff.streams.peer_registry import PeerRegistry
+from livediff.streams.security_headers import add_security_headers
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.signaling import handle_offer
 from livediff.streams.transport_metrics import TransportMetrics
@@ -58,11 +67,16 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> web.Applicati
     static = Path(config.static_dir) if config.static_dir else web_client_dir()
     if not (static / "index.html").is_file():
         raise FileNotFoundError(f"the browser client is missing: no index.html in {static}")
-    app = web.Application(client_max_size=config.max_offer_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=config.max_offer_bytes, middlewares=[json_errors, access_control]
+    )
     app[app_keys.ENGINE] = engine
     app[app_keys.CONFIG] = config
     app[app_keys.PEERS] = PeerRegistry()
     app[app_keys.WEBSOCKETS] = set()
+    app[ACCESS] = AccessPolicy(config)
+    app[DRAIN] = Drain()
+    app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_transport_metrics)
     if config.host_addresses:
         app.cleanup_ctx.append(_host_address_restriction)
@@ -99,12 +113,17 @@ async def _host_address_restriction(app: web.Application) -> AsyncIterator[None]
 
 
 async def _close_connections(app: web.Application) -> None:
+    config = app[app_keys.CONFIG]
+    await drain_connections(
+        app[DRAIN], list(app[app_keys.PEERS]), app[app_keys.ENGINE], config.shutdown_timeout_s
+    )
     sockets, peers = list(app[app_keys.WEBSOCKETS]), len(app[app_keys.PEERS])
     for ws in sockets:
         with contextlib.suppress(ConnectionError):
             await ws.close(code=ws_protocol.CLOSE_GOING_AWAY, message=b"server shutdown")
     await app[app_keys.PEERS].close_all()
-    log.info("shutdown: closed %d peers' and %d websockets' sessions", peers, len(sockets))
+    if sockets or peers:
+        log.info("shutdown: closed %d peers and %d websockets at once", peers, len(sockets))
 
 
 async def _metrics(request: web.Request) -> web.Response:

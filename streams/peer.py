@@ -8,7 +8,15 @@ the session ends; :meth:`close` is idempotent and safe to call from anywhere.
 
 Data channel (any label, opened by the client; the first one is used): the client sends
 control messages (:mod:`livediff.streams.control`), each answered with ``{"ok": true}`` or
-``{"error": ...}``; the server sends ``{"stats": {...}}`` every ``stats_interval_s``.
+``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``); the
+server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
+large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
+``{"closing": "<reason>"}`` before it closes the peer on purpose (server shutdown, idle timeout).
+
+Timeouts: a peer not ``connected`` within ``connect_timeout_s`` of its answer is closed (its
+session released); a connected peer whose video brings no frame for ``idle_timeout_s`` is
+closed with ``{"closing": "idle timeout: …"}``. A peer that vanishes (no close, no packets)
+is caught by the idle timeout.
 """
 
 from __future__ import annotations
@@ -29,12 +37,20 @@ from livediff.exceptions import ParameterError, SessionClosedError
 from livediff.streams.control import error_reply, ok_reply, parse_control, session_params
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.ice import rtc_configuration
+from livediff.streams.limits import (
+    Inactivity,
+    PixelLimitedTrack,
+    Throttle,
+    TokenBucket,
+    too_many_pixels,
+)
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "webrtc"
+CHANNEL_CLOSE_WAIT_S = 2.0  # for the closing message to be delivered before the peer closes
 
 
 class SessionLogger(logging.LoggerAdapter):
@@ -71,6 +87,12 @@ class LivePeer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: RTCDataChannel | None = None
         self._update_lock = asyncio.Lock()
+        self._bucket = TokenBucket(config.control_rate_per_s, config.control_burst)
+        self._pixel_reports = Throttle(1.0)
+        self._connected = asyncio.Event()
+        self._activity: Inactivity | None = None
+        self._forward_task: asyncio.Task[Any] | None = None
+        self._finishing: str | None = None
         self._closing = False
         self._closed = asyncio.Event()
         self.pc.on("track", self._on_track)
@@ -92,6 +114,7 @@ class LivePeer:
         local = self.pc.localDescription
         self.codec = _video_codec(local.sdp)
         self.log.info("answered; video codec %s", self.codec)
+        self._spawn(self._watch())
         return local
 
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -104,7 +127,22 @@ class LivePeer:
         )
         self._outputs.append(output)
         self.pc.addTrack(output)
-        self._spawn(self._forward(track))
+        limited = PixelLimitedTrack(track, self.config.max_frame_pixels, self._frame_refused)
+        self._forward_task = self._spawn(self._forward(limited))
+
+    def _frame_refused(self, width: int, height: int) -> None:
+        self.flow.errors += 1
+        if self._metrics is not None:
+            self._metrics.rejected.labels(TRANSPORT, "frame").inc()
+        if self._pixel_reports.ready():  # one report a second, however many frames
+            message = f"frame {too_many_pixels(width, height, self.config.max_frame_pixels)}"
+            self.log.warning(
+                "refused %s (%d more since the last report)",
+                message,
+                self._pixel_reports.suppressed,
+            )
+            self._pixel_reports.suppressed = 0
+            self._reply(error_reply(message))
 
     async def _forward(self, track: MediaStreamTrack) -> None:
         await forward_video(
@@ -118,6 +156,8 @@ class LivePeer:
         self._spawn(self.close())  # the remote track or the session ended: nothing left to do
 
     def _count_input(self) -> None:
+        if self._activity is not None:
+            self._activity.touch()
         if self._metrics is not None:
             self._metrics.frames.labels(TRANSPORT, "in").inc()
 
@@ -130,6 +170,8 @@ class LivePeer:
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         self.log.info("connection %s", state)
+        if state == "connected":
+            self._connected.set()
         if state in ("failed", "closed"):
             self._spawn(self.close())
 
@@ -140,8 +182,20 @@ class LivePeer:
             return
         self._channel = channel
         self.log.info("data channel %r open", channel.label)
-        channel.on("message", lambda message: self._spawn(self._on_control(message)))
+        channel.on("message", self._on_message)
         self._spawn(self._send_stats(channel))
+
+    def _on_message(self, message: str | bytes) -> None:
+        if self._bucket.take():
+            self._spawn(self._on_control(message))
+            return
+        if self._metrics is not None:
+            self._metrics.rejected.labels(TRANSPORT, "rate").inc()
+        try:  # echo the id when there is one to echo
+            request_id = parse_control(message, max_bytes=self.config.ws_max_control_bytes).id
+        except ParameterError:
+            request_id = None
+        self._reply(error_reply(self._bucket.refusal(), request_id))
 
     async def _on_control(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -188,11 +242,62 @@ class LivePeer:
             result["engine"] = None
         return result
 
+    # ---------------------------------------------------------------- timeouts, ending on purpose
+    async def _watch(self) -> None:
+        """Close a peer that never connects, or that sends no frame for ``idle_timeout_s``."""
+        timeout = self.config.connect_timeout_s
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.log.info("not connected after %g s: closing", timeout)
+            if self._metrics is not None:
+                self._metrics.rejected.labels(TRANSPORT, "connect_timeout").inc()
+            await self.close()
+            return
+        if not self.config.idle_timeout_s:
+            return
+        self._activity = Inactivity(self.config.idle_timeout_s)
+        await self._activity.expired()
+        if self._metrics is not None:
+            self._metrics.rejected.labels(TRANSPORT, "idle").inc()
+        await self.finish(f"idle timeout: no video frame for {self.config.idle_timeout_s:g} s")
+
+    async def stop_input(self) -> None:
+        """Take no more remote video (graceful shutdown); frames already submitted are finished."""
+        task = self._forward_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def finish(self, reason: str) -> None:
+        """End the session with ``reason``, let the outgoing video send what is queued, tell the
+        client ``{"closing": reason}`` on the data channel, and close. Idempotent.
+        """
+        if self._finishing is not None or self._closing:
+            await self.wait_closed()
+            return
+        self._finishing = reason
+        self.log.info("finishing: %s", reason)
+        await self.stop_input()
+        self.session.end(reason)  # queued outputs stay readable, then the track ends
+        if self.pc.connectionState == "connected":
+            await asyncio.gather(*(_ended(output) for output in self._outputs))
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps({"closing": reason}))
+            closed = asyncio.Event()
+            channel.once("close", closed.set)
+            channel.close()  # the reset goes out after the message: it arrives first
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(closed.wait(), CHANNEL_CLOSE_WAIT_S)
+        await self.close()
+
     # ---------------------------------------------------------------- teardown
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -235,3 +340,12 @@ def _video_codec(sdp: str) -> str | None:
         if media.kind == "video" and media.rtp.codecs:
             return str(media.rtp.codecs[0].mimeType)
     return None
+
+
+async def _ended(track: MediaStreamTrack) -> None:
+    """Return once ``track`` has ended (its last frame has been taken by the sender)."""
+    if track.readyState == "ended":
+        return
+    ended = asyncio.Event()
+    track.once("ended", ended.set)
+    await ended.wait()

@@ -1,4 +1,4 @@
-"""The ``[server]`` settings of ``livediff serve``: address, ICE, limits.
+"""The ``[server]`` settings of ``livediff serve``: address, ICE, access, limits.
 
 All fields have bounded defaults; ``__post_init__`` checks them and raises
 :class:`~livediff.exceptions.ParameterError` naming the field. In a TOML file::
@@ -12,9 +12,22 @@ All fields have bounded defaults; ``__post_init__`` checks them and raises
     max_connections = 16                      # WebRTC peers + websocket clients
     ws_max_message_bytes = 4194304
     stats_interval_s = 1.0
+    # access (streams/auth.py)
+    token = "…"                               # or LIVEDIFF_TOKEN / --token; default: no token
+    metrics_require_token = false             # true: /metrics needs the token too
+    allowed_origins = ["https://studio.example.org"]   # besides same origin and loopback; "*": any
+    # limits (streams/limits.py)
+    max_frame_pixels = 8294400                # 3840×2160
+    control_rate_per_s = 20.0                 # control messages per session, token bucket …
+    control_burst = 40                        # … of this depth
+    idle_timeout_s = 60.0                     # no input frame for this long: session closed (0: never)
+    connect_timeout_s = 20.0                  # WebRTC peer not connected by then: closed
+    shutdown_timeout_s = 10.0                 # SIGTERM: time to finish frames in flight
 
 No public STUN server is used unless one is configured: with ``ice_servers = []`` (the
 default) only host candidates are offered, which is right for a LAN or loopback.
+
+The token is a secret: it is left out of ``repr()`` and out of every error message.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from typing import Any
 from livediff.exceptions import ParameterError
 
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,15 @@ class ServerConfig:
     stats_interval_s: float = 1.0
     latency_marker: bool = False
     static_dir: str | None = field(default=None)
+    token: str | None = field(default=None, repr=False)
+    metrics_require_token: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    max_frame_pixels: int = 3840 * 2160
+    control_rate_per_s: float = 20.0
+    control_burst: int = 40
+    idle_timeout_s: float = 60.0
+    connect_timeout_s: float = 20.0
+    shutdown_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check(
@@ -132,6 +155,70 @@ class ServerConfig:
             self.latency_marker,
             "true or false",
         )
+        self._check_access()
+        self._check_limits()
+
+    def _check_access(self) -> None:
+        token = self.token
+        if token is not None and not _valid_token(token):
+            length = len(token) if isinstance(token, str) else type(token).__name__
+            raise ParameterError(  # never echo the value: it is a secret
+                f"[server] token (length {length}) is not usable: expected at least "
+                f"{MIN_TOKEN_LENGTH} printable ASCII characters without spaces, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        _check(
+            isinstance(self.metrics_require_token, bool),
+            "metrics_require_token",
+            self.metrics_require_token,
+            "true or false",
+        )
+        origins = (
+            (self.allowed_origins,)
+            if isinstance(self.allowed_origins, str)
+            else tuple(self.allowed_origins)
+        )
+        for origin in origins:
+            _check(
+                isinstance(origin, str) and (origin == "*" or _is_origin(origin)),
+                "allowed_origins",
+                origin,
+                '"*" or origins such as "https://example.org" or "http://10.0.0.5:8080"',
+            )
+        object.__setattr__(self, "allowed_origins", tuple(o.lower().rstrip("/") for o in origins))
+
+    def _check_limits(self) -> None:
+        _check(
+            _int_in(self.max_frame_pixels, 64, 1 << 28),
+            "max_frame_pixels",
+            self.max_frame_pixels,
+            "an integer in [64, 268435456]",
+        )
+        _check(
+            _number_in(self.control_rate_per_s, 0.1, 10_000),
+            "control_rate_per_s",
+            self.control_rate_per_s,
+            "a number in [0.1, 10000]",
+        )
+        _check(
+            _int_in(self.control_burst, 1, 100_000),
+            "control_burst",
+            self.control_burst,
+            "an integer in [1, 100000]",
+        )
+        _check(
+            self.idle_timeout_s == 0 or _number_in(self.idle_timeout_s, 0.05, 86_400),
+            "idle_timeout_s",
+            self.idle_timeout_s,
+            "0 (never) or seconds in [0.05, 86400]",
+        )
+        for name in ("connect_timeout_s", "shutdown_timeout_s"):
+            _check(
+                _number_in(getattr(self, name), 0.05, 3600),
+                name,
+                getattr(self, name),
+                "seconds in [0.05, 3600]",
+            )
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, **overrides: Any) -> ServerConfig:
@@ -143,7 +230,7 @@ class ServerConfig:
             raise ParameterError(
                 f"unknown key(s) in [server]: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        for key in ("host_addresses", "ice_servers"):
+        for key in ("host_addresses", "ice_servers", "allowed_origins"):
             if key in values and not isinstance(values[key], (list, tuple)):
                 raise ParameterError(f"[server] {key} must be a list")
         config = cls(**values)
@@ -153,6 +240,29 @@ class ServerConfig:
 
 def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and low <= value <= high
+    )
+
+
+def _valid_token(token: Any) -> bool:
+    return (
+        isinstance(token, str)
+        and len(token) >= MIN_TOKEN_LENGTH
+        and all(33 <= ord(c) <= 126 for c in token)
+    )
+
+
+def _is_origin(text: str) -> bool:
+    """``scheme://host[:port]`` and nothing else (the form of a browser's ``Origin`` header)."""
+    scheme, sep, rest = text.partition("://")
+    return bool(sep) and scheme in ("http", "https") and bool(rest) and "/" not in rest.rstrip("/")
 
 
 def _ice_server(item: Any) -> IceServer:

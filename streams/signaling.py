@@ -16,8 +16,11 @@ and the processed video comes back on the same transceiver. Codec choice is the 
 - ``400`` body not JSON, not an object, missing/invalid ``sdp`` or ``type``, ``params`` that
   are unknown or out of range, SDP the server cannot use (no video, unparsable);
 - ``413`` body larger than ``[server] max_offer_bytes``;
+- ``401`` a token is configured and the request does not carry it (:mod:`livediff.streams.auth`);
+- ``403`` a browser page from an origin that is not allowed;
 - ``415`` content type other than ``application/json``;
-- ``503`` (with ``Retry-After``) the server or the engine is at capacity.
+- ``503`` (with ``Retry-After``) the server or the engine is at capacity (connections,
+  sessions in all or per device), or the server is shutting down.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from aiohttp import web
 from livediff.exceptions import CapacityError, ParameterError
 from livediff.streams import app_keys
 from livediff.streams.control import session_params
+from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.http_errors import json_error
 from livediff.streams.peer import LivePeer
 
@@ -76,6 +80,8 @@ async def handle_offer(request: web.Request) -> web.Response:
         log.info("offer from %s refused (%d): %s", request.remote, status, message)
         return json_error(status, message, **kwargs)
 
+    if app[DRAIN].draining:
+        return reject(503, "shutdown", SHUTTING_DOWN, headers={"Retry-After": RETRY_AFTER_S})
     if request.content_type != "application/json":
         return reject(
             415,

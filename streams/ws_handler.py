@@ -4,6 +4,13 @@ Two tasks per connection: the reader decodes JPEGs (in the executor) and submits
 applies control messages in order; the writer awaits the session's outputs, encodes them (in
 the executor) and sends them. Sends are serialised by a lock. Whatever ends first — the client
 closing, a close sent by the server, the session ending — ends both, and the session is closed.
+
+Before a session opens the connection must pass the token check (:mod:`livediff.streams.auth`;
+the origin check ran before the upgrade) and the server must not be shutting down. Limits
+(:mod:`livediff.streams.limits`): frames over ``max_frame_pixels`` are refused from their JPEG
+header, control messages over the rate are refused, and a connection that sends no frame for
+``idle_timeout_s`` is closed. :meth:`WsConnection.stop_input` and :meth:`WsConnection.finish`
+are the graceful shutdown (:mod:`livediff.streams.drain`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from aiohttp import WSMsgType, web
 
 from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
 from livediff.streams import app_keys, ws_protocol
+from livediff.streams.auth import ACCESS, UNAUTHORIZED
 from livediff.streams.control import (
     error_reply,
     ok_reply,
@@ -26,8 +34,10 @@ from livediff.streams.control import (
     parse_control,
     session_params,
 )
+from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.jpeg import decode_jpeg, encode_jpeg
+from livediff.streams.limits import Inactivity, TokenBucket, jpeg_dimensions, too_many_pixels
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
@@ -51,6 +61,10 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=code, message=ws_protocol.close_reason(message))
         return ws
 
+    if app[DRAIN].draining:
+        return await refuse(ws_protocol.CLOSE_TRY_AGAIN, "shutdown", SHUTTING_DOWN)
+    if not app[ACCESS].authorized(request):
+        return await refuse(ws_protocol.CLOSE_POLICY, "auth", UNAUTHORIZED)
     if len(sockets) + len(app[app_keys.PEERS]) >= config.max_connections:
         return await refuse(
             ws_protocol.CLOSE_TRY_AGAIN,
@@ -63,11 +77,15 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         return await refuse(ws_protocol.CLOSE_POLICY, "params", str(exc))
     except CapacityError as exc:
         return await refuse(ws_protocol.CLOSE_TRY_AGAIN, "capacity", str(exc))
+    connection = WsConnection(ws, session, config, metrics)
     sockets.add(ws)
+    app[DRAIN].websockets.add(connection)
     try:
-        await WsConnection(ws, session, config, metrics).run()
+        await connection.run()
     finally:
         sockets.discard(ws)
+        app[DRAIN].websockets.discard(connection)
+        connection.ended.set()
     return ws
 
 
@@ -91,17 +109,31 @@ class WsConnection:
         self._frames = 0
         self._last_pts = -1
         self._t0 = time.perf_counter()
+        self._bucket = TokenBucket(config.control_rate_per_s, config.control_burst)
+        self._activity = Inactivity(config.idle_timeout_s) if config.idle_timeout_s else None
+        self._input_stopped = False
+        self._no_frame_in_hand = asyncio.Event()
+        self._no_frame_in_hand.set()
+        self._finishing: str | None = None
+        self._finisher: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.ended = asyncio.Event()  # set by the handler once the connection is over
 
     async def run(self) -> None:
         self.log.info("websocket session open")
         await self._send(ws_protocol.hello(self.session.id))
-        writer = asyncio.ensure_future(self._write())
+        self._writer = writer = asyncio.ensure_future(self._write())
+        watchdog = asyncio.ensure_future(self._watch_idle()) if self._activity else None
         try:
             await self._read()
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if self._finishing is None:
+                writer.cancel()
+            await asyncio.wait({writer})
+            if watchdog is not None:
+                if watchdog is not self._finisher:  # else it is closing the connection: let it
+                    watchdog.cancel()
+                await asyncio.wait({watchdog})
             with contextlib.suppress(SessionClosedError):
                 await self.session.close()
             if not self.ws.closed:
@@ -125,7 +157,13 @@ class WsConnection:
     async def _read(self) -> None:
         async for message in self.ws:
             if message.type is WSMsgType.BINARY:
-                await self._on_frame(message.data)
+                if self._input_stopped:
+                    continue  # shutting down: frames already received are finished, not new ones
+                self._no_frame_in_hand.clear()
+                try:
+                    await self._on_frame(message.data)
+                finally:
+                    self._no_frame_in_hand.set()
             elif message.type is WSMsgType.TEXT:
                 await self._on_control(message.data)
             elif message.type is WSMsgType.ERROR:
@@ -136,33 +174,52 @@ class WsConnection:
         index = self._frames
         self._frames += 1
         arrived = time.perf_counter()
+        size = jpeg_dimensions(data)  # refuse a huge picture before decoding a single pixel
+        refusal = None if size is None else too_many_pixels(*size, self.config.max_frame_pixels)
+        if refusal is not None:
+            await self._refuse_frame(f"frame {index}: JPEG of {refusal}")
+            return
         loop = asyncio.get_running_loop()
         try:
             image = await loop.run_in_executor(None, decode_jpeg, data)
+            height, width = image.shape[:2]
+            refusal = too_many_pixels(width, height, self.config.max_frame_pixels)
+            if refusal is not None:  # a header the quick reader could not follow
+                raise InvalidFrameError(f"JPEG of {refusal}")
         except InvalidFrameError as exc:
-            self._reject("frame", f"frame {index}: {exc}")
-            await self._send(error_reply(f"frame {index}: {exc}"))
+            await self._refuse_frame(f"frame {index}: {exc}")
             return
         pts = max(self._last_pts + 1, int((arrived - self._t0) * 1_000_000))
         self._last_pts = pts
         try:
             self.session.submit(image, pts=pts, time_base=ws_protocol.PTS_TIME_BASE)
         except InvalidFrameError as exc:
-            self._reject("frame", f"frame {index}: {exc}")
-            await self._send(error_reply(f"frame {index}: {exc}"))
+            await self._refuse_frame(f"frame {index}: {exc}")
             return
         except SessionClosedError as exc:
             await self._fail(str(exc))
             return
+        if self._activity is not None:
+            self._activity.touch()
         self.flow.frame_in(pts, arrived)
         self.metrics.frames.labels(TRANSPORT, "in").inc()
 
+    async def _refuse_frame(self, message: str) -> None:
+        self._reject("frame", message)
+        await self._send(error_reply(message))
+
     async def _on_control(self, text: str) -> None:
+        allowed = self._bucket.take()
         try:
             request = parse_control(text, max_bytes=self.config.ws_max_control_bytes)
         except ParameterError as exc:
-            self._reject("control", str(exc))
-            await self._send(error_reply(str(exc)))
+            message = str(exc) if allowed else self._bucket.refusal()
+            self._reject("control" if allowed else "rate", message)
+            await self._send(error_reply(message))
+            return
+        if not allowed:
+            self._reject("rate", self._bucket.refusal())
+            await self._send(error_reply(self._bucket.refusal(), request.id))
             return
         try:
             await self.session.update(**session_params(request.changes))
@@ -188,7 +245,8 @@ class WsConnection:
             try:
                 out = await self.session.recv()
             except SessionClosedError as exc:
-                await self._fail(str(exc))
+                if self._finishing is None:
+                    await self._fail(str(exc))
                 return
             if out.skipped and previous is not None:
                 data = previous
@@ -205,7 +263,7 @@ class WsConnection:
 
     async def _fail(self, message: str) -> None:
         """The session ended under us: tell the client and close."""
-        if self.ws.closed:
+        if self.ws.closed or self._finishing is not None:
             return
         self.log.warning("session ended: %s", message)
         await self._send(error_reply(f"session ended: {message}"))
@@ -213,3 +271,40 @@ class WsConnection:
             await self.ws.close(
                 code=ws_protocol.CLOSE_INTERNAL, message=ws_protocol.close_reason(message)
             )
+
+    # ------------------------------------------------------------------ ending on purpose
+    async def _watch_idle(self) -> None:
+        assert self._activity is not None
+        await self._activity.expired()
+        message = f"idle timeout: no frame for {self._activity.timeout_s:g} s"
+        self.metrics.rejected.labels(TRANSPORT, "idle").inc()
+        await self.finish(message, code=ws_protocol.CLOSE_POLICY, error=True)
+
+    async def stop_input(self) -> None:
+        """Take no more frames; return once the frame in hand (if any) has been submitted."""
+        self._input_stopped = True
+        await self._no_frame_in_hand.wait()
+
+    async def wait_closed(self) -> None:
+        await self.ended.wait()
+
+    async def finish(
+        self, reason: str, *, code: int = ws_protocol.CLOSE_GOING_AWAY, error: bool = False
+    ) -> None:
+        """End the session with ``reason``, send the outputs still queued, then close with ``code``
+        (after ``{"error": reason}`` when ``error``). Idempotent.
+        """
+        if self._finishing is not None or self.ws.closed:
+            return
+        self._finishing = reason
+        self._finisher = asyncio.current_task()
+        self._input_stopped = True
+        self.log.info("finishing: %s", reason)
+        self.session.end(reason)  # outputs already queued stay readable
+        if self._writer is not None:
+            await asyncio.wait({self._writer})
+        if error:
+            await self._send(error_reply(reason))
+        async with self._send_lock:
+            if not self.ws.closed:
+                await self.ws.close(code=code, message=ws_protocol.close_reason(reason))

@@ -1,13 +1,17 @@
 // livediff browser client: camera → WebRTC → server session → processed video back.
 // Plain JS, no build step. The protocol is documented in streams/signaling.py (POST /offer)
-// and streams/peer.py (data channel). State for automation and tests lives in window.livediff:
+// and streams/peer.py (data channel). A server with an access token is opened as
+// /?token=… : the page sends it to /offer as "Authorization: Bearer …" (streams/auth.py).
+// State for automation and tests lives in window.livediff:
 //   state ('idle'|'starting'|'connecting'|'connected'|'stopped'|'error'), session, codec,
 //   errors[], serverStats (last data-channel stats), framesSent, framesDecoded,
-//   latencies[] (ms, ?src=marker only), update(params) → Promise(reply),
+//   latencies[] (ms, ?src=marker only), closing (the server's reason when it ended the session),
+//   update(params) → Promise(reply),
 //   snapshot('input'|'output') → {width, height, data: RGBA array}, start(), stop().
 'use strict';
 
 const query = new URLSearchParams(location.search);
+const TOKEN = query.get('token');
 const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale'];
 const NUMERIC = new Set(['strength', 'seed', 'guidance_scale']);
 const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // streams/frame_marker.py
@@ -15,7 +19,7 @@ const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // stre
 const $ = (id) => document.getElementById(id);
 const form = $('params');
 const L = window.livediff = {
-  state: 'idle', session: null, codec: null, errors: [], serverStats: null,
+  state: 'idle', session: null, codec: null, errors: [], serverStats: null, closing: null,
   framesSent: 0, framesDecoded: 0, latencies: [], replies: [],
 };
 let pc = null, channel = null, media = null, statsTimer = null, markerTimer = null;
@@ -154,6 +158,7 @@ function openChannel(connection) {
     let message;
     try { message = JSON.parse(event.data); } catch { return; }
     if (message.stats) { L.serverStats = message.stats; renderServerStats(message.stats); return; }
+    if (message.closing) { L.closing = message.closing; showMessage(`server: ${message.closing}`, false); return; }
     L.replies.push(message);
     const waiter = pending.get(message.id);
     if (waiter) { pending.delete(message.id); waiter(message); }
@@ -182,12 +187,17 @@ async function start() {
       const state = pc && pc.connectionState;
       if (state === 'connected') setState('connected', '');
       else if (state === 'failed') setState('error', 'connection failed', true);
+      else if (state === 'closed' || (state === 'disconnected' && L.closing)) {
+        stop(); setState('stopped', L.closing ? `server: ${L.closing}` : 'connection closed');
+      }
     };
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
     setState('connecting');
+    const headers = {'Content-Type': 'application/json'};
+    if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
     const response = await fetch('offer', {
-      method: 'POST', headers: {'Content-Type': 'application/json'},
+      method: 'POST', headers,
       body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type, params: formParams()}),
     });
     const answer = await response.json();

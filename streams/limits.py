@@ -1,0 +1,172 @@
+"""Per-connection limits of the server and the small tools that enforce them.
+
+Every limit is a ``[server]`` setting (:class:`~livediff.streams.server_config.ServerConfig`)
+and answers the client with a clear message:
+
+==============================  ============================  ===================================
+limit (default)                 websocket                     WebRTC
+==============================  ============================  ===================================
+``max_frame_pixels``            ``{"error": "frame N: …``     frame dropped; data channel
+(3840×2160)                     ``too large …"}``, checked    ``{"error": "frame W×H … too large
+                                from the JPEG header before   …"}`` (at most one a second)
+                                decoding; connection stays
+``ws_max_message_bytes`` (4 MiB)  close 1009                  —
+``control_rate_per_s`` /        ``{"error": "rate limit: …"`` same on the data channel
+``control_burst`` (20/s, 40)    ``, "id": …}``; not applied
+``idle_timeout_s`` (60 s)       ``{"error": "idle timeout:    data channel ``{"closing": "idle
+                                …"}``, close 1008             timeout: …"}``, then the peer closes
+``connect_timeout_s`` (20 s)    —                             a peer not connected by then is
+                                                              closed and its session released
+==============================  ============================  ===================================
+
+Sessions in all (``[runtime] max_sessions``), per device (``max_sessions_per_device``) and
+connections (``max_connections``) are refused with 503 / close 1013.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless …), not DHT/JPG/DAC.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: no length
+
+
+def jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header, or ``None`` if there is none to read.
+
+    Reads markers only (no decoding), so an oversized image is refused before any pixel is
+    allocated. A stream it cannot follow gives ``None``; the decoder then says what is wrong.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _STANDALONE:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if position + 9 > end:
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        position += 2 + length
+    return None
+
+
+def too_many_pixels(width: int, height: int, limit: int) -> str | None:
+    """The refusal for a ``width``×``height`` frame, or ``None`` when it is within ``limit``."""
+    if width * height <= limit:
+        return None
+    return (
+        f"{width}×{height} = {width * height} pixels is too large: at most {limit} "
+        "([server] max_frame_pixels)"
+    )
+
+
+class TokenBucket:
+    """``rate`` events per second on average, bursts of up to ``burst``; not thread-safe."""
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one token; ``False`` (nothing spent) when the bucket is empty."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def refusal(self) -> str:
+        return (
+            f"rate limit: at most {self.rate:g} control messages per second (bursts of "
+            f"{self.burst}); this one was not applied"
+        )
+
+
+class Throttle:
+    """At most one report per ``interval_s`` (for repeated errors: no log or message spam)."""
+
+    def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def ready(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self.suppressed += 1
+            return False
+        self._last = now
+        return True
+
+
+class Inactivity:
+    """A timer that :meth:`touch` pushes back; :meth:`expired` returns once it runs out."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    async def expired(self) -> None:
+        while True:
+            remaining = self._last + self.timeout_s - self._loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(remaining)  # a timer, re-armed by activity in between
+
+
+class PixelLimitedTrack(MediaStreamTrack):
+    """The remote video, less the frames above ``limit`` pixels (``on_refused(w, h)`` for each)."""
+
+    kind = "video"
+
+    def __init__(
+        self, source: MediaStreamTrack, limit: int, on_refused: Callable[[int, int], None]
+    ) -> None:
+        super().__init__()
+        self._source = source
+        self._limit = limit
+        self._on_refused = on_refused
+
+    async def recv(self) -> av.VideoFrame:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            frame = await self._source.recv()
+            if not isinstance(frame, av.VideoFrame):
+                continue
+            if frame.width * frame.height <= self._limit:
+                return frame
+            self._on_refused(frame.width, frame.height)
