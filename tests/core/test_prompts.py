@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from livediff.engine.config import RCFGMode, StreamConfig
 from livediff.engine.stream import Stream
-from livediff.models.architectures import build_random
-from livediff.models.bundle import ModelBundle, WeightsMode
-from livediff.models.presets import Family, get_preset
+from livediff.models.bundle import ModelBundle
 from livediff.models.prompts import BlendMethod, PromptEncoder, blend, slerp
 
 
@@ -40,37 +36,6 @@ def test_prompt_blend_in_encoder(tiny_bundle: ModelBundle) -> None:
     torch.testing.assert_close(mixed, 0.25 * cat + 0.75 * dog)
     only_cat = encoder.encode((("a cat", 1.0), ("a dog", 0.0))).embeds
     torch.testing.assert_close(only_cat, cat)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_bundle() -> ModelBundle:
-    """A tiny SDXL-shaped model (two text encoders, pooled embeds, time ids), random weights."""
-    tiny = get_preset("tiny")
-    text = dict(tiny.text_configs[0])
-    unet = {
-        **tiny.unet_config,
-        "cross_attention_dim": 64,  # two 32-wide encoders side by side
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 6 * 8 + 32,
-    }
-    preset = dataclasses.replace(
-        tiny, name="tiny-sdxl", family=Family.SDXL, unet_config=unet, text_configs=(text, text)
-    )
-    parts = build_random(preset, seed=0)
-    assert parts.tiny_vae is not None
-    return ModelBundle(
-        preset=preset,
-        unet=parts.unet.eval(),
-        vae=parts.tiny_vae.eval(),
-        text_encoders=tuple(e.eval() for e in parts.text_encoders),
-        tokenizers=parts.tokenizers,
-        scheduler_config=dict(preset.scheduler_config),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        weights=WeightsMode.RANDOM,
-        source="test",
-    )
 
 
 def test_sdxl_conditioning(tiny_sdxl_bundle: ModelBundle) -> None:

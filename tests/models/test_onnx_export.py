@@ -18,11 +18,10 @@ from peft.utils import get_peft_model_state_dict
 
 from livediff.engine.backends import Backend, prepare_backend
 from livediff.exceptions import BackendError, ParameterError
-from livediff.models.architectures import build_random
-from livediff.models.bundle import ModelBundle, WeightsMode
+from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.onnx_export import OPSET, GraphName, OnnxGraph, export_graph, export_graphs
-from livediff.models.presets import Family, LoraRef, get_preset
+from livediff.models.presets import LoraRef
 from livediff.models.trt_cache_key import EngineKey, EngineProfile, engine_key, profile_shapes
 from livediff.models.unet_batch import UNetBatch
 
@@ -143,40 +142,8 @@ def test_full_vae_halves_match_eager(tmp_path: Path) -> None:
     torch.testing.assert_close(_run(decoder, latents), bundle.decode(latents), **TOLERANCE)
 
 
-def _tiny_sdxl_bundle() -> ModelBundle:
-    """The tiny preset rebuilt as SDXL: two text encoders, pooled embeds and time ids."""
-    tiny = get_preset("tiny")
-    unet = dict(tiny.unet_config, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"])
-    unet.update(
-        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        cross_attention_dim=64,  # the two encoders' hidden states side by side
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + pooled width
-        use_linear_projection=True,
-    )
-    text = tiny.text_configs[0]
-    preset = dataclasses.replace(
-        tiny, name="tiny-xl", family=Family.SDXL, unet_config=unet, text_configs=(text, text)
-    )
-    parts = build_random(preset, seed=5)
-    assert parts.tiny_vae is not None
-    return ModelBundle(
-        preset=preset,
-        unet=parts.unet.eval(),
-        vae=parts.tiny_vae.eval(),
-        text_encoders=tuple(e.eval() for e in parts.text_encoders),
-        tokenizers=parts.tokenizers,
-        scheduler_config=dict(preset.scheduler_config),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        weights=WeightsMode.RANDOM,
-        source="test",
-    )
-
-
-def test_sdxl_unet_takes_added_conditioning(tmp_path: Path) -> None:
-    bundle = _tiny_sdxl_bundle()
+def test_sdxl_unet_takes_added_conditioning(tmp_path: Path, tiny_sdxl_bundle: ModelBundle) -> None:
+    bundle = tiny_sdxl_bundle
     graph = export_graph(bundle, GraphName.UNET, tmp_path)
     assert graph.inputs[-2:] == ("text_embeds", "time_ids")
     for rows, h, w in UNET_CASES[:2]:
@@ -224,8 +191,8 @@ def test_default_profile_is_batch_1_to_16_and_384_to_1024_px(tiny_bundle: ModelB
     assert not profile.covers(1, 256, 512)
 
 
-def test_sdxl_profile_adds_its_conditioning() -> None:
-    shapes = profile_shapes(_tiny_sdxl_bundle(), GraphName.UNET, EngineProfile())
+def test_sdxl_profile_adds_its_conditioning(tiny_sdxl_bundle: ModelBundle) -> None:
+    shapes = profile_shapes(tiny_sdxl_bundle, GraphName.UNET, EngineProfile())
     assert shapes["text_embeds"] == ((1, 32), (4, 32), (16, 32))
     assert shapes["time_ids"] == ((1, 6), (4, 6), (16, 6))
 
