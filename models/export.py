@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from livediff.models.loading import ModelSpec, _as_pipeline, load_components, resolve_dtype
+from livediff.models.loading import ModelSpec, load_components, resolve_dtype
+from livediff.models.pipelines import as_pipeline
 from livediff.models.presets import get_preset
 
 
@@ -25,7 +26,7 @@ def export_model(
         spec, tiny_vae=True, full_vae=True, device=torch.device("cpu")
     )
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
-    pipeline = _as_pipeline(preset, components, scheduler_config)
+    pipeline = as_pipeline(preset, components, scheduler_config)
     pipeline.to(dtype=torch_dtype)
     pipeline.save_pretrained(target, safe_serialization=True)
     assert components.tiny_vae is not None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,14 +35,15 @@ from huggingface_hub import constants as hf_constants
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from livediff.exceptions import ModelLoadError, ModelNotAvailableError, ParameterError
+from livediff.exceptions import ModelLoadError, ParameterError
 from livediff.models.architectures import Components, build_random
 from livediff.models.bundle import ModelBundle, VaeKind, WeightsMode
+from livediff.models.fetch import SINGLE_FILE_SUFFIXES, fetch
+from livediff.models.pipelines import fuse_loras
 from livediff.models.presets import LoraRef, ModelPreset, get_preset
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 TINY_VAE_FOLDER = "vae_tiny"
 
 
@@ -113,49 +113,6 @@ def _offline(spec: ModelSpec) -> bool:
     return bool(hf_constants.HF_HUB_OFFLINE)
 
 
-def _is_local(source: str) -> bool:
-    return (
-        os.path.exists(source)
-        or source.startswith((".", "/", "~"))
-        or source.endswith(SINGLE_FILE_SUFFIXES)
-    )
-
-
-def _fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> T:
-    """Run ``load(local_files_only)``; cache first, then the network unless offline.
-
-    Every failure becomes one clear :class:`ModelLoadError`; the original is chained as cause.
-    """
-    if _is_local(source):
-        if not os.path.exists(os.path.expanduser(source)):
-            raise ModelLoadError(f"{what}: no such file or folder: {source}")
-        try:
-            return load(True)
-        except Exception as exc:
-            raise ModelLoadError(f"{what}: could not load {source}: {exc}") from exc
-    try:
-        return load(True)
-    except Exception as cached_exc:
-        if offline:
-            raise ModelNotAvailableError(
-                _not_cached_message(what, source, "downloads are off (HF_HUB_OFFLINE=1)")
-            ) from cached_exc
-    try:
-        return load(False)
-    except Exception as exc:
-        raise ModelNotAvailableError(
-            _not_cached_message(what, source, f"the download failed ({type(exc).__name__}: {exc})")
-        ) from exc
-
-
-def _not_cached_message(what: str, source: str, reason: str) -> str:
-    return (
-        f"{what} '{source}' is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {reason}. "
-        f"Download it once with network access (hf download {source}), point --source at a "
-        "local copy, or try the pipeline without weights using --weights random."
-    )
-
-
 def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -194,7 +151,7 @@ def _load_diffusers_folder(
             unet=unet, text_encoders=tuple(encoders), tokenizers=tuple(tokenizers)
         ), scheduler_config
 
-    return _fetch(what, source, offline, load)
+    return fetch(what, source, offline, load)
 
 
 def _load_single_file(
@@ -215,7 +172,7 @@ def _load_single_file(
         return pipeline_cls.from_single_file(path, config=config, local_files_only=local)
 
     what = f"architecture config for {preset.name} (needed to read {Path(path).name})"
-    pipe = _fetch(what, config, offline, load)
+    pipe = fetch(what, config, offline, load)
     encoders = tuple(
         e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None
     )
@@ -227,7 +184,7 @@ def _load_single_file(
 
 
 def _check_safetensors(path: str) -> None:
-    """Read the header now: inside ``_fetch`` a broken file would be reported as an uncached config."""
+    """Read the header now: inside ``fetch`` a broken file would be reported as an uncached config."""
     try:
         with safe_open(path, framework="pt"):
             pass
@@ -254,7 +211,7 @@ def _load_tiny_vae(
     preset: ModelPreset, spec: ModelSpec, model_source: str | None, offline: bool
 ) -> AutoencoderTiny:
     source = _tiny_vae_source(preset, spec, model_source)
-    return _fetch(
+    return fetch(
         "tiny VAE",
         source,
         offline,
@@ -269,7 +226,7 @@ def _load_full_vae(
     if own_source or preset.full_vae_id:
         source = own_source or preset.full_vae_id
         assert source is not None
-        return _fetch(
+        return fetch(
             "VAE",
             source,
             offline,
@@ -277,65 +234,13 @@ def _load_full_vae(
         )
     if model_source is None:
         raise ParameterError("a full VAE needs a model source")
-    return _fetch(
+    return fetch(
         "VAE",
         model_source,
         offline,
         lambda local: AutoencoderKL.from_pretrained(
             model_source, subfolder="vae", local_files_only=local
         ),
-    )
-
-
-def _fuse_loras(
-    preset: ModelPreset,
-    components: Components,
-    scheduler_config: dict[str, Any],
-    loras: tuple[LoraRef, ...],
-    offline: bool,
-) -> None:
-    """Fuse each LoRA into the UNet / text encoder weights, then drop the LoRA layers."""
-    if not loras:
-        return
-    pipeline = _as_pipeline(preset, components, scheduler_config)
-    for index, lora in enumerate(loras):
-        name = f"lora_{index}"
-        kwargs: dict[str, Any] = {"adapter_name": name}
-        if lora.weight_name:
-            kwargs["weight_name"] = lora.weight_name
-
-        def load(local: bool, lora: LoraRef = lora, kwargs: dict[str, Any] = kwargs) -> None:
-            pipeline.load_lora_weights(lora.source, local_files_only=local, **kwargs)
-
-        _fetch("LoRA", lora.source, offline, load)
-        pipeline.fuse_lora(lora_scale=lora.scale, adapter_names=[name])
-        log.info("fused LoRA %s at scale %.3g", lora.source, lora.scale)
-    pipeline.unload_lora_weights()
-
-
-def _as_pipeline(
-    preset: ModelPreset, components: Components, scheduler_config: dict[str, Any]
-) -> Any:
-    scheduler = LCMScheduler.from_config(scheduler_config)
-    if preset.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=components.full_vae,
-            text_encoder=components.text_encoders[0],
-            text_encoder_2=components.text_encoders[1],
-            tokenizer=components.tokenizers[0],
-            tokenizer_2=components.tokenizers[1],
-            unet=components.unet,
-            scheduler=scheduler,
-        )
-    return StableDiffusionPipeline(
-        vae=components.full_vae,
-        text_encoder=components.text_encoders[0],
-        tokenizer=components.tokenizers[0],
-        unet=components.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 
@@ -392,7 +297,7 @@ def load_components(
                 preset, spec, model_dir or spec.config_source, offline
             )
         described = source
-    _fuse_loras(preset, components, scheduler_config, loras, offline)
+    fuse_loras(preset, components, scheduler_config, loras, offline)
     return components, scheduler_config, described
 
 
