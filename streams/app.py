@@ -30,6 +30,7 @@ restriction, if configured, is active exactly while the app runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import json
@@ -54,6 +55,7 @@ from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.ws_handler import handle_ws
 
 log = logging.getLogger(__name__)
+LEFTOVER_WAIT_S = 2.0  # after a drain ran out of time, for handlers to see their close
 
 
 def web_client_dir() -> Path:
@@ -124,6 +126,10 @@ async def _close_connections(app: web.Application) -> None:
     await app[app_keys.PEERS].close_all()
     if sockets or peers:
         log.info("shutdown: closed %d peers and %d websockets at once", peers, len(sockets))
+    left = [connection.wait_closed() for connection in app[DRAIN].websockets]
+    if left:  # their handlers end their sessions as soon as they see the close
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*left), LEFTOVER_WAIT_S)
 
 
 async def _metrics(request: web.Request) -> web.Response:

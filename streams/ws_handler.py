@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 
 from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
 from livediff.streams import app_keys, ws_protocol
-from livediff.streams.auth import ACCESS, UNAUTHORIZED
+from livediff.streams.auth import ACCESS, TOKEN_QUERY, UNAUTHORIZED
 from livediff.streams.control import (
     error_reply,
     ok_reply,
@@ -72,7 +72,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
             f"the server has {config.max_connections} connections, its limit",
         )
     try:
-        session = await app[app_keys.ENGINE].open_session(params_from_query(request.query))
+        query = {k: v for k, v in request.query.items() if k != TOKEN_QUERY}
+        session = await app[app_keys.ENGINE].open_session(params_from_query(query))
     except ParameterError as exc:
         return await refuse(ws_protocol.CLOSE_POLICY, "params", str(exc))
     except CapacityError as exc:

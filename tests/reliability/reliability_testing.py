@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
+import random
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 import torch
+from aiortc import RTCDataChannel, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
 
+from livediff.clients.webrtc_client import WebRTCClient
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch
 
@@ -120,7 +126,124 @@ def problems(records: Iterable[logging.LogRecord], level: int = logging.WARNING)
     ]
 
 
-def all_log_text(caplog: pytest.LogCaptureFixture) -> str:
-    """Every captured record, formatted with its arguments and traceback."""
+def all_log_text(caplog: pytest.LogCaptureFixture, exclude: tuple[str, ...] = ()) -> str:
+    """Every captured record (but those of loggers under ``exclude``), with arguments and traceback."""
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    return "\n".join(formatter.format(record) for record in caplog.records)
+    return "\n".join(
+        formatter.format(record)
+        for record in caplog.records
+        if not any(record.name == name or record.name.startswith(name + ".") for name in exclude)
+    )
+
+
+# ---------------------------------------------------------------- WebRTC clients
+async def connect_with_headers(
+    client: WebRTCClient, track: MediaStreamTrack, headers: dict[str, str]
+) -> None:
+    """``client.connect(track)`` with extra request headers on ``/offer`` (a bearer token)."""
+    client.pc.addTransceiver(track, direction="sendrecv")
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    offer = client.pc.localDescription
+    body = {"sdp": offer.sdp, "type": offer.type, "params": client.params}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{client.url}/offer", json=body, headers=headers) as response,
+    ):
+        answer = await response.json()
+    assert response.status == 200, answer
+    client.session = answer["session"]
+    await client.pc.setRemoteDescription(
+        RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
+    )
+
+
+class ChannelLog:
+    """Every message the server sends on a client's data channel, and whether it closed."""
+
+    def __init__(self, channel: RTCDataChannel) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.closed = asyncio.Event()
+        self._changed = asyncio.Event()
+        channel.on("message", self._on_message)
+        channel.on("close", self._on_close)
+
+    def _on_message(self, message: str | bytes) -> None:
+        self.messages.append(json.loads(message))
+        self._changed.set()
+
+    def _on_close(self) -> None:
+        self.closed.set()
+        self._changed.set()
+
+    async def first(self, key: str) -> dict[str, Any]:
+        """The first message that has ``key`` (waits for it)."""
+        while True:
+            for message in self.messages:
+                if key in message:
+                    return message
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class SilentTrack(MediaStreamTrack):
+    """A video track that never produces a frame (a camera that froze)."""
+
+    kind = "video"
+
+    async def recv(self) -> Any:
+        await asyncio.Event().wait()
+
+
+def is_media(datagram: bytes) -> bool:
+    """RTP or RTCP (first byte 128–191, RFC 7983); not STUN (0–3) or DTLS (20–63)."""
+    return bool(datagram) and 128 <= datagram[0] <= 191
+
+
+class LossyLink:
+    """Drops a share of the media datagrams one ICE transport sends and receives.
+
+    The wrapper sits where aiortc hands (S)RTP to ICE: ``RTCIceTransport._send`` and
+    ``_recv``, which the DTLS transport looks up on every packet. STUN and DTLS (which
+    carries the data channel) pass untouched, so the connection stays up the way a real
+    lossy network keeps ICE consent alive. Seeded: the same packets drop on every run.
+    """
+
+    def __init__(
+        self,
+        ice_transport: Any,
+        loss: float,
+        seed: int = 7,
+        lost_types: frozenset[int] = frozenset(),
+    ) -> None:
+        self.loss = loss
+        self.lost_types = lost_types  # RTP payload types always dropped (retransmissions: RTX)
+        self._random = random.Random(seed)
+        self._send, self._recv = ice_transport._send, ice_transport._recv
+        ice_transport._send, ice_transport._recv = self.send, self.recv
+        self.dropped_out = self.dropped_in = 0
+        self._changed = asyncio.Event()
+
+    def _drop(self, datagram: bytes) -> bool:
+        drop = is_media(datagram) and self._random.random() < self.loss
+        if drop:
+            self._changed.set()
+        return drop
+
+    async def dropped(self, count: int) -> None:
+        """Return once ``count`` datagrams have been dropped in all."""
+        while self.dropped_out + self.dropped_in < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def send(self, datagram: bytes) -> None:
+        if self._drop(datagram):
+            self.dropped_out += 1
+            return
+        await self._send(datagram)
+
+    async def recv(self) -> bytes:
+        while True:
+            datagram: bytes = await self._recv()
+            if not self._drop(datagram):
+                return datagram
+            self.dropped_in += 1
