@@ -29,14 +29,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
-    parser.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")
-    parser.set_defaults(handler=run)
+    # The suite's name and then its own options: everything after --suite belongs to the suite
+    # (a positional REMAINDER would refuse "--suite soak --sessions 2" as unknown arguments).
+    parser.add_argument(
+        "--suite",
+        required=True,
+        nargs=argparse.REMAINDER,
+        metavar="NAME [SUITE OPTIONS]",
+        help=f"one of {', '.join(sorted(SUITES))}, then that suite's options",
+    )
+    parser.set_defaults(handler=run, bench_parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(SUITES[args.suite])
-    argv = list(args.suite_args)
-    if args.suite in ("single", "stages"):
-        argv = ["--suite", args.suite, *argv]
+    if not args.suite or args.suite[0] not in SUITES:
+        given = args.suite[0] if args.suite else "nothing"
+        args.bench_parser.error(
+            f"--suite: expected one of {', '.join(sorted(SUITES))}, got {given}"
+        )
+    name, argv = args.suite[0], list(args.suite[1:])
+    module = importlib.import_module(SUITES[name])
+    if name in ("single", "stages"):
+        argv = ["--suite", name, *argv]
     return int(module.main(argv) or 0)

@@ -52,6 +52,8 @@ def parse_control(text: str | bytes, *, max_bytes: int = 64 * 1024) -> ControlRe
         message = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParameterError(f"control message is not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[…" deeper than the parser's stack (found by fuzzing)
+        raise ParameterError("control message is nested too deeply") from None
     if not isinstance(message, dict):
         raise ParameterError(
             f"a control message must be a JSON object, not {type(message).__name__}"

@@ -252,6 +252,7 @@ class LivePeer:
             self.log.info("not connected after %g s: closing", timeout)
             if self._metrics is not None:
                 self._metrics.rejected.labels(TRANSPORT, "connect_timeout").inc()
+            self.session.end(f"connect timeout: not connected within {timeout:g} s")
             await self.close()
             return
         if not self.config.idle_timeout_s:

@@ -10,13 +10,14 @@ pretend memory cap.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import json
 import logging
 import os
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -29,8 +30,10 @@ from aiortc.mediastreams import MediaStreamTrack
 from livediff.clients.webrtc_client import WebRTCClient
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch
+from livediff.streams.server_config import ServerConfig
 
 B = TypeVar("B", bound=ModelBundle)
+T = TypeVar("T")
 TOKEN = "test-token-5f2c9a7e41d04b8b"  # at least 16 printable characters (ServerConfig's rule)
 
 
@@ -247,3 +250,49 @@ class LossyLink:
             if not self._drop(datagram):
                 return datagram
             self.dropped_in += 1
+
+
+# ---------------------------------------------------------------- a server for sync clients
+class ThreadedServer:
+    """``running_server`` on its own event loop in a thread, for synchronous clients (hypothesis)."""
+
+    def __init__(self, bundle: ModelBundle, config: ServerConfig) -> None:
+        self.bundle, self.config = bundle, config
+        self.loop = asyncio.new_event_loop()
+        self.base = ""
+        self.app: Any = None
+        self.engine: Any = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server")
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
+        ready.result(timeout=120)
+        return self
+
+    async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
+        from helpers.streams_testing import running_server
+
+        self._stop = asyncio.Event()
+        async with running_server(self.bundle, self.config) as (base, app, engine):
+            self.base, self.app, self.engine = base, app, engine
+            ready.set_result(None)
+            await self._stop.wait()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the server's loop (to read its state safely) and return its result."""
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=60)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._done.result(timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()

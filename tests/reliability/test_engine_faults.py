@@ -120,10 +120,10 @@ async def test_a_crashed_worker_ends_its_sessions_and_a_new_thread_serves_new_on
         healthy_round = worker._round
 
         def crash_once() -> bool:
-            worker._round = healthy_round  # type: ignore[method-assign]  # the new thread is healthy
+            worker._round = healthy_round  # the new thread is healthy
             raise RuntimeError("an injected bug in the worker loop")
 
-        worker._round = crash_once  # type: ignore[method-assign]
+        worker._round = crash_once
         first.submit(frame(2))
         for session in (first, second):
             with pytest.raises(SessionClosedError, match=r"engine worker failed \(RuntimeError"):
@@ -155,7 +155,7 @@ async def test_a_worker_that_keeps_crashing_stays_down_and_new_sessions_are_refu
     def crash() -> bool:
         raise RuntimeError("a broken device")
 
-    worker._round = crash  # type: ignore[method-assign]
+    worker._round = crash
     budget = worker.restarts.max_restarts
     try:
         for _ in range(budget + 1):  # each new session wakes the worker, which crashes

@@ -83,6 +83,10 @@ async def test_a_peer_that_never_connects_is_closed_and_its_session_released(
         async with aiohttp.ClientSession() as http, http.post(base + "/offer", json=body) as r:
             assert r.status == 200  # answered, but the client never applies the answer
         assert len(engine.sessions) == 1
+        (peer,) = app[app_keys.PEERS]
+        session = engine.sessions[peer.id]
+        await peer.wait_closed()
+        assert session.close_reason == "connect timeout: not connected within 0.5 s"
         await app[app_keys.PEERS].wait_until(0)
         assert len(engine.sessions) == 0
         assert rejected(app, "connect_timeout") == 1
