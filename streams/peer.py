@@ -51,6 +51,7 @@ from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_vid
 logger = logging.getLogger(__name__)
 TRANSPORT = "webrtc"
 CHANNEL_CLOSE_WAIT_S = 2.0  # for the closing message to be delivered before the peer closes
+OUTPUT_END_WAIT_S = 5.0  # for the outgoing video to send the outputs still queued
 
 
 class SessionLogger(logging.LoggerAdapter):
@@ -282,7 +283,11 @@ class LivePeer:
         await self.stop_input()
         self.session.end(reason)  # queued outputs stay readable, then the track ends
         if self.pc.connectionState == "connected":
-            await asyncio.gather(*(_ended(output) for output in self._outputs))
+            with contextlib.suppress(asyncio.TimeoutError):  # bounded: the sender may be stuck
+                await asyncio.wait_for(
+                    asyncio.gather(*(_ended(output) for output in self._outputs)),
+                    OUTPUT_END_WAIT_S,
+                )
         channel = self._channel
         if channel is not None and channel.readyState == "open":
             channel.send(json.dumps({"closing": reason}))

@@ -128,13 +128,13 @@ class WsConnection:
         try:
             await self._read()
         finally:
-            if self._finishing is None:
-                writer.cancel()
-            await asyncio.wait({writer})
+            # The client is gone or closed: nothing more can be sent (finish() has sent its part).
+            writer.cancel()
+            await self._reap(writer)
             if watchdog is not None:
                 if watchdog is not self._finisher:  # else it is closing the connection: let it
                     watchdog.cancel()
-                await asyncio.wait({watchdog})
+                await self._reap(watchdog)
             with contextlib.suppress(SessionClosedError):
                 await self.session.close()
             if not self.ws.closed:
@@ -145,6 +145,11 @@ class WsConnection:
                 self.flow.frames_in,
                 self.flow.frames_out,
             )
+
+    async def _reap(self, task: asyncio.Task[Any]) -> None:
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            self.log.info("a connection task ended with %r", task.exception())
 
     async def _send(self, data: str | bytes) -> None:
         async with self._send_lock:

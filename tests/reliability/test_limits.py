@@ -66,6 +66,7 @@ def jpeg(width: int, height: int, **save: Any) -> bytes:
         (b"GIF89a", None),
         (b"", None),
     ],
+    ids=lambda value: f"{len(value)}-bytes" if isinstance(value, bytes) else str(value),
 )
 def test_the_jpeg_header_gives_the_size_without_decoding(data: bytes, size: Any) -> None:
     assert jpeg_dimensions(data) == size
