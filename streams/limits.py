@@ -3,24 +3,24 @@
 Every limit is a ``[server]`` setting (:class:`~livediff.streams.server_config.ServerConfig`)
 and answers the client with a clear message:
 
-==============================  ============================  ===================================
-limit (default)                 websocket                     WebRTC
-==============================  ============================  ===================================
-``max_frame_pixels``            ``{"error": "frame N: …``     frame dropped; data channel
-(3840×2160)                     ``too large …"}``, checked    ``{"error": "frame W×H … too large
-                                from the JPEG header before   …"}`` (at most one a second)
-                                decoding; connection stays
-``ws_max_message_bytes`` (4 MiB)  close 1009                  —
-``control_rate_per_s`` /        ``{"error": "rate limit: …"`` same on the data channel
-``control_burst`` (20/s, 40)    ``, "id": …}``; not applied
-``idle_timeout_s`` (60 s)       ``{"error": "idle timeout:    data channel ``{"closing": "idle
-                                …"}``, close 1008             timeout: …"}``, then the peer closes
-``connect_timeout_s`` (20 s)    —                             a peer not connected by then is
-                                                              closed and its session released
-==============================  ============================  ===================================
+- ``max_frame_pixels`` (3840×2160): websocket: ``{"error": "frame N: JPEG of W×H = P pixels
+  is too large: at most M ([server] max_frame_pixels)"}``, read from the JPEG header before
+  anything is decoded; the connection stays. WebRTC: the frame is dropped and the data
+  channel gets ``{"error": "frame W×H = P pixels is too large: …"}`` at most once a second.
+- ``ws_max_message_bytes`` (4 MiB): websocket close 1009.
+- ``control_rate_per_s`` / ``control_burst`` (20 per second, bursts of 40; a token bucket per
+  session): ``{"error": "rate limit: at most R control messages per second (bursts of B);
+  this one was not applied", "id": …}``, on the websocket and on the data channel alike.
+- ``idle_timeout_s`` (60 s; 0: never): no input frame for that long ends the session.
+  Websocket: ``{"error": "idle timeout: no frame for N s"}``, then close 1008 with that
+  reason. WebRTC: ``{"closing": "idle timeout: no video frame for N s"}``, then the data
+  channel and the peer close (this also catches peers that vanish without a word).
+- ``connect_timeout_s`` (20 s): a WebRTC peer that is not connected that long after its
+  answer is closed and its session released (reason ``connect timeout: …``).
 
-Sessions in all (``[runtime] max_sessions``), per device (``max_sessions_per_device``) and
-connections (``max_connections``) are refused with 503 / close 1013.
+Sessions in all (``[runtime] max_sessions``), per device (``[runtime] max_sessions_per_device``)
+and connections (``[server] max_connections``) are refused with 503 (``/offer``, with
+``Retry-After``) or close 1013 (websocket).
 """
 
 from __future__ import annotations

@@ -12,16 +12,16 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import constants as hf_constants
-from livediff.engine.config import StreamConfig
-from livediff.engine.stream import Stream
-from livediff.models.bundle import ModelBundle
-from livediff.models.loading import ModelSpec, load_model
-from livediff.models.presets import LoraRef
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from livediff.engine.config import StreamConfig
+from livediff.engine.stream import Stream
 from livediff.exceptions import ModelNotAvailableError
+from livediff.models.bundle import ModelBundle
+from livediff.models.loading import ModelSpec, load_model
+from livediff.models.presets import LoraRef
 
 LORA_RANK = 4
 LORA_ALPHA = 8  # alpha / rank = 2, so a wrong scaling convention shows up

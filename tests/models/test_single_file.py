@@ -12,23 +12,23 @@ import re
 import shutil
 from pathlib import Path
 
-import helpers.ldm_checkpoint as ldm
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
-from helpers.ldm_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, save_ldm_checkpoint
 from huggingface_hub import constants as hf_constants
+from safetensors import safe_open
+
+import helpers.ldm_checkpoint as ldm
+from helpers.ldm_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, save_ldm_checkpoint
 from livediff.engine.config import StreamConfig
 from livediff.engine.stream import Stream
+from livediff.exceptions import ModelLoadError, ModelNotAvailableError, ParameterError
 from livediff.models.architectures import build_text_encoder
 from livediff.models.bundle import ModelBundle
 from livediff.models.export import export_model
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.presets import get_preset
-from safetensors import safe_open
-
-from livediff.exceptions import ModelLoadError, ModelNotAvailableError, ParameterError
 
 SMALL = StreamConfig(width=64, height=64)  # the smallest size: these tests are about weights
 FRAMES = 4

@@ -11,6 +11,8 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+
+from livediff.exceptions import MediaError
 from livediff.streams.file_sink import (
     AudioAction,
     AudioMode,
@@ -20,8 +22,6 @@ from livediff.streams.file_sink import (
 )
 from livediff.streams.file_source import FileSource
 from livediff.streams.media import AudioPacket, MediaTime, VideoFrame
-
-from livediff.exceptions import MediaError
 
 TONE_HZ = 440.0
 
