@@ -17,7 +17,19 @@ Each JSON line (see :mod:`livediff.bench.records`) adds: ``fps`` = outputs per s
 sessions; ``ms_median``/``ms_p99`` = compute time per generated frame (livediff: device time of
 a batch ÷ its frames; independent: wall time of one synced ``Stream.process``, which shares the
 device with the other N-1 streams); ``latency_ms_p50``/``latency_ms_p99`` = source arrival →
-output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_mem_peak_mb``.
+output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_mem_peak_mb``;
+``session_state_mb`` = device memory allocated by opening the sessions ÷ N (livediff on CUDA:
+each session's latents, noise and embeddings).
+``skip_rate`` = similarity-filter skips ÷ answered frames; ``gpu_busy_ms_per_s`` = compute time
+of the outputs finished in the window ÷ its seconds (livediff: device time, so 1000 means the
+device never idles); ``gpu_ms_per_output`` = the same ÷ outputs.
+
+The similarity filter's saving: ``--scene static`` makes every source a still picture with
+camera-like sensor noise (``--noise`` levels), and ``--similarity-threshold off,0.98`` measures
+each session count without and with the filter::
+
+    python -m livediff.bench.multi --scene static --similarity-threshold off,0.98 --sessions 1,16
+
 A PNG of throughput and latency against sessions goes to ``--plot`` (needs matplotlib; where
 it is missing, e.g. on a bare GPU machine, the script says so and the plot can be drawn
 later from the JSON lines: ``python -m livediff.bench.multi --replot results.jsonl --plot out.png``).
@@ -34,6 +46,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,7 +60,13 @@ from livediff.bench.records import (
     percentile,
     read_records,
 )
-from livediff.engine.backends import Backend, make_stream, prepare_backend, runtime_bundle
+from livediff.engine.backends import (
+    Backend,
+    fit_degrade_to_bundle,
+    make_stream,
+    prepare_backend,
+    runtime_bundle,
+)
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
@@ -64,21 +83,62 @@ class Tally:
     latency_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
     done_in_window: int = 0
+    skipped: int = 0  # answered frames (arrived in the window) that the similarity filter skipped
+    busy_ms: float = 0.0  # compute time of the outputs finished in the window
+    session_state_mb: float | None = None  # device memory one open session holds (CUDA only)
 
     def record(
-        self, t_arrival: float, t_done: float, compute_ms: float | None, window: tuple[float, float]
+        self,
+        t_arrival: float,
+        t_done: float,
+        compute_ms: float | None,
+        window: tuple[float, float],
+        skipped: bool = False,
     ) -> None:
         if window[0] <= t_arrival < window[1]:
             self.latency_ms.append((t_done - t_arrival) * 1000.0)
-            if compute_ms is not None:
+            self.skipped += skipped
+            if compute_ms is not None and not skipped:
                 self.compute_ms.append(compute_ms)
         if window[0] <= t_done < window[1]:
             self.done_in_window += 1
+            if compute_ms is not None and not skipped:
+                self.busy_ms += compute_ms
 
 
-def source_frames(size: int, count: int, seed: int) -> list[np.ndarray]:
+class Scene(str, Enum):
+    """What the sources show: ``moving`` changes every frame, ``static`` is a still picture."""
+
+    MOVING = "moving"
+    STATIC = "static"
+
+
+def source_frames(
+    size: int, count: int, seed: int, scene: Scene = Scene.MOVING, noise: int = 2
+) -> list[np.ndarray]:
+    """``count`` frames for one source: random pictures, or one picture plus ±``noise`` levels."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+    if scene is Scene.MOVING:
+        return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+    still = rng.integers(0, 256, (size, size, 3), dtype=np.int16)
+    return [
+        np.clip(still + rng.integers(-noise, noise + 1, still.shape), 0, 255).astype(np.uint8)
+        for _ in range(count)
+    ]
+
+
+def parse_thresholds(text: str) -> list[float | None]:
+    """``"off,0.98"`` → ``[None, 0.98]`` (``off`` runs without the similarity filter)."""
+    values: list[float | None] = []
+    for item in (v.strip() for v in text.split(",")):
+        if item.lower() in ("off", "none", ""):
+            values.append(None)
+            continue
+        value = float(item)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"similarity threshold {value} is not in [0, 1]")
+        values.append(value)
+    return values
 
 
 def _reset_memory(device: torch.device) -> None:
@@ -101,19 +161,24 @@ async def run_livediff(
         deadline_ms=args.deadline_ms,
         max_sessions=max(sessions, 1),
         batch_buckets=tuple(args.buckets),
-        degrade=DegradePolicy(enabled=args.degrade),
+        degrade=fit_degrade_to_bundle(DegradePolicy(enabled=args.degrade), bundle),
     )
     engine = Engine(bundle, config, runtime, params)
     await engine.start()
+    cuda = bundle.device.type == "cuda"
+    before = torch.cuda.memory_allocated(bundle.device) if cuda else 0
     handles = [await engine.open_session({"seed": k}) for k in range(sessions)]
     loop = asyncio.get_running_loop()
     period = 1.0 / args.fps
     start = loop.time() + 0.2
     window = (start + args.warmup, start + args.warmup + args.seconds)
     tally = Tally()
+    if cuda and sessions:  # Streams are built on the control thread; all are open by now
+        grown = torch.cuda.memory_allocated(bundle.device) - before
+        tally.session_state_mb = round(grown / sessions / 2**20, 2)
 
     async def produce(k: int) -> None:
-        frames = source_frames(args.frame_size, 8, k)
+        frames = source_frames(args.frame_size, 8, k, args.scene, args.noise)
         index = 0
         while (t := start + index * period) < window[1]:
             await asyncio.sleep(max(0.0, t - loop.time()))  # pacing the source, not synchronisation
@@ -126,7 +191,7 @@ async def run_livediff(
         try:
             while True:
                 out = await handles[k].recv()
-                tally.record(out.t_arrival, out.t_done, out.compute_ms, window)
+                tally.record(out.t_arrival, out.t_done, out.compute_ms, window, out.skipped)
         except SessionClosedError:
             pass
 
@@ -167,7 +232,7 @@ def run_independent(
     lock = threading.Lock()
 
     def serve(k: int) -> None:
-        frames = source_frames(args.frame_size, 8, k)
+        frames = source_frames(args.frame_size, 8, k, args.scene, args.noise)
         cuda = bundle.device.type == "cuda"
         context = torch.cuda.stream(torch.cuda.Stream(bundle.device)) if cuda else _null()
         last = -1
@@ -187,8 +252,9 @@ def run_independent(
                 for out in outputs:
                     out.image.cpu()  # the frame on the host: one sync per frame
                 done = time.monotonic()
+                skipped = any(out.skipped for out in outputs)
                 with lock:
-                    tally.record(arrival, done, (done - began) * 1000.0, window)
+                    tally.record(arrival, done, (done - began) * 1000.0, window, skipped)
                 last = newest
 
     threads = [
@@ -215,10 +281,12 @@ def record(
     tally: Tally,
     bundle: ModelBundle,
     config: StreamConfig,
+    params: GenerationParams,
     args: argparse.Namespace,
     sessions: int,
 ) -> dict[str, Any]:
     answered = len(tally.latency_ms)
+    threshold = params.similarity_threshold
     return {
         "system": system,
         "suite": "multi",
@@ -236,7 +304,15 @@ def record(
         "latency_ms_p50": round(percentile(tally.latency_ms, 50), 3),
         "latency_ms_p99": round(percentile(tally.latency_ms, 99), 3),
         "drop_rate": round(1.0 - answered / tally.delivered, 4) if tally.delivered else None,
+        "scene": args.scene.value,
+        "similarity_threshold": threshold,
+        "skip_rate": round(tally.skipped / answered, 4) if answered else None,
+        "gpu_busy_ms_per_s": round(tally.busy_ms / args.seconds, 2),
+        "gpu_ms_per_output": (
+            round(tally.busy_ms / tally.done_in_window, 3) if tally.done_in_window else None
+        ),
         "gpu_mem_peak_mb": gpu_memory_peak_mb(bundle.device),
+        "session_state_mb": tally.session_state_mb,
         "input_fps": args.fps,
         "frame_size": args.frame_size,
         "seconds": args.seconds,
@@ -253,22 +329,29 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    thresholds = sorted({r.get("similarity_threshold") for r in records}, key=lambda t: t or 0.0)
     for system, marker in (("livediff", "o"), ("independent", "s")):
-        rows = [r for r in records if r["system"] == system]
-        if not rows:
-            continue
-        sessions = [r["sessions"] for r in rows]
-        throughput.plot(sessions, [r["fps"] for r in rows], marker=marker, label=system)
-        latency.plot(
-            sessions, [r["latency_ms_p50"] for r in rows], marker=marker, label=f"{system} p50"
-        )
-        latency.plot(
-            sessions,
-            [r["latency_ms_p99"] for r in rows],
-            marker=marker,
-            linestyle="--",
-            label=f"{system} p99",
-        )
+        for threshold in thresholds:
+            rows = [
+                r
+                for r in records
+                if r["system"] == system and r.get("similarity_threshold") == threshold
+            ]
+            if not rows:
+                continue
+            name = system if threshold is None else f"{system}, similarity {threshold}"
+            sessions = [r["sessions"] for r in rows]
+            throughput.plot(sessions, [r["fps"] for r in rows], marker=marker, label=name)
+            latency.plot(
+                sessions, [r["latency_ms_p50"] for r in rows], marker=marker, label=f"{name} p50"
+            )
+            latency.plot(
+                sessions,
+                [r["latency_ms_p99"] for r in rows],
+                marker=marker,
+                linestyle="--",
+                label=f"{name} p99",
+            )
     first = records[0]
     title = f"{first['model']} {first['width']}² {first['steps']} step, {first['device']}"
     throughput.set(xlabel="sessions", ylabel="output fps (all sessions)", title=title)
@@ -307,6 +390,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--frame-size", type=int, default=512, help="source frames are N×N")
     parser.add_argument(
+        "--scene", type=Scene, choices=list(Scene), default=Scene.MOVING, help="what sources show"
+    )
+    parser.add_argument(
+        "--noise", type=int, default=2, help="static scene: sensor noise in ±levels (default 2)"
+    )
+    parser.add_argument(
+        "--similarity-threshold",
+        type=parse_thresholds,
+        default=[None],
+        help="comma-separated thresholds to measure, 'off' for none (default: off)",
+    )
+    parser.add_argument("--max-skip-frames", type=int, default=10)
+    parser.add_argument(
         "--width", type=int, default=None, help="model resolution (default: the preset's)"
     )
     parser.add_argument("--height", type=int, default=None)
@@ -329,7 +425,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
-        plot(read_records(args.replot), args.plot)
+        replotted = read_records(args.replot)
+        if not replotted:
+            raise SystemExit(f"{args.replot}: no benchmark records to plot")
+        plot(replotted, args.plot)
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -351,7 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         latent_size=(config.height // factor, config.width // factor),
         buckets=args.buckets,
     )
-    params = GenerationParams(strength=bundle.preset.default_strength, steps=args.steps)
+    base = GenerationParams(
+        strength=bundle.preset.default_strength,
+        steps=args.steps,
+        max_skip_frames=args.max_skip_frames,
+    )
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     outputs: list[TextIO] = [sys.stdout]
     if args.out:
@@ -360,16 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     try:
         for sessions in (int(v) for v in args.sessions.split(",")):
-            for system in systems:
-                _reset_memory(device)
-                if system == "livediff":
-                    tally = asyncio.run(run_livediff(batched, config, params, args, sessions))
-                elif system == "independent":
-                    tally = run_independent(bundle, backend, config, params, args, sessions)
-                else:
-                    raise SystemExit(f"unknown system {system!r}: expected livediff or independent")
-                records.append(record(system, tally, bundle, config, args, sessions))
-                emit(records[-1], outputs)
+            for threshold in args.similarity_threshold:
+                params = base.updated(similarity_threshold=threshold)
+                for system in systems:
+                    _reset_memory(device)
+                    if system == "livediff":
+                        tally = asyncio.run(run_livediff(batched, config, params, args, sessions))
+                    elif system == "independent":
+                        tally = run_independent(bundle, backend, config, params, args, sessions)
+                    else:
+                        raise SystemExit(
+                            f"unknown system {system!r}: expected livediff or independent"
+                        )
+                    records.append(record(system, tally, bundle, config, params, args, sessions))
+                    emit(records[-1], outputs)
     finally:
         for handle in outputs[1:]:
             handle.close()

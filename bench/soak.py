@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from livediff.bench.records import emit, environment, percentile, read_records
-from livediff.engine.backends import Backend, prepare_backend, runtime_bundle
+from livediff.engine.backends import Backend, fit_degrade_to_bundle, prepare_backend, runtime_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline_ms=args.deadline_ms,
         max_sessions=max(args.sessions, 1),
         batch_buckets=buckets,
-        degrade=DegradePolicy(enabled=args.degrade),
+        degrade=fit_degrade_to_bundle(DegradePolicy(enabled=args.degrade), batched),
     )
     params = GenerationParams(strength=bundle.preset.default_strength, steps=args.steps)
     engine = Engine(batched, config, runtime, params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from enum import Enum
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from livediff.engine.captured_stream import CapturedStream
+from livediff.engine.degrade import DegradePolicy
 from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
 from livediff.kernels.status import kernels_status
@@ -122,3 +124,21 @@ def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwarg
     if Backend(backend) is Backend.COMPILE and bundle.device.type == "cuda":
         return CapturedStream(bundle, *args, **kwargs)
     return Stream(bundle, *args, **kwargs)
+
+
+def fit_degrade_to_bundle(policy: DegradePolicy, bundle: ModelBundle) -> DegradePolicy:
+    """``policy`` with its lowest resolution raised to what ``bundle`` can run, where it has a floor.
+
+    TensorRT engines are built for a range of sides (384 px and up by default); degrading to half
+    of 512 px would leave it, so the degraded side stops at the engine's smallest instead.
+    """
+    floor = bundle.smallest_side if isinstance(bundle, TensorRTBundle) else None
+    if floor is None or policy.min_side >= floor:
+        return policy
+    log.info(
+        "degrade: lowest resolution raised from %d to %d px, the smallest the %s engines take",
+        policy.min_side,
+        floor,
+        Backend.TENSORRT.value,
+    )
+    return replace(policy, min_side=floor)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -133,7 +134,7 @@ def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) ->
 def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     """Load the model and build (not start) the engine these flags and config file describe."""
     from livediff.cli_options import load_for_backend
-    from livediff.engine.backends import runtime_bundle
+    from livediff.engine.backends import fit_degrade_to_bundle, runtime_bundle
     from livediff.engine.runtime import Engine
     from livediff.models.presets import get_preset
 
@@ -150,6 +151,8 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         latent_size=(height // factor, width // factor),
         buckets=runtime_config.batch_buckets,
     )
+    degrade = fit_degrade_to_bundle(runtime_config.degrade, bundle)
+    runtime_config = dataclasses.replace(runtime_config, degrade=degrade)
     return Engine(bundle, stream_config, runtime_config, params)
 
 

@@ -296,6 +296,11 @@ class TensorRTBundle(ModelBundle):
         """The batch buckets that have (or will get) a captured graph."""
         return self._runners[GraphName.UNET].buckets
 
+    @property
+    def smallest_side(self) -> int:
+        """The smallest image height or width (px) every engine's profile accepts."""
+        return max(runner.profile.side[0] for runner in self._runners.values())
+
     def captured(self) -> int:
         """How many (graph, bucket, row shape) bindings are captured so far."""
         return sum(len(runner._bindings) for runner in self._runners.values())

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import av
 
 from livediff.exceptions import MediaError
+from livediff.streams.closing import ClosesOnExit
 
 from .media import AudioPacket, MediaTime, VideoFrame
 
@@ -61,7 +61,7 @@ class AudioInfo:
     channels: int
 
 
-class FileSource:
+class FileSource(ClosesOnExit):
     """A media file to iterate once; see the module docstring.
 
     ``read_audio=False`` skips the audio packets (``audio`` still describes the stream).
@@ -129,17 +129,6 @@ class FileSource:
         if not self._closed:
             self._closed = True
             self._container.close()
-
-    def __enter__(self) -> FileSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _open_input(path: Path) -> Any:

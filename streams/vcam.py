@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import platform
 from fractions import Fraction
-from types import TracebackType
 from typing import Any
 
 import av
 import numpy as np
 
 from livediff.exceptions import MediaError
+from livediff.streams.closing import ClosesOnExit
 
 log = logging.getLogger(__name__)
 Y4M_BACKEND = "y4m"
@@ -82,7 +82,7 @@ def register_y4m_backend() -> None:
     pyvirtualcam.register_backend(Y4M_BACKEND, Y4MFileBackend)
 
 
-class VirtualCamera:
+class VirtualCamera(ClosesOnExit):
     """One open virtual camera; ``close()`` is idempotent, and it is a context manager."""
 
     def __init__(
@@ -145,14 +145,3 @@ class VirtualCamera:
         if not self._closed:
             self._closed = True
             self._camera.close()
-
-    def __enter__(self) -> VirtualCamera:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

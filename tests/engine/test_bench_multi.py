@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from livediff.bench import multi
@@ -37,4 +39,42 @@ def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert r["fps"] > 0 and 0 <= r["drop_rate"] <= 1
         assert r["latency_ms_p50"] <= r["latency_ms_p99"]
         assert r["device"] == "cpu" and r["gpu_mem_peak_mb"] is None
+        assert r["session_state_mb"] is None  # measured on CUDA only
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_static_scene_with_the_similarity_filter_skips_and_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        *("--model", "tiny", "--weights", "random", "--sessions", "2", "--seconds", "2"),
+        *("--systems", "livediff", "--frame-size", "64", "--scene", "static"),
+        *("--similarity-threshold", "off,0.98", "--plot", str(tmp_path / "m.png")),
+    ]
+    assert multi.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["similarity_threshold"] for r in records] == [None, 0.98]
+    unfiltered, filtered = records
+    for r in records:
+        assert r["scene"] == "static" and r["sessions"] == 2
+        assert r["gpu_busy_ms_per_s"] >= 0 and r["gpu_ms_per_output"] is not None
+    # A still picture with ±2 levels of noise is far above 0.98 similar: most frames are
+    # answered with the previous output (at most max_skip_frames = 10 in a row are skipped).
+    assert unfiltered["skip_rate"] == 0
+    assert filtered["skip_rate"] > 0.5
+
+
+def test_similarity_thresholds_parse_and_are_checked() -> None:
+    assert multi.parse_thresholds("off,0.98, 0.5") == [None, 0.98, 0.5]
+    with pytest.raises(argparse.ArgumentTypeError, match="not in"):
+        multi.parse_thresholds("1.5")
+
+
+def test_a_static_scene_is_one_picture_with_bounded_noise() -> None:
+    frames = multi.source_frames(32, 4, seed=0, scene=multi.Scene.STATIC, noise=2)
+    spread = np.stack(frames).astype(int)
+    assert (spread.max(axis=0) - spread.min(axis=0)).max() <= 4
+    assert not all(np.array_equal(frames[0], f) for f in frames[1:])  # it is noisy, not frozen
+    moving = multi.source_frames(32, 2, seed=0)
+    assert not np.array_equal(moving[0], moving[1])
