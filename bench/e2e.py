@@ -55,7 +55,7 @@ CHROMIUM_FLAGS = [
     "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
 ]  # fmt: skip
 SERVE_FLAGS = ("model", "weights", "source", "width", "height", "steps", "device", "dtype", "rcfg", "mode",
-               "deadline_ms", "max_sessions")  # fmt: skip
+               "deadline_ms", "max_sessions", "backend", "config")  # fmt: skip
 
 
 class Server:
@@ -248,6 +248,7 @@ def record(
         "steps": args.steps or preset.default_steps,
         "mode": args.mode or "img2img",
         "rcfg": args.rcfg or "none",
+        "backend": args.backend or "auto",
         "sessions": sessions,
         "fps": round(result["fps"], 2),
         "ms_median": round(percentile(server_ms, 50), 2),
@@ -284,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
+    parser.add_argument(
+        "--backend", choices=("auto", "eager", "compile", "tensorrt"), help="the server's backend"
+    )
+    parser.add_argument(
+        "--config", help="the server's TOML file (e.g. [runtime] batch_buckets = [1, 2, 4])"
+    )
     parser.add_argument("--prompt", default="a watercolor painting")
     parser.add_argument("--deadline-ms", type=float)
     parser.add_argument("--max-sessions", type=int)

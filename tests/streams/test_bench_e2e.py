@@ -27,8 +27,11 @@ def test_e2e_over_aiortc_in_a_loopback_netns(tmp_path: Path) -> None:
     missing = netns_tools_missing()
     if missing:
         pytest.skip(f"needs {' and '.join(missing)} to make a loopback-only network namespace")
+    config = tmp_path / "serve.toml"
+    config.write_text("[runtime]\nbatch_buckets = [1, 2]\n")
     argv = [
         *(sys.executable, "-m", "livediff.bench.e2e", "--model", "tiny", "--weights", "random"),
+        *("--backend", "eager", "--config", str(config)),
         *("--clients", "aiortc", "--sessions", "1", "--seconds", "4", "--warmup", "3"),
         *("--no-degrade", "--deadline-ms", "60000", "--netns"),
         *("--server-log", str(tmp_path / "server.log"), "--out", str(tmp_path / "e2e.jsonl")),
@@ -42,6 +45,7 @@ def test_e2e_over_aiortc_in_a_loopback_netns(tmp_path: Path) -> None:
     (record,) = records
     assert all(key in record for key in E2E_KEYS), set(E2E_KEYS) - set(record)
     assert (record["suite"], record["client"], record["sessions"]) == ("e2e", "aiortc", 1)
+    assert record["backend"] == "eager"
     assert record["frames"] > 0 and record["fps"] > 0
     assert 0 < record["latency_ms_p50"] <= record["latency_ms_p99"]
     assert 0 < record["ms_median"] <= record["ms_p99"]  # the server's own RTP in → RTP out
