@@ -9,7 +9,8 @@ _C = TypeVar("_C", bound="ClosesOnExit")
 
 
 class ClosesOnExit:
-    """``with x:`` closes ``x`` on the way out; subclasses define an idempotent :meth:`close`."""
+    """``with x:`` closes ``x`` on the way out; subclasses define an idempotent :meth:`close`
+    (and may refine ``__exit__``, as the file sink does to keep the error that stopped it)."""
 
     def close(self) -> None:
         raise NotImplementedError

@@ -34,6 +34,7 @@ import av
 import numpy as np
 
 from livediff.exceptions import MediaError
+from livediff.streams.closing import ClosesOnExit
 
 from .media import AudioPacket, AudioSamples, MediaItem, VideoFrame
 
@@ -210,7 +211,7 @@ def _muxer_accepts(container: str, source: Any) -> bool:
             log.debug("closing the %s probe failed", container)
 
 
-class FileSink:
+class FileSink(ClosesOnExit):
     """An output media file you ``write()`` items to, then ``close()``; see the module docstring.
 
     ``width`` × ``height`` is the size of every video frame written. ``time_base`` is that of
@@ -358,9 +359,6 @@ class FileSink:
                 for frame in self.audio.source.codec_context.decode(None):
                     self._container.mux(self._audio_out.encode(frame))
             self._container.mux(self._audio_out.encode(None))
-
-    def __enter__(self) -> FileSink:
-        return self
 
     def __exit__(
         self,
