@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from helpers.streams_testing import (
+    FOX,
     NEEDS_NETNS,
     REPO,
+    WHALE,
     distance,
     export_visible_tiny,
     netns_module_runner,
@@ -63,8 +65,6 @@ CHROMIUM_FLAGS = [
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
-FOX = {"prompt": "a red fox", "seed": 11}
-WHALE = {"prompt": "a blue whale", "seed": 22}
 CONFIG_TOML = """
 [params]
 prompt = "a red fox"

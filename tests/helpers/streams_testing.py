@@ -36,6 +36,9 @@ from livediff.streams.netns import in_loopback_netns, loopback_netns_argv, netns
 from livediff.streams.server_config import ServerConfig
 
 # Slow CPUs must not trigger deadline drops or load shedding: the tests check content, not speed.
+# Two prompts whose outputs differ clearly: tests tell sessions apart by them.
+FOX = {"prompt": "a red fox", "seed": 11}
+WHALE = {"prompt": "a blue whale", "seed": 22}
 TEST_RUNTIME = RuntimeConfig(deadline_ms=600_000, degrade=DegradePolicy(enabled=False))
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,14 +18,14 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from helpers.streams_testing import (
+    FOX,
     NEEDS_NETNS,
+    WHALE,
     closest,
     distance,
     netns_module_runner,
     pattern,
-    reference_output,
     running_server,
-    visible_tiny_bundle,
 )
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.models.bundle import ModelBundle
@@ -35,27 +35,7 @@ from livediff.streams.server_config import ServerConfig
 
 test_in_loopback_netns = netns_module_runner(__file__)
 
-FOX = {"prompt": "a red fox", "seed": 11}
-WHALE = {"prompt": "a blue whale", "seed": 22}
 CONFIG = ServerConfig(host_addresses=("127.0.0.1",), stats_interval_s=0.2)
-
-
-@pytest.fixture(scope="module")
-def bundle() -> ModelBundle:
-    return visible_tiny_bundle()
-
-
-@pytest.fixture(scope="module")
-def frame() -> np.ndarray:
-    return pattern(160, 120, seed=1)
-
-
-@pytest.fixture(scope="module")
-def references(bundle: ModelBundle, frame: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "fox": reference_output(bundle, frame, **FOX),
-        "whale": reference_output(bundle, frame, **WHALE),
-    }
 
 
 @pytest.fixture

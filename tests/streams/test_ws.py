@@ -14,13 +14,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from helpers.streams_testing import (
+    FOX,
     TEST_RUNTIME,
+    WHALE,
     distance,
     pattern,
     read_video,
     reference_output,
     running_server,
-    visible_tiny_bundle,
     write_y4m,
 )
 from livediff.clients.ws_client import WsClient, build_parser, stream_file
@@ -31,27 +32,7 @@ from livediff.streams import app_keys
 from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 from livediff.streams.server_config import ServerConfig
 
-FOX = {"prompt": "a red fox", "seed": 11}
-WHALE = {"prompt": "a blue whale", "seed": 22}
 MAX_MESSAGE = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def bundle() -> ModelBundle:
-    return visible_tiny_bundle()
-
-
-@pytest.fixture(scope="module")
-def frame() -> np.ndarray:
-    return pattern(160, 120, seed=1)
-
-
-@pytest.fixture(scope="module")
-def references(bundle: ModelBundle, frame: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "fox": reference_output(bundle, frame, **FOX),
-        "whale": reference_output(bundle, frame, **WHALE),
-    }
 
 
 @pytest.fixture
