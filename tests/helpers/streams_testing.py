@@ -173,7 +173,12 @@ def netns_module_runner(module_file: str, *, timeout_s: int = 900) -> Callable[[
             capture_output=True,
             text=True,
             timeout=timeout_s - 30,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The inner run reads its own summary: the outer run's PYTEST_ADDOPTS (CI's -q)
+            # would change it.
+            env={
+                **{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
+                "PYTHONUNBUFFERED": "1",
+            },
         )
         output = result.stdout[-12000:] + result.stderr[-4000:]
         assert result.returncode == 0, (
