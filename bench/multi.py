@@ -57,6 +57,7 @@ from livediff.bench.records import (
     emit,
     environment,
     gpu_memory_peak_mb,
+    int_list,
     percentile,
     read_records,
 )
@@ -409,7 +410,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--deadline-ms", type=float, default=100.0)
     parser.add_argument(
-        "--buckets", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32]
+        "--buckets", type=int_list, default=[1, 2, 4, 8, 16, 32], help="UNet batch sizes"
     )
     parser.add_argument("--degrade", action="store_true", help="let the engine degrade under load")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")

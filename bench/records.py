@@ -75,6 +75,11 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     }
 
 
+def int_list(text: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]`` (argparse ``type`` for options such as ``--buckets``)."""
+    return [int(value) for value in text.split(",") if value.strip()]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     return (
         float(np.percentile(np.asarray(values, dtype=np.float64), q))

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from livediff.bench.records import emit, environment, percentile, read_records
+from livediff.bench.records import emit, environment, int_list, percentile, read_records
 from livediff.engine.backends import Backend, fit_degrade_to_bundle, prepare_backend, runtime_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
@@ -311,6 +311,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--deadline-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--buckets",
+        type=int_list,
+        default=[1, 2, 4, 8, 16, 32],
+        help="UNet batch sizes (fewer compile faster with --backend compile)",
+    )
     parser.add_argument("--degrade", action="store_true", help="let the engine shed load")
     parser.add_argument("--transport", choices=("engine", "ws"), default="engine")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
@@ -348,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = StreamConfig(width=bundle.preset.width, height=bundle.preset.height)
     assert config.width is not None and config.height is not None
     factor = bundle.vae_scale_factor
-    buckets = (1, 2, 4, 8, 16, 32)
+    buckets = tuple(args.buckets)
     batched = runtime_bundle(
         bundle,
         backend,
@@ -378,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input_fps": args.fps,
         "frame_size": args.frame_size,
         "backend": args.backend,
+        "batch_buckets": list(buckets),
         "dtype": str(bundle.dtype).removeprefix("torch."),
         **environment(device),
     }

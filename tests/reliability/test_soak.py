@@ -21,7 +21,7 @@ def test_the_soak_suite_records_intervals_and_a_clean_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, png = tmp_path / "soak.jsonl", tmp_path / "soak.png"
-    argv = [*TINY, "--sessions", "2", "--minutes", "0.2", "--interval", "4"]
+    argv = [*TINY, "--sessions", "2", "--minutes", "0.2", "--interval", "4", "--buckets", "1,2"]
     status = cli_main(["bench", "--suite", "soak", *argv, "--out", str(out), "--plot", str(png)])
     assert status == 0
     records = read_records(out)
@@ -31,6 +31,7 @@ def test_the_soak_suite_records_intervals_and_a_clean_summary(
     for record in records:
         assert set(REQUIRED_KEYS) <= set(record)
         assert (record["suite"], record["sessions"], record["model"]) == ("soak", 2, "tiny")
+        assert record["batch_buckets"] == [1, 2]
     intervals, summary = records[:-1], records[-1]
     assert [r["t_s"] for r in intervals] == [4.0, 8.0, 12.0]
     assert all(r["sessions_alive"] == 2 and r["frames"] > 0 for r in intervals)
