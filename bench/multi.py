@@ -19,7 +19,9 @@ a batch ÷ its frames; independent: wall time of one synced ``Stream.process``, 
 device with the other N-1 streams); ``latency_ms_p50``/``latency_ms_p99`` = source arrival →
 output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_mem_peak_mb``;
 ``session_state_mb`` = device memory allocated by opening the sessions ÷ N (livediff on CUDA:
-each session's latents, noise and embeddings).
+each session's latents, noise and embeddings; measured after one session was opened and
+closed, so the first prompt encoding's one-off workspaces are not counted); ``warmup_s``
+(independent) = the slowest thread's warm-up before the clock started.
 ``skip_rate`` = similarity-filter skips ÷ answered frames; ``gpu_busy_ms_per_s`` = compute time
 of the outputs finished in the window ÷ its seconds (livediff: device time, so 1000 means the
 device never idles); ``gpu_ms_per_output`` = the same ÷ outputs.
@@ -87,6 +89,7 @@ class Tally:
     skipped: int = 0  # answered frames (arrived in the window) that the similarity filter skipped
     busy_ms: float = 0.0  # compute time of the outputs finished in the window
     session_state_mb: float | None = None  # device memory one open session holds (CUDA only)
+    warmup_s: float = 0.0  # independent: the slowest thread's warm-up, before the clock started
 
     def record(
         self,
@@ -167,6 +170,9 @@ async def run_livediff(
     engine = Engine(bundle, config, runtime, params)
     await engine.start()
     cuda = bundle.device.type == "cuda"
+    # One session opened and closed first: the first prompt encoding allocates library
+    # workspaces once per process, which are not any session's state.
+    await (await engine.open_session({"seed": sessions})).close()
     before = torch.cuda.memory_allocated(bundle.device) if cuda else 0
     handles = [await engine.open_session({"seed": k}) for k in range(sessions)]
     loop = asyncio.get_running_loop()
@@ -216,28 +222,49 @@ def run_independent(
     streams = [
         make_stream(bundle, backend, config, params.updated(seed=k)) for k in range(sessions)
     ]
-    # Warm every stream before the clock starts (first calls autotune kernels and capture
-    # graphs), as the batched engine is warmed: otherwise the baseline measures its warm-up.
-    with torch.inference_mode():
-        for k, stream in enumerate(streams):
-            for frame in source_frames(args.frame_size, 3, k):
-                for out in stream.process(frame):
-                    out.image.cpu()
     period = 1.0 / args.fps
-    start = time.monotonic() + 0.2
-    window = (start + args.warmup, start + args.warmup + args.seconds)
-    total = math.ceil((window[1] - start) / period)
-    tally = Tally(
-        delivered=sessions * sum(1 for i in range(total) if start + i * period >= window[0])
-    )
+    tally = Tally()
     lock = threading.Lock()
+    clock = _Clock()
+
+    def start_clock() -> None:  # run by the barrier once every party is ready
+        clock.start = time.monotonic() + 0.2
+        clock.window = (clock.start + args.warmup, clock.start + args.warmup + args.seconds)
+        clock.total = math.ceil((clock.window[1] - clock.start) / period)
+        in_window = sum(
+            1 for i in range(clock.total) if clock.start + i * period >= clock.window[0]
+        )
+        tally.delivered = sessions * in_window
+
+    # Every thread warms its own stream (first calls compile, autotune and capture graphs, and a
+    # thread's first device work has set-up costs of its own) before the clock starts, as the
+    # batched engine is warmed: otherwise the baseline measures its warm-up.
+    ready = threading.Barrier(sessions + 1, action=start_clock)
 
     def serve(k: int) -> None:
+        try:
+            measure(k)
+        except BaseException:
+            ready.abort()  # the main thread stops waiting and the other threads stop
+            raise
+
+    def measure(k: int) -> None:
         frames = source_frames(args.frame_size, 8, k, args.scene, args.noise)
         cuda = bundle.device.type == "cuda"
         context = torch.cuda.stream(torch.cuda.Stream(bundle.device)) if cuda else _null()
         last = -1
         with context, torch.inference_mode():
+            began = time.monotonic()
+            for frame in source_frames(args.frame_size, 3, sessions + k):
+                for out in streams[k].process(frame):
+                    out.image.cpu()
+            with lock:
+                tally.warmup_s = max(tally.warmup_s, time.monotonic() - began)
+            try:
+                ready.wait()
+            except threading.BrokenBarrierError:
+                return  # the main thread gave up waiting and reports it
+            start, total = clock.start, clock.total
             while True:
                 newest = min(total - 1, math.floor((time.monotonic() - start) / period))
                 if newest <= last:
@@ -255,7 +282,7 @@ def run_independent(
                 done = time.monotonic()
                 skipped = any(out.skipped for out in outputs)
                 with lock:
-                    tally.record(arrival, done, (done - began) * 1000.0, window, skipped)
+                    tally.record(arrival, done, (done - began) * 1000.0, clock.window, skipped)
                 last = newest
 
     threads = [
@@ -263,9 +290,27 @@ def run_independent(
     ]
     for thread in threads:
         thread.start()
+    try:
+        ready.wait(timeout=args.independent_warmup_s)
+    except threading.BrokenBarrierError:
+        for thread in threads:
+            thread.join()
+        raise SystemExit(
+            f"{sessions} independent streams did not get warm within "
+            f"{args.independent_warmup_s:.0f} s (--independent-warmup-s) or one of them failed"
+        ) from None
     for thread in threads:
         thread.join()
     return tally
+
+
+@dataclass
+class _Clock:
+    """When the independent streams' measurement starts (set once all of them are warm)."""
+
+    start: float = 0.0
+    window: tuple[float, float] = (0.0, 0.0)
+    total: int = 0
 
 
 class _null:
@@ -314,6 +359,7 @@ def record(
         ),
         "gpu_mem_peak_mb": gpu_memory_peak_mb(bundle.device),
         "session_state_mb": tally.session_state_mb,
+        "warmup_s": round(tally.warmup_s, 2) if system == "independent" else None,
         "input_fps": args.fps,
         "frame_size": args.frame_size,
         "seconds": args.seconds,
@@ -321,6 +367,21 @@ def record(
         "dtype": str(bundle.dtype).removeprefix("torch."),
         **environment(bundle.device),
     }
+
+
+def curve(
+    records: Sequence[dict[str, Any]], system: str, threshold: float | None
+) -> list[dict[str, Any]]:
+    """One line of the plot: ``system``'s records at ``threshold`` by session count, ascending.
+
+    A session count measured twice (runs appended to one file) is drawn from its last record.
+    """
+    latest = {
+        r["sessions"]: r
+        for r in records
+        if r["system"] == system and r.get("similarity_threshold") == threshold
+    }
+    return [latest[n] for n in sorted(latest)]
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
@@ -333,11 +394,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     thresholds = sorted({r.get("similarity_threshold") for r in records}, key=lambda t: t or 0.0)
     for system, marker in (("livediff", "o"), ("independent", "s")):
         for threshold in thresholds:
-            rows = [
-                r
-                for r in records
-                if r["system"] == system and r.get("similarity_threshold") == threshold
-            ]
+            rows = curve(records, system, threshold)
             if not rows:
                 continue
             name = system if threshold is None else f"{system}, similarity {threshold}"
@@ -415,6 +472,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--degrade", action="store_true", help="let the engine degrade under load")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
     parser.add_argument("--systems", default="livediff,independent")
+    parser.add_argument(
+        "--independent-warmup-s",
+        type=float,
+        default=600.0,
+        help="give up when the independent streams are not warm after this long",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")

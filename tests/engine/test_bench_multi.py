@@ -40,6 +40,10 @@ def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert r["latency_ms_p50"] <= r["latency_ms_p99"]
         assert r["device"] == "cpu" and r["gpu_mem_peak_mb"] is None
         assert r["session_state_mb"] is None  # measured on CUDA only
+        if r["system"] == "independent":
+            assert r["warmup_s"] > 0  # each thread warmed its stream before the clock started
+        else:
+            assert r["warmup_s"] is None
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -78,3 +82,39 @@ def test_a_static_scene_is_one_picture_with_bounded_noise() -> None:
     assert not all(np.array_equal(frames[0], f) for f in frames[1:])  # it is noisy, not frozen
     moving = multi.source_frames(32, 2, seed=0)
     assert not np.array_equal(moving[0], moving[1])
+
+
+def test_a_plot_line_runs_by_session_count_and_keeps_the_last_of_a_repeat() -> None:
+    def rec(system: str, sessions: int, fps: float, threshold: float | None = None) -> dict:
+        return {
+            "system": system,
+            "sessions": sessions,
+            "fps": fps,
+            "similarity_threshold": threshold,
+        }
+
+    records = [
+        rec("livediff", 16, 288.0),
+        rec("livediff", 32, 282.0),
+        rec("independent", 16, 100.0),
+        rec("livediff", 16, 307.0),
+        rec("livediff", 1, 30.0),
+        rec("livediff", 16, 480.0, 0.98),
+    ]
+    line = multi.curve(records, "livediff", None)
+    assert [(r["sessions"], r["fps"]) for r in line] == [(1, 30.0), (16, 307.0), (32, 282.0)]
+    assert [r["fps"] for r in multi.curve(records, "livediff", 0.98)] == [480.0]
+    assert multi.curve(records, "independent", 0.98) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # expected
+def test_an_independent_stream_that_fails_in_warm_up_ends_the_run_with_a_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 0×0 frames have no pixels: every independent stream raises in its warm-up, and the main
+    # thread stops waiting for them at once instead of after --independent-warmup-s.
+    argv = ["--model", "tiny", "--weights", "random", "--systems", "independent"]
+    argv += ["--sessions", "2", "--seconds", "1", "--frame-size", "0", "--plot", ""]
+    with pytest.raises(SystemExit, match=r"did not get warm .* or one of them failed"):
+        multi.main(argv)
+    assert capsys.readouterr().out == ""  # no record for a run that did not happen
