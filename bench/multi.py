@@ -21,7 +21,10 @@ output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_me
 ``session_state_mb`` = device memory allocated by opening the sessions ÷ N (livediff on CUDA:
 each session's latents, noise and embeddings; measured after one session was opened and
 closed, so the first prompt encoding's one-off workspaces are not counted); ``warmup_s``
-(independent) = the slowest thread's warm-up before the clock started.
+(independent) = the slowest thread's warm-up before the clock started; ``batch_stage_ms_p50``
+(livediff) = median device ms per batch in encode (pack + VAE encode), unet (Stream Batch
+inputs + UNet) and decode (scheduler step + VAE decode + postprocess + host copy), and
+``batch_rows_p50`` the median UNet rows per batch — where a batch's time goes.
 ``skip_rate`` = similarity-filter skips ÷ answered frames; ``gpu_busy_ms_per_s`` = compute time
 of the outputs finished in the window ÷ its seconds (livediff: device time, so 1000 means the
 device never idles); ``gpu_ms_per_output`` = the same ÷ outputs.
@@ -90,6 +93,8 @@ class Tally:
     busy_ms: float = 0.0  # compute time of the outputs finished in the window
     session_state_mb: float | None = None  # device memory one open session holds (CUDA only)
     warmup_s: float = 0.0  # independent: the slowest thread's warm-up, before the clock started
+    batch_stage_ms: dict[str, float | None] | None = None  # livediff: median device ms per batch
+    batch_rows: float | None = None  # livediff: median UNet rows per batch
 
     def record(
         self,
@@ -205,6 +210,11 @@ async def run_livediff(
     consumers = [asyncio.create_task(consume(k)) for k in range(sessions)]
     await asyncio.gather(*(produce(k) for k in range(sessions)))
     await engine.wait_idle()
+    snapshot = engine.metrics()  # its windows hold the latest batches, i.e. the measured ones
+    tally.batch_stage_ms = {
+        stage: _rounded(snapshot["latency_ms"][stage]["p50"]) for stage in BATCH_STAGES
+    }
+    tally.batch_rows = snapshot["batch_rows"]["p50"]
     await engine.stop()
     await asyncio.gather(*consumers)
     return tally
@@ -304,6 +314,13 @@ def run_independent(
     return tally
 
 
+BATCH_STAGES = ("encode", "unet", "decode")  # see livediff.engine.batch_run
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 @dataclass
 class _Clock:
     """When the independent streams' measurement starts (set once all of them are warm)."""
@@ -360,6 +377,8 @@ def record(
         "gpu_mem_peak_mb": gpu_memory_peak_mb(bundle.device),
         "session_state_mb": tally.session_state_mb,
         "warmup_s": round(tally.warmup_s, 2) if system == "independent" else None,
+        "batch_stage_ms_p50": tally.batch_stage_ms,
+        "batch_rows_p50": tally.batch_rows,
         "input_fps": args.fps,
         "frame_size": args.frame_size,
         "seconds": args.seconds,

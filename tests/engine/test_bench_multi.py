@@ -42,8 +42,13 @@ def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert r["session_state_mb"] is None  # measured on CUDA only
         if r["system"] == "independent":
             assert r["warmup_s"] > 0  # each thread warmed its stream before the clock started
+            assert r["batch_stage_ms_p50"] is None and r["batch_rows_p50"] is None
         else:
             assert r["warmup_s"] is None
+            stages = r["batch_stage_ms_p50"]
+            assert set(stages) == {"encode", "unet", "decode"}
+            assert all(stages[s] > 0 for s in stages), stages
+            assert 1 <= r["batch_rows_p50"] <= r["sessions"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
