@@ -9,6 +9,9 @@ For every session count N, N sources each deliver a ``--frame-size``² uint8 fra
 - ``livediff``: one :class:`~livediff.engine.runtime.Engine` (cross-session batching, EDF,
   deadline drops; degrading off unless ``--degrade``). A producer task per session submits on
   schedule, a consumer task per session receives.
+- ``livediff-serial``: the same with ``overlap = "off"``: each batch is waited for and
+  answered before the next is gathered, so the device idles while the host prepares the next
+  batch (what overlap removes; measure both in one run to see it).
 - ``independent``: N :class:`~livediff.engine.stream.Stream` objects, each in its own thread
   (and CUDA stream), each answering the newest frame of its source whenever it is free (latest
   wins) and syncing per frame — N separate StreamDiffusion-style pipelines on one GPU.
@@ -76,6 +79,7 @@ from livediff.engine.backends import (
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.exceptions import SessionClosedError
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
@@ -165,8 +169,10 @@ async def run_livediff(
     params: GenerationParams,
     args: argparse.Namespace,
     sessions: int,
+    overlap: BatchOverlap = BatchOverlap.AUTO,
 ) -> Tally:
     runtime = RuntimeConfig(
+        overlap=overlap,
         deadline_ms=args.deadline_ms,
         max_sessions=max(sessions, 1),
         batch_buckets=tuple(args.buckets),
@@ -315,6 +321,8 @@ def run_independent(
 
 
 BATCH_STAGES = ("encode", "unet", "decode")  # see livediff.engine.batch_run
+# The livediff systems and the overlap each runs with (see the module docstring).
+LIVEDIFF_SYSTEMS = {"livediff": BatchOverlap.AUTO, "livediff-serial": BatchOverlap.OFF}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -369,6 +377,7 @@ def record(
         "drop_rate": round(1.0 - answered / tally.delivered, 4) if tally.delivered else None,
         "scene": args.scene.value,
         "similarity_threshold": threshold,
+        "overlap": effective_overlap(system, bundle.device),
         "skip_rate": round(tally.skipped / answered, 4) if answered else None,
         "gpu_busy_ms_per_s": round(tally.busy_ms / args.seconds, 2),
         "gpu_ms_per_output": (
@@ -386,6 +395,15 @@ def record(
         "dtype": str(bundle.dtype).removeprefix("torch."),
         **environment(bundle.device),
     }
+
+
+def effective_overlap(system: str, device: torch.device) -> str | None:
+    """``"on"``/``"off"`` for a livediff system (``auto`` means on for CUDA), else ``None``."""
+    overlap = LIVEDIFF_SYSTEMS.get(system)
+    if overlap is None:
+        return None
+    on = overlap is BatchOverlap.ON or (overlap is BatchOverlap.AUTO and device.type == "cuda")
+    return "on" if on else "off"
 
 
 def curve(
@@ -411,7 +429,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
     thresholds = sorted({r.get("similarity_threshold") for r in records}, key=lambda t: t or 0.0)
-    for system, marker in (("livediff", "o"), ("independent", "s")):
+    for system, marker in (("livediff", "o"), ("livediff-serial", "^"), ("independent", "s")):
         for threshold in thresholds:
             rows = curve(records, system, threshold)
             if not rows:
@@ -550,13 +568,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 params = base.updated(similarity_threshold=threshold)
                 for system in systems:
                     _reset_memory(device)
-                    if system == "livediff":
-                        tally = asyncio.run(run_livediff(batched, config, params, args, sessions))
+                    if system in LIVEDIFF_SYSTEMS:
+                        overlap = LIVEDIFF_SYSTEMS[system]
+                        tally = asyncio.run(
+                            run_livediff(batched, config, params, args, sessions, overlap)
+                        )
                     elif system == "independent":
                         tally = run_independent(bundle, backend, config, params, args, sessions)
                     else:
                         raise SystemExit(
-                            f"unknown system {system!r}: expected livediff or independent"
+                            f"unknown system {system!r}: expected livediff, livediff-serial "
+                            "or independent"
                         )
                     records.append(record(system, tally, bundle, config, params, args, sessions))
                     emit(records[-1], outputs)

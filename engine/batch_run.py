@@ -80,9 +80,14 @@ class BatchRun:
         self.post = post
         self.cuda = bundle.device.type == "cuda"
         self.batcher = Batcher(bundle, runtime.batch_buckets)
+        self._held: list[tuple[Session, list[InputFrame]]] = []
 
-    def admit(self, session: Session, frame: InputFrame) -> Entry | None:
-        """Admit the frame to its Stream; a full group that the filter skips is answered here."""
+    def admit(self, session: Session, frame: InputFrame, hold_skips: bool = False) -> Entry | None:
+        """Admit the frame to its Stream; a full group that the filter skips is answered here.
+
+        With ``hold_skips`` a skip is answered only at :meth:`release_held`: the session has a
+        batch in flight whose answer must go out first (and becomes the image a skip repeats).
+        """
         core = session.core
         stream = core.stream
         image = frame.image.pin_memory() if self.cuda else frame.image
@@ -93,9 +98,18 @@ class BatchRun:
         if not stream.config.use_denoising_batch:
             return Entry(session, stream, group, None)  # Stream.run asks the filter itself
         if stream.skip_outputs(group) is not None:
-            self._emit_skipped(session, list(group.tags))
+            if hold_skips:
+                self._held.append((session, list(group.tags)))
+            else:
+                self._emit_skipped(session, list(group.tags))
             return None
         return Entry(session, stream, group, stream.model_input(group))
+
+    def release_held(self) -> None:
+        """Answer the skips that :meth:`admit` held back."""
+        held, self._held = self._held, []
+        for session, frames in held:
+            self._emit_skipped(session, frames)
 
     def _emit_skipped(self, session: Session, frames: list[InputFrame]) -> None:
         core = session.core

@@ -123,15 +123,15 @@ class StreamConfig:
             self.frame_buffer_size,
             f"an integer in [1, {MAX_FRAME_BUFFER_SIZE}]",
         )
-        object.__setattr__(self, "rcfg", _enum(RCFGMode, self.rcfg, "rcfg"))
-        object.__setattr__(self, "mode", _enum(GenerationMode, self.mode, "mode"))
-        object.__setattr__(self, "fit", _enum(FitMode, self.fit, "fit"))
+        object.__setattr__(self, "rcfg", enum_value(RCFGMode, self.rcfg, "rcfg"))
+        object.__setattr__(self, "mode", enum_value(GenerationMode, self.mode, "mode"))
+        object.__setattr__(self, "fit", enum_value(FitMode, self.fit, "fit"))
 
     def with_resolution(self, width: int, height: int) -> StreamConfig:
         return replace(self, width=width, height=height)
 
 
-def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+def enum_value(kind: type[Enum], value: Any, name: str) -> Any:
     try:
         return kind(value)
     except ValueError:
@@ -199,7 +199,7 @@ class GenerationParams:
             len(self.negative_prompt),
             f"at most {MAX_PROMPT_CHARS} characters",
         )
-        object.__setattr__(self, "blend", _enum(BlendMethod, self.blend, "blend"))
+        object.__setattr__(self, "blend", enum_value(BlendMethod, self.blend, "blend"))
         _check(
             _is_int(self.seed) and 0 <= self.seed < 2**63,
             "seed",

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+from livediff.engine.config import enum_value
 from livediff.engine.degrade import DegradePolicy
 from livediff.exceptions import ParameterError
+
+
+class BatchOverlap(str, Enum):
+    """Whether the worker prepares and launches the next batch while the current one runs.
+
+    ``auto``: on for CUDA devices, off on CPU (where every op is synchronous, so overlapping
+    only delays answers). ``on``: also on CPU (the ordering is the same; used by tests).
+    ``off``: launch, wait, answer, then gather the next batch.
+    """
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 def _positive_int(name: str, value: Any, high: int) -> None:
@@ -32,6 +47,8 @@ class RuntimeConfig:
       next frame runs even if late, so no stream freezes.
     - ``batch_time_smoothing``: weight of the newest batch time in the estimate used for drops.
     - ``latency_window``: samples kept per percentile window.
+    - ``overlap``: gather and launch the next batch shortly before the running one ends, so
+      the device never waits for the host between batches (:class:`BatchOverlap`).
     - ``degrade``: the overload policy (:class:`~livediff.engine.degrade.DegradePolicy`).
     """
 
@@ -44,6 +61,7 @@ class RuntimeConfig:
     max_consecutive_deadline_drops: int = 3
     batch_time_smoothing: float = 0.2
     latency_window: int = 1024
+    overlap: BatchOverlap = BatchOverlap.AUTO
     degrade: DegradePolicy = field(default_factory=DegradePolicy)
 
     def __post_init__(self) -> None:
@@ -81,5 +99,6 @@ class RuntimeConfig:
             raise ParameterError(
                 f"batch_time_smoothing={self.batch_time_smoothing!r}: expected (0, 1]"
             )
+        object.__setattr__(self, "overlap", enum_value(BatchOverlap, self.overlap, "overlap"))
         if not isinstance(self.degrade, DegradePolicy):
             raise ParameterError(f"degrade={self.degrade!r}: expected a DegradePolicy")

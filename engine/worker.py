@@ -16,6 +16,14 @@ never waits for this thread. The thread never sleeps: with nothing to do it wait
 condition that ``submit`` / ``update`` / ``close`` notify (with a timeout only while degraded,
 so an idle engine still recovers).
 
+Overlap (``RuntimeConfig.overlap``, on by default on CUDA): a launched batch is not waited
+for at once. The thread waits until shortly before the batch is expected to end (its smoothed
+batch time, less the smoothed host time of gathering and launching a batch), gathers and
+launches the next batch behind it on the same CUDA stream, and only then waits for the first
+and answers it. The device goes from one batch to the next without waiting for the host; the
+frames of the next batch are gathered as late as they would have been without overlap. A
+skip of a session that has a batch in flight is answered after that batch, in order.
+
 Faults (out of device memory in a batch, the thread itself failing) are handled as
 :mod:`livediff.engine.faults` describes: the batch's sessions degrade, or the worker's sessions
 end and a new thread takes over.
@@ -26,17 +34,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
-from livediff.engine.batch_run import BatchRun, Entry
+from livediff.engine.batch_run import BatchRun, Computed, Entry
 from livediff.engine.control import SwapStream
 from livediff.engine.degrade import DegradeController, DegradeLevel
 from livediff.engine.faults import FaultMetrics, RestartBudget, RowCap, is_out_of_memory
 from livediff.engine.metrics import EngineMetrics
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.scheduler import (
     BatchTimeEstimator,
     Candidate,
@@ -56,6 +67,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Post = Callable[[Callable[[], None]], None]
 MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session that ran alone fails
+LEAD_MARGIN_S = 0.001  # launch the next batch this much earlier than the host needs, at least
+LEAD_FACTOR = 1.5  # ... and this many times the smoothed host time of a launch
+
+
+@dataclass
+class InFlight:
+    """A launched batch that has not been waited for (overlap)."""
+
+    key: GroupKey
+    entries: list[Entry]
+    computed: Computed
+    session_ids: frozenset[str]
+    expected_end: float  # clock time the batch should be done by, from the batch time estimate
 
 
 class Worker:
@@ -94,6 +118,11 @@ class Worker:
         self._opened = 0
         self._idle_waiters: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
+        overlap = runtime.overlap
+        self.overlap = overlap is BatchOverlap.ON or (overlap is BatchOverlap.AUTO and self.cuda)
+        self._in_flight: InFlight | None = None
+        self._launch_s = 0.0  # smoothed host time from gathering a batch to its launch
+        self._last_done = 0.0  # clock time the last batch was seen done
 
     # ------------------------------------------------------------------ event loop side
     def start(self) -> None:
@@ -161,6 +190,7 @@ class Worker:
     def _crashed(self, exc: BaseException) -> None:
         """The loop failed: end this worker's sessions, then start a new thread (within budget)."""
         log.error("[engine] worker failed; closing its sessions", exc_info=exc)
+        self._in_flight = None  # its sessions are ended below with the rest
         with self._cond:
             sessions = [s for _, s in self._sessions.values()]
             self._sessions.clear()
@@ -210,10 +240,15 @@ class Worker:
             self.on_level(level)
 
     def _round(self) -> bool:
+        if self._in_flight is not None:
+            self._gather_until(self._in_flight.expected_end - self._lead())
         with self._cond:
-            if self._stopping:
-                return False
+            stopping = self._stopping
             sessions = sorted(self._sessions.values(), key=lambda item: item[0])
+        if stopping:
+            self._land()
+            return False
+        t_gather = self.clock()
         worked = False
         candidates: list[Candidate[Session]] = []
         for order, session in sessions:
@@ -229,11 +264,39 @@ class Worker:
                 rows = stream.batch.unet_rows
                 candidates.append(Candidate(session, key, priority, rows, core.served, order))
         if not candidates:
-            return worked
+            return self._land() or worked
         plan = plan_batch(candidates, self.row_cap.value)
         for candidate in plan:
             candidate.item.core.served += 1
-        self._run_batch(plan)
+        self._run_batch(plan, t_gather)
+        return True
+
+    # ------------------------------------------------------------------ overlap
+    def _lead(self) -> float:
+        """How long before the running batch's end to start gathering the next one."""
+        return LEAD_FACTOR * self._launch_s + LEAD_MARGIN_S
+
+    def _gather_until(self, target: float) -> None:
+        """Wait (on the condition, so ``stop`` still wakes it) until ``target`` on the clock.
+
+        The wait itself runs on the real monotonic clock for the span the engine's clock
+        gives, so an injected clock that stands still cannot hang the thread.
+        """
+        span = target - self.clock()
+        if span <= 0:
+            return
+        until = time.monotonic() + span
+        with self._cond:
+            while not self._stopping and (left := until - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def _land(self) -> bool:
+        """Wait for the batch in flight and answer it (then the skips held behind it)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return False
+        self._finish(flight)
+        self.runner.release_held()
         return True
 
     def _apply(self, session: Session, items: list[ControlItem]) -> bool:
@@ -293,12 +356,16 @@ class Worker:
         )
 
     # ------------------------------------------------------------------ one batch
-    def _run_batch(self, plan: list[Candidate[Session]]) -> None:
+    def _run_batch(self, plan: list[Candidate[Session]], t_gather: float) -> None:
         head = plan[0]
         bucket = bucket_for(sum(c.rows for c in plan), self.runtime.batch_buckets)
         estimate = self.estimator.estimate(head.key, bucket)
         limit = self.runtime.max_consecutive_deadline_drops
         now = self.clock()
+        flight = self._in_flight
+        held: frozenset[str] = frozenset() if flight is None else flight.session_ids
+        # Behind a batch in flight, this one starts on the device when that one ends.
+        start = now if flight is None else max(now, flight.expected_end)
         entries: list[Entry] = []
         deadline_drops = 0
         for candidate in plan:
@@ -319,7 +386,7 @@ class Worker:
                 continue
             self.metrics.inbox_depth(session.id, core.inbox_depth())
             if should_drop(
-                now, frame.t_arrival, frame.deadline, estimate, core.consecutive_drops, limit
+                start, frame.t_arrival, frame.deadline, estimate, core.consecutive_drops, limit
             ):
                 core.consecutive_drops += 1
                 core.dropped_for_deadline(frame)
@@ -330,7 +397,7 @@ class Worker:
             core.waited(now - frame.t_arrival)
             self.metrics.stage("queue", now - frame.t_arrival)
             try:
-                entry = self.runner.admit(session, frame)
+                entry = self.runner.admit(session, frame, hold_skips=session.id in held)
             except Exception as exc:
                 if is_out_of_memory(exc):
                     self._out_of_memory([session], bucket, exc)
@@ -341,12 +408,18 @@ class Worker:
                 entries.append(entry)
         self.degrade.observe(deadline_drops, deadline_drops)
         if entries:
-            self._compute(head.key, entries)
+            self._launch(head.key, entries, start, estimate, t_gather)
+        else:
+            self._land()
 
-    def _compute(self, key: GroupKey, entries: list[Entry]) -> None:
+    def _launch(
+        self, key: GroupKey, entries: list[Entry], start: float, estimate: float, t_gather: float
+    ) -> None:
+        """Run the batch; with overlap leave it in flight, else wait for it and answer it."""
         try:
             computed = self.runner.model(key, entries)
         except Exception as exc:
+            self._land()
             if is_out_of_memory(exc):
                 rows = sum(e.stream.batch.unet_rows for e in entries)
                 padded = bucket_for(rows, self.runtime.batch_buckets)
@@ -356,12 +429,30 @@ class Worker:
             for entry in entries:
                 self._fail(entry.session, exc)
             return
+        launched = self.clock()
+        weight = self.runtime.batch_time_smoothing
+        self._launch_s += weight * (launched - t_gather - self._launch_s)
+        ids = frozenset(e.session.id for e in entries)
+        flight = InFlight(key, entries, computed, ids, max(start, launched) + estimate)
+        self._land()
+        if self.overlap:
+            self._in_flight = flight
+        else:
+            self._finish(flight)
+
+    def _finish(self, flight: InFlight) -> None:
+        """Wait for one launched batch and answer its sessions."""
+        entries, computed = flight.entries, flight.computed
         done = self.runner.outputs(entries, computed)
         self.row_cap.succeeded()
         self.faults.row_cap.set(self.row_cap.value)
         for entry in entries:
             entry.session.core.oom_strikes = 0
-        self.estimator.record(key, computed.padded, done.seconds)
+        # Its device time began when it was launched or when the batch before it ended.
+        t_done = computed.t_start + done.seconds
+        seconds = t_done - max(computed.t_start, self._last_done)
+        self._last_done = t_done
+        self.estimator.record(flight.key, computed.padded, seconds)
         self.degrade.observe(done.generated, done.late)
         for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done
             self.post(delivery)

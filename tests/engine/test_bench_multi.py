@@ -25,13 +25,16 @@ MULTI_KEYS = (
 def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plot = tmp_path / "multi.png"
     argv = ["--model", "tiny", "--weights", "random", "--sessions", "1,2", "--seconds", "2"]
-    assert multi.main([*argv, "--plot", str(plot)]) == 0
+    systems = ["--systems", "livediff,livediff-serial,independent"]
+    assert multi.main([*argv, *systems, "--plot", str(plot)]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert [(r["system"], r["sessions"]) for r in records] == [
-        ("livediff", 1),
-        ("independent", 1),
-        ("livediff", 2),
-        ("independent", 2),
+    assert [(r["system"], r["sessions"], r["overlap"]) for r in records] == [
+        ("livediff", 1, "off"),  # auto: overlap is for CUDA devices
+        ("livediff-serial", 1, "off"),
+        ("independent", 1, None),
+        ("livediff", 2, "off"),
+        ("livediff-serial", 2, "off"),
+        ("independent", 2, None),
     ]
     for r in records:
         assert all(key in r for key in MULTI_KEYS), set(MULTI_KEYS) - set(r)

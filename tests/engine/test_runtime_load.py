@@ -23,6 +23,7 @@ from runtime_testing import (
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, OutputFrame, RuntimeConfig
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.exceptions import CapacityError
 from livediff.models.bundle import ModelBundle
 
@@ -76,10 +77,15 @@ async def test_bounded_queues_and_exact_counts(probe_bundle: ProbeBundle) -> Non
         await engine.stop()
 
 
-async def test_counts_add_up_under_random_load(probe_bundle: ProbeBundle) -> None:
+@pytest.mark.parametrize("overlap", [BatchOverlap.OFF, BatchOverlap.ON])
+async def test_counts_add_up_under_random_load(
+    probe_bundle: ProbeBundle, overlap: BatchOverlap
+) -> None:
     """Bursts, a tight deadline, a slow reader, the filter, Stream Batch: every frame is accounted for."""
     rng = random.Random(0)
-    runtime = RuntimeConfig(deadline_ms=5, inbox_size=2, outbox_size=2, degrade=NO_DEGRADE)
+    runtime = RuntimeConfig(
+        deadline_ms=5, inbox_size=2, outbox_size=2, overlap=overlap, degrade=NO_DEGRADE
+    )
     engine = Engine(probe_bundle, CONFIG, runtime, BASE)
     await engine.start()
     sessions = [
@@ -111,6 +117,37 @@ async def test_counts_add_up_under_random_load(probe_bundle: ProbeBundle) -> Non
     assert (
         sessions[1].stats()["in_flight"] == 1
     )  # the last frame waits in the Stream Batch pipeline
+
+
+async def test_overlap_answers_in_order_and_holds_skips(probe_bundle: ProbeBundle) -> None:
+    """With overlap a session's next frame is admitted while its last batch is in flight: a
+    skip of it waits for that batch's answer (which is the image it repeats), so every
+    session's outputs arrive in order and no skip precedes the output it repeats."""
+    runtime = RuntimeConfig(
+        deadline_ms=3_600_000,
+        inbox_size=8,
+        outbox_size=64,
+        overlap=BatchOverlap.ON,
+        degrade=NO_DEGRADE,
+    )
+    engine = Engine(probe_bundle, CONFIG, runtime, BASE)
+    params = {"similarity_threshold": 0.5, "max_skip_frames": 1000}
+    sessions = [await engine.open_session({**params, "seed": k}) for k in range(3)]
+    frames = 6
+    for k, session in enumerate(sessions):
+        for i in range(frames):  # all waiting before the start: frame 1 meets frame 0 in flight
+            session.submit(make_frame(k, 0), pts=i)
+    await engine.start()
+    try:
+        for session in sessions:
+            outputs = await receive(session, frames)
+            assert [out.pts for out in outputs] == list(range(frames))
+            assert [out.skipped for out in outputs] == [False] + [True] * (frames - 1)
+            assert all(out.image is outputs[0].image for out in outputs[1:])
+            assert accounting_holds(session.stats()), session.stats()
+        assert engine.metrics()["frames"]["skipped"] == 3 * (frames - 1)
+    finally:
+        await engine.stop()
 
 
 async def test_degrades_in_order_and_recovers_in_reverse(tiny_bundle: ModelBundle) -> None:

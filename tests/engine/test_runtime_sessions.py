@@ -16,6 +16,7 @@ from runtime_testing import ProbeBundle, accounting_holds, make_frame, receive, 
 from livediff.engine.config import GenerationParams, RCFGMode, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.stream import Stream
 from livediff.exceptions import (
     CapacityError,
@@ -33,9 +34,13 @@ CALM = RuntimeConfig(
 )
 
 
-async def test_sessions_are_isolated_and_share_one_unet_call(probe_bundle: ProbeBundle) -> None:
+@pytest.mark.parametrize("overlap", [BatchOverlap.OFF, BatchOverlap.ON])
+async def test_sessions_are_isolated_and_share_one_unet_call(
+    probe_bundle: ProbeBundle, overlap: BatchOverlap
+) -> None:
     """Four sessions with different prompts, seeds, inputs, step counts and RCFG modes run in
-    the same batches; every output equals what that session's own single Stream answers."""
+    the same batches; every output equals what that session's own single Stream answers, also
+    when the next batch is launched before the last one is answered (overlap)."""
     setups = [
         (CONFIG, {"prompt": "a red fox", "seed": 1}),
         (CONFIG, {"prompt": "a blue whale", "seed": 2, "steps": 2}),
@@ -49,7 +54,7 @@ async def test_sessions_are_isolated_and_share_one_unet_call(probe_bundle: Probe
         ),
     ]
     frames = 4
-    engine = Engine(probe_bundle, CONFIG, CALM, BASE)
+    engine = Engine(probe_bundle, CONFIG, replace(CALM, overlap=overlap), BASE)
     sessions = [await engine.open_session(params, config=config) for config, params in setups]
     for k, session in enumerate(sessions):
         for i in range(frames):
