@@ -24,7 +24,8 @@ output on the host; ``drop_rate`` = 1 − answered ÷ delivered frames; ``gpu_me
 ``session_state_mb`` = device memory allocated by opening the sessions ÷ N (livediff on CUDA:
 each session's latents, noise and embeddings; measured after one session was opened and
 closed, so the first prompt encoding's one-off workspaces are not counted); ``warmup_s``
-(independent) = the slowest thread's warm-up before the clock started; ``batch_stage_ms_p50``
+(independent) = the slowest thread's warm-up before the clock started (threads warm one at a
+time); ``batch_stage_ms_p50``
 (livediff) = median device ms per batch in encode (pack + VAE encode), unet (Stream Batch
 inputs + UNet) and decode (scheduler step + VAE decode + postprocess + host copy), and
 ``batch_rows_p50`` the median UNet rows per batch — where a batch's time goes.
@@ -254,8 +255,11 @@ def run_independent(
 
     # Every thread warms its own stream (first calls compile, autotune and capture graphs, and a
     # thread's first device work has set-up costs of its own) before the clock starts, as the
-    # batched engine is warmed: otherwise the baseline measures its warm-up.
+    # batched engine is warmed: otherwise the baseline measures its warm-up. One thread at a
+    # time: the first compiles, the others reuse its compiled code and only capture their own
+    # graphs, instead of all compiling the same code at once.
     ready = threading.Barrier(sessions + 1, action=start_clock)
+    warming = threading.Lock()
 
     def serve(k: int) -> None:
         try:
@@ -270,12 +274,14 @@ def run_independent(
         context = torch.cuda.stream(torch.cuda.Stream(bundle.device)) if cuda else _null()
         last = -1
         with context, torch.inference_mode():
-            began = time.monotonic()
-            for frame in source_frames(args.frame_size, 3, sessions + k):
-                for out in streams[k].process(frame):
-                    out.image.cpu()
+            with warming:
+                began = time.monotonic()
+                for frame in source_frames(args.frame_size, 3, sessions + k):
+                    for out in streams[k].process(frame):
+                        out.image.cpu()
+                warmed = time.monotonic() - began
             with lock:
-                tally.warmup_s = max(tally.warmup_s, time.monotonic() - began)
+                tally.warmup_s = max(tally.warmup_s, warmed)
             try:
                 ready.wait()
             except threading.BrokenBarrierError:
@@ -545,18 +551,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     factor = bundle.vae_scale_factor
     assert config.width is not None and config.height is not None
-    batched = runtime_bundle(
-        bundle,
-        backend,
-        latent_size=(config.height // factor, config.width // factor),
-        buckets=args.buckets,
-    )
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    batched = bundle  # compiled graphs per bucket only when a livediff system runs
+    if any(system in LIVEDIFF_SYSTEMS for system in systems):
+        batched = runtime_bundle(
+            bundle,
+            backend,
+            latent_size=(config.height // factor, config.width // factor),
+            buckets=args.buckets,
+        )
     base = GenerationParams(
         strength=bundle.preset.default_strength,
         steps=args.steps,
         max_skip_frames=args.max_skip_frames,
     )
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     outputs: list[TextIO] = [sys.stdout]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,13 @@ class Computed:
     t_start: float
     done: Any = None  # the CUDA event after the host copies
 
+    def compute_seconds(self) -> float:
+        """Time the batch itself took: on CUDA device time from its first mark to ``done``
+        (read once ``done`` has fired), on CPU the clock between its first and last mark."""
+        if self.done is not None:
+            return float(self.timer.marks[0][1].elapsed_time(self.done)) / 1000.0
+        return float(sum(self.timer.durations().values()))
+
 
 @dataclass
 class Done:
@@ -162,7 +169,7 @@ class BatchRun:
             answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], timer)
         computed = Computed(answers, hosts, rows, padded, timer, t_start)
         if self.cuda:
-            computed.done = torch.cuda.Event()
+            computed.done = torch.cuda.Event(enable_timing=True)
             computed.done.record()
         return computed
 

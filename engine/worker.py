@@ -408,12 +408,12 @@ class Worker:
                 entries.append(entry)
         self.degrade.observe(deadline_drops, deadline_drops)
         if entries:
-            self._launch(head.key, entries, start, estimate, t_gather)
+            self._launch(head.key, entries, estimate, t_gather)
         else:
             self._land()
 
     def _launch(
-        self, key: GroupKey, entries: list[Entry], start: float, estimate: float, t_gather: float
+        self, key: GroupKey, entries: list[Entry], estimate: float, t_gather: float
     ) -> None:
         """Run the batch; with overlap leave it in flight, else wait for it and answer it."""
         try:
@@ -432,9 +432,9 @@ class Worker:
         launched = self.clock()
         weight = self.runtime.batch_time_smoothing
         self._launch_s += weight * (launched - t_gather - self._launch_s)
+        self._land()  # the batch before this one; this one starts on the device when it ends
         ids = frozenset(e.session.id for e in entries)
-        flight = InFlight(key, entries, computed, ids, max(start, launched) + estimate)
-        self._land()
+        flight = InFlight(key, entries, computed, ids, max(launched, self._last_done) + estimate)
         if self.overlap:
             self._in_flight = flight
         else:
@@ -448,10 +448,12 @@ class Worker:
         self.faults.row_cap.set(self.row_cap.value)
         for entry in entries:
             entry.session.core.oom_strikes = 0
-        # Its device time began when it was launched or when the batch before it ended.
-        t_done = computed.t_start + done.seconds
-        seconds = t_done - max(computed.t_start, self._last_done)
-        self._last_done = t_done
+        self._last_done = computed.t_start + done.seconds
+        # Without overlap the estimate is a batch's wall time, host work included. With it the
+        # host sees a batch end only when it next looks (after launching the next one), so its
+        # wall time would grow with every wait and feed back into later waits: there the
+        # estimate is the batch's own compute time.
+        seconds = computed.compute_seconds() if self.overlap else done.seconds
         self.estimator.record(flight.key, computed.padded, seconds)
         self.degrade.observe(done.generated, done.late)
         for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done

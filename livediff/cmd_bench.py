@@ -2,7 +2,8 @@
 
 Suites: ``single`` and ``stages`` (one stream), ``peers`` (StreamDiffusion and diffusers on the
 same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``kernels``
-(Triton kernels vs their references). ``livediff bench --suite NAME --help`` lists a suite's
+(Triton kernels vs their references), ``soak`` (hours of live sessions), ``profile`` (kernel time by
+category per network). ``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
 
@@ -19,6 +20,7 @@ SUITES = {
     "e2e": "livediff.bench.e2e",
     "kernels": "livediff.bench.kernels",
     "soak": "livediff.bench.soak",
+    "profile": "livediff.bench.kernel_profile",
 }
 
 
