@@ -9,9 +9,11 @@ For every session count N, N sources each deliver a ``--frame-size``² uint8 fra
 - ``livediff``: one :class:`~livediff.engine.runtime.Engine` (cross-session batching, EDF,
   deadline drops; degrading off unless ``--degrade``). A producer task per session submits on
   schedule, a consumer task per session receives.
-- ``livediff-serial``: the same with ``overlap = "off"``: each batch is waited for and
-  answered before the next is gathered, so the device idles while the host prepares the next
-  batch (what overlap removes; measure both in one run to see it).
+- ``livediff-overlap``: the same with ``overlap = "auto"`` (on CUDA: the next batch is
+  gathered and launched while the current one runs; the default, ``off``, waits for and
+  answers each batch before gathering the next). Measure both in one run to compare.
+  Records say which ran in ``overlap`` (``"on"``/``"off"``); files made at commit 5709da6
+  name the overlapped system ``livediff`` and the other ``livediff-serial``.
 - ``independent``: N :class:`~livediff.engine.stream.Stream` objects, each in its own thread
   (and CUDA stream), each answering the newest frame of its source whenever it is free (latest
   wins) and syncing per frame — N separate StreamDiffusion-style pipelines on one GPU.
@@ -328,7 +330,7 @@ def run_independent(
 
 BATCH_STAGES = ("encode", "unet", "decode")  # see livediff.engine.batch_run
 # The livediff systems and the overlap each runs with (see the module docstring).
-LIVEDIFF_SYSTEMS = {"livediff": BatchOverlap.AUTO, "livediff-serial": BatchOverlap.OFF}
+LIVEDIFF_SYSTEMS = {"livediff": BatchOverlap.OFF, "livediff-overlap": BatchOverlap.AUTO}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -412,17 +414,24 @@ def effective_overlap(system: str, device: torch.device) -> str | None:
     return "on" if on else "off"
 
 
+def line_name(record: dict[str, Any]) -> str:
+    """The plot line a record belongs to: ``independent``, ``livediff`` or ``livediff, overlap``."""
+    if record["system"] == "independent":
+        return "independent"
+    return "livediff, overlap" if record.get("overlap") == "on" else "livediff"
+
+
 def curve(
-    records: Sequence[dict[str, Any]], system: str, threshold: float | None
+    records: Sequence[dict[str, Any]], line: str, threshold: float | None
 ) -> list[dict[str, Any]]:
-    """One line of the plot: ``system``'s records at ``threshold`` by session count, ascending.
+    """One line of the plot: ``line``'s records at ``threshold`` by session count, ascending.
 
     A session count measured twice (runs appended to one file) is drawn from its last record.
     """
     latest = {
         r["sessions"]: r
         for r in records
-        if r["system"] == system and r.get("similarity_threshold") == threshold
+        if line_name(r) == line and r.get("similarity_threshold") == threshold
     }
     return [latest[n] for n in sorted(latest)]
 
@@ -435,12 +444,12 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
     thresholds = sorted({r.get("similarity_threshold") for r in records}, key=lambda t: t or 0.0)
-    for system, marker in (("livediff", "o"), ("livediff-serial", "^"), ("independent", "s")):
+    for line, marker in (("livediff", "o"), ("livediff, overlap", "^"), ("independent", "s")):
         for threshold in thresholds:
-            rows = curve(records, system, threshold)
+            rows = curve(records, line, threshold)
             if not rows:
                 continue
-            name = system if threshold is None else f"{system}, similarity {threshold}"
+            name = line if threshold is None else f"{line}, similarity {threshold}"
             sessions = [r["sessions"] for r in rows]
             throughput.plot(sessions, [r["fps"] for r in rows], marker=marker, label=name)
             latency.plot(
@@ -585,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tally = run_independent(bundle, backend, config, params, args, sessions)
                     else:
                         raise SystemExit(
-                            f"unknown system {system!r}: expected livediff, livediff-serial "
+                            f"unknown system {system!r}: expected livediff, livediff-overlap "
                             "or independent"
                         )
                     records.append(record(system, tally, bundle, config, params, args, sessions))

@@ -15,9 +15,13 @@ from livediff.exceptions import ParameterError
 class BatchOverlap(str, Enum):
     """Whether the worker prepares and launches the next batch while the current one runs.
 
-    ``auto``: on for CUDA devices, off on CPU (where every op is synchronous, so overlapping
-    only delays answers). ``on``: also on CPU (the ordering is the same; used by tests).
-    ``off``: launch, wait, answer, then gather the next batch.
+    ``off`` (the default): launch, wait, answer, then gather the next batch; the device idles
+    while the host answers one batch and prepares the next (10-15 % of the time at 16 busy
+    sessions on an H200). ``auto``: overlap on CUDA devices, not on CPU (where every op is
+    synchronous, so overlapping only delays answers). ``on``: also on CPU (same ordering;
+    used by tests). Overlap answers more frames when the device is the bottleneck (+8-13 %
+    at 16-32 overloaded sessions on an H200) but frames wait longer for the gather, so
+    latency is higher (see bench/results/README.md): a throughput setting, not a latency one.
     """
 
     AUTO = "auto"
@@ -48,7 +52,8 @@ class RuntimeConfig:
     - ``batch_time_smoothing``: weight of the newest batch time in the estimate used for drops.
     - ``latency_window``: samples kept per percentile window.
     - ``overlap``: gather and launch the next batch shortly before the running one ends, so
-      the device never waits for the host between batches (:class:`BatchOverlap`).
+      the device does not wait for the host between batches (:class:`BatchOverlap`; off by
+      default: it trades latency for throughput).
     - ``degrade``: the overload policy (:class:`~livediff.engine.degrade.DegradePolicy`).
     """
 
@@ -61,7 +66,7 @@ class RuntimeConfig:
     max_consecutive_deadline_drops: int = 3
     batch_time_smoothing: float = 0.2
     latency_window: int = 1024
-    overlap: BatchOverlap = BatchOverlap.AUTO
+    overlap: BatchOverlap = BatchOverlap.OFF
     degrade: DegradePolicy = field(default_factory=DegradePolicy)
 
     def __post_init__(self) -> None:

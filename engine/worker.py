@@ -16,7 +16,7 @@ never waits for this thread. The thread never sleeps: with nothing to do it wait
 condition that ``submit`` / ``update`` / ``close`` notify (with a timeout only while degraded,
 so an idle engine still recovers).
 
-Overlap (``RuntimeConfig.overlap``, on by default on CUDA): a launched batch is not waited
+Overlap (``RuntimeConfig.overlap``, off by default): a launched batch is not waited
 for at once. The thread waits until shortly before the batch is expected to end (its smoothed
 batch time, less the smoothed host time of gathering and launching a batch), gathers and
 launches the next batch behind it on the same CUDA stream, and only then waits for the first
@@ -122,6 +122,7 @@ class Worker:
         self.overlap = overlap is BatchOverlap.ON or (overlap is BatchOverlap.AUTO and self.cuda)
         self._in_flight: InFlight | None = None
         self._launch_s = 0.0  # smoothed host time from gathering a batch to its launch
+        self._land_s = 0.0  # smoothed host time from a batch's end to its answers being posted
         self._last_done = 0.0  # clock time the last batch was seen done
 
     # ------------------------------------------------------------------ event loop side
@@ -360,6 +361,9 @@ class Worker:
         head = plan[0]
         bucket = bucket_for(sum(c.rows for c in plan), self.runtime.batch_buckets)
         estimate = self.estimator.estimate(head.key, bucket)
+        # With overlap the estimate is compute time; an answer also waits for the host to land
+        # the batch (outputs, metrics, posting), which the deadline rule must count as well.
+        answered_in = estimate + (self._land_s if self.overlap else 0.0)
         limit = self.runtime.max_consecutive_deadline_drops
         now = self.clock()
         flight = self._in_flight
@@ -386,7 +390,7 @@ class Worker:
                 continue
             self.metrics.inbox_depth(session.id, core.inbox_depth())
             if should_drop(
-                start, frame.t_arrival, frame.deadline, estimate, core.consecutive_drops, limit
+                start, frame.t_arrival, frame.deadline, answered_in, core.consecutive_drops, limit
             ):
                 core.consecutive_drops += 1
                 core.dropped_for_deadline(frame)
@@ -458,3 +462,5 @@ class Worker:
         self.degrade.observe(done.generated, done.late)
         for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done
             self.post(delivery)
+        weight = self.runtime.batch_time_smoothing
+        self._land_s += weight * (self.clock() - self._last_done - self._land_s)

@@ -25,15 +25,15 @@ MULTI_KEYS = (
 def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plot = tmp_path / "multi.png"
     argv = ["--model", "tiny", "--weights", "random", "--sessions", "1,2", "--seconds", "2"]
-    systems = ["--systems", "livediff,livediff-serial,independent"]
+    systems = ["--systems", "livediff,livediff-overlap,independent"]
     assert multi.main([*argv, *systems, "--plot", str(plot)]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [(r["system"], r["sessions"], r["overlap"]) for r in records] == [
-        ("livediff", 1, "off"),  # auto: overlap is for CUDA devices
-        ("livediff-serial", 1, "off"),
+        ("livediff", 1, "off"),
+        ("livediff-overlap", 1, "off"),  # auto: overlap is for CUDA devices
         ("independent", 1, None),
         ("livediff", 2, "off"),
-        ("livediff-serial", 2, "off"),
+        ("livediff-overlap", 2, "off"),
         ("independent", 2, None),
     ]
     for r in records:
@@ -93,12 +93,19 @@ def test_a_static_scene_is_one_picture_with_bounded_noise() -> None:
 
 
 def test_a_plot_line_runs_by_session_count_and_keeps_the_last_of_a_repeat() -> None:
-    def rec(system: str, sessions: int, fps: float, threshold: float | None = None) -> dict:
+    def rec(
+        system: str,
+        sessions: int,
+        fps: float,
+        threshold: float | None = None,
+        overlap: str | None = "off",
+    ) -> dict:
         return {
             "system": system,
             "sessions": sessions,
             "fps": fps,
             "similarity_threshold": threshold,
+            "overlap": overlap,
         }
 
     records = [
@@ -108,10 +115,20 @@ def test_a_plot_line_runs_by_session_count_and_keeps_the_last_of_a_repeat() -> N
         rec("livediff", 16, 307.0),
         rec("livediff", 1, 30.0),
         rec("livediff", 16, 480.0, 0.98),
+        rec("livediff-overlap", 16, 325.0, overlap="on"),
+        rec("livediff-serial", 8, 240.0),  # the name files from commit 5709da6 use
+        rec("livediff", 8, 239.0, overlap="on"),  # ... where "livediff" overlapped
     ]
     line = multi.curve(records, "livediff", None)
-    assert [(r["sessions"], r["fps"]) for r in line] == [(1, 30.0), (16, 307.0), (32, 282.0)]
+    assert [(r["sessions"], r["fps"]) for r in line] == [
+        (1, 30.0),
+        (8, 240.0),
+        (16, 307.0),
+        (32, 282.0),
+    ]
     assert [r["fps"] for r in multi.curve(records, "livediff", 0.98)] == [480.0]
+    overlapped = multi.curve(records, "livediff, overlap", None)
+    assert [(r["sessions"], r["fps"]) for r in overlapped] == [(8, 239.0), (16, 325.0)]
     assert multi.curve(records, "independent", 0.98) == []
 
 

@@ -13,6 +13,7 @@ from runtime_testing import make_frame, probe_from, receive, reference_outputs
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.models.bundle import ModelBundle
 
 pytestmark = pytest.mark.gpu
@@ -24,12 +25,16 @@ CALM = RuntimeConfig(
 )
 
 
-async def test_cuda_sessions_equal_single_streams(cuda_tiny_bundle: ModelBundle) -> None:
+@pytest.mark.parametrize("overlap", [BatchOverlap.OFF, BatchOverlap.AUTO])
+async def test_cuda_sessions_equal_single_streams(
+    cuda_tiny_bundle: ModelBundle, overlap: BatchOverlap
+) -> None:
     """With the probe networks every row's arithmetic is elementwise, so batching on the
-    worker's CUDA stream must give exactly what a single Stream gives on the default stream."""
+    worker's CUDA stream must give exactly what a single Stream gives on the default stream,
+    also with the next batch launched behind the running one (overlap)."""
     probe = probe_from(cuda_tiny_bundle)
     setups = [{"prompt": "a fox", "seed": 1}, {"prompt": "a whale", "seed": 2, "steps": 2}]
-    engine = Engine(probe, CONFIG, CALM, BASE)
+    engine = Engine(probe, CONFIG, replace(CALM, overlap=overlap), BASE)
     sessions = [await engine.open_session(params) for params in setups]
     for k, session in enumerate(sessions):
         for i in range(4):

@@ -155,11 +155,17 @@ async def test_capacity_and_parameter_errors(probe_bundle: ProbeBundle) -> None:
         ({"batch_buckets": ()}, "batch_buckets"),
         ({"inbox_size": 0}, "inbox_size"),
         ({"batch_time_smoothing": 0.0}, "batch_time_smoothing"),
+        ({"overlap": "sometimes"}, "overlap='sometimes' is not one of: auto, on, off"),
     ],
 )
 def test_runtime_config_is_checked(changes: dict[str, object], match: str) -> None:
     with pytest.raises(ParameterError, match=match):
         RuntimeConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_overlap_comes_from_its_name_and_is_off_by_default() -> None:
+    assert RuntimeConfig().overlap is BatchOverlap.OFF
+    assert RuntimeConfig(overlap="auto").overlap is BatchOverlap.AUTO  # type: ignore[arg-type]
 
 
 async def test_close_mid_stream_and_stop(probe_bundle: ProbeBundle) -> None:
