@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import torch
 from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+from livediff.bench.plots import draw_or_explain, replot
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, summarize
 from livediff.engine.backends import Backend, make_stream, prepare_backend
 from livediff.engine.config import StreamConfig
@@ -185,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="diffusers,streamdiffusion,streamdiffusion-compiled,livediff-eager,livediff-compile",
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="PNG of fps and latency per system")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot)
     if not torch.cuda.is_available():
         print("livediff bench --suite peers: needs a CUDA device", file=sys.stderr)
         return 2
@@ -198,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(8)
     ]
     outputs: list[TextIO] = [sys.stdout]
+    records: list[dict[str, Any]] = []
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
@@ -220,29 +226,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner = livediff_runner(bundle, args.size, Backend(system.split("-", 1)[1]))
             result = measure(system, runner, frames, args.frames, args.warmup)
             name, _, variant = system.partition("-")
-            emit(
-                {
-                    "system": name,
-                    "variant": variant or "eager",
-                    "suite": "peers",
-                    "model": args.model,
-                    "weights": "random",
-                    "width": args.size,
-                    "height": args.size,
-                    "steps": 1,
-                    "mode": "img2img",
-                    "rcfg": "none",
-                    "sessions": 1,
-                    **result,
-                    "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
-                    **environment(device),
-                },
-                outputs,
-            )
+            record = {
+                "system": name,
+                "variant": variant or "eager",
+                "suite": "peers",
+                "model": args.model,
+                "weights": "random",
+                "width": args.size,
+                "height": args.size,
+                "steps": 1,
+                "mode": "img2img",
+                "rcfg": "none",
+                "sessions": 1,
+                **result,
+                "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
+                **environment(device),
+            }
+            emit(record, outputs)
+            records.append(record)
             del runner, bundle
     finally:
         for handle in outputs[1:]:
             handle.close()
+    draw_or_explain(records, args.plot)
     return 0
 
 

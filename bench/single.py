@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from livediff.bench.plots import draw_or_explain, replot
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, summarize
 from livediff.engine.backends import Backend, make_stream, prepare_backend
 from livediff.engine.config import GenerationMode, RCFGMode, StreamConfig
@@ -248,17 +249,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs")
     )
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--plot", type=Path, help="PNG of fps and latency (stages: ms per stage)")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot)
     cases = {"quick": QUICK, "full": FULL, "headline": (Case(1),)}[args.matrix]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = [
         Backend(b) for b in (args.backend or [("compile" if device.type == "cuda" else "eager")])
     ]
     outputs: list[TextIO] = []
+    records: list[dict[str, Any]] = []
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
@@ -285,10 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if backend is Backend.COMPILE and args.suite == "single":
                     record["recipe"] = recipe.label
                 emit(record, [sys.stdout, *outputs])
+                records.append(record)
             del bundle
     finally:
         for handle in outputs:
             handle.close()
+    draw_or_explain(records, args.plot)
     return 0
 
 
