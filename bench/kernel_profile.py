@@ -34,17 +34,24 @@ One JSON line per batch size (:mod:`livediff.bench.records` schema, ``suite: "pr
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, int_list, summarize
+from livediff.bench.plots import draw_or_explain, save_figure
+from livediff.bench.records import (
+    emit,
+    environment,
+    gpu_memory_peak_mb,
+    int_list,
+    record_sinks,
+    summarize,
+)
 from livediff.engine.backends import Backend, prepare_backend
 from livediff.engine.config import StreamConfig
 from livediff.engine.stream import Stream
@@ -175,7 +182,7 @@ def profile_network(
         "kernel_ms": round(kernel_ms, 4),
         "kernel_ms_by_category": {k: round(v, 4) for k, v in by_category.items()},
         "gflop_per_frame": round(gflop, 2),
-        "tflops": round(gflop * batch / kernel_ms, 3) if kernel_ms else None,
+        "tflops": float(f"{gflop * batch / kernel_ms:.4g}") if kernel_ms else None,
         "top_kernels": [
             {"name": name[:160], "category": categorize(name), "ms": round(ms, 4), "calls": count}
             for name, ms, count in kernels[: args.top]
@@ -241,10 +248,7 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     first = records[0]
     axes.set(ylabel="kernel ms per frame", title=f"{first['model']} {first['device']}")
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(plt, figure, path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -276,23 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     gflop = count_gflop(network_calls(bundle, 1), 1)  # before compiling: eager operators
     bundle = prepare_backend(bundle, Backend(args.backend))
-    outputs: list[TextIO] = [sys.stdout]
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
     records = []
-    try:
+    with record_sinks(args.out) as outputs:
         for batch in args.batch:
             records.append(run_batch(bundle, batch, gflop, args))
             emit(records[-1], outputs)
-    finally:
-        for handle in outputs[1:]:
-            handle.close()
-    if args.plot and records:
-        try:
-            plot(records, args.plot)
-        except ImportError as exc:
-            print(f"no plot: {exc}", file=sys.stderr)
+    draw_or_explain(records, args.plot, plot)
     return 0
 
 

@@ -52,18 +52,18 @@ import argparse
 import asyncio
 import gc
 import math
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
+from livediff.bench.plots import draw_or_explain, save_figure
 from livediff.bench.records import (
     emit,
     environment,
@@ -71,6 +71,7 @@ from livediff.bench.records import (
     int_list,
     percentile,
     read_records,
+    record_sinks,
 )
 from livediff.engine.backends import (
     Backend,
@@ -436,7 +437,7 @@ def curve(
     return [latest[n] for n in sorted(latest)]
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
+def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,10 +473,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         axes.set_xticks(counts, [str(c) for c in counts])
         axes.grid(True, which="both", alpha=0.3)
         axes.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(plt, figure, path)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -574,12 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         max_skip_frames=args.max_skip_frames,
     )
-    outputs: list[TextIO] = [sys.stdout]
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
     records: list[dict[str, Any]] = []
-    try:
+    with record_sinks(args.out) as outputs:
         for sessions in (int(v) for v in args.sessions.split(",")):
             for threshold in args.similarity_threshold:
                 params = base.updated(similarity_threshold=threshold)
@@ -599,14 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     records.append(record(system, tally, bundle, config, params, args, sessions))
                     emit(records[-1], outputs)
-    finally:
-        for handle in outputs[1:]:
-            handle.close()
-    if args.plot and records:
-        try:
-            plot(records, args.plot)
-        except ImportError as exc:
-            print(f"no plot: {exc}; draw it later with --replot", file=sys.stderr)
+    draw_or_explain(records, args.plot, plot)
     return 0
 
 

@@ -24,13 +24,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
 from livediff.bench.plots import draw_or_explain, replot
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, summarize
+from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record_sinks, summarize
 from livediff.engine.backends import Backend, make_stream, prepare_backend
 from livediff.engine.config import StreamConfig
 from livediff.models.bundle import ModelBundle
@@ -202,12 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for _ in range(8)
     ]
-    outputs: list[TextIO] = [sys.stdout]
     records: list[dict[str, Any]] = []
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
-    try:
+    with record_sinks(args.out) as outputs:
         for system in args.systems.split(","):
             if system.startswith("streamdiffusion") and args.model == "sdxl-turbo":
                 continue
@@ -245,9 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit(record, outputs)
             records.append(record)
             del runner, bundle
-    finally:
-        for handle in outputs[1:]:
-            handle.close()
     draw_or_explain(records, args.plot)
     return 0
 

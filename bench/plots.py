@@ -9,7 +9,7 @@ be drawn again later from a results file (``--replot``) on a machine without a G
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ def _figure(rows: int, columns: int) -> Any:
     return plt, plt.subplots(1, columns, figsize=(6 * columns, height), squeeze=False)
 
 
-def _save(plt: Any, figure: Any, path: Path) -> None:
+def save_figure(plt: Any, figure: Any, path: Path) -> None:
+    """Lay out, write ``path`` (its folder made) and close the figure."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -70,7 +71,7 @@ def fps_latency(records: Sequence[dict[str, Any]], path: Path) -> None:
     latency.set(xlabel="ms per frame (bar: median, tick: p99)")
     for axis in (rate, latency):
         axis.grid(True, axis="x", alpha=0.3)
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
 
 
 def stages(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -96,7 +97,7 @@ def stages(records: Sequence[dict[str, Any]], path: Path) -> None:
         fontsize="small", ncol=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.35)
     )
     axis.grid(True, axis="x", alpha=0.3)
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
 
 
 def draw(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -107,12 +108,16 @@ def draw(records: Sequence[dict[str, Any]], path: Path) -> None:
         fps_latency(records, path)
 
 
-def draw_or_explain(records: Sequence[dict[str, Any]], path: Path | None) -> None:
+def draw_or_explain(
+    records: Sequence[dict[str, Any]],
+    path: Path | None,
+    painter: Callable[[Sequence[dict[str, Any]], Path], None] = draw,
+) -> None:
     """Draw ``records`` to ``path`` (if given); without matplotlib say how to draw them later."""
     if path is None or not records:
         return
     try:
-        draw(records, path)
+        painter(records, path)
     except ImportError as exc:
         print(f"no plot: {exc}; draw it later with --replot FILE --plot {path}", file=sys.stderr)
 

@@ -7,13 +7,14 @@ summarised by :func:`summarize` (median and p99 of per-frame milliseconds).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -105,6 +106,17 @@ def emit(record: dict[str, Any], outputs: Iterable[TextIO] = (sys.stdout,)) -> N
     line = json.dumps(record, sort_keys=False)
     for out in outputs:
         print(line, file=out, flush=True)
+
+
+@contextlib.contextmanager
+def record_sinks(path: Path | None) -> Iterator[list[TextIO]]:
+    """Where records go: stdout, and ``path`` opened for appending (folder made) when given."""
+    sinks: list[TextIO] = [sys.stdout]
+    with contextlib.ExitStack() as stack:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sinks.append(stack.enter_context(path.open("a")))
+        yield sinks
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from livediff.bench.plots import draw_or_explain, replot
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, summarize
+from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record_sinks, summarize
 from livediff.engine.backends import Backend, make_stream, prepare_backend
 from livediff.engine.config import GenerationMode, RCFGMode, StreamConfig
 from livediff.engine.frames import fit_crop
@@ -263,12 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = [
         Backend(b) for b in (args.backend or [("compile" if device.type == "cuda" else "eager")])
     ]
-    outputs: list[TextIO] = []
     records: list[dict[str, Any]] = []
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(open(args.out, "a"))  # noqa: SIM115 - closed below
-    try:
+    with record_sinks(args.out) as outputs:
         for backend in backends:
             bundle = load_model(
                 ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=args.dtype
@@ -290,12 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record = runner(bundle, backend, case, args.frames, args.warmup)
                 if backend is Backend.COMPILE and args.suite == "single":
                     record["recipe"] = recipe.label
-                emit(record, [sys.stdout, *outputs])
+                emit(record, outputs)
                 records.append(record)
             del bundle
-    finally:
-        for handle in outputs:
-            handle.close()
     draw_or_explain(records, args.plot)
     return 0
 
