@@ -173,7 +173,7 @@ async def run_livediff(
     params: GenerationParams,
     args: argparse.Namespace,
     sessions: int,
-    overlap: BatchOverlap = BatchOverlap.AUTO,
+    overlap: BatchOverlap = BatchOverlap.OFF,
 ) -> Tally:
     runtime = RuntimeConfig(
         overlap=overlap,
