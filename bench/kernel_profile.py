@@ -28,7 +28,8 @@ One JSON line per batch size (:mod:`livediff.bench.records` schema, ``suite: "pr
 ``batch``, ``fps`` (frames per second through the three networks, from the medians),
 ``ms_median``/``ms_p99`` per frame, and ``networks`` = {encode, unet, decode} each with
 ``ms_median``, ``ms_p99``, ``kernel_ms``, ``kernel_ms_by_category``, ``gflop_per_frame``,
-``tflops`` and ``top_kernels``. ``--plot`` draws per-frame kernel time by category.
+``tflops`` and ``top_kernels``. ``--plot`` draws per-frame kernel time by category
+(``--replot results.jsonl`` redraws it from saved records).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
-from livediff.bench.plots import draw_or_explain, save_figure
+from livediff.bench.plots import draw_or_explain, replot, save_figure
 from livediff.bench.records import (
     emit,
     environment,
@@ -267,11 +268,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of kernel time by category")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot, plot)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.backend = args.backend or ("compile" if device.type == "cuda" else "eager")
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")

@@ -63,14 +63,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from livediff.bench.plots import draw_or_explain, save_figure
+from livediff.bench.plots import draw_or_explain, replot, save_figure
 from livediff.bench.records import (
     emit,
     environment,
     gpu_memory_peak_mb,
     int_list,
     percentile,
-    read_records,
     record_sinks,
 )
 from livediff.engine.backends import (
@@ -539,11 +538,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
-        replotted = read_records(args.replot)
-        if not replotted:
-            raise SystemExit(f"{args.replot}: no benchmark records to plot")
-        plot(replotted, args.plot)
-        return 0
+        return replot(args.replot, args.plot, plot)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.warmup is None:

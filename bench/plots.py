@@ -122,12 +122,16 @@ def draw_or_explain(
         print(f"no plot: {exc}; draw it later with --replot FILE --plot {path}", file=sys.stderr)
 
 
-def replot(source: Path, path: Path | None) -> int:
+def replot(
+    source: Path,
+    path: Path | None,
+    painter: Callable[[Sequence[dict[str, Any]], Path], None] = draw,
+) -> int:
     """``--replot``: draw ``path`` from the records in ``source``."""
     from livediff.bench.records import read_records
 
     records = read_records(source)
     if not records:
         raise SystemExit(f"{source}: no benchmark records to plot")
-    draw(records, path or source.with_suffix(".png"))
+    painter(records, path or source.with_suffix(".png"))
     return 0

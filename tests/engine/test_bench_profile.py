@@ -63,3 +63,6 @@ def test_profile_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     unet_gflop = {r["networks"]["unet"]["gflop_per_frame"] for r in records}
     assert len(unet_gflop) == 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.png"
+    assert kernel_profile.main(["--replot", str(tmp_path / "p.jsonl"), "--plot", str(again)]) == 0
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
