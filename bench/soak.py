@@ -224,10 +224,10 @@ async def soak_run(
 
         from livediff.streams.app import create_app
         from livediff.streams.server_config import ServerConfig
+        from livediff.streams.slow_clients import start_runner
 
-        app = create_app(engine, ServerConfig(ws_max_message_bytes=64 << 20, idle_timeout_s=0))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        config = ServerConfig(ws_max_message_bytes=64 << 20, idle_timeout_s=0)
+        runner = await start_runner(create_app(engine, config), config)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
         url = f"ws://{host}:{port}/ws"

@@ -46,6 +46,7 @@ class WsClient:
         self.connection = connection
         self.session = session
         self.errors: list[str] = []  # unsolicited {"error": ...} messages (refused frames)
+        self.dropped: list[tuple[int, str]] = []  # (frame index, reason) the server dropped
         self._outputs: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -77,6 +78,8 @@ class WsClient:
                 waiter = self._replies.pop(reply.get("id"), None)
                 if waiter is not None:
                     waiter.set_result(reply)
+                elif "dropped" in reply:  # a frame that gets no output, and why
+                    self.dropped.append((int(reply["dropped"]), str(reply.get("reason"))))
                 elif "error" in reply:
                     self.errors.append(str(reply["error"]))
         finally:

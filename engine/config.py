@@ -63,15 +63,47 @@ class FitMode(str, Enum):
 MAX_RESOLUTION = 2048
 MAX_FRAME_BUFFER_SIZE = 8
 MAX_INFERENCE_STEPS = 1000
+MAX_STEPS = 50  # denoising steps per frame (UNet rows per latent)
 MAX_GUIDANCE_SCALE = 30.0
 MAX_DELTA = 10.0
 MAX_PROMPTS = 8
 MAX_PROMPT_CHARS = 2000
 
 
-def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+def shown(value: Any) -> str:
+    """``value`` for an error message: short, never a huge number or a Python object's repr."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"
+        return f"an integer of {digits} digits"
+    if isinstance(value, (str, bytes)):
+        return (
+            ascii(value) if len(value) <= 60 else f"a {type(value).__name__} of length {len(value)}"
+        )
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8:
+            return f"a list of {len(value)} items"
+        return "[" + ", ".join(shown(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "an object" if value else "{}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return ascii(value)
+    return f"a {type(value).__name__}"
+
+
+def shown_key(key: Any) -> str:
+    """A parameter name for an error message: as it is when it looks like one, else :func:`shown`."""
+    if isinstance(key, str) and key.isascii() and key.isidentifier() and len(key) <= 40:
+        return key
+    return shown(key)
+
+
+def _check(
+    condition: bool, name: str, value: Any, expected: str, *, field: str | None = None
+) -> None:
     if not condition:
-        raise ParameterError(f"{name}={value!r} is out of range: expected {expected}")
+        raise ParameterError(
+            f"{name}={shown(value)} is out of range: expected {expected}", field=field or name
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -79,7 +111,27 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int of any size is finite: ``math.isfinite`` would overflow)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def check_text(text: Any, name: str) -> str:
+    """``text`` if it is a string that encodes as UTF-8 (no lone surrogates such as ``"\\ud800"``)."""
+    if not isinstance(text, str):
+        raise ParameterError(
+            f"{name} must be a string, got {type(text).__name__}", field=name.split(" ")[0]
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParameterError(
+            f"{name} is not valid Unicode: it holds a lone surrogate ({text[exc.start]!a} "
+            f"at position {exc.start})",
+            field=name.split(" ")[0],
+        ) from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -134,9 +186,11 @@ class StreamConfig:
 def enum_value(kind: type[Enum], value: Any, name: str) -> Any:
     try:
         return kind(value)
-    except ValueError:
+    except (ValueError, TypeError):
         allowed = ", ".join(str(member.value) for member in kind)
-        raise ParameterError(f"{name}={value!r} is not one of: {allowed}") from None
+        raise ParameterError(
+            f"{name}={shown(value)} is not one of: {allowed}", field=name
+        ) from None
 
 
 PromptLike = str | Sequence[tuple[str, float]]
@@ -151,21 +205,33 @@ def normalize_prompt(prompt: PromptLike) -> tuple[tuple[str, float], ...]:
             items = [(text, weight) for text, weight in prompt]
         except (TypeError, ValueError):
             raise ParameterError(
-                "prompt must be a string or a list of (text, weight) pairs"
+                "prompt must be a string or a list of (text, weight) pairs", field="prompt"
             ) from None
-    _check(1 <= len(items) <= MAX_PROMPTS, "len(prompt)", len(items), f"1 to {MAX_PROMPTS} prompts")
+    _check(
+        1 <= len(items) <= MAX_PROMPTS,
+        "len(prompt)",
+        len(items),
+        f"1 to {MAX_PROMPTS} prompts",
+        field="prompt",
+    )
     for text, weight in items:
-        if not isinstance(text, str):
-            raise ParameterError(f"prompt text must be a string, got {type(text).__name__}")
+        check_text(text, "prompt text")
         _check(
             len(text) <= MAX_PROMPT_CHARS,
             "len(prompt text)",
             len(text),
             f"at most {MAX_PROMPT_CHARS} characters",
+            field="prompt",
         )
-        _check(_is_number(weight) and weight >= 0, "prompt weight", weight, "a finite number >= 0")
+        _check(
+            _is_number(weight) and 0 <= weight <= 1e6,
+            "prompt weight",
+            weight,
+            "a finite number in [0, 1e6]",
+            field="prompt",
+        )
     total = sum(weight for _, weight in items)
-    _check(total > 0, "sum of prompt weights", total, "> 0")
+    _check(total > 0, "sum of prompt weights", total, "> 0", field="prompt")
     return tuple((text, float(weight)) for text, weight in items)
 
 
@@ -191,13 +257,13 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", normalize_prompt(self.prompt))
-        if not isinstance(self.negative_prompt, str):
-            raise ParameterError("negative_prompt must be a string")
+        check_text(self.negative_prompt, "negative_prompt")
         _check(
             len(self.negative_prompt) <= MAX_PROMPT_CHARS,
             "len(negative_prompt)",
             len(self.negative_prompt),
             f"at most {MAX_PROMPT_CHARS} characters",
+            field="negative_prompt",
         )
         object.__setattr__(self, "blend", enum_value(BlendMethod, self.blend, "blend"))
         _check(
@@ -207,10 +273,10 @@ class GenerationParams:
             "an integer in [0, 2**63)",
         )
         _check(
-            _is_int(self.steps) and 1 <= self.steps <= 50,
+            _is_int(self.steps) and 1 <= self.steps <= MAX_STEPS,
             "steps",
             self.steps,
-            "an integer in [1, 50]",
+            f"an integer in [1, {MAX_STEPS}]",
         )
         _check(
             _is_number(self.strength) and 0 < self.strength <= 1,
@@ -219,12 +285,18 @@ class GenerationParams:
             "a number in (0, 1]",
         )
         if self.t_index_list is not None:
+            if not isinstance(self.t_index_list, (list, tuple)):
+                raise ParameterError(
+                    f"t_index_list={shown(self.t_index_list)}: expected a list of integers",
+                    field="t_index_list",
+                )
             values = tuple(self.t_index_list)
             _check(
-                len(values) >= 1 and all(_is_int(v) and v >= 0 for v in values),
+                1 <= len(values) <= MAX_STEPS
+                and all(_is_int(v) and 0 <= v < MAX_INFERENCE_STEPS for v in values),
                 "t_index_list",
                 self.t_index_list,
-                "a non-empty list of integers >= 0",
+                f"1 to {MAX_STEPS} integers in [0, {MAX_INFERENCE_STEPS})",
             )
             _check(
                 all(a < b for a, b in itertools.pairwise(values)),
@@ -266,7 +338,9 @@ class GenerationParams:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ParameterError(
-                f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown parameter(s): {', '.join(shown_key(k) for k in unknown[:5])}; "
+                f"known: {', '.join(sorted(known))}",
+                field=unknown[0],
             )
         if "strength" in changes and "t_index_list" not in changes:
             changes["t_index_list"] = None  # a new strength re-derives the steps

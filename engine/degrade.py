@@ -23,6 +23,15 @@ Hysteresis
     ``pressure >= degrade_above`` and lowered after ``recover_after`` consecutive windows with
     ``pressure <= recover_below``. Windows in between reset both counts, and so does every
     change of level, so each level gets at least one full run of windows before the next move.
+    An idle engine (no frame competed for compute for ``recover_after`` windows in a row) has
+    nothing to protect and goes straight back to ``normal``. With the defaults (1 s windows,
+    3 to recover) the engine is back to normal within 3 s of going idle, and within 9 s of its
+    load falling while sessions keep streaming.
+
+State and reason
+    :attr:`DegradeController.reason` says why the engine is where it is ("overloaded: 80 % of
+    frames late …" or "recovering: …"); ``/stats``, ``/healthz``, ``/metrics``
+    (``livediff_degrade_level``, ``livediff_degrade_pressure``) and the page show it.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ class DegradePolicy:
     degrade_above: float = 0.25
     recover_below: float = 0.05
     degrade_after: int = 3
-    recover_after: int = 5
+    recover_after: int = 3
     steps: int = 1
     resolution_scale: float = 0.5
     min_side: int = 64
@@ -137,12 +146,14 @@ class DegradeController:
         self.policy = policy
         self.level = DegradeLevel.NORMAL
         self.pressure = 0.0
+        self.reason: str | None = None  # why the engine is at ``level`` (None at normal)
         self.history: list[Transition] = []
         self._window_start = now
         self._total = 0
         self._bad = 0
         self._over = 0
         self._under = 0
+        self._idle = 0  # windows in a row in which no frame competed for compute
 
     def observe(self, total: int, bad: int) -> None:
         """Count frames that competed for compute, ``bad`` of them late or dropped for lateness."""
@@ -155,6 +166,7 @@ class DegradeController:
         if not policy.enabled or now - self._window_start < policy.window_s:
             return None
         self.pressure = self._bad / self._total if self._total else 0.0
+        self._idle = 0 if self._total else self._idle + 1
         self._window_start, self._total, self._bad = now, 0, 0
         if self.pressure >= policy.degrade_above:
             self._over, self._under = self._over + 1, 0
@@ -165,6 +177,8 @@ class DegradeController:
         new = self.level
         if self._over >= policy.degrade_after and self.level < DegradeLevel.REFUSE_SESSIONS:
             new = DegradeLevel(self.level + 1)
+        elif self._idle >= policy.recover_after and self.level > DegradeLevel.NORMAL:
+            new = DegradeLevel.NORMAL  # nothing competes for compute: nothing to protect
         elif self._under >= policy.recover_after and self.level > DegradeLevel.NORMAL:
             new = DegradeLevel(self.level - 1)
         if new is self.level:
@@ -176,7 +190,22 @@ class DegradeController:
             self.pressure,
             policy.window_s,
         )
-        self.level, self._over, self._under = new, 0, 0
+        raised = new > self.level
+        self.level, self._over, self._under, self._idle = new, 0, 0, 0
+        self.reason = None if new is DegradeLevel.NORMAL else self._explain(raised)
         self.history.append(Transition(now, new, self.pressure))
         del self.history[:-64]
         return new
+
+    def _explain(self, raised: bool) -> str:
+        policy = self.policy
+        if raised:
+            return (
+                f"overloaded: {self.pressure:.0%} of frames late or dropped for their deadline "
+                f"(at least {policy.degrade_above:.0%} for {policy.degrade_after} windows of "
+                f"{policy.window_s:g} s)"
+            )
+        return (
+            f"recovering: load fell to {self.pressure:.0%} late frames; one level back every "
+            f"{policy.recover_after} windows of {policy.window_s:g} s under {policy.recover_below:.0%}"
+        )

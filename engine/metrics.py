@@ -186,6 +186,11 @@ class EngineMetrics:
             "Degrade level (0 normal ... 3 refusing sessions)",
             registry=reg,
         )
+        self.degrade_pressure = Gauge(
+            "livediff_degrade_pressure",
+            "Share of the frames of the last degrade window that were late or dropped for it",
+            registry=reg,
+        )
         self._transitions = Counter(
             "livediff_degrade_transitions",
             "Degrade level changes, by the level entered",

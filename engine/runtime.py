@@ -85,12 +85,15 @@ class Engine:
         self.registry: prometheus_client.CollectorRegistry = self._metrics.registry
         self._sessions: dict[str, Session] = {}
         self._opening = 0
+        self._full_since: float | None = None  # clock time every session slot became taken
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livediff-control")
         self._worker = Worker(
             bundle, self.runtime, self._metrics, clock, self._post, self._on_level, self._rebuild
         )
         self._placement = Placement([str(bundle.device)], self.runtime.max_sessions_per_device)
+        degrade = self._worker.degrade
+        self._metrics.degrade_pressure.set_function(lambda: degrade.pressure)
 
     # ------------------------------------------------------------------ lifecycle
     def _bind_loop(self) -> None:
@@ -204,9 +207,10 @@ class Engine:
         if level >= DegradeLevel.REFUSE_SESSIONS:
             self._metrics.refused("degraded")
             raise CapacityError(
-                f"the engine is overloaded (degrade level {level.label}, pressure "
-                f"{self._worker.degrade.pressure:.2f}): new sessions are refused until load falls; "
-                "open sessions continue"
+                f"the engine is overloaded (degrade level {level.label}; "
+                f"{self._worker.degrade.reason}): new sessions are refused until load falls; "
+                "open sessions continue",
+                retry_after=self.runtime.degrade.window_s * self.runtime.degrade.recover_after,
             )
         if self._placement.acquire(sid) is None:
             self._metrics.refused("capacity")
@@ -233,8 +237,11 @@ class Engine:
             wake=self._worker.wake,
             request=self._request,
             on_close=self._closed,
+            post=self._post,
+            degrade_state=self._degrade_state,
         )
         self._sessions[sid] = session
+        self._track_fullness()
         self._metrics.session_opened(sid, len(self._sessions))
         self._worker.add(session)
         # The level may have moved while the Stream was being built.
@@ -255,6 +262,7 @@ class Engine:
         if self._sessions.get(sid) is session:
             del self._sessions[sid]
             self._placement.release(sid)
+            self._track_fullness()
         self._worker.remove(session)
         with session.core.lock:
             counts = FrameCounts(**asdict(session.core.metrics.counts))
@@ -319,6 +327,40 @@ class Engine:
             self._control_job(relevel)
 
     # ------------------------------------------------------------------ metrics
+    def _capacity(self) -> int:
+        """Sessions this engine can hold at once: ``max_sessions``, or less by the device caps."""
+        cap = self._placement.cap
+        per_device = (
+            self.runtime.max_sessions if cap is None else cap * len(self._placement.devices)
+        )
+        return min(self.runtime.max_sessions, per_device)
+
+    def _track_fullness(self) -> None:
+        full = len(self._sessions) >= self._capacity()
+        if not full:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = self._clock()
+
+    def _degrade_state(self) -> dict[str, Any]:
+        degrade = self._worker.degrade
+        return {"level": degrade.level.label, "reason": degrade.reason}
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` reports: sessions against the cap, how long every slot has been
+        taken (``None`` when one is free), the degrade level and its reason, a failed worker.
+        """
+        degrade = self._worker.degrade
+        full_since = self._full_since
+        return {
+            "sessions": len(self._sessions),
+            "max_sessions": self._capacity(),
+            "full_for_s": None if full_since is None else self._clock() - full_since,
+            "degrade_level": degrade.level.label,
+            "degrade_reason": degrade.reason,
+            "failed": self._worker.failed or self.state is EngineState.STOPPED,
+        }
+
     def metrics(self) -> dict[str, Any]:
         """A snapshot: totals, rates, latency percentiles per stage (ms), batch sizes, degrade
         state, and every open session's ``stats()``. Event loop only.
@@ -342,6 +384,7 @@ class Engine:
                 "level": degrade.level.label,
                 "level_index": int(degrade.level),
                 "pressure": degrade.pressure,
+                "reason": degrade.reason,
                 "history": [
                     (t.at, t.level.label, round(t.pressure, 3)) for t in list(degrade.history)
                 ],

@@ -104,10 +104,13 @@ class LCMSchedule:
         if not indices or max(indices) >= self.num_inference_steps or min(indices) < 0:
             raise ParameterError(
                 f"t_index_list={list(indices)} is out of range: expected indices in "
-                f"[0, {self.num_inference_steps - 1}] for num_inference_steps={self.num_inference_steps}"
+                f"[0, {self.num_inference_steps - 1}] for num_inference_steps={self.num_inference_steps}",
+                field="t_index_list",
             )
         if any(a >= b for a, b in itertools.pairwise(indices)):
-            raise ParameterError(f"t_index_list={list(indices)} must be strictly increasing")
+            raise ParameterError(
+                f"t_index_list={list(indices)} must be strictly increasing", field="t_index_list"
+            )
         return indices
 
     def coefficients(self, t_index_list: Sequence[int]) -> StepCoefficients:

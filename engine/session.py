@@ -27,7 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,6 +75,23 @@ class OutputFrame:
         return (self.t_done - self.t_arrival) * 1000.0
 
 
+class DropReason(str, Enum):
+    """Why a submitted frame gets no output."""
+
+    REPLACED = "replaced"  # a newer frame took its place in the inbox (latest wins)
+    DEADLINE = "deadline"  # it could not be answered within its deadline
+    RECONFIGURE = "reconfigure"  # the session's Stream was rebuilt (steps, size, a fault)
+    OUTBOX = "outbox"  # its output was generated but the reader fell behind
+
+
+@dataclass(frozen=True)
+class DroppedFrame:
+    """A submitted frame that will get no output, and why (see :meth:`Session.report_drops`)."""
+
+    index: int
+    reason: DropReason
+
+
 @dataclass(frozen=True)
 class InputFrame:
     """A submitted frame on its way through the engine."""
@@ -101,6 +120,8 @@ class SessionCore:
         self._tracked: dict[int, InputFrame] = {}  # taken from the inbox, not yet answered
         self._pending: list[int] = []  # admitted to a frame group that is not full yet
         self._next_index = 0
+        self._drops: list[DroppedFrame] = []  # not yet handed to the Session
+        self.on_drops: Callable[[], None] | None = None  # thread-safe: posts to the event loop
         # Worker thread only:
         self.stream: Stream = plan.stream
         self.consecutive_drops = 0
@@ -131,13 +152,23 @@ class SessionCore:
             self.metrics.input_rate.tick(now)
             dropped = 0
             while len(self._inbox) >= self.inbox_size:
-                self._inbox.popleft()
+                self._drops.append(DroppedFrame(self._inbox.popleft().index, DropReason.REPLACED))
                 dropped += 1
             counts.dropped_inbox += dropped
             self._inbox.append(frame)
             if self._waiting_since is None:
                 self._waiting_since = frame.deadline
             return dropped, len(self._inbox)
+
+    def take_drops(self) -> list[DroppedFrame]:
+        with self.lock:
+            drops, self._drops = self._drops, []
+            return drops
+
+    def _notify_drops(self) -> None:
+        """After the lock is released: tell the event loop there are drop notices to take."""
+        if self.on_drops is not None:
+            self.on_drops()
 
     def queue_control(self, item: ControlItem) -> None:
         with self.lock:
@@ -189,18 +220,25 @@ class SessionCore:
             self._tracked.pop(frame.index, None)
             if len(self._inbox) >= self.inbox_size:
                 self.metrics.counts.dropped_inbox += 1
-                return
-            self._inbox.appendleft(frame)
-            self._waiting_since = (
-                frame.deadline
-                if self._waiting_since is None
-                else min(self._waiting_since, frame.deadline)
-            )
+                self._drops.append(DroppedFrame(frame.index, DropReason.REPLACED))
+                dropped = True
+            else:
+                dropped = False
+                self._inbox.appendleft(frame)
+                self._waiting_since = (
+                    frame.deadline
+                    if self._waiting_since is None
+                    else min(self._waiting_since, frame.deadline)
+                )
+        if dropped:
+            self._notify_drops()
 
     def dropped_for_deadline(self, frame: InputFrame) -> None:
         with self.lock:
             self._tracked.pop(frame.index, None)
             self.metrics.counts.dropped_deadline += 1
+            self._drops.append(DroppedFrame(frame.index, DropReason.DEADLINE))
+        self._notify_drops()
 
     def admitted(self, frame: InputFrame, group_complete: bool) -> None:
         with self.lock:
@@ -219,7 +257,10 @@ class SessionCore:
             if including_pending:
                 self._pending.clear()
             self.metrics.counts.dropped_reconfigure += len(lost)
-            return len(lost)
+            self._drops.extend(DroppedFrame(i, DropReason.RECONFIGURE) for i in sorted(lost))
+        if lost:
+            self._notify_drops()
+        return len(lost)
 
     def waited(self, seconds: float) -> None:
         """A frame was taken by the worker after ``seconds`` in the inbox."""
@@ -274,8 +315,11 @@ class Session:
         wake: Callable[[], None],
         request: Callable[[SessionCore, GenerationParams], Future[None]],
         on_close: Callable[[Session], None],
+        post: Callable[[Callable[[], None]], None] | None = None,
+        degrade_state: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.id = core.id
+        self._degrade_state = degrade_state
         self.config = config
         self.core = core
         self._runtime = runtime
@@ -286,8 +330,11 @@ class Session:
         self._on_close = on_close
         self._requested = core.plan.requested
         self._outbox: deque[OutputFrame] = deque()
+        self._drops: deque[DroppedFrame] | None = None  # kept only once report_drops() is called
         self._readable = asyncio.Event()
         self._close_reason: str | None = None
+        if post is not None:
+            core.on_drops = partial(post, self._collect_drops)
 
     @property
     def closed(self) -> bool:
@@ -331,7 +378,39 @@ class Session:
         self._metrics.submitted(self.id, depth)
         if dropped:
             self._metrics.dropped(self.id, "inbox", dropped)
+            self._collect_drops()
         self._wake()
+
+    def report_drops(self, limit: int = 4096) -> None:
+        """From now on keep a :class:`DroppedFrame` for every submitted frame that gets no output
+        (replaced in the inbox, dropped for its deadline or a reconfiguration, or its output
+        discarded because the reader fell behind), for :meth:`next_event`. At most ``limit``
+        wait; older ones are forgotten.
+        """
+        if self._drops is None:
+            self._drops = deque(maxlen=limit)
+
+    def _collect_drops(self) -> None:
+        """Event loop: take the drop notices the core recorded (discarded unless reported)."""
+        drops = self.core.take_drops()
+        if drops and self._drops is not None and not self.closed:
+            self._drops.extend(drops)
+            self._readable.set()
+
+    async def next_event(self) -> OutputFrame | DroppedFrame:
+        """The next output or drop notice (after :meth:`report_drops`); drop notices come first.
+
+        Raises ``SessionClosedError`` once the session has ended and its outputs are taken.
+        """
+        while True:
+            if self._drops:
+                return self._drops.popleft()
+            if self._outbox:
+                return await self.recv()
+            if self.closed:
+                raise self._closed_error()
+            self._readable.clear()
+            await self._readable.wait()
 
     async def recv(self) -> OutputFrame:
         """The next output, in order. Outputs already queued are returned after the session ends;
@@ -357,8 +436,10 @@ class Session:
         dropped = 0
         for output in outputs:
             if len(self._outbox) >= self._runtime.outbox_size:
-                self._outbox.popleft()
+                lost = self._outbox.popleft()
                 dropped += 1
+                if self._drops is not None:
+                    self._drops.append(DroppedFrame(lost.index, DropReason.OUTBOX))
             self._outbox.append(output)
         if dropped:
             with self.core.lock:
@@ -403,6 +484,7 @@ class Session:
             "render_size": (stream.width, stream.height),
             "size": (self.config.width, self.config.height),
             "delay_frames": stream.delay,
+            "degrade": self._degrade_state() if self._degrade_state else None,
         }
 
     async def close(self) -> None:

@@ -197,16 +197,18 @@ async def serve(engine: Any, server_config: Any) -> int:
     """Start ``engine`` and the app; serve until SIGINT/SIGTERM; then close everything."""
     from aiohttp import web
 
-    from livediff.streams.app import create_app
+    from livediff.streams.app import create_app, drain_app
+    from livediff.streams.slow_clients import start_runner
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
-    runner = web.AppRunner(create_app(engine, server_config), handle_signals=False, access_log=None)
+    app = create_app(engine, server_config)
+    runner: web.AppRunner | None = None
     try:
-        await runner.setup()
+        runner = await start_runner(app, server_config, handle_signals=False, access_log=None)
         site = web.TCPSite(runner, server_config.host, server_config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
@@ -218,8 +220,11 @@ async def serve(engine: Any, server_config: Any) -> int:
             file=sys.stderr,
             flush=True,
         )
+        # Still listening while it drains: new clients get 503 / close 1013, not a refused connection.
+        await drain_app(app)
     finally:
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         await engine.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -7,6 +7,8 @@ The hierarchy is shallow so callers can catch at the level they care about:
   :class:`FrameDtypeError`, :class:`FrameShapeError`, :class:`EmptyFrameError`,
   :class:`NonFiniteFrameError`.
 - :class:`ParameterError` — a configuration or live-update value out of range.
+- :class:`ProtocolError` — a client request or message that breaks the wire protocol.
+  - :class:`OfferError` — a ``POST /offer`` that cannot be answered as sent (HTTP 400).
 - :class:`ModelLoadError` — a model that could not be built or loaded.
   - :class:`ModelNotAvailableError` — pretrained weights are not cached and cannot be downloaded.
 - :class:`BackendError` — an accelerated backend (compile, TensorRT) that cannot start.
@@ -16,14 +18,20 @@ The hierarchy is shallow so callers can catch at the level they care about:
 - :class:`MediaError` — an input or output file that PyAV cannot open, decode or encode.
 
 Messages are written for the person at the other end: they say what was wrong, what was
-expected, and where useful what to do about it.
+expected, and where useful what to do about it. Every error may carry ``field`` (the setting
+or message key to blame, for clients that point at it); :class:`CapacityError` carries
+``retry_after`` (seconds, for ``Retry-After``).
 """
 
 from __future__ import annotations
 
 
 class LivediffError(Exception):
-    """Base class of all errors raised on purpose by livediff."""
+    """Base class of all errors raised on purpose by livediff; ``field`` names what to blame."""
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidFrameError(LivediffError, ValueError):
@@ -50,6 +58,14 @@ class ParameterError(LivediffError, ValueError):
     """A configuration or live-update value that is out of range or of the wrong type."""
 
 
+class ProtocolError(LivediffError, ValueError):
+    """A client request or message that breaks the wire protocol (shape, size, encoding)."""
+
+
+class OfferError(ProtocolError):
+    """A ``POST /offer`` that cannot be served as sent (answered with 400)."""
+
+
 class ModelLoadError(LivediffError):
     """A model could not be built or loaded."""
 
@@ -68,6 +84,12 @@ class SessionError(LivediffError):
 
 class CapacityError(SessionError):
     """The engine is at capacity (or degraded to its last level) and refuses new sessions."""
+
+    def __init__(
+        self, message: str = "", *, field: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class SessionClosedError(SessionError):

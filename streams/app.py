@@ -2,8 +2,8 @@
 
 >>> engine = Engine(bundle, stream_config, RuntimeConfig(), params)
 >>> await engine.start()
->>> runner = web.AppRunner(create_app(engine, ServerConfig()))
->>> await runner.setup(); await web.TCPSite(runner, "127.0.0.1", 8080).start()
+>>> runner = await start_runner(create_app(engine, config), config)
+>>> await web.TCPSite(runner, "127.0.0.1", 8080).start()
 ...
 >>> await runner.cleanup(); await engine.stop()      # the app never starts or stops the engine
 
@@ -13,7 +13,11 @@ Routes:
 - ``POST /offer`` — WebRTC signaling (:mod:`livediff.streams.signaling`).
 - ``GET /ws`` — the websocket protocol (:mod:`livediff.streams.ws_protocol`).
 - ``GET /metrics`` — Prometheus exposition of the engine's registry plus the transport metrics.
-- ``GET /healthz`` — ``{"status": "ok", "peers": n, "websockets": n}``.
+- ``GET /healthz`` — ``{"status": "ok" | "degraded" | "failed", "sessions", "max_sessions",
+  "full_for_s", "degrade_level", "peers", "websockets"}``: ``degraded`` while the engine sheds
+  load or every session slot has been taken for ``[server] health_full_after_s``; ``failed``
+  (with status 503) once the worker is down for good.
+- ``GET /favicon.ico`` — the page's icon.
 - ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON
   (``?samples=1`` adds each peer's recent server-added latencies, for benchmarks).
 
@@ -22,7 +26,10 @@ need it, and browsers from other origins are refused (:mod:`livediff.streams.aut
 answer carries the security headers of :mod:`livediff.streams.security_headers`.
 
 All state lives on the app (:mod:`livediff.streams.app_keys`, plus the access policy and the
-drain state). At shutdown the connections are drained (:mod:`livediff.streams.drain`): frames
+drain state), and so do the pool that decodes websocket frames and the filter that keeps
+tokens out of aiohttp's logs (:mod:`livediff.streams.log_redaction`). Serve it with
+:func:`~livediff.streams.slow_clients.start_runner`, which cuts clients whose request headers
+do not arrive within ``[server] header_timeout_s``. At shutdown the connections are drained (:mod:`livediff.streams.drain`): frames
 in flight are finished, every client gets its closing message, their sessions end; whatever
 is left after ``shutdown_timeout_s`` is closed at once (code 1001). The ICE host-address
 restriction, if configured, is active exactly while the app runs.
@@ -36,6 +43,7 @@ import importlib.resources
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +55,7 @@ from livediff.streams.auth import ACCESS, AccessPolicy, access_control
 from livediff.streams.drain import DRAIN, Drain, drain_connections
 from livediff.streams.http_errors import json_errors
 from livediff.streams.ice import HostAddressRestriction
+from livediff.streams.log_redaction import tokens_redacted
 from livediff.streams.peer_registry import PeerRegistry
 from livediff.streams.security_headers import add_security_headers
 from livediff.streams.server_config import ServerConfig
@@ -79,7 +88,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> web.Applicati
     app[ACCESS] = AccessPolicy(config)
     app[DRAIN] = Drain()
     app.on_response_prepare.append(add_security_headers)
+    app.cleanup_ctx.append(_token_redaction)
     app.cleanup_ctx.append(_transport_metrics)
+    app.cleanup_ctx.append(_decode_pool)
     if config.host_addresses:
         app.cleanup_ctx.append(_host_address_restriction)
     app.on_shutdown.append(_close_connections)
@@ -87,7 +98,14 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> web.Applicati
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
 
+    async def favicon(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(
+            static / "favicon.svg",
+            headers={"Content-Type": "image/svg+xml", "Cache-Control": "max-age=86400"},
+        )
+
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/static/", static)
     app.router.add_post("/offer", handle_offer)
     app.router.add_get("/ws", handle_ws)
@@ -109,9 +127,32 @@ async def _transport_metrics(app: web.Application) -> AsyncIterator[None]:
         metrics.close()
 
 
+async def _token_redaction(app: web.Application) -> AsyncIterator[None]:
+    with tokens_redacted(app[app_keys.CONFIG].token):
+        yield
+
+
+async def _decode_pool(app: web.Application) -> AsyncIterator[None]:
+    workers = app[app_keys.CONFIG].decode_workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="livediff-decode")
+    app[app_keys.DECODE_POOL] = pool
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def _host_address_restriction(app: web.Application) -> AsyncIterator[None]:
     with HostAddressRestriction(app[app_keys.CONFIG].host_addresses):
         yield
+
+
+async def drain_app(app: web.Application) -> None:
+    """The graceful shutdown (:mod:`livediff.streams.drain`), while the server still listens, so
+    new clients get 503 / close 1013 rather than a refused connection. Idempotent: the app's
+    shutdown runs it again for whatever is left.
+    """
+    await _close_connections(app)
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -139,12 +180,28 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     app = request.app
+    health = app[app_keys.ENGINE].health()
+    full_for = health["full_for_s"]
+    if health["failed"]:
+        status = "failed"
+    elif health["degrade_level"] != "normal" or (
+        full_for is not None and full_for >= app[app_keys.CONFIG].health_full_after_s
+    ):
+        status = "degraded"
+    else:
+        status = "ok"
     return web.json_response(
         {
-            "status": "ok",
+            "status": status,
+            "sessions": health["sessions"],
+            "max_sessions": health["max_sessions"],
+            "full_for_s": None if full_for is None else round(full_for, 1),
+            "degrade_level": health["degrade_level"],
+            "degrade_reason": health["degrade_reason"],
             "peers": len(app[app_keys.PEERS]),
             "websockets": len(app[app_keys.WEBSOCKETS]),
-        }
+        },
+        status=503 if status == "failed" else 200,
     )
 
 

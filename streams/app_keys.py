@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -15,3 +16,4 @@ CONFIG = web.AppKey("config", ServerConfig)
 PEERS = web.AppKey("peers", PeerRegistry)
 WEBSOCKETS = web.AppKey("websockets", set)  # open web.WebSocketResponse objects
 METRICS = web.AppKey("metrics", TransportMetrics)
+DECODE_POOL = web.AppKey("decode_pool", ThreadPoolExecutor)  # websocket JPEG decoding

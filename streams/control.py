@@ -13,18 +13,22 @@ A control message is one JSON object (UTF-8 text) whose keys are live generation
 
 Each control message gets exactly one reply: ``{"ok": true}`` once the change is in effect for
 the next frame, or ``{"error": "<what was wrong>"}`` and nothing changed (plus ``"id"`` when
-the request had one). Problems with a control message never close the connection.
+the request had one). A refused change also names the key to blame, when there is one
+(``"field": "guidance_scale"``), and the values the session keeps for the keys it tried to
+change (``"current": {"guidance_scale": 1.0}``), so a client can show them again. Problems
+with a control message never close the connection.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from livediff.engine.config import LIVE_PARAMETER_NAMES
-from livediff.exceptions import ParameterError
+from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams, shown, shown_key
+from livediff.exceptions import ParameterError, ProtocolError
+from livediff.streams.json_text import loads_bounded
 
 _INT_KEYS = frozenset({"seed", "steps", "max_skip_frames"})
 _FLOAT_KEYS = frozenset({"strength", "guidance_scale", "delta", "similarity_threshold"})
@@ -49,20 +53,21 @@ def parse_control(text: str | bytes, *, max_bytes: int = 64 * 1024) -> ControlRe
             f"control message of {len(text)} bytes is too large: at most {max_bytes}"
         )
     try:
-        message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ParameterError(f"control message is not valid JSON: {exc}") from None
-    except RecursionError:  # "[[[[…" deeper than the parser's stack (found by fuzzing)
-        raise ParameterError("control message is nested too deeply") from None
+        message = loads_bounded(text, what="control message")
+    except ProtocolError as exc:
+        raise ParameterError(str(exc)) from None
     if not isinstance(message, dict):
-        raise ParameterError(
-            f"a control message must be a JSON object, not {type(message).__name__}"
-        )
+        raise ParameterError(f"a control message must be a JSON object, not {_json_type(message)}")
     request_id = message.pop("id", None)
     if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+        isinstance(request_id, bool)
+        or not isinstance(request_id, (str, int))
+        or (isinstance(request_id, int) and abs(request_id) >= 2**53)
+        or (isinstance(request_id, str) and (len(request_id) > 128 or not _is_unicode(request_id)))
     ):
-        raise ParameterError("id must be a string or an integer")
+        raise ParameterError(
+            "id must be an integer below 2**53 or a string of at most 128 characters", field="id"
+        )
     if not message:
         raise ParameterError(
             f"a control message needs at least one of: {', '.join(sorted(LIVE_PARAMETER_NAMES))}"
@@ -70,21 +75,36 @@ def parse_control(text: str | bytes, *, max_bytes: int = 64 * 1024) -> ControlRe
     return ControlRequest(message, request_id)
 
 
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def session_params(values: Mapping[str, Any]) -> dict[str, Any]:
     """Check parameter names and JSON shapes; value ranges are checked by the engine."""
     unknown = sorted(set(values) - LIVE_PARAMETER_NAMES)
     if unknown:
         raise ParameterError(
-            f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(LIVE_PARAMETER_NAMES))}"
+            f"unknown parameter(s): {', '.join(shown_key(k) for k in unknown[:5])}; "
+            f"known: {', '.join(sorted(LIVE_PARAMETER_NAMES))}",
+            field=unknown[0],
         )
     params = dict(values)
     prompt = params.get("prompt")
     if isinstance(prompt, list):
         try:
-            params["prompt"] = [(str(text), weight) for text, weight in prompt]
+            params["prompt"] = [(text, weight) for text, weight in prompt]
         except (TypeError, ValueError):
             raise ParameterError(
-                "prompt must be a string or a list of [text, weight] pairs"
+                "prompt must be a string or a list of [text, weight] pairs", field="prompt"
             ) from None
     if isinstance(params.get("t_index_list"), list):
         params["t_index_list"] = tuple(params["t_index_list"])
@@ -109,15 +129,52 @@ def params_from_query(query: Mapping[str, str]) -> dict[str, Any]:
             else:
                 params[key] = text
         except ValueError:
-            raise ParameterError(f"{key}={text!r} is not a number") from None
+            raise ParameterError(f"{key}={shown(text)} is not a number", field=key) from None
     return session_params(params)
+
+
+def wire_params(params: GenerationParams) -> dict[str, Any]:
+    """The live parameters as the protocol writes them (a single prompt as a string)."""
+    prompt: Any = params.prompt
+    if len(prompt) == 1 and prompt[0][1] == 1.0:
+        prompt = prompt[0][0]
+    else:
+        prompt = [[text, weight] for text, weight in prompt]
+    values = {f.name: getattr(params, f.name) for f in fields(params)}
+    values.update(
+        prompt=prompt,
+        blend=params.blend.value,
+        t_index_list=None if params.t_index_list is None else list(params.t_index_list),
+    )
+    return values
 
 
 def ok_reply(request_id: str | int | None = None) -> str:
     return json.dumps({"ok": True} if request_id is None else {"ok": True, "id": request_id})
 
 
-def error_reply(message: str, request_id: str | int | None = None) -> str:
-    return json.dumps(
-        {"error": message} if request_id is None else {"error": message, "id": request_id}
-    )
+def error_reply(
+    message: str,
+    request_id: str | int | None = None,
+    *,
+    field: str | None = None,
+    current: Mapping[str, Any] | None = None,
+) -> str:
+    """``{"error": message}``, plus the request's ``id``, the ``field`` to blame and the values
+    the session keeps (``current``: for the keys the request tried to change), when known.
+    """
+    reply: dict[str, Any] = {"error": message}
+    if request_id is not None:
+        reply["id"] = request_id
+    if field is not None:
+        reply["field"] = field
+    if current:
+        reply["current"] = dict(current)
+    return json.dumps(reply)
+
+
+def refusal_reply(exc: ParameterError, request: ControlRequest, params: GenerationParams) -> str:
+    """The reply to a control request the session refused: its error, the field and what stays."""
+    live = wire_params(params)
+    current = {key: live[key] for key in request.changes if key in live}
+    return error_reply(str(exc), request.id, field=exc.field, current=current)

@@ -1,10 +1,12 @@
 """Graceful shutdown of the app: refuse new clients, finish the frames in flight, say goodbye.
 
-On SIGTERM (or SIGINT) ``livediff serve`` stops listening and the app's ``on_shutdown`` runs
-:func:`drain_connections`, bounded by ``[server] shutdown_timeout_s``:
+On SIGTERM (or SIGINT) ``livediff serve`` runs :func:`drain_connections` while it still
+listens (:func:`livediff.streams.app.drain_app`), bounded by ``[server] shutdown_timeout_s``;
+only then does it stop listening:
 
 1. New ``/offer`` and ``/ws`` requests are refused (503 ``{"error": "the server is shutting
-   down"}``, websocket close 1013).
+   down"}`` with ``Retry-After``, websocket ``{"error": …}`` then close 1013), never with a
+   refused connection.
 2. Every connection stops taking input: frames already received are submitted, later ones
    are ignored.
 3. The engine answers everything submitted (``Engine.wait_idle``; frames held inside a

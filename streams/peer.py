@@ -25,16 +25,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from livediff.exceptions import ParameterError, SessionClosedError
-from livediff.streams.control import error_reply, ok_reply, parse_control, session_params
+from livediff.exceptions import OfferError, ParameterError, SessionClosedError
+from livediff.streams.control import (
+    error_reply,
+    ok_reply,
+    parse_control,
+    refusal_reply,
+    session_params,
+)
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.ice import rtc_configuration
 from livediff.streams.limits import (
@@ -102,16 +110,26 @@ class LivePeer:
 
     # ---------------------------------------------------------------- negotiation
     async def answer(self, sdp: str) -> RTCSessionDescription:
-        """Apply the remote offer and return the local answer. Bad SDP raises ``ValueError``."""
+        """Apply the remote offer and return the local answer. An offer that cannot be answered
+        raises :class:`~livediff.exceptions.OfferError` (its SDP was checked for shape before).
+        """
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # aiortc's SDP parser raises whatever the text trips it on
-            raise ValueError(f"the offer's SDP was refused: {type(exc).__name__}: {exc}") from exc
+            raise OfferError(
+                f"aiortc refused the offer's SDP: {_describe(exc)}", field="sdp"
+            ) from exc
         if not self._outputs:
-            raise ValueError(
-                "the offer has no video track to receive (add a sendrecv video transceiver)"
+            raise OfferError(
+                "the offer has no video track to receive (add a sendrecv video transceiver)",
+                field="sdp",
             )
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        try:
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:
+            raise OfferError(
+                f"aiortc could not answer the offer: {_describe(exc)}", field="sdp"
+            ) from exc
         local = self.pc.localDescription
         self.codec = _video_codec(local.sdp)
         self.log.info("answered; video codec %s", self.codec)
@@ -210,8 +228,21 @@ class LivePeer:
         async with self._update_lock:  # FIFO: updates apply in the order they were sent
             try:
                 await self.session.update(**session_params(request.changes))
-            except (ParameterError, SessionClosedError) as exc:
+            except ParameterError as exc:
+                self._reply(refusal_reply(exc, request, self.session.params))
+                return
+            except SessionClosedError as exc:
                 self._reply(error_reply(str(exc), request.id))
+                return
+            except Exception as exc:  # a bug, not the client's fault: say so, keep the channel
+                self.log.error("control message failed", exc_info=exc)
+                self._reply(
+                    error_reply(
+                        f"the server could not apply this message ({type(exc).__name__}; see "
+                        "the server log); nothing changed",
+                        request.id,
+                    )
+                )
                 return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         self._reply(ok_reply(request.id))
@@ -321,17 +352,21 @@ class LivePeer:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for output in self._outputs:
-            output.stop()
-        await self.pc.close()
-        with contextlib.suppress(SessionClosedError):
-            await self.session.close()
-        self.log.info(
-            "closed after %d frames in, %d out", self.flow.frames_in, self.flow.frames_out
-        )
-        self._closed.set()
-        if self._on_closed is not None:
-            self._on_closed(self)
+        try:
+            for output in self._outputs:
+                output.stop()
+            await self.pc.close()
+        except Exception as exc:  # aiortc's teardown (sctp, DTLS) can raise on a half-set-up peer
+            self.log.warning("closing the connection raised %s: %s", type(exc).__name__, exc)
+        finally:  # whatever the connection did, the session and its slot are released
+            with contextlib.suppress(SessionClosedError):
+                await self.session.close()
+            self.log.info(
+                "closed after %d frames in, %d out", self.flow.frames_in, self.flow.frames_out
+            )
+            self._closed.set()
+            if self._on_closed is not None:
+                self._on_closed(self)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -339,6 +374,16 @@ class LivePeer:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+
+def _describe(exc: Exception) -> str:
+    """``Type: message``, or where it was raised when the exception has no message (aiortc's asserts)."""
+    text = str(exc).strip()
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" in {Path(frame.filename).name}:{frame.lineno} ({frame.line})" if frame else ""
+    return f"{type(exc).__name__}{where}"
 
 
 def _video_codec(sdp: str) -> str | None:

@@ -23,6 +23,12 @@ All fields have bounded defaults; ``__post_init__`` checks them and raises
     idle_timeout_s = 60.0                     # no input frame for this long: session closed (0: never)
     connect_timeout_s = 20.0                  # WebRTC peer not connected by then: closed
     shutdown_timeout_s = 10.0                 # SIGTERM: time to finish frames in flight
+    header_timeout_s = 5.0                    # a request's headers must arrive within this
+    body_timeout_s = 10.0                     # ... and its body (POST /offer) within this
+    max_jpeg_scans = 32                       # websocket frames: scans per JPEG …
+    max_jpeg_pixel_scans = 99532800           # … and pixels × scans (3840×2160×12)
+    decode_workers = 4                        # threads decoding websocket JPEGs
+    health_full_after_s = 30.0                # /healthz says "degraded" when full this long
 
 No public STUN server is used unless one is configured: with ``ice_servers = []`` (the
 default) only host candidates are offered, which is right for a LAN or loopback.
@@ -91,6 +97,12 @@ class ServerConfig:
     idle_timeout_s: float = 60.0
     connect_timeout_s: float = 20.0
     shutdown_timeout_s: float = 10.0
+    header_timeout_s: float = 5.0
+    body_timeout_s: float = 10.0
+    max_jpeg_scans: int = 32
+    max_jpeg_pixel_scans: int = 3840 * 2160 * 12
+    decode_workers: int = 4
+    health_full_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(
@@ -212,13 +224,37 @@ class ServerConfig:
             self.idle_timeout_s,
             "0 (never) or seconds in [0.05, 86400]",
         )
-        for name in ("connect_timeout_s", "shutdown_timeout_s"):
+        for name in (
+            "connect_timeout_s",
+            "shutdown_timeout_s",
+            "header_timeout_s",
+            "body_timeout_s",
+            "health_full_after_s",
+        ):
             _check(
                 _number_in(getattr(self, name), 0.05, 3600),
                 name,
                 getattr(self, name),
                 "seconds in [0.05, 3600]",
             )
+        _check(
+            _int_in(self.max_jpeg_scans, 1, 1000),
+            "max_jpeg_scans",
+            self.max_jpeg_scans,
+            "an integer in [1, 1000]",
+        )
+        _check(
+            _int_in(self.max_jpeg_pixel_scans, 64, 1 << 40),
+            "max_jpeg_pixel_scans",
+            self.max_jpeg_pixel_scans,
+            "an integer in [64, 2**40]",
+        )
+        _check(
+            _int_in(self.decode_workers, 1, 256),
+            "decode_workers",
+            self.decode_workers,
+            "an integer in [1, 256]",
+        )
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, **overrides: Any) -> ServerConfig:

@@ -13,8 +13,10 @@ and the processed video comes back on the same transceiver. Codec choice is the 
 (``setCodecPreferences``); VP8 and H.264 are supported. Errors are JSON
 ``{"error": "<what was wrong>"}``:
 
-- ``400`` body not JSON, not an object, missing/invalid ``sdp`` or ``type``, ``params`` that
-  are unknown or out of range, SDP the server cannot use (no video, unparsable);
+- ``400`` body not JSON (or nested more than 32 levels deep), not an object, missing/invalid
+  ``sdp`` or ``type``, ``params`` that are unknown or out of range, SDP the server cannot use
+  (no video section, a malformed line: the message names the line and what was expected);
+- ``408`` the body did not arrive within ``[server] body_timeout_s``;
 - ``413`` body larger than ``[server] max_offer_bytes``;
 - ``401`` a token is configured and the request does not carry it (:mod:`livediff.streams.auth`);
 - ``403`` a browser page from an origin that is not allowed;
@@ -25,25 +27,23 @@ and the processed video comes back on the same transceiver. Codec choice is the 
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from livediff.exceptions import CapacityError, ParameterError
+from livediff.exceptions import CapacityError, OfferError, ParameterError, ProtocolError
 from livediff.streams import app_keys
-from livediff.streams.control import session_params
+from livediff.streams.control import session_params, wire_params
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.http_errors import json_error
+from livediff.streams.json_text import loads_bounded
 from livediff.streams.peer import LivePeer
+from livediff.streams.sdp_check import check_offer_sdp
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "5"
-
-
-class OfferError(ValueError):
-    """A request to ``/offer`` that cannot be served as sent (answered with 400)."""
 
 
 def parse_offer(body: Any) -> tuple[str, dict[str, Any]]:
@@ -66,9 +66,11 @@ def parse_offer(body: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(params, dict):
         raise OfferError("params must be a JSON object of session parameters")
     try:
-        return sdp, session_params(params)
+        params = session_params(params)
     except ParameterError as exc:
-        raise OfferError(str(exc)) from None
+        raise OfferError(str(exc), field=exc.field) from None
+    check_offer_sdp(sdp)
+    return sdp, params
 
 
 async def handle_offer(request: web.Request) -> web.Response:
@@ -80,8 +82,11 @@ async def handle_offer(request: web.Request) -> web.Response:
         log.info("offer from %s refused (%d): %s", request.remote, status, message)
         return json_error(status, message, **kwargs)
 
+    def busy(reason: str, message: str) -> web.Response:
+        return reject(503, reason, message, headers={"Retry-After": RETRY_AFTER_S})
+
     if app[DRAIN].draining:
-        return reject(503, "shutdown", SHUTTING_DOWN, headers={"Retry-After": RETRY_AFTER_S})
+        return busy("shutdown", SHUTTING_DOWN)
     if request.content_type != "application/json":
         return reject(
             415,
@@ -89,37 +94,51 @@ async def handle_offer(request: web.Request) -> web.Response:
             f"expected Content-Type: application/json, got {request.content_type!r}",
         )
     try:
-        body = json.loads(await request.text())
-    except ValueError as exc:
-        return reject(400, "json", f"the body is not valid JSON: {exc}")
+        text = await asyncio.wait_for(request.read(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        return reject(
+            408,
+            "timeout",
+            f"the request body did not arrive within {config.body_timeout_s:g} s "
+            "([server] body_timeout_s)",
+            headers={"Connection": "close"},
+        )
     try:
-        sdp, params = parse_offer(body)
+        sdp, params = parse_offer(loads_bounded(text, what="the body"))
     except OfferError as exc:
         return reject(400, "fields", str(exc))
+    except ProtocolError as exc:
+        return reject(400, "json", str(exc))
     if len(peers) + len(app[app_keys.WEBSOCKETS]) >= config.max_connections:
-        return reject(
-            503,
-            "capacity",
-            f"the server has {config.max_connections} connections, its limit",
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
+        return busy("capacity", f"the server has {config.max_connections} connections, its limit")
     engine = app[app_keys.ENGINE]
     try:
         session = await engine.open_session(params)
     except ParameterError as exc:
         return reject(400, "params", str(exc))
     except CapacityError as exc:
-        return reject(503, "capacity", str(exc), headers={"Retry-After": RETRY_AFTER_S})
-    peer = LivePeer(session, config, metrics=metrics, on_closed=peers.discard)
+        return busy("capacity", str(exc))
+    try:
+        peer = LivePeer(session, config, metrics=metrics, on_closed=peers.discard)
+    except BaseException:
+        await session.close()
+        raise
     try:
         answer = await peer.answer(sdp)
-    except ValueError as exc:
+    except OfferError as exc:
         await peer.close()
         return reject(400, "sdp", str(exc))
     except BaseException:
-        await peer.close()
+        await peer.close()  # releases the session whatever the connection's teardown does
         raise
     peers.add(peer)
     metrics.connections.labels("webrtc").set(len(peers))
     peer.log.info("new peer from %s", request.remote)
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": peer.id})
+    return web.json_response(
+        {
+            "sdp": answer.sdp,
+            "type": answer.type,
+            "session": peer.id,
+            "params": wire_params(session.params),
+        }
+    )

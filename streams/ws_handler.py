@@ -19,11 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
+from concurrent.futures import Executor
 from functools import partial
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from livediff.engine.session import DroppedFrame
 from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
 from livediff.streams import app_keys, ws_protocol
 from livediff.streams.auth import ACCESS, TOKEN_QUERY, UNAUTHORIZED
@@ -32,12 +35,19 @@ from livediff.streams.control import (
     ok_reply,
     params_from_query,
     parse_control,
+    refusal_reply,
     session_params,
 )
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.jpeg import decode_jpeg, encode_jpeg
-from livediff.streams.limits import Inactivity, TokenBucket, jpeg_dimensions, too_many_pixels
+from livediff.streams.limits import (
+    DecodeLimits,
+    Inactivity,
+    TokenBucket,
+    jpeg_refusal,
+    read_jpeg_header,
+)
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
@@ -49,8 +59,8 @@ TRANSPORT = "websocket"
 async def handle_ws(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     config, metrics, sockets = app[app_keys.CONFIG], app[app_keys.METRICS], app[app_keys.WEBSOCKETS]
-    ws = web.WebSocketResponse(
-        max_msg_size=config.ws_max_message_bytes, compress=False, heartbeat=30.0
+    ws = web.WebSocketResponse(  # aiohttp refuses a message of max_msg_size bytes: allow it
+        max_msg_size=config.ws_max_message_bytes + 1, compress=False, heartbeat=30.0
     )
     await ws.prepare(request)
 
@@ -78,7 +88,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         return await refuse(ws_protocol.CLOSE_POLICY, "params", str(exc))
     except CapacityError as exc:
         return await refuse(ws_protocol.CLOSE_TRY_AGAIN, "capacity", str(exc))
-    connection = WsConnection(ws, session, config, metrics)
+    connection = WsConnection(ws, session, config, metrics, app[app_keys.DECODE_POOL])
     sockets.add(ws)
     app[DRAIN].websockets.add(connection)
     try:
@@ -99,9 +109,15 @@ class WsConnection:
         session: Any,
         config: ServerConfig,
         metrics: TransportMetrics,
+        decode_pool: Executor | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
+        self._decode_pool = decode_pool
+        self._limits = DecodeLimits(
+            config.max_frame_pixels, config.max_jpeg_scans, config.max_jpeg_pixel_scans
+        )
+        session.report_drops()
         self.config = config
         self.metrics = metrics
         self.flow = FlowStats()
@@ -167,11 +183,11 @@ class WsConnection:
                     continue  # shutting down: frames already received are finished, not new ones
                 self._no_frame_in_hand.clear()
                 try:
-                    await self._on_frame(message.data)
+                    await self._guarded(self._on_frame(message.data), "frame")
                 finally:
                     self._no_frame_in_hand.set()
             elif message.type is WSMsgType.TEXT:
-                await self._on_control(message.data)
+                await self._guarded(self._on_control(message.data), "control message")
             elif message.type is WSMsgType.ERROR:
                 self.log.info("websocket error: %s", self.ws.exception() or message.data)
                 self.metrics.rejected.labels(TRANSPORT, "protocol").inc()
@@ -180,20 +196,23 @@ class WsConnection:
         index = self._frames
         self._frames += 1
         arrived = time.perf_counter()
-        size = jpeg_dimensions(data)  # refuse a huge picture before decoding a single pixel
-        refusal = None if size is None else too_many_pixels(*size, self.config.max_frame_pixels)
+        header = read_jpeg_header(data)  # refuse a costly picture before decoding a single pixel
+        refusal = None if header is None else jpeg_refusal(header, self._limits)
         if refusal is not None:
-            await self._refuse_frame(f"frame {index}: JPEG of {refusal}")
+            await self._refuse_frame(f"frame {index}: {refusal}")
             return
         loop = asyncio.get_running_loop()
+        decode = partial(decode_jpeg, data, max_pixels=self.config.max_frame_pixels)
         try:
-            image = await loop.run_in_executor(None, decode_jpeg, data)
-            height, width = image.shape[:2]
-            refusal = too_many_pixels(width, height, self.config.max_frame_pixels)
-            if refusal is not None:  # a header the quick reader could not follow
-                raise InvalidFrameError(f"JPEG of {refusal}")
+            image = await loop.run_in_executor(self._decode_pool, decode)
         except InvalidFrameError as exc:
             await self._refuse_frame(f"frame {index}: {exc}")
+            return
+        except Exception as exc:  # a decoder failure nobody foresaw: this frame only
+            self.log.error("frame %d: decoding failed", index, exc_info=exc)
+            await self._refuse_frame(
+                f"frame {index}: could not be decoded ({type(exc).__name__}; see the server log)"
+            )
             return
         pts = max(self._last_pts + 1, int((arrived - self._t0) * 1_000_000))
         self._last_pts = pts
@@ -209,6 +228,20 @@ class WsConnection:
             self._activity.touch()
         self.flow.frame_in(pts, arrived)
         self.metrics.frames.labels(TRANSPORT, "in").inc()
+
+    async def _guarded(self, handling: Awaitable[None], what: str) -> None:
+        """Handle one message; an error nobody foresaw is answered, logged, and the reader goes on."""
+        try:
+            await handling
+        except Exception as exc:
+            self.log.error("handling a %s failed", what, exc_info=exc)
+            self._reject("internal", type(exc).__name__)
+            await self._send(
+                error_reply(
+                    f"the server could not handle this {what} ({type(exc).__name__}; "
+                    "see the server log)"
+                )
+            )
 
     async def _refuse_frame(self, message: str) -> None:
         self._reject("frame", message)
@@ -231,10 +264,21 @@ class WsConnection:
             await self.session.update(**session_params(request.changes))
         except ParameterError as exc:
             self._reject("control", str(exc))
-            await self._send(error_reply(str(exc), request.id))
+            await self._send(refusal_reply(exc, request, self.session.params))
             return
         except SessionClosedError as exc:
             await self._fail(str(exc))
+            return
+        except Exception as exc:  # a bug, not the client's fault: say so, keep the connection
+            self.log.error("control message failed", exc_info=exc)
+            self._reject("control", type(exc).__name__)
+            await self._send(
+                error_reply(
+                    f"the server could not apply this message ({type(exc).__name__}; see the "
+                    "server log); nothing changed",
+                    request.id,
+                )
+            )
             return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         await self._send(ok_reply(request.id))
@@ -249,11 +293,15 @@ class WsConnection:
         previous: bytes | None = None
         while True:
             try:
-                out = await self.session.recv()
+                out = await self.session.next_event()
             except SessionClosedError as exc:
                 if self._finishing is None:
                     await self._fail(str(exc))
                 return
+            if isinstance(out, DroppedFrame):
+                await self._send(ws_protocol.dropped(out.index, out.reason.value))
+                self.metrics.frames.labels(TRANSPORT, "dropped").inc()
+                continue
             if out.skipped and previous is not None:
                 data = previous
             else:

@@ -13,9 +13,15 @@ Frames (binary messages)
     Server → client: one binary message is one JPEG image at the model resolution.
 
     - Every output the engine produces is sent, in input order.
-    - A frame that is replaced by a newer one before the model takes it (the client sends
-      faster than the model runs) is **dropped: it gets no answer**. Keep one or two frames
-      in flight, or expect drops.
+    - Every frame the server drops gets a text message instead,
+      ``{"dropped": <frame index>, "reason": "<why>"}``: ``replaced`` (a newer frame took its
+      place before the model took it: the client sends faster than the model runs),
+      ``deadline`` (it could not be answered within ``[runtime] deadline_ms``),
+      ``reconfigure`` (the session's pipeline was rebuilt: new steps or size, or a fault), or
+      ``outbox`` (its output was made but the client read too slowly). Frame indices count
+      the binary messages of the connection from 0. A client that keeps one frame in flight
+      never waits forever: each frame gets an output, a ``dropped`` message or an
+      ``error``. A ``dropped`` message can arrive before the outputs of earlier frames.
     - A frame the similarity filter skips (``similarity_threshold``) **is answered with the
       previous output again** (the same JPEG bytes).
     - With ``steps = n`` Stream Batch the answer to frame *i* is produced when frame
@@ -29,12 +35,16 @@ Control (text messages)
     frame, or ``{"error": "<what was wrong>"}`` with nothing changed (``"id"`` echoed).
 
 Errors
-    - A binary message that is not a decodable JPEG (or is too large in pixels):
-      text ``{"error": "frame <n>: <why>"}``; the connection stays open, the frame is ignored.
-    - Bad JSON, not an object, unknown keys, out-of-range values, a control message over
-      64 KiB: text ``{"error": …}``; the connection stays open.
-    - A message larger than ``[server] ws_max_message_bytes`` (default 4 MiB): the server
-      closes with code 1009 (message too big).
+    - A binary message that is not a decodable JPEG (or too large in pixels, or too costly
+      to decode: more scans than ``[server] max_jpeg_scans``): text ``{"error": "frame <n>:
+      <why>"}``; the connection stays open, the frame is ignored.
+    - Bad JSON, not an object, nested too deeply, unknown keys, wrong types, out-of-range
+      values, a control message over 64 KiB: text ``{"error": …}`` (with ``"field"`` and the
+      session's ``"current"`` values when a key is to blame); the connection stays open.
+      Any other failure while handling a message is answered ``{"error": …}`` too, and
+      logged; the connection stays open.
+    - A message larger than ``[server] ws_max_message_bytes`` (default 4 MiB; a message of
+      exactly that size is accepted): the server closes with code 1009 (message too big).
     - Text that is not UTF-8: closed by the server with code 1007.
     - The session fails in the engine: ``{"error": …}`` then close 1011.
     - Server shutdown: close 1001 (going away).
@@ -70,3 +80,8 @@ def close_reason(message: str) -> bytes:
 def hello(session_id: str) -> str:
     """The first message of every accepted connection."""
     return json.dumps({"session": session_id})
+
+
+def dropped(index: int, reason: str) -> str:
+    """The answer to a frame the server dropped (see "Frames" above)."""
+    return json.dumps({"dropped": index, "reason": reason})

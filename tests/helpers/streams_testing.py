@@ -34,6 +34,7 @@ from livediff.models.loading import ModelSpec, load_model
 from livediff.streams.app import create_app
 from livediff.streams.netns import in_loopback_netns, loopback_netns_argv, netns_tools_missing
 from livediff.streams.server_config import ServerConfig
+from livediff.streams.slow_clients import start_runner
 
 # Slow CPUs must not trigger deadline drops or load shedding: the tests check content, not speed.
 # Two prompts whose outputs differ clearly: tests tell sessions apart by them.
@@ -123,9 +124,9 @@ async def running_server(
     """An engine and the app on ``127.0.0.1:<free port>``; yields (base URL, app, engine)."""
     engine = Engine(bundle, None, runtime, None)
     await engine.start()
-    app = create_app(engine, config or ServerConfig())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    config = config or ServerConfig()
+    app = create_app(engine, config)
+    runner = await start_runner(app, config, access_log=None)
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]

@@ -71,7 +71,7 @@ async def test_http_routes_need_the_token_and_refuse_with_401_json(server: Any) 
     # with the token (header or query) the request reaches the handler: a 400 for this SDP
     for headers, query in [(bearer(TOKEN), ""), ({}, f"?token={TOKEN}")]:
         status, _, body = await http("POST", f"{base}/offer{query}", json=offer, headers=headers)
-        assert status == 400 and "no video track" in body["error"]
+        assert status == 400 and "the SDP's session part lacks" in body["error"]
     status, _, body = await http("GET", f"{base}/stats", headers=bearer(TOKEN))
     assert status == 200 and body["peers"] == []
     assert len(engine.sessions) == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ CONFIG = ServerConfig(
     idle_timeout_s=0,
 )
 DOCUMENTED_CLOSES = {1007, 1009}
+OBJECT_REPR = re.compile(r"object at 0x|<[a-zA-Z_.]+ object")
 
 
 def real_jpeg(width: int, height: int, progressive: bool = False) -> bytes:
@@ -69,13 +71,28 @@ def real_jpeg(width: int, height: int, progressive: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+def junk_resynced_jpeg(junk: int, width: int, height: int) -> bytes:
+    """A JFIF header, ``junk`` non-marker bytes (decoders skip them), then a frame header that
+    claims ``width`` × ``height``: readers that stop at the junk never see the size.
+    """
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof0 = b"\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    sof0 += b"\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8" + app0 + bytes(range(1, junk + 1)) + sof0 + JPEG[2:]
+
+
 JPEG = real_jpeg(48, 32)
+surrogates = st.text(  # lone UTF-16 surrogates: valid in JSON ("\\ud800"), not in UTF-8
+    alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.integers(min_value=10**300, max_value=10**400)  # beyond float: OverflowError bait
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=40),
+    | st.text(max_size=40)
+    | st.tuples(st.text(max_size=10), surrogates).map("".join),
     lambda children: (
         st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
     ),
@@ -86,10 +103,16 @@ control_shaped = st.dictionaries(
     json_values,
     max_size=4,
 )
+wrong_types = st.tuples(  # every live key with a value of another JSON type
+    st.sampled_from(sorted(LIVE_PARAMETER_NAMES)),
+    st.sampled_from([7, 10**400, -1.5, "7", [], [7], {}, {"a": 1}, None, True, [["x", "y"]]]),
+).map(lambda item: {item[0]: item[1]})
 text_messages = st.one_of(
     st.text(max_size=200),
     json_values.map(json.dumps),
     control_shaped.map(json.dumps),
+    wrong_types.map(json.dumps),
+    surrogates.map(lambda text: json.dumps({"prompt": text})),
     st.integers(min_value=1, max_value=60_000).map(lambda n: "[" * n),  # deep nesting
     st.integers(min_value=1, max_value=30_000).map(lambda n: '{"seed": ' + "9" * n + "}"),
     st.integers(min_value=MAX_MESSAGE // 2, max_value=MAX_MESSAGE - 16).map(
@@ -113,6 +136,9 @@ binary_messages = st.one_of(
         lambda t: JPEG[: t[0]] + bytes([t[1]]) + JPEG[t[0] + 1 :]  # one corrupted byte
     ),
     st.just(real_jpeg(40, 24, progressive=True)),
+    st.tuples(st.integers(1, 40), st.integers(0, 65535), st.integers(0, 65535)).map(
+        lambda t: junk_resynced_jpeg(t[0], t[1], t[2])
+    ),
     st.integers(MAX_MESSAGE + 1, 2 * MAX_MESSAGE).map(lambda n: b"\xff\xd8" + bytes(n)),
 )
 
@@ -160,16 +186,15 @@ class Client:
 
 
 def assert_reply(answer: dict[str, Any], sent: Any) -> None:
-    assert isinstance(answer, dict) and set(answer) in (
-        {"ok"},
-        {"error"},
-        {"ok", "id"},
-        {"error", "id"},
-    ), answer
+    assert isinstance(answer, dict), answer
     if "ok" in answer:
-        assert answer["ok"] is True
+        assert set(answer) <= {"ok", "id"} and answer["ok"] is True, answer
     else:
+        assert {"error"} <= set(answer) <= {"error", "id", "field", "current"}, answer
         assert isinstance(answer["error"], str) and answer["error"], answer
+        assert not OBJECT_REPR.search(answer["error"]), answer  # never a Python object
+        if "current" in answer:  # the values kept, for keys the request tried to change
+            assert isinstance(sent, dict) and set(answer["current"]) <= set(sent), (answer, sent)
     if "id" in answer:
         assert isinstance(sent, dict) and answer["id"] == sent.get("id"), (answer, sent)
 
@@ -305,10 +330,13 @@ def test_fuzzed_offers_get_documented_json_errors(server: ThreadedServer) -> Non
         status, answer = post(server.base, *body)
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
-            assert set(answer) == {"sdp", "type", "session"}
+            assert set(answer) == {"sdp", "type", "session", "params"}
             return
         assert status in (400, 413, 415), (status, answer)
         assert set(answer) == {"error"} and isinstance(answer["error"], str), answer
+        error = answer["error"]
+        assert error and not error.rstrip().endswith(":") and not OBJECT_REPR.search(error), answer
+        assert "AssertionError" not in error, answer  # an SDP error says what is wrong
 
     check()
     print("offer statuses:", statuses)

@@ -96,6 +96,8 @@ async def test_data_channel_updates_change_the_output_and_stats_come_back(
         assert await client.update(strength=3) == {
             "error": "strength=3 is out of range: expected a number in (0, 1]",
             "id": 2,
+            "field": "strength",
+            "current": {"strength": 0.5},
         }
         unknown = await client.update(colour="red")
         assert unknown["id"] == 3 and unknown["error"].startswith("unknown parameter(s): colour")
@@ -167,18 +169,26 @@ async def test_offer_errors_are_json_4xx_and_the_server_keeps_serving(
             400,
             "strength=2 is out of range",
         ),
-        ({"json": {"sdp": "this is not SDP", "type": "offer"}}, 400, "no video track"),
+        (
+            {"json": {"sdp": "this is not SDP", "type": "offer"}},
+            400,
+            "the SDP must start with 'v=0' (line 1 is 'this is not SDP')",
+        ),
         (
             {"json": {"sdp": "v=0\r\nm=video port UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}},
             400,
-            "SDP was refused",
+            "SDP line 2 ('m=video port UDP/TLS/RTP/SAVPF 96'): a media line must be",
         ),
         (
             {"json": {"sdp": good_sdp.replace("a=ice-ufrag", "a=x-removed"), "type": "offer"}},
             400,
-            "SDP was refused",
+            "the SDP has no ICE credentials",
         ),
-        ({"json": {"sdp": await _offer_sdp(video=False), "type": "offer"}}, 400, "no video track"),
+        (
+            {"json": {"sdp": await _offer_sdp(video=False), "type": "offer"}},
+            400,
+            "the offer has no video section (audio)",
+        ),
         ({"json": {"sdp": "v=0\r\n" + "a=x\r\n" * 40_000, "type": "offer"}}, 413, ""),
     ]
     for kwargs, status, message in cases:

@@ -90,12 +90,26 @@ async def test_control_message_takes_effect_for_the_next_frame(
 
 
 def _error(
-    start: str = "", contains: str = "", request_id: Any = None
+    start: str = "",
+    contains: str = "",
+    request_id: Any = None,
+    *,
+    field: str | None = None,
+    current: dict[str, Any] | None = None,
 ) -> Callable[[dict[str, Any]], None]:
+    """A check of one error reply: its text, its id, and (for a refused key) the field and the
+    values the session keeps."""
+    expected = {"error"} | {
+        key
+        for key, value in (("id", request_id), ("field", field), ("current", current))
+        if value is not None
+    }
+
     def check(answer: dict[str, Any]) -> None:
-        assert set(answer) == ({"error"} if request_id is None else {"error", "id"}), answer
+        assert set(answer) == expected, answer
         assert answer["error"].startswith(start) and contains in answer["error"], answer
         assert answer.get("id") == request_id
+        assert answer.get("field") == field and answer.get("current") == current, answer
 
     return check
 
@@ -114,14 +128,28 @@ BAD_INPUTS: list[tuple[str, str | bytes, Callable[[dict[str, Any]], None]]] = [
     (
         "unknown key",
         json.dumps({"prompt": "x", "colour": "red", "id": 7}),
-        _error("unknown parameter(s): colour", request_id=7),
+        _error(
+            "unknown parameter(s): colour",
+            request_id=7,
+            field="colour",
+            current={"prompt": "a red fox"},
+        ),
     ),
     (
         "out of range",
         json.dumps({"strength": 5, "id": "s"}),
-        _error("strength=5 is out of range", request_id="s"),
+        _error(
+            "strength=5 is out of range",
+            request_id="s",
+            field="strength",
+            current={"strength": 0.5},
+        ),
     ),
-    ("wrong type", json.dumps({"seed": "seven"}), _error("seed='seven' is out of range")),
+    (
+        "wrong type",
+        json.dumps({"seed": "seven"}),
+        _error("seed='seven' is out of range", field="seed", current={"seed": 11}),
+    ),
 ]
 
 
@@ -224,7 +252,16 @@ async def test_metrics_and_health_count_websocket_frames(server: Any, frame: np.
         await client.recv_frame()
         async with aiohttp.ClientSession() as http:
             async with http.get(base + "/healthz") as response:
-                assert await response.json() == {"status": "ok", "peers": 0, "websockets": 1}
+                assert await response.json() == {
+                    "status": "ok",
+                    "sessions": 1,
+                    "max_sessions": 32,
+                    "full_for_s": None,
+                    "degrade_level": "normal",
+                    "degrade_reason": None,
+                    "peers": 0,
+                    "websockets": 1,
+                }
             async with http.get(base + "/metrics") as response:
                 assert response.content_type == "text/plain"
                 text = await response.text()
