@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
@@ -82,8 +83,9 @@ async def handle_offer(request: web.Request) -> web.Response:
         log.info("offer from %s refused (%d): %s", request.remote, status, message)
         return json_error(status, message, **kwargs)
 
-    def busy(reason: str, message: str) -> web.Response:
-        return reject(503, reason, message, headers={"Retry-After": RETRY_AFTER_S})
+    def busy(reason: str, message: str, retry_after: float | None = None) -> web.Response:
+        wait = RETRY_AFTER_S if retry_after is None else str(max(1, math.ceil(retry_after)))
+        return reject(503, reason, message, headers={"Retry-After": wait})
 
     if app[DRAIN].draining:
         return busy("shutdown", SHUTTING_DOWN)
@@ -117,7 +119,7 @@ async def handle_offer(request: web.Request) -> web.Response:
     except ParameterError as exc:
         return reject(400, "params", str(exc))
     except CapacityError as exc:
-        return busy("capacity", str(exc))
+        return busy("capacity", str(exc), exc.retry_after)
     try:
         peer = LivePeer(session, config, metrics=metrics, on_closed=peers.discard)
     except BaseException:

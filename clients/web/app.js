@@ -3,9 +3,12 @@
 // and streams/peer.py (data channel). A server with an access token is opened as
 // /?token=… : the page sends it to /offer as "Authorization: Bearer …" (streams/auth.py).
 // State for automation and tests lives in window.livediff:
-//   state ('idle'|'starting'|'connecting'|'connected'|'stopped'|'error'), session, codec,
-//   errors[], serverStats (last data-channel stats), framesSent, framesDecoded,
-//   latencies[] (ms, ?src=marker only), closing (the server's reason when it ended the session),
+//   state ('idle'|'starting'|'connecting'|'connected'|'retrying'|'stopped'|'error'), session, codec,
+//   errors[] (each error once), fieldErrors {key: message}, params (what the server runs),
+//   serverStats (last data-channel stats, null once stopped), notice (the degrade notice or null),
+//   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
+//   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
+//   closing (the server's reason when it ended the session), replies[] (data-channel replies),
 //   update(params) → Promise(reply),
 //   snapshot('input'|'output') → {width, height, data: RGBA array}, start(), stop().
 'use strict';
@@ -14,42 +17,160 @@ const query = new URLSearchParams(location.search);
 const TOKEN = query.get('token');
 const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale'];
 const NUMERIC = new Set(['strength', 'seed', 'guidance_scale']);
+const RETRY_STATUSES = new Set([502, 503, 504]);  // busy, overloaded, shutting down: try again later
+const MAX_BACKOFF_S = 30;
 const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // streams/frame_marker.py
 
 const $ = (id) => document.getElementById(id);
 const form = $('params');
+const server = {};  // the values the server runs (before a session: the form's defaults)
 const L = window.livediff = {
-  state: 'idle', session: null, codec: null, errors: [], serverStats: null, closing: null,
+  state: 'idle', session: null, codec: null, errors: [], fieldErrors: {}, params: server,
+  serverStats: null, notice: null, retry: null, closing: null,
   framesSent: 0, framesDecoded: 0, latencies: [], replies: [],
 };
 let pc = null, channel = null, media = null, statsTimer = null, markerTimer = null;
+let retryTimer = null, countdownTimer = null, attempts = 0;
+let run = 0;  // bumped by stop(): a start() still awaiting something sees it and gives up
 let requestId = 0;
-const pending = new Map();
+const pending = new Map();  // request id → {resolve, params}
 const touched = new Set();  // only parameters set in the URL or by the user override the server's defaults
+const unsent = new Set();   // changed while the session was being set up: sent once the channel opens
+const shown = {};           // each field's text when last applied or filled: Enter then blur applies once
+let lastError = null;
 
-function setState(state, message, isError) {
+// ---------------------------------------------------------------- state, errors, notices
+function setState(state) {
   L.state = state;
   const el = $('state');
   el.textContent = state;
   el.className = 'state ' + state;
-  if (message !== undefined) showMessage(message, isError);
 }
 
-function showMessage(text, isError) {
-  const el = $('message');
-  el.textContent = text || '';
-  el.className = 'message' + (isError ? ' error' : '');
-  if (isError) L.errors.push(text);
+function showMessage(text) {
+  $('message').textContent = text || '';
+}
+
+function recordError(text) {
+  // Each error once: a retry that meets the same refusal again adds nothing.
+  if (text !== lastError) L.errors.push(text);
+  lastError = text;
+}
+
+function showBanner(text, {error = true, retrying = false} = {}) {
+  if (error) recordError(text);
+  $('banner-text').textContent = text;
+  $('banner').className = error ? 'banner' : 'banner info';
+  $('banner').hidden = false;
+  $('banner-cancel').hidden = !retrying;
+  if (!retrying) $('banner-retry').textContent = '';
+}
+
+function hideBanner() {
+  $('banner').hidden = true;
+  $('banner-retry').textContent = '';
+  lastError = null;
+}
+
+function fieldError(key, text) {
+  $(`error-${key}`).textContent = text || '';
+  form.elements[key].closest('label').classList.toggle('invalid', Boolean(text));
+  if (text) { L.fieldErrors[key] = text; recordError(text); } else delete L.fieldErrors[key];
+}
+
+function showNotice(text) {
+  L.notice = text || null;
+  $('notice').textContent = text || '';
+  $('notice').hidden = !text;
+}
+
+// ---------------------------------------------------------------- form fields
+function toField(key, value) {
+  if (value === null || value === undefined) return '';
+  if (key === 'prompt' && Array.isArray(value)) return JSON.stringify(value);  // [[text, weight], …]
+  return String(value);
+}
+
+function fromField(key, text) {
+  if (NUMERIC.has(key)) return Number(text);
+  if (key === 'prompt' && text.trim().startsWith('[')) {
+    try { const list = JSON.parse(text); if (Array.isArray(list)) return list; } catch { /* plain text */ }
+  }
+  return text;
+}
+
+function setField(key, value) {
+  const el = form.elements[key];
+  el.value = toField(key, value);
+  shown[key] = el.value;
+  if (key === 'strength') showStrength();
+}
+
+function showStrength() {
+  $('strength-value').textContent = form.elements.strength.value;
 }
 
 function formParams() {
   const params = {};
   for (const key of touched) {
-    const value = form.elements[key].value;
-    if (value === '') continue;
-    params[key] = NUMERIC.has(key) ? Number(value) : value;
+    const text = form.elements[key].value;
+    if (text !== '' || !NUMERIC.has(key)) params[key] = fromField(key, text);
   }
   return params;
+}
+
+function fillForm(params) {
+  // What the server runs: untouched fields show it, and a refused value goes back to it.
+  Object.assign(server, params);
+  for (const key of PARAM_KEYS) {
+    if (key in params && !touched.has(key)) setField(key, params[key]);
+  }
+}
+
+const connected = () => Boolean(channel && channel.readyState === 'open');
+
+async function apply(key) {
+  const el = form.elements[key];
+  if (el.value === shown[key]) return;  // unchanged: Enter, then the change on blur, apply once
+  const empty = el.value === '' && NUMERIC.has(key);
+  if (empty || (!connected() && !el.checkValidity())) {
+    // Not sent: the field goes back to what the server runs, so the next Start sends a valid value
+    // (while connected the server checks the value itself, and its refusal reverts the field).
+    const message = `${key}: ${empty ? 'a number is needed' : el.validationMessage}`;
+    setField(key, server[key]);
+    fieldError(key, message);
+    return;
+  }
+  shown[key] = el.value;
+  touched.add(key);
+  if (!connected()) {
+    fieldError(key, '');
+    if (pc) unsent.add(key);  // a session on its way: sent once its channel opens (or in its offer)
+    return;
+  }
+  await update({[key]: fromField(key, el.value)});
+}
+
+function acknowledged(params) {
+  for (const [key, value] of Object.entries(params)) {
+    server[key] = value;
+    if (!PARAM_KEYS.includes(key)) continue;
+    fieldError(key, '');
+    if (document.activeElement !== form.elements[key]) setField(key, value);  // e.g. from update()
+  }
+  const keys = Object.keys(params);
+  if (keys.length) showMessage(`applied: ${keys.join(', ')}`);
+}
+
+function refused(reply, params) {
+  // Nothing changed on the server: every field of the request goes back to what it runs.
+  const current = reply.current || {};
+  for (const key of Object.keys(params)) {
+    if (key in current) server[key] = current[key];
+    if (PARAM_KEYS.includes(key) && key in server) setField(key, server[key]);
+  }
+  if (PARAM_KEYS.includes(reply.field)) fieldError(reply.field, reply.error);
+  else showBanner(reply.error);
 }
 
 // ---------------------------------------------------------------- sources
@@ -132,6 +253,12 @@ function watchMarkers(video) {
 }
 
 // ---------------------------------------------------------------- session
+function showVideo(id, stream) {
+  const video = $(id);
+  video.srcObject = stream;
+  if (!stream) video.parentElement.classList.remove('live');  // the caption shows again
+}
+
 function preferCodec(transceiver, codec) {
   if (!codec) return;
   const wanted = 'video/' + codec.toLowerCase();
@@ -153,82 +280,197 @@ function waitForIceGathering(connection) {
 }
 
 function openChannel(connection) {
-  channel = connection.createDataChannel('control');
-  channel.onmessage = (event) => {
+  const ch = channel = connection.createDataChannel('control');
+  ch.onopen = () => {
+    if (ch !== channel || !unsent.size) return;
+    const params = {};
+    for (const key of unsent) params[key] = fromField(key, form.elements[key].value);
+    unsent.clear();
+    update(params);
+  };
+  ch.onmessage = (event) => {
+    if (ch !== channel) return;
     let message;
     try { message = JSON.parse(event.data); } catch { return; }
     if (message.stats) { L.serverStats = message.stats; renderServerStats(message.stats); return; }
-    if (message.closing) { L.closing = message.closing; showMessage(`server: ${message.closing}`, false); return; }
+    if (message.closing) { L.closing = message.closing; return; }
     L.replies.push(message);
-    const waiter = pending.get(message.id);
-    if (waiter) { pending.delete(message.id); waiter(message); }
-    if (message.error) showMessage(message.error, true);
+    const request = pending.get(message.id);
+    if (request) pending.delete(message.id);
+    const params = request ? request.params : {};
+    if (message.ok) acknowledged(params);
+    else if (message.error) refused(message, params);  // one place shows it: each error once
+    if (request) request.resolve(message);
   };
+}
+
+function retryAfterSeconds(text) {
+  // Retry-After: delay-seconds or an HTTP date; null when absent or unreadable.
+  if (!text) return null;
+  const seconds = Number(text);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds);
+  const date = Date.parse(text);
+  return Number.isNaN(date) ? null : Math.max(0, (date - Date.now()) / 1000);
+}
+
+async function postOffer(description) {
+  const headers = {'Content-Type': 'application/json'};
+  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  const params = formParams();
+  unsent.clear();
+  let response;
+  try {
+    response = await fetch('offer', {
+      method: 'POST', headers,
+      body: JSON.stringify({sdp: description.sdp, type: description.type, params}),
+    });
+  } catch (error) {
+    throw Object.assign(new Error(`cannot reach the server (${error.message || error})`), {retry: true, retryAfter: null});
+  }
+  const answer = await response.json().catch(() => ({}));
+  if (response.ok) return answer;
+  const error = new Error(answer.error || `the server answered ${response.status} ${response.statusText}`);
+  if (RETRY_STATUSES.has(response.status)) {
+    Object.assign(error, {retry: true, retryAfter: retryAfterSeconds(response.headers.get('Retry-After'))});
+  } else if (response.status === 400) {
+    const blamed = /^(\w+)=/.exec(error.message);  // "guidance_scale=99 is out of range: …"
+    if (blamed && PARAM_KEYS.includes(blamed[1])) error.field = blamed[1];
+  }
+  throw error;
 }
 
 async function start() {
   if (pc) return;
-  $('start').disabled = true;
-  setState('starting', '');
+  if (L.retry) $('banner-retry').textContent = 'retrying now…';
+  else hideBanner();  // a retry keeps its banner until it gets through
+  cancelRetry();
+  const mine = ++run, stale = () => mine !== run;
+  $('start').disabled = true; $('stop').disabled = false;  // Stop also cancels a start and its retries
+  setState('starting');
+  showMessage('');
+  Object.assign(L, {session: null, closing: null, serverStats: null, framesSent: 0, framesDecoded: 0});
   try {
-    media = query.get('src') === 'marker' ? markerSource() : await cameraSource();
-    $('input').srcObject = media;
-    pc = new RTCPeerConnection({iceServers: []});
-    openChannel(pc);
+    if (!media) {  // kept across retries: the preview stays on while the server is busy
+      const stream = query.get('src') === 'marker' ? markerSource() : await cameraSource();
+      if (stale()) { stream.getTracks().forEach((t) => t.stop()); return; }
+      media = stream;
+      showVideo('input', media);
+    }
+    const connection = pc = new RTCPeerConnection({iceServers: []});
+    openChannel(connection);
     const track = media.getVideoTracks()[0];
-    const transceiver = pc.addTransceiver(track, {direction: 'sendrecv', streams: [media]});
+    const transceiver = connection.addTransceiver(track, {direction: 'sendrecv', streams: [media]});
     preferCodec(transceiver, form.elements.codec.value);
-    pc.ontrack = (event) => {
+    connection.ontrack = (event) => {
+      if (connection !== pc) return;
       const output = $('output');
-      output.srcObject = event.streams[0] || new MediaStream([event.track]);
+      showVideo('output', event.streams[0] || new MediaStream([event.track]));
       if (query.get('src') === 'marker') watchMarkers(output);
     };
-    pc.onconnectionstatechange = () => {
-      const state = pc && pc.connectionState;
-      if (state === 'connected') setState('connected', '');
-      else if (state === 'failed') setState('error', 'connection failed', true);
-      else if (state === 'closed' || (state === 'disconnected' && L.closing)) {
-        stop(); setState('stopped', L.closing ? `server: ${L.closing}` : 'connection closed');
-      }
-    };
-    await pc.setLocalDescription(await pc.createOffer());
-    await waitForIceGathering(pc);
+    connection.onconnectionstatechange = () => onConnectionState(connection);
+    await connection.setLocalDescription(await connection.createOffer());
+    await waitForIceGathering(connection);
+    if (stale()) return;
     setState('connecting');
-    const headers = {'Content-Type': 'application/json'};
-    if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
-    const response = await fetch('offer', {
-      method: 'POST', headers,
-      body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type, params: formParams()}),
-    });
-    const answer = await response.json();
-    if (!response.ok) throw new Error(answer.error || `server answered ${response.status}`);
+    const answer = await postOffer(connection.localDescription);
+    if (stale()) return;
+    attempts = 0;
+    hideBanner();
     L.session = answer.session;
     $('stat-session').textContent = answer.session;
-    await pc.setRemoteDescription({sdp: answer.sdp, type: answer.type});
+    if (answer.params) fillForm(answer.params);
+    await connection.setRemoteDescription({sdp: answer.sdp, type: answer.type});
     statsTimer = setInterval(collectStats, 1000);
-    $('stop').disabled = false;
   } catch (error) {
-    stop();
-    setState('error', String(error.message || error), true);
+    if (stale()) return;
+    if (error.retry) retryLater(error);
+    else fail(String(error.message || error), error.field);
   }
 }
 
-function stop() {
-  clearInterval(statsTimer); clearInterval(markerTimer);
-  if (pc) pc.close();
-  if (media) media.getTracks().forEach((t) => t.stop());
-  pc = channel = media = null;
-  for (const waiter of pending.values()) waiter({error: 'stopped'});
-  pending.clear();
+function onConnectionState(connection) {
+  if (connection !== pc) return;
+  const state = connection.connectionState;
+  if (state === 'connected') setState('connected');
+  else if (state === 'failed') fail('the connection failed: the browser and the server could not reach each other');
+  else if (state === 'closed' || (state === 'disconnected' && L.closing)) {
+    const reason = L.closing;
+    stop();
+    showBanner(reason ? `the server ended the session: ${reason}` : 'the connection closed', {error: false});
+  }
+}
+
+function retryLater(error) {
+  // At capacity, overloaded or shutting down (503), or unreachable: try again by itself, after
+  // Retry-After when the server sends one, else after 1, 2, 4 … 30 s.
+  closePeer();
+  const delay = error.retryAfter === null ? Math.min(MAX_BACKOFF_S, 2 ** attempts) : Math.max(1, error.retryAfter);
+  attempts += 1;
+  const at = Date.now() + delay * 1000;
+  L.retry = {attempt: attempts, delay_s: delay, at, error: error.message};
+  setState('retrying');
+  showBanner(error.message, {retrying: true});
+  const countdown = () => {
+    $('banner-retry').textContent = `retrying in ${Math.max(0, Math.ceil((at - Date.now()) / 1000))} s`;
+  };
+  countdown();
+  countdownTimer = setInterval(countdown, 250);
+  retryTimer = setTimeout(start, delay * 1000);
+}
+
+function cancelRetry() {
+  clearTimeout(retryTimer); clearInterval(countdownTimer);
+  retryTimer = countdownTimer = null;
+  L.retry = null;
+}
+
+function fail(message, field) {
+  run += 1;
+  closePeer(); releaseMedia();
   $('start').disabled = false; $('stop').disabled = true;
-  if (L.state !== 'error') setState('stopped');
+  setState('error');
+  if (field) {  // a value the server refused at Start: the field goes back to the server's default
+    touched.delete(field);
+    setField(field, server[field]);
+    fieldError(field, message);
+  } else {
+    showBanner(message);
+  }
+}
+
+function closePeer() {
+  clearInterval(statsTimer); statsTimer = null;
+  if (pc) pc.close();
+  pc = channel = null;
+  for (const request of pending.values()) request.resolve({error: 'stopped'});
+  pending.clear();
+  unsent.clear();
+  showVideo('output', null);
+  clearStats();
+}
+
+function releaseMedia() {
+  clearInterval(markerTimer); markerTimer = null;
+  if (media) media.getTracks().forEach((t) => t.stop());
+  media = null;
+  showVideo('input', null);
+}
+
+function stop() {
+  run += 1;
+  cancelRetry();
+  attempts = 0;
+  closePeer(); releaseMedia();
+  hideBanner();
+  $('start').disabled = false; $('stop').disabled = true;
+  setState('stopped');
 }
 
 function update(params) {
-  if (!channel || channel.readyState !== 'open') return Promise.resolve({error: 'not connected'});
+  if (!connected()) return Promise.resolve({error: 'not connected'});
   const id = ++requestId;
   return new Promise((resolve) => {
-    pending.set(id, resolve);
+    pending.set(id, {resolve, params});
     channel.send(JSON.stringify({...params, id}));
   });
 }
@@ -236,8 +478,10 @@ function update(params) {
 // ---------------------------------------------------------------- stats
 let last = null;
 async function collectStats() {
-  if (!pc) return;
-  const report = await pc.getStats();
+  const connection = pc;
+  if (!connection) return;
+  const report = await connection.getStats();
+  if (connection !== pc) return;  // stopped meanwhile: the table stays cleared
   const now = performance.now();
   const current = {at: now, sent: 0, decoded: 0};
   const codecs = {};
@@ -256,6 +500,13 @@ async function collectStats() {
   last = current;
 }
 
+function clearStats() {
+  last = null;
+  L.serverStats = null;
+  for (const cell of $('stats').querySelectorAll('td')) cell.textContent = '–';
+  showNotice(null);
+}
+
 function renderServerStats(s) {
   // s: the server's per-session stats (streams/peer.py); s.engine is the engine's session.stats()
   const ms = (v) => (typeof v === 'number' ? `${v.toFixed(0)}` : '–');
@@ -265,8 +516,25 @@ function renderServerStats(s) {
   const total = (engine.latency_ms || {}).total || {};
   $('stat-engine-latency').textContent = `${ms(total.p50)} / ${ms(total.p99)} ms`;
   $('stat-drops').textContent = engine.dropped === undefined ? '–' : `${engine.dropped} / ${engine.skipped}`;
+  const size = (engine.render_size || []).join('×'), full = (engine.size || []).join('×');
   $('stat-engine').textContent = engine.steps === undefined ? '–'
-    : `${engine.steps} step(s), ${(engine.render_size || []).join('×')}`;
+    : `${engine.steps} step(s), ${size}${full && full !== size ? ` (of ${full})` : ''}`;
+  showNotice(degradeNotice(s.engine));
+}
+
+function degradeNotice(engine) {
+  // The degrade controller (engine/degrade.py) cut steps or resolution, or refuses new sessions.
+  if (!engine) return null;
+  const degrade = engine.degrade || {level: 'normal', reason: null};
+  const [rw, rh] = engine.render_size || [], [w, h] = engine.size || [];
+  const fewer = engine.steps < engine.requested_steps, smaller = rw !== w || rh !== h;
+  if (degrade.level === 'normal' && !fewer && !smaller) return null;
+  const steps = `${engine.steps} step${engine.steps === 1 ? '' : 's'}`;
+  let text = `The server is overloaded: running ${steps}${fewer ? ` instead of ${engine.requested_steps}` : ''}`;
+  if (rw !== undefined) text += smaller ? ` at ${rw}×${rh} instead of ${w}×${h}` : ` at ${w}×${h}`;
+  if (degrade.level === 'refuse_sessions') text += '; new sessions are refused';
+  if (degrade.reason) text += ` — ${degrade.reason}`;
+  return text;
 }
 
 function snapshot(which) {
@@ -282,23 +550,30 @@ function snapshot(which) {
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const key of PARAM_KEYS) {
+    server[key] = fromField(key, form.elements[key].defaultValue);
     if (query.has(key)) { form.elements[key].value = query.get(key); touched.add(key); }
+    shown[key] = form.elements[key].value;
   }
   form.elements.codec.value = (query.get('codec') || '').toLowerCase();
-  const strengthValue = () => { $('strength-value').textContent = form.elements.strength.value; };
-  strengthValue();
-  form.elements.strength.addEventListener('input', strengthValue);
+  showStrength();
+  form.elements.strength.addEventListener('input', showStrength);
+  form.addEventListener('submit', (event) => event.preventDefault());
   for (const key of PARAM_KEYS) {
-    form.elements[key].addEventListener('change', async () => {
-      touched.add(key);
-      if (!pc) return;
-      const value = form.elements[key].value;
-      const reply = await update({[key]: NUMERIC.has(key) ? Number(value) : value});
-      showMessage(reply.error || `${key} updated`, Boolean(reply.error));
+    const el = form.elements[key];
+    el.addEventListener('change', () => apply(key));
+    el.addEventListener('keydown', (event) => {
+      // Enter applies the field; in the prompt, Shift+Enter is a new line.
+      if (event.key !== 'Enter' || event.isComposing || (event.shiftKey && el.tagName === 'TEXTAREA')) return;
+      event.preventDefault();
+      apply(key);
     });
+  }
+  for (const id of ['input', 'output']) {  // the caption over an empty box goes once video plays
+    $(id).addEventListener('playing', () => $(id).parentElement.classList.add('live'));
   }
   $('start').addEventListener('click', start);
   $('stop').addEventListener('click', stop);
+  $('banner-cancel').addEventListener('click', stop);
   if (query.get('controls') === '0') document.body.classList.add('output-only');
   Object.assign(L, {start, stop, update, snapshot});
   if (query.get('autostart') === '1') start();

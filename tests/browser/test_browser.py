@@ -8,9 +8,12 @@ network namespace (run directly, the module contributes one test that re-runs it
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,8 +112,8 @@ def camera_clip(workdir: Path) -> Path:
     return write_y4m(workdir / "camera.y4m", [pattern(320, 240, seed=5)] * 15)
 
 
-@pytest.fixture(scope="module")
-def server_url(model_dir: Path, config_file: Path, workdir: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def running_server(model_dir: Path, config_file: Path, log_file: Path) -> Iterator[str]:
     """``livediff serve`` as users run it, on a free port; its URL from the first line it prints."""
     argv = [
         sys.executable,
@@ -123,19 +126,33 @@ def server_url(model_dir: Path, config_file: Path, workdir: Path) -> Iterator[st
         str(model_dir),
     ]
     argv += ["--port", "0", "--config", str(config_file)]
-    stderr = open(workdir / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    stderr = open(log_file, "w")  # noqa: SIM115 (closed at teardown)
     server = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         assert server.stdout is not None
         line = server.stdout.readline()  # blocks until the server is up, or '' if it died
         assert "listening on" in line, (
-            f"livediff serve did not start: {line!r}\n{(workdir / 'serve.log').read_text()[-3000:]}"
+            f"livediff serve did not start: {line!r}\n{log_file.read_text()[-3000:]}"
         )
         yield line.rsplit(" ", 1)[1].strip()
     finally:
         server.terminate()
-        assert server.wait(timeout=60) == 0, (workdir / "serve.log").read_text()[-3000:]
+        assert server.wait(timeout=60) == 0, log_file.read_text()[-3000:]
         stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dir: Path, config_file: Path, workdir: Path) -> Iterator[str]:
+    with running_server(model_dir, config_file, workdir / "serve.log") as url:
+        yield url
+
+
+def server_with(
+    model_dir: Path, folder: Path, config_text: str
+) -> contextlib.AbstractContextManager[str]:
+    config = folder / "livediff.toml"
+    config.write_text(config_text)
+    return running_server(model_dir, config, folder / "serve.log")
 
 
 @pytest.fixture
@@ -159,8 +176,8 @@ def launch(tmp_path: Path) -> Iterator[Any]:
             browser.close()
 
 
-def open_page(browser: Browser, url: str) -> Page:
-    page = browser.new_page()
+def open_page(browser: Browser, url: str, **options: Any) -> Page:
+    page = browser.new_page(**options)
     page.on("console", lambda message: print("console:", message.text))
     page.goto(url)
     return page
@@ -187,6 +204,42 @@ def next_output(page: Page) -> np.ndarray:
     decoded = page.evaluate("window.livediff.framesDecoded")
     wait_for_frames(page, decoded)
     return snapshot(page, "output")
+
+
+def wait_for_prompt(page: Page, references: dict[str, np.ndarray], wanted: str) -> None:
+    """Three outputs in a row nearer ``references[wanted]`` than the other reference."""
+    seen = []
+    for _ in range(40):
+        image = next_output(page)
+        seen.append(min(references, key=lambda name: distance(image, references[name])))
+        if seen[-3:] == [wanted] * 3:
+            return
+    raise AssertionError(f"the output never settled on {wanted}: {seen}")
+
+
+def in_first_screen(page: Page, selector: str) -> bool:
+    """``selector`` is visible within the viewport as loaded (no scrolling)."""
+    box = page.locator(selector).bounding_box()
+    viewport = page.viewport_size
+    assert viewport is not None
+    return (
+        page.locator(selector).is_visible()
+        and box is not None
+        and box["y"] >= 0
+        and box["y"] + box["height"] <= viewport["height"]
+    )
+
+
+def no_horizontal_scroll(page: Page) -> bool:
+    return bool(
+        page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+    )
+
+
+STAT_CELLS = "[...document.querySelectorAll('#stats td')].map((td) => td.textContent)"
+PHONE = {"width": 390, "height": 844}
 
 
 @NEEDS_NETNS
@@ -218,17 +271,7 @@ def test_page_streams_the_camera_through_the_model(
         "ok": True,
         "id": 1,
     }
-    seen = []
-    for _ in range(40):
-        image = next_output(page)
-        seen.append(
-            "whale"
-            if distance(image, references["whale"]) < distance(image, references["fox"])
-            else "fox"
-        )
-        if seen[-3:] == ["whale"] * 3:
-            break
-    assert seen[-3:] == ["whale"] * 3, seen
+    wait_for_prompt(page, references, "whale")
 
 
 @NEEDS_NETNS
@@ -283,3 +326,184 @@ def test_virtual_camera_output_plays_as_the_browser_camera(
     assert distance(output, fox_of_vcam) * 2 < distance(
         output, reference_output(bundle, written[0], **WHALE)
     )
+
+
+@NEEDS_NETNS
+def test_first_visit_says_what_to_do(launch: Any, server_url: str, camera_clip: Path) -> None:
+    page = open_page(launch(camera_clip), server_url, viewport=PHONE)
+    assert "press Start" in page.locator("#hint").text_content() and in_first_screen(page, "#hint")
+    assert page.locator("textarea[name=prompt]").get_attribute("placeholder")
+    captions = page.locator(".frame .overlay")
+    assert captions.count() == 2 and all(captions.nth(i).is_visible() for i in range(2))
+    assert "camera" in captions.nth(0).text_content()
+    assert page.evaluate("window.livediff.state") == "idle" and no_horizontal_scroll(page)
+    icon = page.locator("link[rel=icon]")
+    assert icon.get_attribute("type") == "image/svg+xml"
+    for url in (
+        page.evaluate("document.querySelector('link[rel=icon]').href"),
+        server_url + "favicon.ico",
+    ):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200, url
+            assert response.headers["Content-Type"].startswith("image/svg+xml"), url
+            assert b"<svg" in response.read(), url
+
+
+@NEEDS_NETNS
+def test_a_refused_value_reverts_to_the_server_value(
+    launch: Any, server_url: str, camera_clip: Path
+) -> None:
+    page = open_page(launch(camera_clip), f"{server_url}?autostart=1")
+    wait_for_frames(page, 1)
+    guidance, seed = page.locator("[name=guidance_scale]"), page.locator("[name=seed]")
+    assert seed.input_value() == "11"  # the form shows what the server runs ([params] seed)
+    guidance.fill("99")  # out of range (at most 30): the server refuses it
+    guidance.press("Enter")
+    page.wait_for_function("window.livediff.fieldErrors.guidance_scale", timeout=10_000)
+    assert guidance.input_value() == "1"  # back to the server's value
+    assert "guidance_scale=99" in page.locator("#error-guidance_scale").text_content()
+    seed.fill("-5")
+    seed.press("Enter")
+    page.wait_for_function("window.livediff.fieldErrors.seed", timeout=10_000)
+    assert seed.input_value() == "11"
+    replies = page.evaluate("window.livediff.replies")
+    assert [(r.get("field"), r.get("current")) for r in replies] == [
+        ("guidance_scale", {"guidance_scale": 1.0}),
+        ("seed", {"seed": 11}),
+    ]
+    # each error once: beside its field and in errors[], not in the banner too
+    errors = page.evaluate("window.livediff.errors")
+    assert len(errors) == 2 and errors[0].startswith("guidance_scale=99") and "seed=-5" in errors[1]
+    assert page.locator(".field-error:not(:empty)").count() == 2
+    assert page.locator("#banner").is_hidden()
+    assert page.locator("#message").text_content() == ""
+    # stopped, a bad value is caught in the page and never reaches the next offer
+    page.click("#stop")
+    guidance.fill("50")
+    guidance.press("Enter")
+    assert guidance.input_value() == "1" and "guidance_scale" in page.evaluate(
+        "window.livediff.fieldErrors.guidance_scale"
+    )
+    session = page.evaluate("window.livediff.session")
+    page.click("#start")
+    wait_for_frames(page, 1)  # the form holds valid values: no 400
+    assert page.evaluate("window.livediff.session") not in (None, session)
+    # a value the server takes clears the field's error
+    guidance.fill("1.5")
+    guidance.press("Enter")
+    page.wait_for_function("!window.livediff.fieldErrors.guidance_scale", timeout=10_000)
+    assert page.evaluate("window.livediff.replies.at(-1)")["ok"] is True
+    assert page.locator("#error-guidance_scale").text_content() == ""
+    assert page.evaluate("window.livediff.state") == "connected"
+
+
+@NEEDS_NETNS
+def test_enter_applies_a_field(
+    launch: Any, server_url: str, camera_clip: Path, bundle: ModelBundle
+) -> None:
+    camera = read_video(camera_clip)[0]
+    references = {
+        "fox": reference_output(bundle, camera, **FOX),
+        "whale": reference_output(bundle, camera, **WHALE),
+    }
+    page = open_page(launch(camera_clip), f"{server_url}?autostart=1")
+    wait_for_frames(page, 1)
+    prompt, seed = page.locator("[name=prompt]"), page.locator("[name=seed]")
+    assert prompt.input_value() == "a red fox"  # filled from the offer's answer
+    prompt.fill(str(WHALE["prompt"]))
+    prompt.press("Enter")  # applies; no new line
+    seed.fill(str(WHALE["seed"]))
+    seed.press("Enter")
+    page.wait_for_function("window.livediff.replies.length >= 2", timeout=10_000)
+    page.click("h1")  # leaving the fields (a change event) applies nothing more
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.livediff.replies") == [
+        {"ok": True, "id": 1},
+        {"ok": True, "id": 2},
+    ]
+    assert prompt.input_value() == WHALE["prompt"]
+    assert page.evaluate("window.livediff.errors") == []
+    wait_for_prompt(page, references, "whale")
+    prompt.press("Shift+Enter")  # a new line, not applied
+    page.wait_for_timeout(300)
+    assert prompt.input_value() == f"{WHALE['prompt']}\n"
+    assert len(page.evaluate("window.livediff.replies")) == 2
+
+
+@NEEDS_NETNS
+def test_stop_clears_the_stats(launch: Any, server_url: str, camera_clip: Path) -> None:
+    page = open_page(launch(camera_clip), f"{server_url}?autostart=1")
+    wait_for_frames(page, 1)
+    page.wait_for_function(f"{STAT_CELLS}.every((text) => text !== '–')", timeout=30_000)
+    assert page.locator(".frame.live").count() == 2  # the captions over the videos are gone
+    page.click("#stop")
+    assert page.evaluate(STAT_CELLS) == ["–"] * 8
+    page.wait_for_timeout(1500)  # and nothing of the stopped session comes back
+    assert page.evaluate(STAT_CELLS) == ["–"] * 8
+    assert page.evaluate("[window.livediff.state, window.livediff.serverStats]") == [
+        "stopped",
+        None,
+    ]
+    assert page.locator(".frame.live").count() == 0 and page.locator(".overlay").nth(1).is_visible()
+
+
+@NEEDS_NETNS
+def test_a_full_server_is_retried_after_retry_after(
+    launch: Any, model_dir: Path, camera_clip: Path, tmp_path: Path
+) -> None:
+    config = CONFIG_TOML.replace("[runtime]\n", "[runtime]\nmax_sessions = 1\n")
+    with server_with(model_dir, tmp_path, config) as url:
+        browser = launch(camera_clip)
+        first = open_page(browser, f"{url}?autostart=1")
+        wait_for_frames(first, 1)
+        phone = open_page(browser, f"{url}?autostart=1", viewport=PHONE)
+        phone.wait_for_function("window.livediff.retry", timeout=30_000)
+        refused_at = time.monotonic()
+        retry = phone.evaluate("window.livediff.retry")
+        assert retry["delay_s"] == 5 and "capacity" in retry["error"]  # the server's Retry-After
+        assert phone.evaluate("window.livediff.state") == "retrying"
+        assert in_first_screen(phone, "#banner") and no_horizontal_scroll(phone)
+        assert "retrying in" in phone.locator("#banner").text_content()
+        assert phone.locator("#banner-cancel").is_visible()
+        assert phone.evaluate(STAT_CELLS) == ["–"] * 8
+        phone.wait_for_function("window.livediff.retry && window.livediff.retry.attempt >= 2")
+        assert time.monotonic() - refused_at > 4  # not before Retry-After
+        assert len(phone.evaluate("window.livediff.errors")) == 1  # once, however many refusals
+        first.click("#stop")
+        wait_for_frames(phone, 1)  # connects by itself, with no click
+        assert (
+            phone.locator("#banner").is_hidden() and phone.evaluate("window.livediff.retry") is None
+        )
+        assert len(phone.evaluate("window.livediff.errors")) == 1
+
+
+@NEEDS_NETNS
+def test_a_degraded_server_says_so(
+    launch: Any, model_dir: Path, camera_clip: Path, tmp_path: Path
+) -> None:
+    """Every frame misses a 1 ms deadline: the degrade controller cuts the resolution, then
+    refuses sessions, and the page says so (and retries the refused one)."""
+    config = CONFIG_TOML.replace("deadline_ms = 600000", "deadline_ms = 1").replace(
+        "enabled = false", "enabled = true\nwindow_s = 0.2\ndegrade_after = 1"
+    )
+    with server_with(model_dir, tmp_path, config) as url:
+        browser = launch(camera_clip)
+        page = open_page(browser, f"{url}?autostart=1", viewport=PHONE)
+        page.wait_for_function(
+            "window.livediff.notice && window.livediff.notice.includes('new sessions are refused')",
+            timeout=60_000,
+        )
+        notice = page.locator("#notice").text_content()
+        assert "at 64×64 instead of 128×128" in notice and "overloaded: " in notice, notice
+        assert in_first_screen(page, "#notice") and no_horizontal_scroll(page)
+        other = open_page(browser, f"{url}?autostart=1", viewport=PHONE)
+        other.wait_for_function("window.livediff.retry", timeout=30_000)
+        assert "overloaded" in other.evaluate("window.livediff.retry.error")
+        assert in_first_screen(other, "#banner")
+        other.click("#banner-cancel")  # gives up
+        assert other.evaluate("[window.livediff.state, window.livediff.retry]") == ["stopped", None]
+        assert other.locator("#banner").is_hidden()
+        page.click("#stop")
+        assert (
+            page.locator("#notice").is_hidden() and page.evaluate("window.livediff.notice") is None
+        )
