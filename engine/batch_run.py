@@ -97,7 +97,7 @@ class BatchRun:
         """
         core = session.core
         stream = core.stream
-        image = frame.image.pin_memory() if self.cuda else frame.image
+        image = core.staging.stage(frame.image) if self.cuda else frame.image
         group = stream.admit(image, tag=frame)
         core.admitted(frame, group is not None)
         if group is None:

@@ -1,14 +1,20 @@
 """Several sessions' work as one call: VAE encode, UNet rows and VAE decode, padded to buckets.
 
-Each stage concatenates the sessions' tensors into a buffer allocated once per (stage, shape)
-and written in place with ``copy_`` (no ``torch.cat`` per frame), pads the rows up to the next
-size in ``batch_buckets`` with copies of the first real row (so a compiled model sees a few
-static shapes; the padding's outputs are never read), runs the model once, and hands each
-session a view of its own rows. Which sessions may be packed together is the scheduler's
-grouping rule (:mod:`livediff.engine.scheduler`).
+Each stage writes the sessions' rows one after another into a buffer with ``copy_`` (no
+``torch.cat`` per frame) and pads them up to the next size in ``batch_buckets`` with copies of
+the first real row (so a compiled model sees a few static shapes; the padding's outputs are
+never read), runs the model once, and hands each session a view of its own rows. The buffer is
+the model's own static input where it has one (a CUDA-graphed bundle: see
+:meth:`~livediff.models.bundle.ModelBundle.input_buffers`), so packing is the only device copy;
+otherwise one allocated per (stage, shape) and reused. The UNet's inputs are packed field by
+field over :class:`~livediff.models.unet_batch.UNetBatch`'s per-row fields, whatever they are.
+Which sessions may be packed together is the scheduler's grouping rule
+(:mod:`livediff.engine.scheduler`).
 
-Outputs go to host memory here too: on CUDA into pinned buffers with ``non_blocking`` copies,
-to be waited for through one event by the worker; on CPU they already are host tensors.
+Outputs go to host memory here too: on CUDA into pinned buffers (reused per shape: a batch's
+host outputs are valid until the next batch of that shape is copied, which the worker only
+starts after the outputs were handed out) with ``non_blocking`` copies, waited for through one
+event by the worker; on CPU they already are host tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from livediff.engine.scheduler import bucket_for
 from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.models.bundle import ModelBundle
-from livediff.models.unet_batch import UNetBatch
+from livediff.models.unet_batch import UNetBatch, field_names_in
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Batcher:
         self.bundle = bundle
         self.buckets = tuple(buckets)
         self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._host: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (name, shape, dtype)
@@ -50,51 +57,78 @@ class Batcher:
             self._buffers[key] = buffer
         return buffer
 
-    def _pack(self, name: str, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """Rows of ``parts`` one after another in a bucket-sized buffer; returns it and the offsets."""
-        rows = sum(int(part.shape[0]) for part in parts)
-        first = parts[0]
-        buffer = self._buffer(name, (bucket_for(rows, self.buckets), *first.shape[1:]), first.dtype)
-        offsets, offset = [], 0
-        for part in parts:
-            count = int(part.shape[0])
-            buffer.narrow(0, offset, count).copy_(part)
-            offsets.append(offset)
+    def _targets(
+        self, stage: str, parts: dict[str, Sequence[torch.Tensor | None]]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """A bucket-sized buffer per input of ``stage``: the model's own where it has them."""
+        rows = sum(int(p.shape[0]) for p in next(iter(parts.values())) if p is not None)
+        bucket = bucket_for(rows, self.buckets)
+        like = {name: _first(values) for name, values in parts.items()}
+        targets = self.bundle.input_buffers(stage, bucket, like)
+        if targets is None:
+            targets = {
+                name: self._buffer(f"{stage}.{name}", (bucket, *t.shape[1:]), t.dtype)
+                for name, t in like.items()
+            }
+        return targets, rows
+
+    @staticmethod
+    def _fill(
+        buffer: torch.Tensor, parts: Sequence[torch.Tensor | None], rows: Sequence[int]
+    ) -> None:
+        """``parts`` one after another into ``buffer`` (``None``: zeros), then pad with row 0."""
+        offset = 0
+        for part, count in zip(parts, rows, strict=True):
+            view = buffer.narrow(0, offset, count)
+            if part is None:
+                view.zero_()
+            else:
+                view.copy_(part)
             offset += count
         if offset < buffer.shape[0]:
             padding = buffer.narrow(0, offset, buffer.shape[0] - offset)
-            padding.copy_(first.narrow(0, 0, 1).expand_as(padding))
-        return buffer, offsets
+            padding.copy_(buffer.narrow(0, 0, 1).expand_as(padding))
+
+    def _pack(self, stage: str, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """One tensor per session → its rows packed in ``stage``'s buffer, and their offsets."""
+        targets, _ = self._targets(stage, {"x": parts})
+        counts = [int(p.shape[0]) for p in parts]
+        self._fill(targets["x"], parts, counts)
+        return targets["x"], _offsets(counts)
 
     @staticmethod
     def _split(
-        result: torch.Tensor, offsets: Sequence[int], parts: Sequence[torch.Tensor]
+        result: torch.Tensor, offsets: Sequence[int], counts: Sequence[int]
     ) -> list[torch.Tensor]:
-        return [result.narrow(0, o, int(p.shape[0])) for o, p in zip(offsets, parts, strict=True)]
+        return [result.narrow(0, o, c) for o, c in zip(offsets, counts, strict=True)]
 
     # ------------------------------------------------------------------ stages
     def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[F_i, 3, H, W]`` images in [-1, 1] per session → their latents ``[F_i, 4, h, w]``."""
         if not pixels:
             return []
-        packed, offsets = self._pack("pixels", pixels)
-        return self._split(self.bundle.encode(packed), offsets, pixels)
+        packed, offsets = self._pack("encode", pixels)
+        counts = [int(p.shape[0]) for p in pixels]
+        return self._split(self.bundle.encode(packed), offsets, counts)
 
     def predict(self, batches: Sequence[UNetBatch]) -> tuple[list[torch.Tensor], PackedCall]:
-        """One UNet call over every session's rows; returns the noise per session."""
-        latents, offsets = self._pack("latents", [b.latents for b in batches])
-        timesteps, _ = self._pack("timesteps", [b.timesteps for b in batches])
-        embeds, _ = self._pack("embeds", [b.embeds for b in batches])
-        text_embeds = time_ids = None
-        if batches[0].text_embeds is not None:
-            text_embeds, _ = self._pack("text_embeds", [b.text_embeds for b in batches])
-            time_ids, _ = self._pack("time_ids", [b.time_ids for b in batches])
-        eps = self.bundle.predict_noise(
-            UNetBatch(latents, timesteps, embeds, text_embeds, time_ids)
+        """One UNet call over every session's rows; returns the noise per session.
+
+        Every per-row field of the batches is packed the same way; a field only some sessions
+        set is zero for the others (or refused, by the field's rule: :func:`field_names_in`).
+        """
+        names = field_names_in(batches)
+        counts = [b.rows for b in batches]
+        targets, rows = self._targets(
+            "unet", {name: [getattr(b, name) for b in batches] for name in names}
         )
-        rows = sum(b.rows for b in batches)
-        call = PackedCall(rows=rows, padded_rows=int(latents.shape[0]), sessions=len(batches))
-        return self._split(eps, offsets, [b.latents for b in batches]), call
+        for name in names:
+            self._fill(targets[name], [getattr(b, name) for b in batches], counts)
+        packed = type(batches[0])(**targets)
+        eps = self.bundle.predict_noise(packed)
+        padded = int(targets["latents"].shape[0])
+        call = PackedCall(rows=rows, padded_rows=padded, sessions=len(batches))
+        return self._split(eps, _offsets(counts), counts), call
 
     def decode_rgb(
         self, latents: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]
@@ -106,28 +140,47 @@ class Batcher:
         the worker's output event has fired (CUDA) or at once (CPU).
         """
         packed, offsets = self._pack("decode", latents)
+        counts = [int(lat.shape[0]) for lat in latents]
         images = self.bundle.decode(packed)
         if all(tuple(images.shape[-2:]) == size for size in sizes):
-            total = sum(int(lat.shape[0]) for lat in latents)
-            rgb = model_output_to_rgb(images.narrow(0, 0, total))
+            rgb = model_output_to_rgb(images.narrow(0, 0, sum(counts)))
             host = self.to_host([rgb])[0]
-            return self._split(rgb, offsets, latents), self._split(host, offsets, latents)
+            return self._split(rgb, offsets, counts), self._split(host, offsets, counts)
         rgbs = [
-            model_output_to_rgb(resize(images.narrow(0, o, int(lat.shape[0])), size))
-            for o, lat, size in zip(offsets, latents, sizes, strict=True)
+            model_output_to_rgb(resize(images.narrow(0, o, c), size))
+            for o, c, size in zip(offsets, counts, sizes, strict=True)
         ]
         return rgbs, self.to_host(rgbs)
 
     def to_host(self, rgbs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Start copying each tensor to host memory; on CUDA valid only once the worker's event fired."""
+        """Start copying each tensor to host memory; on CUDA valid only once the worker's event fired.
+
+        On CUDA the pinned buffers are reused per (position, shape): the outputs of a batch are
+        read (handed out as arrays) before the next batch's copies are issued.
+        """
         if self.bundle.device.type != "cuda":
             return [rgb.cpu() for rgb in rgbs]
         hosts = []
-        for rgb in rgbs:
-            host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
+        for index, rgb in enumerate(rgbs):
+            key = (index, tuple(rgb.shape))
+            host = self._host.get(key)
+            if host is None:
+                host = self._host[key] = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
             host.copy_(rgb, non_blocking=True)
             hosts.append(host)
         return hosts
+
+
+def _first(values: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    return next(v for v in values if v is not None)
+
+
+def _offsets(counts: Sequence[int]) -> list[int]:
+    offsets, offset = [], 0
+    for count in counts:
+        offsets.append(offset)
+        offset += count
+    return offsets
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -102,3 +102,32 @@ class StreamOutput:
 
     def numpy(self) -> np.ndarray:
         return self.image.cpu().numpy()
+
+
+class PinnedRing:
+    """Reusable page-locked (pinned) host buffers, so frames upload with ``non_blocking`` copies.
+
+    :meth:`stage` copies a frame into the next buffer of its shape and returns it. Allocating
+    pinned memory is slow (a driver call), so buffers are made once per shape and reused in
+    turn: ``depth`` of them per shape. A buffer is written again ``depth`` stages later; with
+    ``depth = 3 * frame_buffer_size`` the worker has waited for the batch that read it by then
+    (a frame group holds ``frame_buffer_size`` frames and at most one more batch is in flight
+    with overlap on). Worker thread only.
+    """
+
+    def __init__(self, depth: int, *, pin: bool = True) -> None:
+        self.depth = depth
+        self._pin = pin  # False only where no accelerator exists (tests of the ring itself)
+        self._buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._next: dict[tuple[int, ...], int] = {}
+
+    def stage(self, frame: torch.Tensor) -> torch.Tensor:
+        key = tuple(frame.shape)
+        ring = self._buffers.setdefault(key, [])
+        index = self._next.get(key, 0)
+        if index == len(ring) and len(ring) < self.depth:
+            ring.append(torch.empty(frame.shape, dtype=frame.dtype, pin_memory=self._pin))
+        buffer = ring[index % len(ring)]
+        self._next[key] = (index + 1) % self.depth
+        buffer.copy_(frame)
+        return buffer

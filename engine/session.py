@@ -37,7 +37,7 @@ import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.control import ControlItem, Plan
-from livediff.engine.frames import as_uint8_frame
+from livediff.engine.frames import PinnedRing, as_uint8_frame
 from livediff.engine.metrics import EngineMetrics, SessionMetrics
 from livediff.engine.stream import Stream
 from livediff.exceptions import SessionClosedError
@@ -129,6 +129,8 @@ class SessionCore:
         self.suspended = False  # its Stream was lost to a fault; a new one is on its way
         self.oom_strikes = 0  # out-of-memory batches in a row
         self.last_image: np.ndarray | None = None
+        # Page-locked copies of its frames, for async uploads: three frame groups' worth.
+        self.staging = PinnedRing(3 * plan.stream.config.frame_buffer_size)
         # Control thread only:
         self.plan = plan
 
@@ -354,19 +356,26 @@ class Session:
 
     # ------------------------------------------------------------------ frames
     def submit(
-        self, image: np.ndarray, *, pts: int | None = None, time_base: Fraction | None = None
+        self,
+        image: np.ndarray,
+        *,
+        pts: int | None = None,
+        time_base: Fraction | None = None,
+        owned: bool = False,
     ) -> None:
         """Queue one RGB frame (uint8 ``H × W × 3``, any size; float in [0, 1] is accepted too).
 
         Never blocks. The frame is checked here (an ``InvalidFrameError`` subclass says what is
-        wrong) and copied, so the caller may reuse its buffer. If the inbox is full the oldest
-        waiting frame is discarded (latest wins; counted as ``dropped_inbox``).
-        Raises ``SessionClosedError`` once the session has ended.
+        wrong) and copied, so the caller may reuse its buffer — unless ``owned``: the caller
+        hands the array over and never touches it again (a frame it just decoded), which saves
+        a copy on the event loop. If the inbox is full the oldest waiting frame is discarded
+        (latest wins; counted as ``dropped_inbox``). Raises ``SessionClosedError`` once the
+        session has ended.
         """
         if self.closed:
             raise self._closed_error()
         frame = as_uint8_frame(image)
-        if isinstance(image, np.ndarray) and frame.dtype == torch.uint8:
+        if not owned and isinstance(image, np.ndarray) and frame.dtype == torch.uint8:
             frame = frame.clone()  # from_numpy shares the caller's memory
         now = self._clock()
         try:

@@ -15,6 +15,7 @@ The hierarchy is shallow so callers can catch at the level they care about:
 - :class:`SessionError` — a streaming session that was refused or has failed.
   - :class:`CapacityError` — the engine refuses a new session because it is overloaded.
   - :class:`SessionClosedError` — an operation on a session that has already ended.
+- :class:`BatchCompositionError` — sessions packed into one call that cannot share it (a bug).
 - :class:`MediaError` — an input or output file that PyAV cannot open, decode or encode.
 
 Messages are written for the person at the other end: they say what was wrong, what was
@@ -94,6 +95,10 @@ class CapacityError(SessionError):
 
 class SessionClosedError(SessionError):
     """The session has ended; no more frames or updates are accepted."""
+
+
+class BatchCompositionError(LivediffError, RuntimeError):
+    """Sessions were put into one model call that cannot share it (a grouping rule was broken)."""
 
 
 class MediaError(LivediffError):

@@ -64,6 +64,18 @@ class ModelBundle:
             return None
         return int(self.text_encoders[-1].config.projection_dim)
 
+    def input_buffers(
+        self, stage: str, bucket: int, like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """Where to write ``bucket`` rows of ``stage``'s inputs so the call reads them in place.
+
+        ``stage`` is ``"unet"`` (the per-row fields of a :class:`UNetBatch`), ``"encode"`` or
+        ``"decode"`` (one tensor, named ``"x"``); ``like`` gives each input's row shape and
+        dtype. A model with static input buffers (CUDA graphs) returns them, so the caller's
+        packing is the only copy; ``None`` (here): the caller packs into buffers of its own.
+        """
+        return None
+
     def describe(self) -> str:
         return f"{self.preset.name} ({self.weights.value} weights from {self.source}) on {self.device} {self.dtype}"
 

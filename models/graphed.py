@@ -3,7 +3,9 @@
 A call with ``n`` rows runs the graph of the smallest bucket ``>= n``: the rows are copied into
 that bucket's static input buffers, the graph replays, and the first ``n`` rows of its static
 output are returned. Padding rows hold whatever the buffer held before (finite values from an
-earlier call, or zeros); their outputs are never read.
+earlier call, or zeros); their outputs are never read. A caller that packed its rows straight
+into those buffers (:meth:`GraphedBundle.input_buffers`) pays no copy at all: a call whose
+inputs *are* the static buffers replays at once.
 
 The returned tensor is a view of the bucket's static output: it is valid until the next call
 that uses the same bucket. The engine consumes every output before the next call, which is the
@@ -34,22 +36,26 @@ WARMUP_ITERATIONS = 3
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: list[torch.Tensor]
+    inputs: dict[str, torch.Tensor]
     output: torch.Tensor
+
+
+Named = dict[str, torch.Tensor]
 
 
 @dataclass
 class BucketGraphs:
-    """One captured graph per (bucket, row shapes) for a function of static-shaped tensors.
+    """One captured graph per (bucket, input names and row shapes) for a function of named tensors.
 
     Row shapes are part of the key, so a new resolution (the runtime's degrade step) captures
-    its own graphs on first use. Calls with more rows than the largest bucket run the
-    function directly (compiled, not graphed) and say so once in the log.
+    its own graphs on first use; so are the names, so a batch with another set of per-row
+    inputs gets its own graph. Calls with more rows than the largest bucket run the function
+    directly (compiled, not graphed) and say so once in the log.
     """
 
     name: str
     buckets: tuple[int, ...]
-    function: Callable[..., torch.Tensor]
+    function: Callable[[Named], torch.Tensor]
     _graphs: dict[tuple[Any, ...], _Captured] = field(default_factory=dict)
     _warned_oversize: bool = False
 
@@ -57,32 +63,33 @@ class BucketGraphs:
         index = bisect.bisect_left(self.buckets, rows)
         return self.buckets[index] if index < len(self.buckets) else None
 
-    def capture(self, bucket: int, templates: Sequence[torch.Tensor]) -> _Captured:
-        key = (bucket, *((tuple(t.shape[1:]), t.dtype) for t in templates))
+    def capture(self, bucket: int, templates: Named) -> _Captured:
+        key = (bucket, *((name, tuple(t.shape[1:]), t.dtype) for name, t in templates.items()))
         captured = self._graphs.get(key)
         if captured is not None:
             return captured
-        inputs = [
-            torch.zeros((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in templates
-        ]
+        inputs = {
+            name: torch.zeros((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            for name, t in templates.items()
+        }
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(WARMUP_ITERATIONS):
-                self.function(*inputs)
+                self.function(inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Each graph keeps its own memory pool: outputs of one bucket must survive replays of
         # others. thread_local: other threads (prompt encoding) may use the GPU meanwhile.
         with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            output = self.function(*inputs)
+            output = self.function(inputs)
         captured = _Captured(graph, inputs, output)
         self._graphs[key] = captured
         log.info("captured %s graph for bucket %d, rows %s", self.name, bucket, key[1:])
         return captured
 
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        rows = int(tensors[0].shape[0])
+    def __call__(self, named: Named) -> torch.Tensor:
+        rows = int(next(iter(named.values())).shape[0])
         bucket = self.bucket_for(rows)
         if bucket is None:
             if not self._warned_oversize:
@@ -93,12 +100,18 @@ class BucketGraphs:
                     self.buckets[-1],
                 )
                 self._warned_oversize = True
-            return self.function(*tensors)
-        captured = self.capture(bucket, tensors)
-        for static, value in zip(captured.inputs, tensors, strict=True):
-            static[:rows].copy_(value)
+            return self.function(named)
+        captured = self.capture(bucket, named)
+        for name, value in named.items():
+            static = captured.inputs[name]
+            if not _same_view(static, value):  # packed in place by the caller: nothing to copy
+                static[:rows].copy_(value)
         captured.graph.replay()
         return captured.output[:rows]
+
+
+def _same_view(static: torch.Tensor, value: torch.Tensor) -> bool:
+    return value.data_ptr() == static.data_ptr() and value.stride() == static.stride()
 
 
 class GraphedBundle(ModelBundle):
@@ -117,58 +130,66 @@ class GraphedBundle(ModelBundle):
         base = ModelBundle
         self._latent_size = latent_size
 
-        def unet(*tensors: torch.Tensor) -> torch.Tensor:
-            return base.predict_noise(self, UNetBatch(*tensors))
+        def unet(named: Named) -> torch.Tensor:
+            return base.predict_noise(self, UNetBatch(**named))
 
-        self._unet_graphs = BucketGraphs("unet", tuple(sorted(unet_buckets)), unet)
-        self._encode_graphs = BucketGraphs(
-            "vae-encode", tuple(sorted(frame_buckets)), lambda x: base.encode(self, x)
-        )
-        self._decode_graphs = BucketGraphs(
-            "vae-decode", tuple(sorted(frame_buckets)), lambda z: base.decode(self, z)
-        )
+        self._graphs = {
+            "unet": BucketGraphs("unet", tuple(sorted(unet_buckets)), unet),
+            "encode": BucketGraphs(
+                "vae-encode", tuple(sorted(frame_buckets)), lambda n: base.encode(self, n["x"])
+            ),
+            "decode": BucketGraphs(
+                "vae-decode", tuple(sorted(frame_buckets)), lambda n: base.decode(self, n["x"])
+            ),
+        }
 
-    def _templates(self) -> dict[str, list[torch.Tensor]]:
+    def _templates(self) -> dict[str, Named]:
         h, w = self._latent_size
         factor = self.vae_scale_factor
         seq, dim = self.embed_shape
         opts: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
-        unet = [
-            torch.zeros(1, 4, h, w, **opts),
-            torch.zeros(1, dtype=torch.long, device=self.device),
-            torch.zeros(1, seq, dim, **opts),
-        ]
+        unet = {
+            "latents": torch.zeros(1, 4, h, w, **opts),
+            "timesteps": torch.zeros(1, dtype=torch.long, device=self.device),
+            "embeds": torch.zeros(1, seq, dim, **opts),
+        }
         if self.pooled_dim:
-            unet += [torch.zeros(1, self.pooled_dim, **opts), torch.zeros(1, 6, **opts)]
+            unet["text_embeds"] = torch.zeros(1, self.pooled_dim, **opts)
+            unet["time_ids"] = torch.zeros(1, 6, **opts)
         return {
             "unet": unet,
-            "vae-encode": [torch.zeros(1, 3, h * factor, w * factor, **opts)],
-            "vae-decode": [torch.zeros(1, 4, h, w, **opts)],
+            "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},
+            "decode": {"x": torch.zeros(1, 4, h, w, **opts)},
         }
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile and capture every bucket at the set-up latent size now, not on first use."""
         templates = self._templates()
-        for graphs in (self._unet_graphs, self._encode_graphs, self._decode_graphs):
+        for stage, graphs in self._graphs.items():
             for bucket in graphs.buckets:
-                graphs.capture(bucket, templates[graphs.name])
+                graphs.capture(bucket, templates[stage])
                 if progress is not None:
                     progress(f"{graphs.name}[{bucket}]")
 
+    def input_buffers(
+        self, stage: str, bucket: int, like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        graphs = self._graphs.get(stage)
+        if graphs is None or bucket not in graphs.buckets:
+            return None
+        return graphs.capture(bucket, like).inputs
+
     @torch.inference_mode()
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
-        tensors = [batch.latents, batch.timesteps, batch.embeds]
-        if batch.text_embeds is not None and batch.time_ids is not None:
-            tensors += [batch.text_embeds, batch.time_ids]
-        return self._unet_graphs(*tensors)
+        return self._graphs["unet"](dict(batch.tensors()))
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode_graphs(images.to(device=self.device, dtype=self.dtype))
+        return self._graphs["encode"]({"x": images.to(device=self.device, dtype=self.dtype)})
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode_graphs(latents)
+        return self._graphs["decode"]({"x": latents})
 
     @classmethod
     def wrap(cls, bundle: ModelBundle) -> GraphedBundle:

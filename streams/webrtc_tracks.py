@@ -109,7 +109,7 @@ async def forward_video(
             if len(markers) > _MARKER_LIMIT:
                 markers.popitem(last=False)
         try:
-            session.submit(image, pts=frame.pts, time_base=frame.time_base)
+            session.submit(image, pts=frame.pts, time_base=frame.time_base, owned=True)
         except SessionClosedError:
             log.info("session closed; stop reading the remote track")
             return

@@ -217,7 +217,7 @@ class WsConnection:
         pts = max(self._last_pts + 1, int((arrived - self._t0) * 1_000_000))
         self._last_pts = pts
         try:
-            self.session.submit(image, pts=pts, time_base=ws_protocol.PTS_TIME_BASE)
+            self.session.submit(image, pts=pts, time_base=ws_protocol.PTS_TIME_BASE, owned=True)
         except InvalidFrameError as exc:
             await self._refuse_frame(f"frame {index}: {exc}")
             return

@@ -175,7 +175,9 @@ def test_batcher_pads_to_buckets_and_splits_rows() -> None:
         seen.append(batch)
         return batch.latents * 2 + batch.timesteps[:, None, None, None]
 
-    model = SimpleNamespace(device=torch.device("cpu"), predict_noise=predict_noise)
+    model = SimpleNamespace(
+        device=torch.device("cpu"), predict_noise=predict_noise, input_buffers=lambda *_: None
+    )
     batcher = Batcher(model, (1, 2, 4, 8))  # type: ignore[arg-type]
     parts = [
         UNetBatch(
