@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from livediff.engine.batcher import Batcher, resize_rgb
+from livediff.engine.frames import OutputFormat, YuvFrame
 from livediff.engine.metrics import EngineMetrics, StageTimer
 from livediff.engine.scheduler import GroupKey, bucket_for
 from livediff.engine.session import InputFrame, OutputFrame, Session
 from livediff.engine.stream import FrameGroup, Stream
+from livediff.kernels.yuv import rgb_to_i420
 
 if TYPE_CHECKING:
     from livediff.engine.runtime_config import RuntimeConfig
@@ -97,7 +99,13 @@ class BatchRun:
         """
         core = session.core
         stream = core.stream
-        image = core.staging.stage(frame.image) if self.cuda else frame.image
+        image = frame.image
+        if self.cuda and not image.is_pinned():  # a producer may hand over pinned frames
+            image = (
+                image.map(torch.Tensor.pin_memory)
+                if isinstance(image, YuvFrame)
+                else image.pin_memory()
+            )
         group = stream.admit(image, tag=frame)
         core.admitted(frame, group is not None)
         if group is None:
@@ -163,10 +171,11 @@ class BatchRun:
         sizes = [
             (int(e.session.config.height or 0), int(e.session.config.width or 0)) for e in entries
         ]
+        formats = [e.session.output_format for e in entries]
         if key[2]:
-            answers, hosts, rows, padded = self._batched(entries, sizes, timer)
+            answers, hosts, rows, padded = self._batched(entries, sizes, formats, timer)
         else:
-            answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], timer)
+            answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], formats[0], timer)
         computed = Computed(answers, hosts, rows, padded, timer, t_start)
         if self.cuda:
             computed.done = torch.cuda.Event(enable_timing=True)
@@ -174,7 +183,11 @@ class BatchRun:
         return computed
 
     def _batched(
-        self, entries: list[Entry], sizes: list[tuple[int, int]], timer: StageTimer
+        self,
+        entries: list[Entry],
+        sizes: list[tuple[int, int]],
+        formats: list[OutputFormat],
+        timer: StageTimer,
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         latents = iter(self.batcher.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
@@ -184,20 +197,23 @@ class BatchRun:
         eps, call = self.batcher.predict(unet_inputs)
         timer.mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
-        rgbs, hosts = self.batcher.decode_rgb(finished, sizes)
+        rgbs, hosts = self.batcher.decode_frames(finished, sizes, formats)
         timer.mark("decode")
         answers = [e.stream.complete(e.group, rgb) for e, rgb in zip(entries, rgbs, strict=True)]
         return answers, hosts, call.rows, call.padded_rows
 
     def _sequential(
-        self, entry: Entry, size: tuple[int, int], timer: StageTimer
+        self, entry: Entry, size: tuple[int, int], output: OutputFormat, timer: StageTimer
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         answer = entry.stream.run(entry.group)  # steps as separate UNet calls; counted as "unet"
         timer.mark("unet")
         generated = [out.image for out in answer if not out.skipped]
         host = torch.empty(0, dtype=torch.uint8)
         if generated:
-            host = self.batcher.to_host([resize_rgb(torch.stack(generated), size)])[0]
+            frames = resize_rgb(torch.stack(generated), size)
+            if output is OutputFormat.I420:
+                frames = rgb_to_i420(frames)
+            host = self.batcher.to_host([frames])[0]
         rows = entry.stream.batch.unet_rows
         return [answer], [host], rows, bucket_for(rows, self.runtime.batch_buckets)
 

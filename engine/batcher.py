@@ -11,10 +11,8 @@ field over :class:`~livediff.models.unet_batch.UNetBatch`'s per-row fields, what
 Which sessions may be packed together is the scheduler's grouping rule
 (:mod:`livediff.engine.scheduler`).
 
-Outputs go to host memory here too: on CUDA into pinned buffers (reused per shape: a batch's
-host outputs are valid until the next batch of that shape is copied, which the worker only
-starts after the outputs were handed out) with ``non_blocking`` copies, waited for through one
-event by the worker; on CPU they already are host tensors.
+Outputs go to host memory here too: on CUDA into pinned buffers with ``non_blocking`` copies,
+waited for through one event by the worker; on CPU they already are host tensors.
 """
 
 from __future__ import annotations
@@ -25,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from livediff.engine.frames import OutputFormat
 from livediff.engine.scheduler import bucket_for
-from livediff.kernels.postprocess import model_output_to_rgb
+from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch, field_names_in
 
@@ -47,7 +46,6 @@ class Batcher:
         self.bundle = bundle
         self.buckets = tuple(buckets)
         self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
-        self._host: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (name, shape, dtype)
@@ -130,45 +128,54 @@ class Batcher:
         call = PackedCall(rows=rows, padded_rows=padded, sessions=len(batches))
         return self._split(eps, _offsets(counts), counts), call
 
-    def decode_rgb(
-        self, latents: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]
+    def decode_frames(
+        self,
+        latents: Sequence[torch.Tensor],
+        sizes: Sequence[tuple[int, int]],
+        formats: Sequence[OutputFormat],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Finished latents per session → uint8 ``[F_i, H, W, 3]`` per session, on the device and on the host.
+        """Finished latents per session → its frames, on the device and on the host.
 
+        A session's frames are uint8 ``[F_i, H, W, 3]`` RGB, or packed I420 ``[F_i, L]`` when
+        its format says so (converted here, on the device: the host never converts colour).
         ``sizes`` are the (height, width) each session's outputs must have; images rendered
-        smaller (degraded resolution) are resized bilinearly first. Host tensors are valid once
-        the worker's output event has fired (CUDA) or at once (CPU).
+        smaller (degraded resolution) are resized bilinearly first. Host tensors are valid
+        once the worker's output event has fired (CUDA) or at once (CPU).
         """
         packed, offsets = self._pack("decode", latents)
         counts = [int(lat.shape[0]) for lat in latents]
         images = self.bundle.decode(packed)
-        if all(tuple(images.shape[-2:]) == size for size in sizes):
-            rgb = model_output_to_rgb(images.narrow(0, 0, sum(counts)))
-            host = self.to_host([rgb])[0]
-            return self._split(rgb, offsets, counts), self._split(host, offsets, counts)
-        rgbs = [
-            model_output_to_rgb(resize(images.narrow(0, o, c), size))
-            for o, c, size in zip(offsets, counts, sizes, strict=True)
+        if len(set(formats)) == 1 and all(tuple(images.shape[-2:]) == s for s in sizes):
+            frames = _postprocess(images.narrow(0, 0, sum(counts)), formats[0])
+            host = self.to_host([frames])[0]
+            return self._split(frames, offsets, counts), self._split(host, offsets, counts)
+        outs = [
+            _postprocess(resize(images.narrow(0, o, c), size), kind)
+            for o, c, size, kind in zip(offsets, counts, sizes, formats, strict=True)
         ]
-        return rgbs, self.to_host(rgbs)
+        return outs, self.to_host(outs)
 
     def to_host(self, rgbs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Start copying each tensor to host memory; on CUDA valid only once the worker's event fired.
 
-        On CUDA the pinned buffers are reused per (position, shape): the outputs of a batch are
-        read (handed out as arrays) before the next batch's copies are issued.
+        Each batch gets new pinned buffers: its outputs live on in outboxes, encoders and the
+        similarity filter's last image, so they must never be overwritten. PyTorch's caching
+        host allocator hands back freed blocks, so this costs no driver call once warm.
         """
         if self.bundle.device.type != "cuda":
             return [rgb.cpu() for rgb in rgbs]
         hosts = []
-        for index, rgb in enumerate(rgbs):
-            key = (index, tuple(rgb.shape))
-            host = self._host.get(key)
-            if host is None:
-                host = self._host[key] = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
+        for rgb in rgbs:
+            host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
             host.copy_(rgb, non_blocking=True)
             hosts.append(host)
         return hosts
+
+
+def _postprocess(images: torch.Tensor, output: OutputFormat) -> torch.Tensor:
+    if output is OutputFormat.I420:
+        return model_output_to_i420(images)
+    return model_output_to_rgb(images)
 
 
 def _first(values: Sequence[torch.Tensor | None]) -> torch.Tensor:

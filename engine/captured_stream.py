@@ -2,7 +2,8 @@
 
 upload → preprocess → encode → Stream Batch UNet (with RCFG) → scheduler step → decode →
 postprocess all replay as one graph over static buffers: the input frame is copied into a
-static uint8 buffer, the graph replays, and the output is the static uint8 result. There is no
+static uint8 buffer (RGB, or the three I420 planes of a :class:`YuvFrame`: the conversion is
+part of the graph), the graph replays, and the output is the static uint8 result. There is no
 host sync in the step; the caller syncs once, when it needs the pixels (``StreamOutput.image``
 is a device tensor; an event-based wait is left to the consumer).
 
@@ -23,12 +24,12 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode
-from livediff.engine.frames import StreamOutput, fit_crop
+from livediff.engine.frames import InputImage, StreamOutput, YuvFrame, fit_crop, frame_size
 from livediff.engine.stream import FrameGroup, Stream
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import BackendError
 from livediff.kernels.postprocess import model_output_to_rgb
-from livediff.kernels.preprocess import rgb_to_model_input
+from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
 
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
@@ -37,13 +38,18 @@ WARMUP_ITERATIONS = 3
 class _FrameGraph:
     """The captured step for one input size (and one StreamBatch)."""
 
-    def __init__(self, stream: Stream, height: int, width: int) -> None:
+    def __init__(self, stream: Stream, height: int, width: int, yuv: bool) -> None:
         self.stream = stream
         self.batch: StreamBatch = stream.batch
         frames = stream.config.frame_buffer_size
         device = stream.bundle.device
         self.crop = fit_crop(height, width, stream.height, stream.width, stream.config.fit)
-        self.frames_in = torch.zeros(frames, height, width, 3, dtype=torch.uint8, device=device)
+        ch, cw = (height + 1) // 2, (width + 1) // 2
+        shapes = [(height, width), (ch, cw), (ch, cw)] if yuv else [(height, width, 3)]
+        # The static inputs: one uint8 RGB buffer, or the three I420 planes.
+        self.frames_in = [
+            torch.zeros(frames, *shape, dtype=torch.uint8, device=device) for shape in shapes
+        ]
         self.latent_shape = (frames, 4, *stream.latent_size)
         self._capture()
 
@@ -53,9 +59,11 @@ class _FrameGraph:
             x0 = torch.zeros(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
             first = torch.randn(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
         else:
-            pixels = rgb_to_model_input(
-                self.frames_in, stream.height, stream.width, self.crop, bundle.dtype
-            )
+            size = (stream.height, stream.width, self.crop, bundle.dtype)
+            if len(self.frames_in) == 3:
+                pixels = i420_to_model_input(*self.frames_in, *size)
+            else:
+                pixels = rgb_to_model_input(self.frames_in[0], *size)
             x0, first = bundle.encode(pixels), None
         eps = bundle.predict_noise(self.batch.begin(x0, first))
         return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
@@ -75,8 +83,12 @@ class _FrameGraph:
             self.frames_out = self._body()
         self.batch.reset()  # warm-up frames must not linger in the latent buffer
 
-    def replay(self, frames: torch.Tensor) -> torch.Tensor:
-        self.frames_in.copy_(frames, non_blocking=True)
+    def replay(self, images: list[InputImage]) -> torch.Tensor:
+        """Copy the group's frames (RGB tensors or YUV planes, host or device) in and replay."""
+        for k, image in enumerate(images):
+            planes = image.planes() if isinstance(image, YuvFrame) else (image,)
+            for static, plane in zip(self.frames_in, planes, strict=True):
+                static[k].copy_(plane, non_blocking=True)
         self.graph.replay()
         return self.frames_out
 
@@ -92,18 +104,24 @@ class CapturedStream(Stream):
             )
         if not self.config.use_denoising_batch:
             raise BackendError("the captured frame step needs use_denoising_batch=True")
-        self._graphs: dict[tuple[int, int], _FrameGraph] = {}
+        self._graphs: dict[tuple[int, int, bool], _FrameGraph] = {}
 
-    def graph_for(self, height: int, width: int) -> _FrameGraph:
-        """The captured step for this input size, capturing it on first use."""
-        captured = self._graphs.get((height, width))
+    def graph_for(self, height: int, width: int, yuv: bool = False) -> _FrameGraph:
+        """The captured step for this input size and kind, capturing it on first use."""
+        key = (height, width, yuv)
+        captured = self._graphs.get(key)
         if captured is None or captured.batch is not self.batch:
             if captured is not None:
                 self._graphs.clear()  # the step count changed: every graph read the old buffers
+            kind = "I420" if yuv else "RGB"
             log.info(
-                "[%s] capturing the frame step for %dx%d input", self.session_id, width, height
+                "[%s] capturing the frame step for %dx%d %s input",
+                self.session_id,
+                width,
+                height,
+                kind,
             )
-            captured = self._graphs[(height, width)] = _FrameGraph(self, height, width)
+            captured = self._graphs[key] = _FrameGraph(self, height, width, yuv)
         return captured
 
     def run(self, group: FrameGroup) -> list[StreamOutput]:
@@ -111,10 +129,10 @@ class CapturedStream(Stream):
         if skipped is not None:
             return skipped
         first = group.images[0]
-        if any(image.shape != first.shape for image in group.images):
+        kinds = {(frame_size(image), isinstance(image, YuvFrame)) for image in group.images}
+        if len(kinds) > 1:
             return super().run(group)  # mixed sizes inside one group: the eager path handles them
-        frames = torch.stack(
-            [image.to(self.bundle.device, non_blocking=True) for image in group.images]
-        )
-        rgb = self.graph_for(int(first.shape[0]), int(first.shape[1])).replay(frames).clone()
+        height, width = frame_size(first)
+        graph = self.graph_for(height, width, isinstance(first, YuvFrame))
+        rgb = graph.replay(group.images).clone()
         return self.complete(group, rgb)

@@ -7,13 +7,19 @@ to the model resolution by :class:`~livediff.engine.config.FitMode`:
 - ``crop`` (default): the largest centred region with the target's aspect ratio, resized.
 - ``resize``: the whole frame, stretched to the target.
 
-Resizing is bilinear (see :mod:`livediff.kernels.preprocess`). Output frames are ``uint8``
-RGB at the model resolution, on the model's device.
+A frame may also arrive as YUV 4:2:0 planes, the way video decoders hand it out
+(:class:`YuvFrame`, BT.601 limited range): its planes go to the device as they are and a kernel
+converts them there, so the host never converts colour. Resizing is bilinear (see
+:mod:`livediff.kernels.preprocess`). Output frames are ``uint8`` RGB at the model resolution,
+on the model's device; sessions that feed video encoders may ask for packed I420 instead
+(:class:`OutputFormat`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,71 @@ from livediff.kernels.preprocess import Crop
 
 MAX_FRAME_SIDE = 8192
 _FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+class OutputFormat(str, Enum):
+    """What a session's outputs hold: ``rgb`` ``[H, W, 3]`` uint8, or ``i420``: the packed
+    ``[H*W + 2*ceil(H/2)*ceil(W/2)]`` uint8 planes a video encoder takes
+    (:func:`livediff.kernels.yuv.split_i420` gives plane views), converted on the device."""
+
+    RGB = "rgb"
+    I420 = "i420"
+
+
+@dataclass(frozen=True)
+class YuvFrame:
+    """One frame as I420 planes (uint8 tensors, host or device): ``y [H, W]``,
+    ``u``/``v [ceil(H/2), ceil(W/2)]``, BT.601 limited range (what decoders produce)."""
+
+    y: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width), like the first two dimensions of an RGB frame."""
+        return int(self.y.shape[0]), int(self.y.shape[1])
+
+    def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.y, self.u, self.v
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> YuvFrame:
+        """The same frame with ``fn`` applied to each plane (pinning, moving to a device)."""
+        return YuvFrame(fn(self.y), fn(self.u), fn(self.v))
+
+    def is_pinned(self) -> bool:
+        return all(plane.is_pinned() for plane in self.planes())
+
+
+InputImage = torch.Tensor | YuvFrame  # what a Stream holds per input frame
+
+
+def as_input_frame(frame: Any) -> InputImage:
+    """Check a frame (RGB array or tensor, or :class:`YuvFrame`) and return it ready to queue."""
+    if not isinstance(frame, YuvFrame):
+        return as_uint8_frame(frame)
+    height, width = frame.shape
+    if frame.y.ndim != 2 or height == 0 or width == 0:
+        raise FrameShapeError(f"a YUV frame's y plane must be [H, W], got {tuple(frame.y.shape)}")
+    if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
+        raise FrameShapeError(
+            f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side"
+        )
+    chroma = ((height + 1) // 2, (width + 1) // 2)
+    for name, plane in (("u", frame.u), ("v", frame.v)):
+        if tuple(plane.shape) != chroma:
+            raise FrameShapeError(
+                f"a YUV frame of {width}×{height} needs {name} planes of {chroma[1]}×{chroma[0]}, "
+                f"got {tuple(plane.shape)}"
+            )
+    if any(plane.dtype != torch.uint8 for plane in frame.planes()):
+        raise FrameDtypeError("YUV planes must be uint8")
+    return frame
+
+
+def frame_size(image: InputImage) -> tuple[int, int]:
+    """(height, width) of an RGB tensor or a :class:`YuvFrame`."""
+    return (int(image.shape[0]), int(image.shape[1]))
 
 
 def as_uint8_frame(frame: Any) -> torch.Tensor:
@@ -102,32 +173,3 @@ class StreamOutput:
 
     def numpy(self) -> np.ndarray:
         return self.image.cpu().numpy()
-
-
-class PinnedRing:
-    """Reusable page-locked (pinned) host buffers, so frames upload with ``non_blocking`` copies.
-
-    :meth:`stage` copies a frame into the next buffer of its shape and returns it. Allocating
-    pinned memory is slow (a driver call), so buffers are made once per shape and reused in
-    turn: ``depth`` of them per shape. A buffer is written again ``depth`` stages later; with
-    ``depth = 3 * frame_buffer_size`` the worker has waited for the batch that read it by then
-    (a frame group holds ``frame_buffer_size`` frames and at most one more batch is in flight
-    with overlap on). Worker thread only.
-    """
-
-    def __init__(self, depth: int, *, pin: bool = True) -> None:
-        self.depth = depth
-        self._pin = pin  # False only where no accelerator exists (tests of the ring itself)
-        self._buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._next: dict[tuple[int, ...], int] = {}
-
-    def stage(self, frame: torch.Tensor) -> torch.Tensor:
-        key = tuple(frame.shape)
-        ring = self._buffers.setdefault(key, [])
-        index = self._next.get(key, 0)
-        if index == len(ring) and len(ring) < self.depth:
-            ring.append(torch.empty(frame.shape, dtype=frame.dtype, pin_memory=self._pin))
-        buffer = ring[index % len(ring)]
-        self._next[key] = (index + 1) % self.depth
-        buffer.copy_(frame)
-        return buffer

@@ -37,6 +37,7 @@ import torch
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.control import Plan, SwapStream, build_plan, replan
 from livediff.engine.degrade import DegradeLevel, DegradePolicy
+from livediff.engine.frames import OutputFormat
 from livediff.engine.metrics import EngineMetrics, FrameCounts
 from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
@@ -172,8 +173,12 @@ class Engine:
         *,
         session_id: str | None = None,
         config: StreamConfig | None = None,
+        output: OutputFormat = OutputFormat.RGB,
     ) -> Session:
         """A new session with ``params`` over the engine's defaults (and optionally its own ``config``).
+
+        ``output`` chooses what its outputs hold: RGB arrays, or packed I420 frames converted
+        on the device for callers that feed a video encoder.
 
         Raises ``ParameterError`` for unknown or bad parameters or a duplicate ``session_id``, and
         ``CapacityError`` at ``max_sessions`` or while degraded to refusing sessions. The Stream is
@@ -239,6 +244,7 @@ class Engine:
             on_close=self._closed,
             post=self._post,
             degrade_state=self._degrade_state,
+            output_format=OutputFormat(output),
         )
         self._sessions[sid] = session
         self._track_fullness()

@@ -37,7 +37,7 @@ import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.control import ControlItem, Plan
-from livediff.engine.frames import PinnedRing, as_uint8_frame
+from livediff.engine.frames import InputImage, OutputFormat, YuvFrame, as_input_frame
 from livediff.engine.metrics import EngineMetrics, SessionMetrics
 from livediff.engine.stream import Stream
 from livediff.exceptions import SessionClosedError
@@ -53,7 +53,9 @@ class OutputFrame:
     """One output, and the input frame it answers.
 
     ``image`` is uint8 ``H × W × 3`` RGB in host memory at the session's resolution, read-only
-    (a skipped frame shares the previous output's array). ``index`` counts the session's
+    (a skipped frame shares the previous output's array); for a session opened with
+    ``output=OutputFormat.I420`` it is the packed I420 frame ``[H*W + 2*ceil(H/2)*ceil(W/2)]``
+    instead (:func:`livediff.kernels.yuv.split_i420`). ``index`` counts the session's
     submitted frames from 0. ``skipped`` marks a similarity-filter skip (the previous output
     again). ``render_size`` is the (width, height) actually generated: smaller than the image
     while the engine is degraded to a lower resolution. ``compute_ms`` is the device time of
@@ -96,7 +98,7 @@ class DroppedFrame:
 class InputFrame:
     """A submitted frame on its way through the engine."""
 
-    image: torch.Tensor  # uint8 [H, W, 3], host memory, owned by the engine
+    image: InputImage  # uint8 [H, W, 3] or I420 planes, host memory, owned by the engine
     index: int
     pts: int | None
     time_base: Fraction | None
@@ -129,15 +131,13 @@ class SessionCore:
         self.suspended = False  # its Stream was lost to a fault; a new one is on its way
         self.oom_strikes = 0  # out-of-memory batches in a row
         self.last_image: np.ndarray | None = None
-        # Page-locked copies of its frames, for async uploads: three frame groups' worth.
-        self.staging = PinnedRing(3 * plan.stream.config.frame_buffer_size)
         # Control thread only:
         self.plan = plan
 
     # ------------------------------------------------------------------ event loop side
     def push(
         self,
-        image: torch.Tensor,
+        image: InputImage,
         pts: int | None,
         time_base: Fraction | None,
         now: float,
@@ -319,8 +319,12 @@ class Session:
         on_close: Callable[[Session], None],
         post: Callable[[Callable[[], None]], None] | None = None,
         degrade_state: Callable[[], dict[str, Any]] | None = None,
+        output_format: OutputFormat = OutputFormat.RGB,
     ) -> None:
         self.id = core.id
+        self.output_format = output_format  # what OutputFrame.image holds
+        # Producers that decode frames themselves may put them in page-locked memory (CUDA).
+        self.pin_inputs = core.stream.bundle.device.type == "cuda"
         self._degrade_state = degrade_state
         self.config = config
         self.core = core
@@ -357,13 +361,14 @@ class Session:
     # ------------------------------------------------------------------ frames
     def submit(
         self,
-        image: np.ndarray,
+        image: np.ndarray | torch.Tensor | YuvFrame,
         *,
         pts: int | None = None,
         time_base: Fraction | None = None,
         owned: bool = False,
     ) -> None:
-        """Queue one RGB frame (uint8 ``H × W × 3``, any size; float in [0, 1] is accepted too).
+        """Queue one RGB frame (uint8 ``H × W × 3``, any size; float in [0, 1] is accepted too),
+        or one :class:`~livediff.engine.frames.YuvFrame` (I420 planes, converted on the device).
 
         Never blocks. The frame is checked here (an ``InvalidFrameError`` subclass says what is
         wrong) and copied, so the caller may reuse its buffer — unless ``owned``: the caller
@@ -374,9 +379,12 @@ class Session:
         """
         if self.closed:
             raise self._closed_error()
-        frame = as_uint8_frame(image)
-        if not owned and isinstance(image, np.ndarray) and frame.dtype == torch.uint8:
-            frame = frame.clone()  # from_numpy shares the caller's memory
+        frame = as_input_frame(image)
+        if not owned:  # the caller may reuse its buffer: keep a copy
+            if isinstance(frame, YuvFrame):
+                frame = frame.map(torch.clone)
+            elif isinstance(image, np.ndarray) and frame.dtype == torch.uint8:
+                frame = frame.clone()  # from_numpy shares the caller's memory
         now = self._clock()
         try:
             dropped, depth = self.core.push(

@@ -24,13 +24,20 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
-from livediff.engine.frames import StreamOutput, as_uint8_frame, fit_crop
+from livediff.engine.frames import (
+    InputImage,
+    StreamOutput,
+    YuvFrame,
+    as_input_frame,
+    fit_crop,
+    frame_size,
+)
 from livediff.engine.schedule import LCMSchedule, StepCoefficients
 from livediff.engine.similarity import SimilarityFilter, similarity_signal
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError
 from livediff.kernels.postprocess import model_output_to_rgb
-from livediff.kernels.preprocess import rgb_to_model_input
+from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
 from livediff.models.bundle import ModelBundle
 from livediff.models.prompts import PromptEncoder
 from livediff.models.unet_batch import Conditioning, UNetBatch
@@ -43,6 +50,11 @@ _SCHEDULE_FIELDS = ("steps", "strength", "t_index_list")
 _TXT2IMG_PLACEHOLDER = torch.zeros(1, 1, 3, dtype=torch.uint8)
 
 
+def _luma_or_rgb(image: InputImage) -> torch.Tensor:
+    """What the similarity filter compares: the RGB frame, or a YUV frame's luma plane."""
+    return image.y if isinstance(image, YuvFrame) else image
+
+
 @dataclass(frozen=True)
 class FrameGroup:
     """``frame_buffer_size`` frames that go through the model together, with their indices and tags.
@@ -50,7 +62,7 @@ class FrameGroup:
     An index of -1 marks a filler frame (padding or draining) whose output is never emitted.
     """
 
-    images: list[torch.Tensor]
+    images: list[InputImage]
     indices: list[int]
     tags: list[Any]
     emit: bool = True
@@ -239,11 +251,11 @@ class Stream:
     def admit(self, frame: Any = None, tag: Any = None) -> FrameGroup | None:
         """Validate a frame and add it to the current group; returns the group once it is full."""
         if self.config.mode is GenerationMode.TXT2IMG:
-            image = _TXT2IMG_PLACEHOLDER if frame is None else as_uint8_frame(frame)
+            image = _TXT2IMG_PLACEHOLDER if frame is None else as_input_frame(frame)
         elif frame is None:
             raise ParameterError("img2img needs an input frame")
         else:
-            image = as_uint8_frame(frame)
+            image = as_input_frame(frame)
         self._pending.append((image, self._frames_in, tag))
         self._frames_in += 1
         if len(self._pending) < self.config.frame_buffer_size:
@@ -255,7 +267,9 @@ class Stream:
         """The previous outputs again if the similarity filter skips this group, else ``None``."""
         if not group.emit or not self.filter.enabled or self.config.mode is GenerationMode.TXT2IMG:
             return None
-        signals = [torch.as_tensor(similarity_signal(image)) for image in group.images]
+        signals = [
+            torch.as_tensor(similarity_signal(_luma_or_rgb(image))) for image in group.images
+        ]
         signal = signals[0] if len(signals) == 1 else torch.cat(signals)
         if not self.filter.should_skip(signal, can_skip=bool(self._last_output)):
             return None
@@ -271,13 +285,14 @@ class Stream:
             return None
         device, pixels = self.bundle.device, []
         for image in group.images:
-            crop = fit_crop(
-                int(image.shape[0]), int(image.shape[1]), self.height, self.width, self.config.fit
-            )
-            frame = image.to(device, non_blocking=True).unsqueeze(0)
-            pixels.append(
-                rgb_to_model_input(frame, self.height, self.width, crop, self.bundle.dtype)
-            )
+            crop = fit_crop(*frame_size(image), self.height, self.width, self.config.fit)
+            size = (self.height, self.width, crop, self.bundle.dtype)
+            if isinstance(image, YuvFrame):  # planes upload as they are; the kernel converts
+                y, u, v = (p.to(device, non_blocking=True).unsqueeze(0) for p in image.planes())
+                pixels.append(i420_to_model_input(y, u, v, *size))
+            else:
+                frame = image.to(device, non_blocking=True).unsqueeze(0)
+                pixels.append(rgb_to_model_input(frame, *size))
         return pixels[0] if len(pixels) == 1 else torch.cat(pixels)
 
     def _latents(

@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from livediff.engine.frames import OutputFormat
 from livediff.exceptions import CapacityError, OfferError, ParameterError, ProtocolError
 from livediff.streams import app_keys
 from livediff.streams.control import session_params, wire_params
@@ -115,7 +116,7 @@ async def handle_offer(request: web.Request) -> web.Response:
         return busy("capacity", f"the server has {config.max_connections} connections, its limit")
     engine = app[app_keys.ENGINE]
     try:
-        session = await engine.open_session(params)
+        session = await engine.open_session(params, output=OutputFormat.I420)  # for the encoder
     except ParameterError as exc:
         return reject(400, "params", str(exc))
     except CapacityError as exc:

@@ -6,7 +6,12 @@ them). :class:`SessionVideoTrack` is what the peer sends back: each ``recv()`` a
 session's next output and keeps the ``pts``/``time_base`` of the input it answers, so RTP
 timestamps on the way out match the ones that came in.
 
-Pixel-format conversion runs in the default executor; the event loop only moves references.
+Video stays YUV on the host: decoded ``yuv420p`` frames go into the session as their three
+planes (one copy, into page-locked memory when the engine runs on CUDA) and the engine
+converts them on the device; the session answers packed I420 frames (converted on the device
+too) that become ``yuv420p`` video frames for the encoder without a colour conversion on the
+CPU. Frames in any other pixel format are converted to RGB as before. Plane copies run in the
+default executor; the event loop only moves references.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import Any
 
 import av
 import numpy as np
+import torch
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from livediff.engine.frames import YuvFrame
 from livediff.exceptions import InvalidFrameError, SessionClosedError
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import read_marker, stamp_marker
@@ -60,7 +67,8 @@ class SessionVideoTrack(MediaStreamTrack):
             raise MediaStreamError from None
         marker = None if self._markers is None else self._markers.pop(out.pts, None)
         loop = asyncio.get_running_loop()
-        frame = await loop.run_in_executor(None, _to_video_frame, out.image, marker)
+        size = (int(self._session.config.width), int(self._session.config.height))
+        frame = await loop.run_in_executor(None, _to_video_frame, out.image, marker, size)
         frame.pts, frame.time_base = out.pts, out.time_base
         latency = self._flow.frame_out(out.pts)
         if self._on_output is not None:
@@ -68,16 +76,46 @@ class SessionVideoTrack(MediaStreamTrack):
         return frame
 
 
-def _to_video_frame(image: np.ndarray, marker: int | None) -> av.VideoFrame:
+def _to_video_frame(image: np.ndarray, marker: int | None, size: tuple[int, int]) -> av.VideoFrame:
+    """An output (uint8 RGB ``[H, W, 3]``, or packed I420 of ``size`` = (width, height)) as a
+    video frame for the encoder; the latency marker goes into a copy (skips share buffers)."""
+    if image.ndim == 1:  # packed I420 from the device
+        width, height = size
+        if marker is not None:
+            image = image.copy()
+            stamp_marker(image[: width * height].reshape(height, width), marker)
+        return av.VideoFrame.from_ndarray(image.reshape(height * 3 // 2, width), format="yuv420p")
     if marker is not None:
-        image = image.copy()  # the engine may send the same buffer again (skipped frames)
+        image = image.copy()
         stamp_marker(image, marker)
     return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
 
 
-def _to_rgb(frame: av.VideoFrame, want_marker: bool) -> tuple[np.ndarray, int | None]:
-    image = frame.to_ndarray(format="rgb24")
-    return image, read_marker(image) if want_marker else None
+def _plane(plane: Any, height: int, width: int, pinned: bool) -> torch.Tensor:
+    """One decoder plane (rows padded to ``line_size``) copied into a tight uint8 tensor."""
+    rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width]
+    tensor = torch.empty((height, width), dtype=torch.uint8, pin_memory=pinned)
+    tensor.numpy()[:] = rows
+    return tensor
+
+
+def _to_input(
+    frame: av.VideoFrame, want_marker: bool, pinned: bool
+) -> tuple[YuvFrame | np.ndarray, int | None]:
+    """A decoded frame as the engine takes it: its I420 planes when it is ``yuv420p`` (the
+    usual case: VP8 and H.264 decoders), else RGB; and the latency marker it carries."""
+    if frame.format.name != "yuv420p":
+        image = frame.to_ndarray(format="rgb24")
+        return image, read_marker(image) if want_marker else None
+    height, width = frame.height, frame.width
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    y_plane, u_plane, v_plane = frame.planes
+    yuv = YuvFrame(
+        _plane(y_plane, height, width, pinned),
+        _plane(u_plane, ch, cw, pinned),
+        _plane(v_plane, ch, cw, pinned),
+    )
+    return yuv, read_marker(yuv.y.numpy()) if want_marker else None
 
 
 async def forward_video(
@@ -91,6 +129,7 @@ async def forward_video(
 ) -> None:
     """Submit every frame of ``track`` to ``session`` until either ends. Bad frames are logged and skipped."""
     loop = asyncio.get_running_loop()
+    pinned = bool(getattr(session, "pin_inputs", False))
     while True:
         try:
             frame = await track.recv()
@@ -100,7 +139,9 @@ async def forward_video(
         arrived = time.perf_counter()
         if not isinstance(frame, av.VideoFrame):
             continue
-        image, marker = await loop.run_in_executor(None, _to_rgb, frame, markers is not None)
+        image, marker = await loop.run_in_executor(
+            None, _to_input, frame, markers is not None, pinned
+        )
         flow.frame_in(frame.pts, arrived)
         if on_input is not None:
             on_input()
