@@ -4,13 +4,22 @@ The file goes through the same :class:`~livediff.engine.stream.Stream` a live se
 Each input frame carries its timestamp as the stream's tag, so each output frame gets the
 timestamp of the input it answers, and the Stream Batch delay (``steps - 1`` frames) is
 compensated: the output has as many frames as the input, at the same times.
+
+Decoding, the model and encoding overlap (:func:`transform`): a thread decodes ahead, the
+main thread runs the model, a thread encodes behind. Frames stay YUV on the host: the decoder's
+``yuv420p`` planes go to the device as they are, and on CUDA the outputs come back as I420
+(converted on the device) for the encoder, so the CPU converts no colour.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import queue
+import threading
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +113,12 @@ def run_command(args: argparse.Namespace) -> int:
     _check_paths(Path(args.input), Path(args.output))
     mode = AudioMode(args.audio)
 
-    with FileSource(args.input, read_audio=mode is not AudioMode.DROP) as source:
+    import torch
+
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    with FileSource(
+        args.input, read_audio=mode is not AudioMode.DROP, yuv=True, pinned=cuda
+    ) as source:
         audio = plan_audio(output_format, source.audio_stream, mode)
         if args.prompt is None and "prompt" not in config.get("params", {}):
             log.warning("no --prompt given: generating with an empty prompt")
@@ -133,25 +147,114 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+QUEUE_DEPTH = 8  # frames decoded ahead of the model and waiting for the encoder
+
+
 def transform(source: FileSource, stream: Stream, sink: FileSink) -> None:
-    """Feed every video frame of ``source`` through ``stream`` into ``sink``; audio goes straight through."""
+    """Feed every video frame of ``source`` through ``stream`` into ``sink``; audio goes straight
+    through, in order. Decoding and encoding run on their own threads, bounded queues between
+    them, so the three overlap; an error in either thread ends the run with that error.
+    """
     from livediff.streams.media import VideoFrame
+
+    decoded: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+    encoding: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    to_i420 = stream.bundle.device.type == "cuda"  # the CPU path lets FFmpeg convert instead
+
+    def decode() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        decoded.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            with contextlib.suppress(queue.Full):  # nobody reads any more once stopped
+                decoded.put(_END, timeout=1.0)
+
+    def encode() -> None:
+        try:
+            while (item := encoding.get()) is not _END:
+                if isinstance(item, _Pending):
+                    item = item.ready()
+                sink.write(item)
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+            while encoding.get() is not _END:  # let the model thread finish putting
+                pass
 
     def write(outputs: list[StreamOutput]) -> None:
         for output in outputs:
-            sink.write(VideoFrame(output.numpy(), output.tag, output.index))
+            encoding.put(_Pending.of(output, to_i420, VideoFrame))
 
+    reader = threading.Thread(target=decode, name="livediff-decode", daemon=True)
+    writer = threading.Thread(target=encode, name="livediff-encode", daemon=True)
+    reader.start()
+    writer.start()
     # disable=None: a bar on a terminal, nothing in logs and pipes.
-    with tqdm(
-        total=source.video.expected_frames, unit="frame", desc=source.path.name, disable=None
-    ) as progress:
-        for item in source:
-            if isinstance(item, VideoFrame):
-                write(stream.process(item.image, tag=item.time))
-                progress.update(1)
-            else:
-                sink.write(item)
-        write(stream.flush())
+    try:
+        with tqdm(
+            total=source.video.expected_frames, unit="frame", desc=source.path.name, disable=None
+        ) as progress:
+            while not stop.is_set() and (item := decoded.get()) is not _END:
+                if isinstance(item, VideoFrame):
+                    write(stream.process(item.image, tag=item.time))
+                    progress.update(1)
+                else:
+                    encoding.put(item)
+            if not stop.is_set() and not failures:
+                write(stream.flush())
+    finally:
+        stop.set()
+        encoding.put(_END)
+        writer.join()
+        reader.join(timeout=5)
+    if failures:
+        raise failures[0]
+
+
+_END = object()  # end of a queue
+
+
+@dataclass
+class _Pending:
+    """An output on its way to the host: an asynchronous copy and the event that ends it."""
+
+    frame: Any  # the VideoFrame type, with a tensor image until ready()
+    done: Any
+
+    @classmethod
+    def of(cls, output: StreamOutput, to_i420: bool, frame_type: Any) -> _Pending:
+        import torch
+
+        from livediff.kernels.yuv import rgb_to_i420
+
+        image = output.image
+        if not to_i420:
+            return cls(frame_type(image.cpu().numpy(), output.tag, output.index), None)
+        packed = rgb_to_i420(image.unsqueeze(0))[0]  # on the device
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(frame_type(host, output.tag, output.index), done)
+
+    def ready(self) -> Any:
+        """Wait for the copy (encoder thread) and give the frame with a numpy image."""
+        if self.done is None:
+            return self.frame
+        self.done.synchronize()
+        frame = self.frame
+        return type(frame)(frame.image.numpy(), frame.time, frame.index)
 
 
 def _check_paths(input_path: Path, output_path: Path) -> None:

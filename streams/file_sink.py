@@ -294,10 +294,15 @@ class FileSink(ClosesOnExit):
 
     def _write_video(self, item: VideoFrame) -> None:
         image = item.image
-        if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
+        packed = (self.height * self.width * 3 // 2,)  # a packed I420 frame (even sizes)
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or (image.shape != (self.height, self.width, 3) and image.shape != packed)
+        ):
             raise MediaError(
-                f"{self.path}: a {image.dtype} frame of shape {image.shape} does not fit the "
-                f"output: uint8 ({self.height}, {self.width}, 3)"
+                f"{self.path}: a frame of shape {getattr(image, 'shape', '?')} does not fit the "
+                f"output: uint8 ({self.height}, {self.width}, 3) RGB or {packed} packed I420"
             )
         pts = item.time.pts
         if self._last_pts is not None and pts <= self._last_pts:
@@ -310,7 +315,12 @@ class FileSink(ClosesOnExit):
             )
             pts = self._last_pts + 1
         self._last_pts = pts
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        if image.ndim == 1:  # I420 from the device: no colour conversion on the way out
+            frame = av.VideoFrame.from_ndarray(
+                image.reshape(self.height * 3 // 2, self.width), format="yuv420p"
+            )
+        else:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts, frame.time_base = pts, item.time.time_base
         self._container.mux(self._video.encode(frame))
         self.frames_written += 1

@@ -25,7 +25,7 @@ import av
 from livediff.exceptions import MediaError
 from livediff.streams.closing import ClosesOnExit
 
-from .media import AudioPacket, MediaTime, VideoFrame
+from .media import AudioPacket, MediaTime, VideoFrame, yuv_frame_of
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,21 @@ class FileSource(ClosesOnExit):
     """A media file to iterate once; see the module docstring.
 
     ``read_audio=False`` skips the audio packets (``audio`` still describes the stream).
+    ``yuv=True`` yields ``yuv420p`` pictures as their planes (:class:`YuvFrame`, page-locked
+    with ``pinned``) instead of converting them to RGB on the CPU.
     ``close()`` is idempotent; the source is also a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_audio: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_audio: bool = True,
+        yuv: bool = False,
+        pinned: bool = False,
+    ) -> None:
         self.path = Path(path)
+        self._yuv, self._pinned = yuv, pinned
         self._container = _open_input(self.path)
         try:
             if not self._container.streams.video:
@@ -116,7 +126,9 @@ class FileSource(ClosesOnExit):
                 for frame in packet.decode():
                     pts = _frame_pts(frame.pts, index, self.video, last_pts)
                     last_pts = pts
-                    image = frame.to_ndarray(format="rgb24")
+                    image = yuv_frame_of(frame, pinned=self._pinned) if self._yuv else None
+                    if image is None:
+                        image = frame.to_ndarray(format="rgb24")
                     yield VideoFrame(image, MediaTime(pts, self.video.time_base), index)
                     index += 1
         except av.FFmpegError as exc:

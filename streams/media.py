@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+
+from livediff.engine.frames import YuvFrame
 
 if TYPE_CHECKING:
     import av
@@ -31,9 +34,11 @@ class MediaTime:
 
 @dataclass(frozen=True, eq=False)
 class VideoFrame:
-    """One decoded picture: ``image`` is uint8 RGB ``[H, W, 3]``; ``index`` counts frames from 0."""
+    """One picture: ``image`` is uint8 RGB ``[H, W, 3]``, or (from sources asked for YUV) a
+    :class:`~livediff.engine.frames.YuvFrame`, or (to sinks) a packed I420 frame ``[L]``;
+    ``index`` counts frames from 0."""
 
-    image: np.ndarray = field(repr=False)
+    image: np.ndarray | YuvFrame = field(repr=False)
     time: MediaTime
     index: int = 0
 
@@ -44,6 +49,27 @@ class VideoFrame:
     @property
     def height(self) -> int:
         return int(self.image.shape[0])
+
+
+def yuv_frame_of(frame: av.VideoFrame, *, pinned: bool = False) -> YuvFrame | None:
+    """A decoded ``yuv420p`` frame as its three planes, copied once into tight uint8 tensors
+    (page-locked with ``pinned``, for asynchronous uploads); ``None`` for other pixel formats."""
+    if frame.format.name != "yuv420p":
+        return None
+    height, width = frame.height, frame.width
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    y, u, v = frame.planes
+    return YuvFrame(
+        _plane(y, height, width, pinned), _plane(u, ch, cw, pinned), _plane(v, ch, cw, pinned)
+    )
+
+
+def _plane(plane: Any, height: int, width: int, pinned: bool) -> torch.Tensor:
+    """One decoder plane (rows padded to ``line_size``) copied into a tight uint8 tensor."""
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(-1, plane.line_size)[:height, :width]
+    tensor = torch.empty((height, width), dtype=torch.uint8, pin_memory=pinned)
+    tensor.numpy()[:] = rows
+    return tensor
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,13 +25,13 @@ from typing import Any
 
 import av
 import numpy as np
-import torch
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from livediff.engine.frames import YuvFrame
 from livediff.exceptions import InvalidFrameError, SessionClosedError
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import read_marker, stamp_marker
+from livediff.streams.media import yuv_frame_of
 
 MarkerMap = OrderedDict  # pts -> latency-marker value, bounded by the writer
 _MARKER_LIMIT = 256
@@ -91,30 +91,15 @@ def _to_video_frame(image: np.ndarray, marker: int | None, size: tuple[int, int]
     return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
 
 
-def _plane(plane: Any, height: int, width: int, pinned: bool) -> torch.Tensor:
-    """One decoder plane (rows padded to ``line_size``) copied into a tight uint8 tensor."""
-    rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width]
-    tensor = torch.empty((height, width), dtype=torch.uint8, pin_memory=pinned)
-    tensor.numpy()[:] = rows
-    return tensor
-
-
 def _to_input(
     frame: av.VideoFrame, want_marker: bool, pinned: bool
 ) -> tuple[YuvFrame | np.ndarray, int | None]:
     """A decoded frame as the engine takes it: its I420 planes when it is ``yuv420p`` (the
     usual case: VP8 and H.264 decoders), else RGB; and the latency marker it carries."""
-    if frame.format.name != "yuv420p":
+    yuv = yuv_frame_of(frame, pinned=pinned)
+    if yuv is None:
         image = frame.to_ndarray(format="rgb24")
         return image, read_marker(image) if want_marker else None
-    height, width = frame.height, frame.width
-    ch, cw = (height + 1) // 2, (width + 1) // 2
-    y_plane, u_plane, v_plane = frame.planes
-    yuv = YuvFrame(
-        _plane(y_plane, height, width, pinned),
-        _plane(u_plane, ch, cw, pinned),
-        _plane(v_plane, ch, cw, pinned),
-    )
     return yuv, read_marker(yuv.y.numpy()) if want_marker else None
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import av
@@ -20,6 +22,7 @@ import torch
 
 from livediff.cli import main
 from livediff.cmd_sample import read_frame_counter
+from livediff.exceptions import MediaError
 
 TINY = ["--model", "tiny", "--weights", "random"]
 
@@ -328,3 +331,74 @@ def test_export_writes_a_folder_that_source_loads(
     assert bundle.source == str(folder)
     assert main(["export", str(folder), *TINY]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+class _EchoStream:
+    """The Stream calls transform() makes, answering each frame with a grey image at once."""
+
+    def __init__(self) -> None:
+        self.bundle = SimpleNamespace(device=torch.device("cpu"))
+        self.seen = 0
+
+    def process(self, image: Any, *, tag: Any = None) -> list[Any]:
+        from livediff.engine.frames import StreamOutput
+
+        self.seen += 1
+        return [StreamOutput(torch.full((8, 8, 3), 9, dtype=torch.uint8), self.seen - 1, tag=tag)]
+
+    def flush(self) -> list[Any]:
+        return []
+
+
+class _Source:
+    def __init__(self, items: list[Any], fail_after: int | None = None) -> None:
+        self.items, self.fail_after = items, fail_after
+        self.video = SimpleNamespace(expected_frames=len(items))
+        self.path = Path("clip.mp4")
+
+    def __iter__(self) -> Any:
+        for i, item in enumerate(self.items):
+            if self.fail_after is not None and i == self.fail_after:
+                raise MediaError("clip.mp4: decoding failed after 3 video frames")
+            yield item
+
+
+class _Sink:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.written: list[Any] = []
+        self.fail_at = fail_at
+
+    def write(self, item: Any) -> None:
+        if self.fail_at is not None and len(self.written) == self.fail_at:
+            raise MediaError("out.mp4: the disk is full")
+        self.written.append(item)
+
+
+def _frames(n: int) -> list[Any]:
+    from livediff.streams.media import MediaTime, VideoFrame
+
+    return [
+        VideoFrame(np.zeros((8, 8, 3), np.uint8), MediaTime(i, Fraction(1, 30)), i)
+        for i in range(n)
+    ]
+
+
+def test_run_overlaps_decode_model_and_encode_and_keeps_the_order() -> None:
+    from livediff.cmd_run import transform
+
+    sink = _Sink()
+    transform(_Source(_frames(40)), _EchoStream(), sink)  # type: ignore[arg-type]
+    assert [item.time.pts for item in sink.written] == list(range(40))
+    assert all(item.image.shape == (8, 8, 3) for item in sink.written)
+
+
+@pytest.mark.parametrize(("source_fails", "sink_fails"), [(3, None), (None, 5)])
+def test_run_ends_with_the_error_of_the_decoder_or_encoder_thread(
+    source_fails: int | None, sink_fails: int | None
+) -> None:
+    from livediff.cmd_run import transform
+
+    expected = "decoding failed" if source_fails is not None else "the disk is full"
+    with pytest.raises(MediaError, match=expected):
+        transform(_Source(_frames(200), source_fails), _EchoStream(), _Sink(sink_fails))  # type: ignore[arg-type]
+    assert not [t for t in threading.enumerate() if t.name.startswith("livediff-")]

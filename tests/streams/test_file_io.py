@@ -348,3 +348,39 @@ def test_audio_reencode_keeps_the_tone_and_its_length(tmp_path: Path) -> None:
     assert rate == 48000  # Opus has no 44.1 kHz: the plan resamples
     assert len(encoded) / rate == pytest.approx(len(original) / original_rate, abs=0.03)
     assert dominant_frequency(encoded, rate) == pytest.approx(TONE_HZ, abs=3)
+
+
+def test_source_hands_out_yuv420p_planes_untouched_when_asked(tmp_path: Path) -> None:
+    from livediff.engine.frames import YuvFrame
+
+    clip = write_clip(tmp_path / "in.mp4", frames=4, size=(64, 48), audio_codec=None)
+    with av.open(str(clip)) as container:
+        decoded = [f.to_ndarray() for f in container.decode(video=0)]  # yuv420p, [H*3/2, W]
+    with FileSource(clip, yuv=True) as source:
+        frames = [item for item in source if isinstance(item, VideoFrame)]
+    assert len(frames) == 4
+    for frame, planes in zip(frames, decoded, strict=True):
+        assert isinstance(frame.image, YuvFrame) and frame.image.shape == (48, 64)
+        packed = np.concatenate([p.numpy().ravel() for p in frame.image.planes()])
+        assert np.array_equal(packed, planes.ravel())  # the decoder's bytes, not a conversion
+
+
+def test_sink_writes_packed_i420_frames_as_they_are(tmp_path: Path) -> None:
+    width, height = 64, 48
+    out = tmp_path / "out.y4m"
+    packed = [np.full(width * height * 3 // 2, 30 + 20 * i, np.uint8) for i in range(3)]
+    sink = FileSink(
+        out,
+        width=width,
+        height=height,
+        frame_rate=Fraction(15),
+        time_base=Fraction(1, 15),
+        audio=plan_audio(output_format_for(out), None, AudioMode.DROP),
+        output_format=output_format_for(out),
+    )
+    with sink:
+        for i, image in enumerate(packed):
+            sink.write(VideoFrame(image, MediaTime(i, Fraction(1, 15)), i))
+    with av.open(str(out)) as container:
+        written = [f.to_ndarray().ravel() for f in container.decode(video=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(written, packed, strict=True))
