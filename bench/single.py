@@ -5,7 +5,9 @@ device, one sync per frame (as the peers were measured). Warm-up (compile, autot
 capture) is timed separately and shown with a progress bar.
 
 ``stages``: milliseconds per stage (upload, pre, encode, unet, decode, post, download) with
-device events, on the same networks, not graphed (a graph hides stage boundaries).
+device events, on the same networks, not graphed (a graph hides stage boundaries); then the
+host work of each transport around them, old path and new, with its host copies per frame
+(:mod:`livediff.bench.host_path`; records with ``side: "host"``).
 
 Run ``python -m livediff.bench.single --help``.
 """
@@ -287,9 +289,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     record["recipe"] = recipe.label
                 emit(record, outputs)
                 records.append(record)
+            if args.suite == "stages":  # the host work around those stages, once per run
+                for record in host_records(bundle, args.frames, args.warmup):
+                    emit(record, outputs)
+                    records.append(record)
             del bundle
     draw_or_explain(records, args.plot)
     return 0
+
+
+def host_records(bundle: ModelBundle, frames: int, warmup: int) -> list[dict[str, Any]]:
+    """:mod:`livediff.bench.host_path`'s records, with the fields every record carries."""
+    from livediff.bench.host_path import OUTPUT_SIZE, run_host_stages
+
+    common = {
+        "system": "livediff",
+        "model": bundle.preset.name,
+        "weights": bundle.weights.value,
+        "height": OUTPUT_SIZE[0],
+        "width": OUTPUT_SIZE[1],
+        "steps": 1,
+        "mode": "img2img",
+        "rcfg": "none",
+        "sessions": 1,
+    }
+    return [{**common, **record} for record in run_host_stages(frames, warmup)]
 
 
 if __name__ == "__main__":

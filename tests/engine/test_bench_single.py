@@ -43,8 +43,13 @@ def test_suite_writes_records_and_a_plot_that_can_be_redrawn(
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert (r["suite"], r["model"], r["device"]) == (suite, "tiny", "cpu")
         assert r["fps"] > 0 and r["ms_median"] <= r["ms_p99"]
-        if suite == "stages":
+        if suite == "stages" and r.get("side") != "host":
             assert set(r["stages_ms_median"]) >= {"encode", "unet", "decode"}
+    if suite == "stages":  # the host work of each transport, old path and new, copies counted
+        host = {(r["path"], r["version"]): r for r in records if r.get("side") == "host"}
+        assert host[("webrtc-in", "now")]["host_copies"] == 1
+        assert host[("webrtc-in", "before")]["host_copies"] == 3
+        assert {path for path, _ in host} >= {"websocket-in", "webrtc-in", "webrtc-out"}
     assert png.read_bytes()[:8] == PNG
     for suite_main in (single.main, peers.main):  # peers draws the same way, also on CPU
         again = tmp_path / f"again-{suite_main.__module__}.png"
