@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from livediff.engine.batcher import Batcher
-from livediff.engine.frames import PinnedRing
 from livediff.exceptions import BatchCompositionError
 from livediff.models.unet_batch import Absent, UNetBatch, row_input
 
@@ -103,14 +102,3 @@ def test_rows_are_packed_straight_into_a_models_static_inputs() -> None:
         for name, tensor in batch.tensors():
             assert tensor.data_ptr() == buffers[name].data_ptr(), name
     assert seen[1].latents[:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0, 1.0]  # row 3 pads with row 0
-
-
-def test_the_staging_ring_reuses_its_buffers_in_turn() -> None:
-    ring = PinnedRing(3, pin=False)
-    frames = [torch.full((4, 6, 3), i, dtype=torch.uint8) for i in range(7)]
-    staged = [ring.stage(frame) for frame in frames]
-    pointers = [s.data_ptr() for s in staged]
-    assert pointers[:3] == pointers[3:6] and len(set(pointers[:3])) == 3  # three, in turn
-    assert [int(s[0, 0, 0]) for s in staged[-3:]] == [4, 5, 6]  # the latest three still intact
-    other = ring.stage(torch.zeros(2, 2, 3, dtype=torch.uint8))
-    assert other.shape == (2, 2, 3) and other.data_ptr() not in pointers  # a ring per shape

@@ -109,3 +109,54 @@ async def test_graphed_bundle_serves_the_runtime(cuda_tiny_bundle: ModelBundle) 
     for eager, fast in zip(outputs["eager"], outputs["graphed"], strict=True):
         for x, y in zip(eager, fast, strict=True):
             assert np.abs(x.astype(np.int16) - y.astype(np.int16)).max() <= 4
+
+
+@pytest.mark.slow
+async def test_graphed_runtime_packs_rows_in_place_and_takes_yuv_answers_i420(
+    cuda_tiny_bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are packed straight into the graphs' static inputs (no second device copy); YUV
+    planes in and I420 out go through the same graphs and agree with the eager bundle."""
+    from livediff.engine.backends import Backend, prepare_backend
+    from livediff.engine.frames import OutputFormat, YuvFrame
+    from livediff.kernels.yuv import rgb_to_i420, split_i420
+    from livediff.models import graphed as graphed_module
+    from livediff.models.graphed import GraphedBundle
+
+    in_place: list[bool] = []
+    original = graphed_module._same_view
+
+    def recording(static: torch.Tensor, value: torch.Tensor) -> bool:
+        in_place.append(original(static, value))
+        return in_place[-1]
+
+    monkeypatch.setattr(graphed_module, "_same_view", recording)
+    buckets = (1, 2, 4)
+    graphed = GraphedBundle.wrap(prepare_backend(cuda_tiny_bundle, Backend.COMPILE))
+    graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=(8, 8))
+    graphed.warm_up()
+
+    def yuv(k: int, i: int) -> YuvFrame:
+        rgb = torch.from_numpy(make_frame(k, i))[None]
+        y, u, v = split_i420(rgb_to_i420(rgb), 64, 64)
+        return YuvFrame(y[0].clone(), u[0].clone(), v[0].clone())
+
+    outputs = {}
+    for name, bundle in (("eager", cuda_tiny_bundle), ("graphed", graphed)):
+        engine = Engine(bundle, CONFIG, replace(CALM, batch_buckets=buckets), BASE)
+        sessions = [
+            await engine.open_session({"seed": k}, output=OutputFormat.I420) for k in range(3)
+        ]
+        for k, session in enumerate(sessions):
+            for i in range(3):
+                session.submit(yuv(k, i))
+        await engine.start()
+        try:
+            outputs[name] = [[o.image for o in await receive(s, 3)] for s in sessions]
+        finally:
+            await engine.stop()
+    assert in_place and all(in_place), in_place  # every graph input was the static buffer
+    for eager, fast in zip(outputs["eager"], outputs["graphed"], strict=True):
+        for x, y in zip(eager, fast, strict=True):
+            assert x.shape == (64 * 64 * 3 // 2,)
+            assert np.abs(x.astype(np.int16) - y.astype(np.int16)).max() <= 4

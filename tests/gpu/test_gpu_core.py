@@ -94,6 +94,27 @@ def test_captured_stream_matches_eager(
     assert any(_max_diff(a.image, b.image) > 10 for a, b in zip(after, got, strict=True))
 
 
+def test_captured_stream_takes_yuv_planes(
+    cuda_tiny_bundle: ModelBundle, compiled_tiny: ModelBundle
+) -> None:
+    """I420 planes go into the captured step as they are (the conversion is in the graph)."""
+    from livediff.engine.frames import YuvFrame
+    from livediff.kernels.yuv import rgb_to_i420, split_i420
+
+    def yuv(frame: torch.Tensor) -> YuvFrame:
+        y, u, v = split_i420(rgb_to_i420(frame.cpu()[None]), *frame.shape[:2])
+        return YuvFrame(y[0].clone(), u[0].clone(), v[0].clone())
+
+    frames = [yuv(f) for f in _frames(4)]
+    eager = Stream(cuda_tiny_bundle, StreamConfig(), prompt="a boat", steps=2)
+    captured = make_stream(compiled_tiny, Backend.COMPILE, StreamConfig(), prompt="a boat", steps=2)
+    expected = [o for f in frames for o in eager.process(f)]
+    got = [o for f in frames for o in captured.process(f)]
+    assert [o.index for o in got] == [o.index for o in expected] == [0, 1, 2]
+    assert all(_max_diff(a.image, b.image) <= 3 for a, b in zip(got, expected, strict=True))
+    assert any(key[2] for key in captured._graphs)  # an I420 graph was captured
+
+
 def test_no_recompile_after_warm_up(compiled_tiny: ModelBundle) -> None:
     stream = make_stream(compiled_tiny, Backend.COMPILE, StreamConfig(), prompt="a boat", steps=2)
     frames = _frames(8)
