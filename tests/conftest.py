@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # The WebRTC modules' tests are skipped here and run inside a loopback-only network
+    # namespace (helpers.streams_testing.netns_module_runner): report them as run there.
+    streams_testing = sys.modules.get("helpers.streams_testing")
+    if streams_testing is not None:
+        streams_testing.report_netns_runs(terminalreporter)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,11 @@ checked against the output the model makes for its own session (:func:`reference
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -143,12 +146,82 @@ NEEDS_NETNS = pytest.mark.skipif(
 )
 
 
-def netns_module_runner(module_file: str, *, timeout_s: int = 900) -> Callable[[], None]:
-    """A test that runs ``module_file`` under pytest inside ``unshare --net`` and passes if it passes."""
+# What each module's inner run reported, for the summary (:func:`report_netns_runs`).
+NETNS_RUNS = pytest.StashKey[list["NetnsRun"]]()
+NETNS_CATEGORY = "passed in netns"  # the summary line's word for them
+
+
+@dataclasses.dataclass
+class NetnsRun:
+    """One inner pytest run: each test's outcome (from ``-rA``) and the final counts."""
+
+    outcomes: dict[str, str]
+    counts: dict[str, int]
+
+
+def parse_inner_run(stdout: str) -> NetnsRun:
+    """Read an inner ``pytest -q -rA`` run's output: ``PASSED nodeid`` lines and the last line."""
+    outcomes: dict[str, str] = {}
+    for line in stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR", "XFAIL", "XPASS") and "::" in rest:
+            outcomes[rest.split(" - ")[0]] = word.lower()
+    last = next((line for line in reversed(stdout.splitlines()) if line.strip()), "")
+    counts = {
+        ("errors" if word.startswith("error") else word): int(n)
+        for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", last)
+    }
+    return NetnsRun(outcomes, counts)
+
+
+def report_netns_runs(reporter: pytest.TerminalReporter) -> None:
+    """Tell the truth about the tests skipped here because they run inside the namespace.
+
+    Their module's ``test_in_loopback_netns`` ran them in a child pytest; those that passed
+    there move from "skipped" to their own word in the final line, and one line says so.
+    Called from ``pytest_terminal_summary`` in tests/conftest.py, before the final line.
+    """
+    runs = reporter.config.stash.get(NETNS_RUNS, [])
+    if not runs:
+        return
+    passed_inside = {
+        nodeid for run in runs for nodeid, outcome in run.outcomes.items() if outcome == "passed"
+    }
+    skipped = reporter.stats.get("skipped", [])
+    moved = [r for r in skipped if r.nodeid in passed_inside]
+    if moved:
+        moved_ids = {id(r) for r in moved}
+        reporter.stats["skipped"] = [r for r in skipped if id(r) not in moved_ids]
+        if not reporter.stats["skipped"]:
+            del reporter.stats["skipped"]
+        reporter.stats.setdefault(NETNS_CATEGORY, []).extend(moved)
+    totals: collections.Counter[str] = collections.Counter()
+    for run in runs:
+        totals.update(run.counts)
+    inside = ", ".join(f"{n} {word}" for word, n in totals.items()) or "no summary line"
+    line = (
+        f"{len(runs)} test_in_loopback_netns run(s) ran their modules' WebRTC tests inside a "
+        f"loopback-only network namespace: {inside}."
+    )
+    if moved:
+        line += (
+            f" {len(moved)} tests skipped in this process passed there: the final line counts"
+            f" them as {NETNS_CATEGORY!r}, not as skipped."
+        )
+    reporter.write_sep("-", "loopback network namespace")
+    reporter.write_line(line)
+
+
+def netns_module_runner(module_file: str, *, timeout_s: int = 900) -> Callable[..., None]:
+    """A test that runs ``module_file`` under pytest inside ``unshare --net`` and passes if it passes.
+
+    The module's other tests carry :data:`NEEDS_NETNS`, so this process skips them; the inner
+    run's results are kept for the summary (:func:`report_netns_runs`).
+    """
 
     @pytest.mark.skipif(in_loopback_netns(), reason="already inside the loopback network namespace")
     @pytest.mark.timeout(timeout_s)
-    def test_in_loopback_netns() -> None:
+    def test_in_loopback_netns(request: pytest.FixtureRequest) -> None:
         missing = netns_tools_missing()
         if missing:
             pytest.skip(
@@ -181,6 +254,7 @@ def netns_module_runner(module_file: str, *, timeout_s: int = 900) -> Callable[[
                 "PYTHONUNBUFFERED": "1",
             },
         )
+        request.config.stash.setdefault(NETNS_RUNS, []).append(parse_inner_run(result.stdout))
         output = result.stdout[-12000:] + result.stderr[-4000:]
         assert result.returncode == 0, (
             f"tests inside the loopback netns failed (exit {result.returncode}):\n{output}"
