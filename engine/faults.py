@@ -22,11 +22,21 @@ The worker thread dies
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+if TYPE_CHECKING:
+    from livediff.engine.degrade import DegradeController
+    from livediff.engine.session import Session
+
+log = logging.getLogger(__name__)
+MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session that ran alone fails
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -104,3 +114,72 @@ class FaultMetrics:
         )
         self.oom_batch_count = 0
         self.oom_frame_count = 0
+
+
+class FaultHandler:
+    """What the worker does with a session or a batch that failed (see the module docstring).
+
+    Owns the row cap and the fault counters; ``post`` hands a callback to the event loop,
+    ``rebuild`` asks the control thread for a session's new Stream. Worker thread only.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[int],
+        registry: CollectorRegistry,
+        degrade: DegradeController,
+        post: Callable[[Callable[[], None]], None],
+        rebuild: Callable[[Session], None],
+        *,
+        cuda: bool,
+    ) -> None:
+        self.row_cap = RowCap(buckets)
+        self.metrics = FaultMetrics(registry)
+        self.metrics.row_cap.set(self.row_cap.value)
+        self.restarts = RestartBudget()
+        self._degrade = degrade
+        self._post = post
+        self._rebuild = rebuild
+        self._cuda = cuda
+
+    def fail(self, session: Session, exc: BaseException) -> None:
+        """End ``session`` with ``exc`` as its reason; the others go on."""
+        log.error("[%s] session failed: %s", session.id, exc, exc_info=exc)
+        with session.core.lock:
+            session.core.closed = True
+        self._post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
+
+    def out_of_memory(self, sessions: list[Session], rows: int, exc: BaseException) -> None:
+        """Shed a batch of ``rows`` (padded) that ran out of device memory."""
+        cap = self.row_cap.lower(rows)
+        metrics = self.metrics
+        metrics.row_cap.set(cap)
+        metrics.oom_batches.inc()
+        metrics.oom_frames.inc(len(sessions))
+        metrics.oom_batch_count += 1
+        metrics.oom_frame_count += len(sessions)
+        if self._cuda:
+            torch.cuda.empty_cache()
+        self._degrade.observe(len(sessions), len(sessions))
+        for session in sessions:
+            core = session.core
+            core.oom_strikes += 1
+            if core.oom_strikes >= MAX_OOM_STRIKES and len(sessions) == 1:
+                self.fail(session, exc)
+                continue
+            core.suspended = True
+            self._rebuild(session)
+        log.warning(
+            "[engine] out of device memory in a batch of %d rows (sessions %s): frames shed, "
+            "Streams rebuilt, batches now at most %d rows",
+            rows,
+            ", ".join(s.id for s in sessions),
+            cap,
+        )
+
+    def succeeded(self, sessions: Sequence[Session]) -> None:
+        """A batch went through: the cap may rise again, the sessions' strikes are cleared."""
+        self.row_cap.succeeded()
+        self.metrics.row_cap.set(self.row_cap.value)
+        for session in sessions:
+            session.core.oom_strikes = 0

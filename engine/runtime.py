@@ -203,17 +203,17 @@ class Engine:
                 f"the engine is at capacity: {open_now} of {self.runtime.max_sessions} sessions "
                 "(RuntimeConfig.max_sessions); try again when one closes"
             )
-        if self._worker.failed:
+        if self._worker.snapshot().failed:
             self._metrics.refused("capacity")
             raise CapacityError(
                 "the engine's worker failed repeatedly and is down; the server must be restarted"
             )
-        level = self._worker.degrade.level
-        if level >= DegradeLevel.REFUSE_SESSIONS:
+        worker = self._worker.snapshot()
+        if worker.level >= DegradeLevel.REFUSE_SESSIONS:
             self._metrics.refused("degraded")
             raise CapacityError(
-                f"the engine is overloaded (degrade level {level.label}; "
-                f"{self._worker.degrade.reason}): new sessions are refused until load falls; "
+                f"the engine is overloaded (degrade level {worker.level.label}; "
+                f"{worker.reason}): new sessions are refused until load falls; "
                 "open sessions continue",
                 retry_after=self.runtime.degrade.window_s * self.runtime.degrade.recover_after,
             )
@@ -349,22 +349,22 @@ class Engine:
             self._full_since = self._clock()
 
     def _degrade_state(self) -> dict[str, Any]:
-        degrade = self._worker.degrade
-        return {"level": degrade.level.label, "reason": degrade.reason}
+        worker = self._worker.snapshot()
+        return {"level": worker.level.label, "reason": worker.reason}
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports: sessions against the cap, how long every slot has been
         taken (``None`` when one is free), the degrade level and its reason, a failed worker.
         """
-        degrade = self._worker.degrade
+        worker = self._worker.snapshot()
         full_since = self._full_since
         return {
             "sessions": len(self._sessions),
             "max_sessions": self._capacity(),
             "full_for_s": None if full_since is None else self._clock() - full_since,
-            "degrade_level": degrade.level.label,
-            "degrade_reason": degrade.reason,
-            "failed": self._worker.failed or self.state is EngineState.STOPPED,
+            "degrade_level": worker.level.label,
+            "degrade_reason": worker.reason,
+            "failed": worker.failed or self.state is EngineState.STOPPED,
         }
 
     def metrics(self) -> dict[str, Any]:
@@ -376,7 +376,7 @@ class Engine:
         for session in self._sessions.values():
             with session.core.lock:
                 totals.add(session.core.metrics.counts)
-        degrade = self._worker.degrade
+        worker = self._worker.snapshot()
         return {
             "state": self.state.value,
             "device": str(self.bundle.device),
@@ -387,22 +387,20 @@ class Engine:
             "fps_in": sum(float(s["fps_in"]) for s in per_session.values()),
             "fps_out": sum(float(s["fps_out"]) for s in per_session.values()),
             "degrade": {
-                "level": degrade.level.label,
-                "level_index": int(degrade.level),
-                "pressure": degrade.pressure,
-                "reason": degrade.reason,
-                "history": [
-                    (t.at, t.level.label, round(t.pressure, 3)) for t in list(degrade.history)
-                ],
+                "level": worker.level.label,
+                "level_index": int(worker.level),
+                "pressure": worker.pressure,
+                "reason": worker.reason,
+                "history": [(t.at, t.level.label, round(t.pressure, 3)) for t in worker.history],
             },
-            "batch_ms_estimate": self._worker.estimator.snapshot(),
+            "batch_ms_estimate": worker.batch_ms_estimate,
             "devices": self._placement.loads(),
             "faults": {
-                "worker_restarts": self._worker.restarts.total,
-                "worker_failed": self._worker.failed,
-                "oom_batches": self._worker.faults.oom_batch_count,
-                "oom_frames": self._worker.faults.oom_frame_count,
-                "batch_row_cap": self._worker.row_cap.value,
+                "worker_restarts": worker.restarts,
+                "worker_failed": worker.failed,
+                "oom_batches": worker.oom_batches,
+                "oom_frames": worker.oom_frames,
+                "batch_row_cap": worker.row_cap,
             },
             **self._metrics.snapshot(),
             "per_session": per_session,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -42,11 +41,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from livediff.engine.batch_run import BatchRun, Computed, Entry
+from livediff.engine.batch_run import BatchRun, Entry
 from livediff.engine.control import SwapStream
-from livediff.engine.degrade import DegradeController, DegradeLevel
-from livediff.engine.faults import FaultMetrics, RestartBudget, RowCap, is_out_of_memory
+from livediff.engine.degrade import DegradeController, DegradeLevel, Transition
+from livediff.engine.faults import FaultHandler, is_out_of_memory
 from livediff.engine.metrics import EngineMetrics
+from livediff.engine.overlap import InFlight, OverlapClock
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.scheduler import (
     BatchTimeEstimator,
@@ -66,20 +66,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Post = Callable[[Callable[[], None]], None]
-MAX_OOM_STRIKES = 3  # out-of-memory batches in a row before a session that ran alone fails
-LEAD_MARGIN_S = 0.001  # launch the next batch this much earlier than the host needs, at least
-LEAD_FACTOR = 1.5  # ... and this many times the smoothed host time of a launch
 
 
-@dataclass
-class InFlight:
-    """A launched batch that has not been waited for (overlap)."""
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """A worker's state for metrics and health: degrade level, batch estimates, faults."""
 
-    key: GroupKey
-    entries: list[Entry]
-    computed: Computed
-    session_ids: frozenset[str]
-    expected_end: float  # clock time the batch should be done by, from the batch time estimate
+    level: DegradeLevel
+    pressure: float
+    reason: str | None
+    history: tuple[Transition, ...]
+    batch_ms_estimate: dict[str, float]
+    restarts: int
+    failed: bool
+    oom_batches: int
+    oom_frames: int
+    row_cap: int
 
 
 class Worker:
@@ -106,10 +108,9 @@ class Worker:
         self.runner = BatchRun(bundle, runtime, metrics, clock, post)
         self.estimator = BatchTimeEstimator(runtime.batch_time_smoothing)
         self.degrade = DegradeController(runtime.degrade, clock())
-        self.row_cap = RowCap(runtime.batch_buckets)
-        self.faults = FaultMetrics(metrics.registry)
-        self.faults.row_cap.set(self.row_cap.value)
-        self.restarts = RestartBudget()
+        self.faults = FaultHandler(
+            runtime.batch_buckets, metrics.registry, self.degrade, post, rebuild, cuda=self.cuda
+        )
         self.failed = False  # down for good: it failed more often than the restart budget allows
         self._cond = threading.Condition()
         self._signalled = False
@@ -121,9 +122,7 @@ class Worker:
         overlap = runtime.overlap
         self.overlap = overlap is BatchOverlap.ON or (overlap is BatchOverlap.AUTO and self.cuda)
         self._in_flight: InFlight | None = None
-        self._launch_s = 0.0  # smoothed host time from gathering a batch to its launch
-        self._land_s = 0.0  # smoothed host time from a batch's end to its answers being posted
-        self._last_done = 0.0  # clock time the last batch was seen done
+        self.timing = OverlapClock(runtime.batch_time_smoothing, clock)
 
     # ------------------------------------------------------------------ event loop side
     def start(self) -> None:
@@ -140,6 +139,22 @@ class Worker:
     @property
     def thread(self) -> threading.Thread | None:
         return self._thread
+
+    def snapshot(self) -> WorkerSnapshot:
+        """What the engine's metrics and health read of this worker (any thread; plain reads)."""
+        degrade, faults = self.degrade, self.faults
+        return WorkerSnapshot(
+            level=degrade.level,
+            pressure=degrade.pressure,
+            reason=degrade.reason,
+            history=tuple(degrade.history),
+            batch_ms_estimate=self.estimator.snapshot(),
+            restarts=faults.restarts.total,
+            failed=self.failed,
+            oom_batches=faults.metrics.oom_batch_count,
+            oom_frames=faults.metrics.oom_frame_count,
+            row_cap=faults.row_cap.value,
+        )
 
     def stop(self) -> threading.Thread | None:
         """Ask the thread to finish its current batch and exit; returns it, to be joined."""
@@ -195,7 +210,7 @@ class Worker:
         with self._cond:
             sessions = [s for _, s in self._sessions.values()]
             self._sessions.clear()
-            restart = not self._stopping and self.restarts.allow(self.clock())
+            restart = not self._stopping and self.faults.restarts.allow(self.clock())
             if restart:
                 self._start_thread()
             elif not self._stopping:
@@ -206,13 +221,13 @@ class Worker:
                 session.core.closed = True
             self.post(partial(session.end, reason))
         if restart:
-            self.faults.worker_restarts.inc()
-            log.warning("[engine] worker restarted (%d so far)", self.restarts.total)
+            self.faults.metrics.worker_restarts.inc()
+            log.warning("[engine] worker restarted (%d so far)", self.faults.restarts.total)
         elif self.failed:
             log.critical(
                 "[engine] worker failed %d times in %.0f s: not restarting; new sessions are refused",
-                self.restarts.max_restarts,
-                self.restarts.window_s,
+                self.faults.restarts.max_restarts,
+                self.faults.restarts.window_s,
             )
 
     @contextlib.contextmanager
@@ -242,7 +257,7 @@ class Worker:
 
     def _round(self) -> bool:
         if self._in_flight is not None:
-            self._gather_until(self._in_flight.expected_end - self._lead())
+            self._gather_until(self._in_flight.expected_end - self.timing.lead())
         with self._cond:
             stopping = self._stopping
             sessions = sorted(self._sessions.values(), key=lambda item: item[0])
@@ -266,30 +281,15 @@ class Worker:
                 candidates.append(Candidate(session, key, priority, rows, core.served, order))
         if not candidates:
             return self._land() or worked
-        plan = plan_batch(candidates, self.row_cap.value)
+        plan = plan_batch(candidates, self.faults.row_cap.value)
         for candidate in plan:
             candidate.item.core.served += 1
         self._run_batch(plan, t_gather)
         return True
 
     # ------------------------------------------------------------------ overlap
-    def _lead(self) -> float:
-        """How long before the running batch's end to start gathering the next one."""
-        return LEAD_FACTOR * self._launch_s + LEAD_MARGIN_S
-
     def _gather_until(self, target: float) -> None:
-        """Wait (on the condition, so ``stop`` still wakes it) until ``target`` on the clock.
-
-        The wait itself runs on the real monotonic clock for the span the engine's clock
-        gives, so an injected clock that stands still cannot hang the thread.
-        """
-        span = target - self.clock()
-        if span <= 0:
-            return
-        until = time.monotonic() + span
-        with self._cond:
-            while not self._stopping and (left := until - time.monotonic()) > 0:
-                self._cond.wait(left)
+        self.timing.wait_until(target, self._cond, lambda: self._stopping)
 
     def _land(self) -> bool:
         """Wait for the batch in flight and answer it (then the skips held behind it)."""
@@ -317,44 +317,11 @@ class Worker:
                         core.lost(including_pending=False) if item.stream.batch is not before else 0
                     )
             except Exception as exc:
-                self._fail(session, exc)
+                self.faults.fail(session, exc)
                 return True
             if lost:
                 self.metrics.dropped(session.id, "reconfigure", lost)
         return True
-
-    def _fail(self, session: Session, exc: BaseException) -> None:
-        log.error("[%s] session failed: %s", session.id, exc, exc_info=exc)
-        with session.core.lock:
-            session.core.closed = True
-        self.post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
-
-    def _out_of_memory(self, sessions: list[Session], rows: int, exc: BaseException) -> None:
-        """Shed a batch that ran out of device memory (see :mod:`livediff.engine.faults`)."""
-        cap = self.row_cap.lower(rows)
-        self.faults.row_cap.set(cap)
-        self.faults.oom_batches.inc()
-        self.faults.oom_frames.inc(len(sessions))
-        self.faults.oom_batch_count += 1
-        self.faults.oom_frame_count += len(sessions)
-        if self.cuda:
-            torch.cuda.empty_cache()
-        self.degrade.observe(len(sessions), len(sessions))
-        for session in sessions:
-            core = session.core
-            core.oom_strikes += 1
-            if core.oom_strikes >= MAX_OOM_STRIKES and len(sessions) == 1:
-                self._fail(session, exc)
-                continue
-            core.suspended = True
-            self.rebuild(session)
-        log.warning(
-            "[engine] out of device memory in a batch of %d rows (sessions %s): frames shed, "
-            "Streams rebuilt, batches now at most %d rows",
-            rows,
-            ", ".join(s.id for s in sessions),
-            cap,
-        )
 
     # ------------------------------------------------------------------ one batch
     def _run_batch(self, plan: list[Candidate[Session]], t_gather: float) -> None:
@@ -363,7 +330,7 @@ class Worker:
         estimate = self.estimator.estimate(head.key, bucket)
         # With overlap the estimate is compute time; an answer also waits for the host to land
         # the batch (outputs, metrics, posting), which the deadline rule must count as well.
-        answered_in = estimate + (self._land_s if self.overlap else 0.0)
+        answered_in = estimate + (self.timing.land_s if self.overlap else 0.0)
         limit = self.runtime.max_consecutive_deadline_drops
         now = self.clock()
         flight = self._in_flight
@@ -404,9 +371,9 @@ class Worker:
                 entry = self.runner.admit(session, frame, hold_skips=session.id in held)
             except Exception as exc:
                 if is_out_of_memory(exc):
-                    self._out_of_memory([session], bucket, exc)
+                    self.faults.out_of_memory([session], bucket, exc)
                 else:
-                    self._fail(session, exc)
+                    self.faults.fail(session, exc)
                 continue
             if entry is not None:
                 entries.append(entry)
@@ -427,18 +394,18 @@ class Worker:
             if is_out_of_memory(exc):
                 rows = sum(e.stream.batch.unet_rows for e in entries)
                 padded = bucket_for(rows, self.runtime.batch_buckets)
-                self._out_of_memory([e.session for e in entries], padded, exc)
+                self.faults.out_of_memory([e.session for e in entries], padded, exc)
                 return
             log.error("[engine] batch of %d sessions failed", len(entries), exc_info=exc)
             for entry in entries:
-                self._fail(entry.session, exc)
+                self.faults.fail(entry.session, exc)
             return
         launched = self.clock()
-        weight = self.runtime.batch_time_smoothing
-        self._launch_s += weight * (launched - t_gather - self._launch_s)
+        self.timing.launched(t_gather, launched)
         self._land()  # the batch before this one; this one starts on the device when it ends
         ids = frozenset(e.session.id for e in entries)
-        flight = InFlight(key, entries, computed, ids, max(launched, self._last_done) + estimate)
+        start = max(launched, self.timing.last_done)
+        flight = InFlight(key, entries, computed, ids, start + estimate)
         if self.overlap:
             self._in_flight = flight
         else:
@@ -448,11 +415,8 @@ class Worker:
         """Wait for one launched batch and answer its sessions."""
         entries, computed = flight.entries, flight.computed
         done = self.runner.outputs(entries, computed)
-        self.row_cap.succeeded()
-        self.faults.row_cap.set(self.row_cap.value)
-        for entry in entries:
-            entry.session.core.oom_strikes = 0
-        self._last_done = computed.t_start + done.seconds
+        self.faults.succeeded([entry.session for entry in entries])
+        done_at = computed.t_start + done.seconds
         # Without overlap the estimate is a batch's wall time, host work included. With it the
         # host sees a batch end only when it next looks (after launching the next one), so its
         # wall time would grow with every wait and feed back into later waits: there the
@@ -462,5 +426,4 @@ class Worker:
         self.degrade.observe(done.generated, done.late)
         for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done
             self.post(delivery)
-        weight = self.runtime.batch_time_smoothing
-        self._land_s += weight * (self.clock() - self._last_done - self._land_s)
+        self.timing.landed(done_at)

@@ -156,7 +156,7 @@ async def test_a_worker_that_keeps_crashing_stays_down_and_new_sessions_are_refu
         raise RuntimeError("a broken device")
 
     worker._round = crash
-    budget = worker.restarts.max_restarts
+    budget = worker.faults.restarts.max_restarts
     try:
         for _ in range(budget + 1):  # each new session wakes the worker, which crashes
             session = await engine.open_session()
