@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
@@ -33,7 +34,7 @@ def model_output_to_i420(images: torch.Tensor) -> torch.Tensor:
 
 def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or not images.dtype.is_floating_point:
-        raise ValueError(
+        raise KernelInputError(
             f"expected float images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
         )
 

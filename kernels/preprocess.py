@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
@@ -78,7 +79,7 @@ def check_resize(
 ) -> None:
     top, left, crop_h, crop_w = crop
     if height < 1 or width < 1:
-        raise ValueError(f"output size {width}×{height} must be at least 1×1")
+        raise KernelInputError(f"output size {width}×{height} must be at least 1×1", field="size")
     if (
         crop_h < 1
         or crop_w < 1
@@ -87,17 +88,21 @@ def check_resize(
         or top + crop_h > source_h
         or left + crop_w > source_w
     ):
-        raise ValueError(
-            f"crop (top, left, height, width)={crop} does not fit a {source_w}×{source_h} frame"
+        raise KernelInputError(
+            f"crop (top, left, height, width)={crop} does not fit a {source_w}×{source_h} frame",
+            field="crop",
         )
     if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"output dtype {dtype} is not supported: expected one of {OUTPUT_DTYPES}")
+        raise KernelInputError(
+            f"output dtype {dtype} is not supported: expected one of {OUTPUT_DTYPES}", field="dtype"
+        )
 
 
 def _check_rgb(frames: torch.Tensor) -> None:
     if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != torch.uint8:
-        raise ValueError(
-            f"expected uint8 RGB frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
+        raise KernelInputError(
+            f"expected uint8 RGB frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}",
+            field="frames",
         )
 
 

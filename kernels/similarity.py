@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from livediff.exceptions import KernelInputError
 from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
 
 NORM_EPS = 1e-6
@@ -29,16 +30,16 @@ def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(
+        raise KernelInputError(
             f"frames must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     if a.numel() == 0:
-        raise ValueError("frames have no elements")
+        raise KernelInputError("frames have no elements")
     for x in (a, b):
         if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
-            raise ValueError(f"frames must be float or uint8, got {x.dtype}")
+            raise KernelInputError(f"frames must be float or uint8, got {x.dtype}")
     if a.device != b.device:
-        raise ValueError(f"frames are on different devices: {a.device} and {b.device}")
+        raise KernelInputError(f"frames are on different devices: {a.device} and {b.device}")
 
 
 def as_signal(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from types import TracebackType
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
+from livediff.exceptions import ParameterError, UsageError
 from livediff.streams.server_config import IceServer
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ class HostAddressRestriction:
 
     def __init__(self, addresses: Sequence[str]) -> None:
         if not addresses:
-            raise ValueError("a host address restriction needs at least one address")
+            raise ParameterError(
+                "a host address restriction needs at least one address", field="host_addresses"
+            )
         parsed = [ipaddress.ip_address(a) for a in addresses]
         self.addresses = tuple(str(a) for a in parsed)
         self._ipv4 = [str(a) for a in parsed if a.version == 4]
@@ -60,9 +63,7 @@ class HostAddressRestriction:
     def install(self) -> None:
         current = aioice.ice.get_host_addresses
         if getattr(current, "__self__", None).__class__ is HostAddressRestriction:
-            raise RuntimeError(
-                "another HostAddressRestriction is active; restrictions do not stack"
-            )
+            raise UsageError("another HostAddressRestriction is active; restrictions do not stack")
         self._original = current
         setattr(aioice.ice, "get_host_addresses", self._host_addresses)  # noqa: B010 (typed as a plain function)
         log.info("ICE host candidates restricted to %s", ", ".join(self.addresses))
