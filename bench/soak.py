@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from livediff.bench.records import emit, environment, int_list, percentile, read_records
-from livediff.engine.backends import Backend, fit_degrade_to_bundle, prepare_backend, runtime_bundle
+from livediff.engine.backend_fit import fit_degrade_to_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.exceptions import SessionClosedError
+from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.loading import ModelSpec, load_model
 
 FAILURE_MARKERS = ("failed", "engine worker failed")

@@ -2,8 +2,9 @@
 
 - ``eager``: plain PyTorch (SDPA attention). Works everywhere; the CPU default.
 - ``compile``: the speed recipe (:mod:`livediff.models.recipe`) plus CUDA graphs — the whole
-  frame step as one graph for a single stream (:class:`CapturedStream`), per batch bucket for
-  the multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
+  frame step as one graph for a single stream (the engine's ``CapturedStream``, which
+  :func:`livediff.engine.backend_fit.make_stream` picks), per batch bucket for the
+  multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
 - ``tensorrt``: ONNX export + TensorRT engines (``pip install 'livediff[tensorrt]'``), cached
   in ``~/.cache/livediff/tensorrt``, each replayed as a CUDA graph per batch bucket
   (:class:`~livediff.models.tensorrt_engine.TensorRTBundle`).
@@ -16,16 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from enum import Enum
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from livediff.engine.captured_stream import CapturedStream
-from livediff.engine.degrade import DegradePolicy
-from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
 from livediff.kernels.status import kernels_status
 from livediff.models.bundle import ModelBundle
@@ -117,28 +113,3 @@ def runtime_bundle(
     with tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar:
         graphed.warm_up(progress=lambda name: (bar.set_postfix_str(name), bar.update()))
     return graphed
-
-
-def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:
-    """A :class:`Stream` for ``backend``: whole-step CUDA graph when compiled on CUDA."""
-    if Backend(backend) is Backend.COMPILE and bundle.device.type == "cuda":
-        return CapturedStream(bundle, *args, **kwargs)
-    return Stream(bundle, *args, **kwargs)
-
-
-def fit_degrade_to_bundle(policy: DegradePolicy, bundle: ModelBundle) -> DegradePolicy:
-    """``policy`` with its lowest resolution raised to what ``bundle`` can run, where it has a floor.
-
-    TensorRT engines are built for a range of sides (384 px and up by default); degrading to half
-    of 512 px would leave it, so the degraded side stops at the engine's smallest instead.
-    """
-    floor = bundle.smallest_side if isinstance(bundle, TensorRTBundle) else None
-    if floor is None or policy.min_side >= floor:
-        return policy
-    log.info(
-        "degrade: lowest resolution raised from %d to %d px, the smallest the %s engines take",
-        policy.min_side,
-        floor,
-        Backend.TENSORRT.value,
-    )
-    return replace(policy, min_side=floor)
