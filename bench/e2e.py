@@ -43,8 +43,8 @@ from livediff.bench.netns import in_loopback_netns, loopback_netns_argv
 from livediff.bench.records import emit, environment, percentile
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.exceptions import SessionClosedError
+from livediff.ice import HostAddressRestriction
 from livediff.streams.frame_marker import MARKER_MODULUS, read_marker, stamp_marker
-from livediff.streams.ice import HostAddressRestriction
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -134,7 +134,7 @@ async def ws_load(url: str, soak: Soak, args: argparse.Namespace, k: int) -> Non
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
-    from livediff.streams.jpeg import encode_jpeg
+    from livediff.wire import encode_jpeg
 
     loop = asyncio.get_running_loop()
     jpeg = await loop.run_in_executor(None, encode_jpeg, source_frame(args.frame_size, k))

@@ -16,13 +16,13 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from livediff.exceptions import InvalidFrameError, SessionClosedError
+from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import read_marker, stamp_marker
 
@@ -38,7 +38,7 @@ class SessionVideoTrack(MediaStreamTrack):
 
     def __init__(
         self,
-        session: Any,
+        session: SessionLike,
         flow: FlowStats,
         *,
         markers: MarkerMap | None = None,
@@ -82,7 +82,7 @@ def _to_rgb(frame: av.VideoFrame, want_marker: bool) -> tuple[np.ndarray, int | 
 
 async def forward_video(
     track: MediaStreamTrack,
-    session: Any,
+    session: SessionLike,
     flow: FlowStats,
     log: logging.LoggerAdapter[logging.Logger],
     *,

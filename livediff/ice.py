@@ -1,4 +1,9 @@
-"""ICE for the server's peers: the RTC configuration, and a restriction of host candidates.
+"""ICE for livediff's WebRTC peers, server and client alike: the RTC configuration, and a
+restriction of host candidates.
+
+Both sides need these and the restriction must be one class (it refuses to stack, and a second
+copy could not see the first), so this module sits at the bottom beside
+:mod:`livediff.exceptions` and :mod:`livediff.wire`: it imports only the first of them.
 
 aiortc uses Google's public STUN server when it is given no configuration, so
 :func:`rtc_configuration` always passes an explicit (by default empty) server list.
@@ -17,23 +22,42 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Protocol
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
 from livediff.exceptions import ParameterError, UsageError
-from livediff.streams.server_config import IceServer
 
 log = logging.getLogger(__name__)
 
 HostAddressFunction = Callable[[bool, bool], list[str]]
 
 
-def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration:
+class IceServerLike(Protocol):
+    """A STUN or TURN server: the server's ``IceServer`` (``[server] ice_servers``) or aiortc's
+    ``RTCIceServer`` both fit.
+    """
+
+    @property
+    def urls(self) -> str | Sequence[str]: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def credential(self) -> str | None: ...
+
+
+def rtc_configuration(ice_servers: Sequence[IceServerLike] = ()) -> RTCConfiguration:
     """An aiortc configuration with exactly ``ice_servers`` (none: host candidates only)."""
     return RTCConfiguration(
         iceServers=[
-            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+            RTCIceServer(
+                urls=[s.urls] if isinstance(s.urls, str) else list(s.urls),
+                username=s.username,
+                credential=s.credential,
+            )
             for s in ice_servers
         ]
     )
