@@ -202,7 +202,8 @@ class Engine:
             self._metrics.refused("capacity")
             raise CapacityError(
                 f"the engine is at capacity: {open_now} of {self.runtime.max_sessions} sessions "
-                "(RuntimeConfig.max_sessions); try again when one closes"
+                "(RuntimeConfig.max_sessions); try again when one closes",
+                limit=self.runtime.max_sessions,
             )
         if self._worker.failed:
             self._metrics.refused("capacity")
