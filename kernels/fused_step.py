@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from livediff.exceptions import KernelInputError
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal
 
 RCFG_MODES = ("none", "full", "self", "initialize")
 
@@ -197,8 +197,9 @@ def reference(
         stock[f:].copy_(new_stock)
 
 
-def _triton_ok(x_t: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    return x_t.dtype in FLOAT_DTYPES and use_triton(x_t, *tensors)
+def _triton_runs(x_t: torch.Tensor, **tensors: torch.Tensor | None) -> bool:
+    reason = triton_refusal(float_dtype_problem("x_t", x_t.dtype), x_t=x_t, **tensors)
+    return run_triton("livediff::stream_batch_step", reason, x_t.device)
 
 
 @torch.library.custom_op("livediff::stream_batch_step", mutates_args=("x_t", "stock", "out"))
@@ -235,8 +236,16 @@ def _stream_batch_step_cuda(
     frame_buffer_size: int,
 ) -> None:
     check_step_args(x_t, eps, stock, noise, coefficients, out, rcfg, frame_buffer_size)
-    tensors = (eps, stock, noise, coefficients, guidance_scale, delta, out)
-    if not _triton_ok(x_t, *tensors):
+    if not _triton_runs(
+        x_t,
+        eps=eps,
+        stock=stock,
+        noise=noise,
+        coefficients=coefficients,
+        guidance_scale=guidance_scale,
+        delta=delta,
+        out=out,
+    ):
         reference(
             x_t,
             eps,

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 
 from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.kernels._dispatch import (
+    FLOAT_DTYPES,
+    float_dtype_problem,
+    run_triton,
+    triton_refusal,
+)
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in source pixels
 
@@ -149,8 +154,9 @@ def _empty_output(like: torch.Tensor, height: int, width: int, dtype: torch.dtyp
     return like.new_empty((like.shape[0], 3, height, width), dtype=dtype)
 
 
-def _triton_ok(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
-    return dtype in FLOAT_DTYPES and use_triton(*tensors)
+def _triton_runs(op: str, dtype: torch.dtype, **planes: torch.Tensor) -> bool:
+    reason = triton_refusal(float_dtype_problem("the output dtype", dtype), **planes)
+    return run_triton(op, reason, next(iter(planes.values())).device)
 
 
 # ---------------------------------------------------------------------------- RGB op
@@ -186,7 +192,7 @@ def _preprocess_rgb_cuda(
     crop = (top, left, crop_height, crop_width)
     _check_rgb(frames)
     check_resize(frames.shape[1], frames.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, frames):
+    if not _triton_runs("livediff::preprocess_rgb", dtype, frames=frames):
         return reference_rgb(frames, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
@@ -250,7 +256,7 @@ def _preprocess_i420_cuda(
     crop = (top, left, crop_height, crop_width)
     yuv.check_i420_planes(y, u, v)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, y, u, v):
+    if not _triton_runs("livediff::preprocess_i420", dtype, y=y, u=u, v=v):
         return reference_i420(y, u, v, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
@@ -312,7 +318,7 @@ def _preprocess_nv12_cuda(
     crop = (top, left, crop_height, crop_width)
     yuv.check_nv12_planes(y, uv)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, y, uv):
+    if not _triton_runs("livediff::preprocess_nv12", dtype, y=y, uv=uv):
         return reference_nv12(y, uv, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
