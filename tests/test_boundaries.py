@@ -9,6 +9,7 @@
   ``exceptions`` and ``wire`` load nothing heavy (no torch, numpy, Pillow, aiohttp, aiortc).
 - Product code raises livediff's exceptions, never a bare ``ValueError``, ``TypeError`` or
   ``RuntimeError`` (:mod:`livediff.exceptions` subclasses them where callers catch them).
+- Every package's docstring says what the layer owns.
 """
 
 from __future__ import annotations
@@ -162,3 +163,9 @@ def test_the_scan_sees_bare_raises_and_passes_livediff_ones() -> None:
         "sample.py:2: raise ValueError",
         "sample.py:5: raise TypeError",
     ]
+
+
+@pytest.mark.parametrize("package", sorted(m for m, p in MODULES.items() if p.stem == "__init__"))
+def test_every_package_says_what_it_owns(package: str) -> None:
+    doc = ast.get_docstring(ast.parse(MODULES[package].read_text())) or ""
+    assert len(doc) > 200 and "placeholder" not in doc.lower()
