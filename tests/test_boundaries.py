@@ -1,4 +1,5 @@
-"""The import rules and the exception rule, read from the source (no module is imported).
+"""The import rules and the exception rule, read from the source (one check imports the bottom
+modules in a fresh interpreter, to see what they load).
 
 - Layers import downwards only: kernels < models < engine < streams (ARCHITECTURE.md).
 - The clients speak the wire protocol: what they import, directly or through another livediff
