@@ -20,7 +20,7 @@ Each (client, sessions) pair prints one JSON line, suite ``e2e``:
 - ``fps``: processed frames per second each session receives (mean over sessions).
 
 The first ``--warmup`` seconds are not measured. ``--netns`` re-runs the benchmark inside a
-loopback-only network namespace (root or user namespaces; see :mod:`livediff.streams.netns`).
+loopback-only network namespace (root or user namespaces; see :mod:`livediff.bench.netns`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from typing import Any, TextIO
 import aiohttp
 import numpy as np
 
+from livediff.bench.netns import in_loopback_netns, loopback_netns_argv
 from livediff.bench.records import emit, environment, percentile
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.exceptions import SessionClosedError
+from livediff.ice import HostAddressRestriction
 from livediff.streams.frame_marker import MARKER_MODULUS, read_marker, stamp_marker
-from livediff.streams.ice import HostAddressRestriction
-from livediff.streams.netns import in_loopback_netns, loopback_netns_argv
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -53,9 +53,9 @@ from livediff.bench.records import (
     record_sinks,
     summarize,
 )
-from livediff.engine.backends import Backend, prepare_backend
 from livediff.engine.config import StreamConfig
 from livediff.engine.stream import Stream
+from livediff.models.backends import Backend, prepare_backend
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.unet_batch import UNetBatch

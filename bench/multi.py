@@ -72,18 +72,13 @@ from livediff.bench.records import (
     percentile,
     record_sinks,
 )
-from livediff.engine.backends import (
-    Backend,
-    fit_degrade_to_bundle,
-    make_stream,
-    prepare_backend,
-    runtime_bundle,
-)
+from livediff.engine.backend_fit import fit_degrade_to_bundle, make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.exceptions import SessionClosedError
+from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 

@@ -31,8 +31,9 @@ from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffus
 
 from livediff.bench.plots import draw_or_explain, replot
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record_sinks, summarize
-from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import StreamConfig
+from livediff.models.backends import Backend, prepare_backend
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from livediff.exceptions import RecordError
+
 DEFAULT_RECIPE = {"sdpa", "qkv", "cl", "compile:default", "cudnn-bench"}
 
 
@@ -78,7 +80,7 @@ def stages(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Milliseconds per stage, stacked, for each record with ``stages_ms_median``."""
     rows = [r for r in records if r.get("stages_ms_median")]
     if not rows:
-        raise ValueError("no record has stages_ms_median")
+        raise RecordError("no record has stages_ms_median", field="stages_ms_median")
     names: list[str] = []
     for r in rows:
         names += [n for n in r["stages_ms_median"] if n not in names]

@@ -21,6 +21,8 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from livediff.exceptions import RecordError
+
 REQUIRED_KEYS = (
     "system",
     "suite",
@@ -102,7 +104,7 @@ def summarize(ms_per_frame: Sequence[float]) -> dict[str, float]:
 def emit(record: dict[str, Any], outputs: Iterable[TextIO] = (sys.stdout,)) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in record]
     if missing:
-        raise ValueError(f"benchmark record lacks {missing}")
+        raise RecordError(f"benchmark record lacks {missing}", field=missing[0])
     line = json.dumps(record, sort_keys=False)
     for out in outputs:
         print(line, file=out, flush=True)

@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from livediff.bench.plots import draw_or_explain, replot
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record_sinks, summarize
-from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import GenerationMode, RCFGMode, StreamConfig
 from livediff.engine.frames import fit_crop
 from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import rgb_to_model_input
+from livediff.models.backends import Backend, prepare_backend
 from livediff.models.bundle import ModelBundle
 from livediff.models.graphed import GraphedBundle
 from livediff.models.loading import ModelSpec, load_model

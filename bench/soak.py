@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from livediff.bench.records import emit, environment, int_list, percentile, read_records
-from livediff.engine.backends import Backend, fit_degrade_to_bundle, prepare_backend, runtime_bundle
+from livediff.engine.backend_fit import fit_degrade_to_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.exceptions import SessionClosedError
+from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.loading import ModelSpec, load_model
 
 FAILURE_MARKERS = ("failed", "engine worker failed")
@@ -133,7 +134,7 @@ async def ws_load(url: str, soak: Soak, args: argparse.Namespace, k: int) -> Non
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
-    from livediff.streams.jpeg import encode_jpeg
+    from livediff.wire import encode_jpeg
 
     loop = asyncio.get_running_loop()
     jpeg = await loop.run_in_executor(None, encode_jpeg, source_frame(args.frame_size, k))

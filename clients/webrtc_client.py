@@ -15,9 +15,10 @@ As a command::
     python -m livediff.clients.webrtc_client --url http://127.0.0.1:8080 --input clip.mp4 \\
         --output styled.mp4 --seconds 10 --codec h264 --prompt "a cat" --update prompt="a dog"
 
-The protocol is :mod:`livediff.streams.signaling` (``POST /offer``) and
-:mod:`livediff.streams.peer` (data channel). The client uses no STUN server unless given one;
-``--host-address 127.0.0.1`` makes it offer loopback candidates (aioice never does on its own).
+It speaks only the wire protocol, :mod:`livediff.wire` (``POST /offer``, the data channel's
+messages), and shares the ICE set-up with the server (:mod:`livediff.ice`). The client uses no
+STUN server unless given one; ``--host-address 127.0.0.1`` makes it offer loopback candidates
+(aioice never does on its own).
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
+from livediff import wire
+from livediff.clients.media import FrameSource
 from livediff.exceptions import LivediffError, SessionClosedError
-from livediff.streams.camera_source import CameraSource
-from livediff.streams.ice import HostAddressRestriction, rtc_configuration
-from livediff.streams.server_config import IceServer
+from livediff.ice import HostAddressRestriction, IceServerLike, rtc_configuration
 
 FrameFactory = Callable[[int], np.ndarray]
 
@@ -75,7 +82,7 @@ class ImageTrack(VideoStreamTrack):
 
 
 class SourceTrack(MediaStreamTrack):
-    """A camera or file (:class:`~livediff.streams.camera_source.CameraSource`) as a video track.
+    """A camera or file (:class:`~livediff.clients.media.FrameSource`) as a video track.
 
     Files play at their own frame rate and loop with rising timestamps (aiortc's ``MediaPlayer``
     stops pacing after the first loop).
@@ -83,7 +90,7 @@ class SourceTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, source: CameraSource) -> None:
+    def __init__(self, source: FrameSource) -> None:
         super().__init__()
         self._source = source
         self._frames = source.frames()
@@ -96,7 +103,7 @@ class SourceTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         frame = av.VideoFrame.from_ndarray(item.image, format="rgb24")
-        frame.pts, frame.time_base = round(item.time.seconds * 90000), fractions.Fraction(1, 90000)
+        frame.pts, frame.time_base = round(item.seconds * 90000), fractions.Fraction(1, 90000)
         return frame
 
     def stop(self) -> None:
@@ -113,7 +120,7 @@ class WebRTCClient:
         *,
         params: dict[str, Any] | None = None,
         codec: str | None = None,
-        ice_servers: Sequence[IceServer] = (),
+        ice_servers: Sequence[IceServerLike] = (),
     ) -> None:
         self.url = url.rstrip("/")
         self.params = dict(params or {})
@@ -137,8 +144,8 @@ class WebRTCClient:
             self._track.set_result(track)
 
     def _on_message(self, message: str | bytes) -> None:
-        data = json.loads(message)
-        if "stats" in data:
+        data = wire.parse_message(message)
+        if wire.kind_of(data) is wire.MessageKind.STATS:
             self.stats = data["stats"]
             self.stats_received += 1
             self._stats_event.set()
@@ -163,7 +170,7 @@ class WebRTCClient:
             await self.pc.createOffer()
         )  # aiortc gathers all candidates first
         offer = self.pc.localDescription
-        body = {"sdp": offer.sdp, "type": offer.type, "params": self.params}
+        body = wire.offer_request(offer.sdp, self.params)
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{self.url}/offer", json=body) as response,
@@ -203,7 +210,7 @@ class WebRTCClient:
         request_id = next(self._ids)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = waiter
-        self.channel.send(json.dumps({**params, "id": request_id}))
+        self.channel.send(wire.control_message(params, request_id))
         return await waiter
 
     async def next_stats(self) -> dict[str, Any]:
@@ -227,6 +234,14 @@ def _parse_update(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _ice_url(text: str) -> str:
+    if not text.startswith(("stun:", "stuns:", "turn:", "turns:")):
+        raise argparse.ArgumentTypeError(
+            f"--ice-server {text!r}: expected a URL starting with stun:, stuns:, turn: or turns:"
+        )
+    return text
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from aiortc.contrib.media import MediaBlackhole, MediaRecorder
 
@@ -243,9 +258,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.url,
             params=params,
             codec=args.codec,
-            ice_servers=[IceServer(urls=(url,)) for url in args.ice_server or ()],
+            ice_servers=[RTCIceServer(urls=url) for url in args.ice_server or ()],
         )
-        track = SourceTrack(CameraSource(args.input, loop=True))
+        track = SourceTrack(FrameSource(args.input, loop=True))
         await client.connect(track)
         recorder = MediaRecorder(args.output) if args.output else MediaBlackhole()
         recorder.addTrack(await client.output())
@@ -283,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host-address", action="append", metavar="IP", help="offer only this ICE host address"
     )
-    parser.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server URL")
+    parser.add_argument(
+        "--ice-server", action="append", type=_ice_url, metavar="URL", help="STUN/TURN server URL"
+    )
     return parser
 
 

@@ -1,4 +1,4 @@
-"""A websocket client for ``livediff serve`` (protocol: :mod:`livediff.streams.ws_protocol`).
+"""A websocket client for ``livediff serve``; it speaks only the wire protocol, :mod:`livediff.wire`.
 
 As a library::
 
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
+from livediff import wire
 from livediff.exceptions import LivediffError, SessionClosedError
-from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 
 DEFAULT_MAX_SIZE = 8 * 1024 * 1024
 
@@ -58,12 +58,10 @@ class WsClient:
     ) -> WsClient:
         """Connect and wait for the server's ``{"session": id}``; a refusal raises :class:`LivediffError`."""
         if params:
-            from urllib.parse import urlencode
-
-            url = f"{url}{'&' if '?' in url else '?'}{urlencode({k: _query_value(v) for k, v in params.items()})}"
+            url = f"{url}{'&' if '?' in url else '?'}{wire.query_string(params)}"
         connection = await connect(url, max_size=max_size, compression=None)
-        first = json.loads(await connection.recv())
-        if "session" not in first:
+        first = wire.parse_message(await connection.recv())
+        if wire.kind_of(first) is not wire.MessageKind.HELLO:
             await connection.close()
             raise LivediffError(f"the server refused the session: {first.get('error', first)}")
         return cls(connection, str(first["session"]))
@@ -74,13 +72,14 @@ class WsClient:
                 if isinstance(message, bytes):
                     self._outputs.put_nowait(message)
                     continue
-                reply = json.loads(message)
+                reply = wire.parse_message(message)
+                kind = wire.kind_of(reply)
                 waiter = self._replies.pop(reply.get("id"), None)
                 if waiter is not None:
                     waiter.set_result(reply)
-                elif "dropped" in reply:  # a frame that gets no output, and why
+                elif kind is wire.MessageKind.DROPPED:  # a frame that gets no output, and why
                     self.dropped.append((int(reply["dropped"]), str(reply.get("reason"))))
-                elif "error" in reply:
+                elif "error" in reply:  # a notice, or the reply to a request nobody awaits
                     self.errors.append(str(reply["error"]))
         finally:
             self._outputs.put_nowait(None)
@@ -94,7 +93,7 @@ class WsClient:
         """Send one frame: uint8 ``[H, W, 3]`` RGB (encoded here) or JPEG bytes as they are."""
         if not isinstance(frame, bytes):
             frame = await asyncio.get_running_loop().run_in_executor(
-                None, partial(encode_jpeg, frame, quality=quality)
+                None, partial(wire.encode_jpeg, frame, quality=quality)
             )
         await self.connection.send(frame)
 
@@ -104,21 +103,22 @@ class WsClient:
         if data is None:
             self._outputs.put_nowait(None)
             raise SessionClosedError(
-                f"connection closed (code {self.connection.close_code}, {self.connection.close_reason!r})"
+                f"connection closed ({wire.close_meaning(self.connection.close_code)}; "
+                f"{self.connection.close_reason!r})"
             )
         return data
 
     async def recv_frame(self) -> np.ndarray:
         """The next processed frame, decoded to uint8 RGB."""
         data = await self.recv_jpeg()
-        return await asyncio.get_running_loop().run_in_executor(None, decode_jpeg, data)
+        return await asyncio.get_running_loop().run_in_executor(None, wire.decode_jpeg, data)
 
     async def update(self, **params: Any) -> dict[str, Any]:
         """Send a control message and return the server's reply (``{"ok": true}`` or ``{"error": ...}``)."""
         request_id = next(self._ids)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = waiter
-        await self.connection.send(json.dumps({**params, "id": request_id}))
+        await self.connection.send(wire.control_message(params, request_id))
         return await waiter
 
     async def close(self) -> None:
@@ -138,15 +138,9 @@ class WsClient:
         await self.close()
 
 
-def _query_value(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-
-
 async def stream_file(args: argparse.Namespace) -> dict[str, Any]:
     """Send ``args.input`` through the server and write the answers to ``args.output``."""
-    from livediff.streams.camera_source import CameraSource, iterate_in_thread
-    from livediff.streams.file_sink import FileSink
-    from livediff.streams.media import MediaTime, VideoFrame
+    from livediff.clients.media import FrameSource, FrameWriter, iterate_in_thread  # PyAV: lazily
 
     params = {
         k: v
@@ -158,14 +152,14 @@ async def stream_file(args: argparse.Namespace) -> dict[str, Any]:
         )
         if v is not None
     }
-    source = CameraSource(
+    source = FrameSource(
         args.input, loop=False, realtime=not args.no_realtime, max_frames=args.max_frames
     )
     answered = asyncio.Condition()
     outstanding = (
         0  # frames sent and not answered yet; a dropped frame is forgotten after answer_timeout
     )
-    sink: FileSink | None = None
+    sink: FrameWriter | None = None
     received = sent = 0
     started = time.perf_counter()
 
@@ -192,17 +186,13 @@ async def stream_file(args: argparse.Namespace) -> dict[str, Any]:
                     answered.notify_all()
                 if args.output:
                     if sink is None:
-                        rate = source.frame_rate
-                        sink = FileSink(
+                        sink = FrameWriter(
                             args.output,
                             width=image.shape[1],
                             height=image.shape[0],
-                            frame_rate=rate,
-                            time_base=1 / rate,
+                            frame_rate=source.frame_rate,
                         )
-                    sink.write(
-                        VideoFrame(image, MediaTime(received, 1 / source.frame_rate), received)
-                    )
+                    sink.write(image)
                 received += 1
 
         receiver = asyncio.ensure_future(receive())

@@ -30,6 +30,7 @@ from livediff.exceptions import (
     EmptyFrameError,
     FrameDtypeError,
     FrameShapeError,
+    FrameTooLargeError,
     NonFiniteFrameError,
 )
 from livediff.kernels.preprocess import Crop
@@ -132,8 +133,9 @@ def as_uint8_frame(frame: Any) -> torch.Tensor:
     if channels != 3:
         raise FrameShapeError(f"frame has {channels} channels: expected 3 (RGB, channels last)")
     if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
-        raise FrameShapeError(
-            f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side"
+        raise FrameTooLargeError(
+            f"frame {width}×{height} is too large: at most {MAX_FRAME_SIDE} pixels a side",
+            limit=MAX_FRAME_SIDE,
         )
     if tensor.dtype == torch.uint8:
         return tensor

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from livediff.exceptions import ParameterError
+
 
 class Placement:
     """Sessions per device; event loop only."""
 
     def __init__(self, devices: Sequence[str], cap: int | None) -> None:
         if not devices:
-            raise ValueError("a placement needs at least one device")
+            raise ParameterError("a placement needs at least one device", field="devices")
         self.devices = tuple(devices)
         self.cap = cap
         self._loads = [0] * len(self.devices)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from livediff.engine.config import RCFGMode
+from livediff.exceptions import ParameterError
 
 
 def lcm_denoise(
@@ -62,11 +63,13 @@ def guided_noise(
         return eps_cond
     if mode is RCFGMode.FULL:
         if eps_uncond is None:
-            raise ValueError("full CFG needs the negative-prompt prediction")
+            raise ParameterError(
+                "full CFG needs the negative-prompt prediction", field="eps_uncond"
+            )
         negative = eps_uncond
     else:
         if stock_noise is None:
-            raise ValueError(f"RCFG {mode.value} needs the stock noise")
+            raise ParameterError(f"RCFG {mode.value} needs the stock noise", field="stock_noise")
         negative = delta * stock_noise
     return negative + guidance_scale * (eps_cond - negative)
 

@@ -43,7 +43,13 @@ from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
 from livediff.engine.session import OutputFrame, Session, SessionCore
 from livediff.engine.worker import Worker
-from livediff.exceptions import CapacityError, ParameterError, SessionClosedError, SessionError
+from livediff.exceptions import (
+    CapacityError,
+    ParameterError,
+    SessionClosedError,
+    SessionError,
+    UsageError,
+)
 from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -102,7 +108,7 @@ class Engine:
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError("an Engine belongs to the event loop it was first used on")
+            raise UsageError("an Engine belongs to the event loop it was first used on")
 
     async def start(self) -> None:
         """Start the worker thread. Idempotent. Sessions may be opened (and fed) before it."""
@@ -201,7 +207,8 @@ class Engine:
             self._metrics.refused("capacity")
             raise CapacityError(
                 f"the engine is at capacity: {open_now} of {self.runtime.max_sessions} sessions "
-                "(RuntimeConfig.max_sessions); try again when one closes"
+                "(RuntimeConfig.max_sessions); try again when one closes",
+                limit=self.runtime.max_sessions,
             )
         if self._worker.snapshot().failed:
             self._metrics.refused("capacity")

@@ -33,6 +33,7 @@ from livediff.engine.rcfg import (
     residual_noise,
 )
 from livediff.engine.schedule import StepCoefficients
+from livediff.exceptions import ParameterError
 from livediff.kernels.fused_step import fused_step
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
 
@@ -98,7 +99,10 @@ class StreamBatch:
     def set_coefficients(self, coefficients: StepCoefficients) -> None:
         """Swap in a new ``t_index_list`` with the same number of steps."""
         if coefficients.steps != self.steps:
-            raise ValueError(f"this buffer runs {self.steps} steps, not {coefficients.steps}")
+            raise ParameterError(
+                f"this buffer runs {self.steps} steps, not {coefficients.steps}",
+                field="t_index_list",
+            )
         self.coefficients = coefficients
         stacked = torch.stack(
             [
@@ -124,14 +128,19 @@ class StreamBatch:
         self._fill(slice(self.uncond_rows, None), cond)
         if self.uncond_rows:
             if uncond is None:
-                raise ValueError(f"RCFG {self.rcfg.value} needs negative-prompt conditioning")
+                raise ParameterError(
+                    f"RCFG {self.rcfg.value} needs negative-prompt conditioning",
+                    field="negative_prompt",
+                )
             self._fill(slice(0, self.uncond_rows), uncond)
 
     def _fill(self, rows: slice, cond: Conditioning) -> None:
         self._embeds[rows].copy_(cond.embeds.expand_as(self._embeds[rows]))
         if self._text_embeds is not None and self._time_ids is not None:
             if cond.pooled is None or cond.time_ids is None:
-                raise ValueError("this model needs pooled text embeddings and time ids (SDXL)")
+                raise ParameterError(
+                    "this model needs pooled text embeddings and time ids (SDXL)", field="pooled"
+                )
             self._text_embeds[rows].copy_(cond.pooled.expand_as(self._text_embeds[rows]))
             self._time_ids[rows].copy_(cond.time_ids.expand_as(self._time_ids[rows]))
 

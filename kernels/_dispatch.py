@@ -1,4 +1,5 @@
-"""The guard that picks a Triton kernel or the PyTorch reference for one call.
+"""The guard that picks a Triton kernel or the PyTorch reference for one call, and the record
+of every call on CUDA that ran the reference.
 
 Every op here has two implementations: a Triton kernel (CUDA only) and a plain-PyTorch
 reference (every device). The Triton kernel runs when all of these hold:
@@ -8,17 +9,23 @@ reference (every device). The Triton kernel runs when all of these hold:
 - the dtypes are ones the kernel was written for;
 - every tensor has fewer than 2**31 elements (the kernels index with int32).
 
-Otherwise the reference runs. That is a rule, not a silent fallback:
-:func:`livediff.kernels.status.kernels_status` reports per op what runs and why, for the
-engine to log at start-up.
+Off CUDA the reference is simply the implementation. On CUDA a call that runs the reference is
+a *fallback*, and no fallback is silent: :func:`triton_refusal` names the reason,
+:data:`FALLBACKS` logs a WARNING the first time each op falls back (with the reason) and counts
+every such call, and :func:`livediff.kernels.status.kernels_status` reports them per op.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 INT32_LIMIT = 2**31 - 1
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,20 +47,81 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tensors_fit_triton(*tensors: torch.Tensor | None) -> bool:
-    """Device, layout and size part of the guard (``None`` entries are optional inputs)."""
-    for tensor in tensors:
+def triton_refusal(dtype_problem: str | None = None, **tensors: torch.Tensor | None) -> str | None:
+    """Why the Triton kernel cannot take this call, or ``None`` when it can.
+
+    ``tensors`` are the call's tensor arguments by name (``None``: an optional input left out);
+    ``dtype_problem`` is the op's own dtype check, already phrased.
+    """
+    unavailable = triton_unavailable_reason()
+    if unavailable is not None:
+        return unavailable
+    for name, tensor in tensors.items():
         if tensor is None:
             continue
-        if (
-            tensor.device.type != "cuda"
-            or not tensor.is_contiguous()
-            or tensor.numel() > INT32_LIMIT
-        ):
-            return False
-    return True
+        if tensor.device.type != "cuda":
+            return f"{name} is on {tensor.device}, not CUDA"
+        if not tensor.is_contiguous():
+            return f"{name} {tuple(tensor.shape)} is not contiguous"
+        if tensor.numel() > INT32_LIMIT:
+            return f"{name} has {tensor.numel()} elements: the kernels index with int32"
+    return dtype_problem
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """The whole guard, less the dtype rule that each op checks itself."""
-    return tensors_fit_triton(*tensors) and triton_unavailable_reason() is None
+def float_dtype_problem(name: str, dtype: torch.dtype) -> str | None:
+    """The dtype part of the guard for ops written for float16, bfloat16 and float32."""
+    if dtype in FLOAT_DTYPES:
+        return None
+    return f"{name} is {dtype}: the kernel takes float16, bfloat16 or float32"
+
+
+class FallbackRecord:
+    """Which ops fell back to their reference on CUDA, why (the first reason) and how often.
+
+    One per process, :data:`FALLBACKS`, because the ops it watches are process-wide
+    ``torch.library`` registrations. Thread-safe: the ops run on the GPU worker thread and
+    ``kernels_status()`` reads from any other.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ops: dict[str, dict[str, Any]] = {}
+
+    def fell_back(self, op: str, reason: str, device: torch.device) -> None:
+        """Count one call of ``op`` that ran its reference; the first one per op is logged."""
+        with self._lock:
+            entry = self._ops.get(op)
+            if entry is None:
+                self._ops[op] = {"reason": reason, "calls": 1}
+            else:
+                entry["calls"] += 1
+        if entry is None:
+            log.warning(
+                "kernel %s on %s runs its PyTorch reference, not Triton: %s (said once per op; "
+                "kernels_status() counts the calls)",
+                op,
+                device,
+                reason,
+            )
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {op: dict(entry) for op, entry in self._ops.items()}
+
+    def clear(self) -> None:
+        """Forget every fallback (tests; a long-running process that wants a fresh count)."""
+        with self._lock:
+            self._ops.clear()
+
+
+FALLBACKS = FallbackRecord()
+
+
+def run_triton(op: str, reason: str | None, device: torch.device) -> bool:
+    """True when the Triton kernel should run; else the fallback is recorded and the caller
+    runs the reference. Called from an op's CUDA implementation only.
+    """
+    if reason is None:
+        return True
+    FALLBACKS.fell_back(op, reason, device)
+    return False

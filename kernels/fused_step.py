@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import torch
 
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.exceptions import KernelInputError
+from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal
 
 RCFG_MODES = ("none", "full", "self", "initialize")
 
@@ -109,30 +110,43 @@ def check_step_args(
     frame_buffer_size: int,
 ) -> None:
     if mode not in RCFG_MODES:
-        raise ValueError(f"rcfg={mode!r} is not one of {RCFG_MODES}")
+        raise KernelInputError(f"rcfg={mode!r} is not one of {RCFG_MODES}", field="rcfg")
     rows, f = x_t.shape[0], frame_buffer_size
     if x_t.ndim < 2 or f < 1 or rows % f:
-        raise ValueError(f"x_t has {rows} rows: expected a whole number of blocks of {f}")
+        raise KernelInputError(
+            f"x_t has {rows} rows: expected a whole number of blocks of {f}", field="x_t"
+        )
     row_shape = tuple(x_t.shape[1:])
     expected_eps = uncond_rows(mode, rows, f) + rows
     if tuple(eps.shape) != (expected_eps, *row_shape):
-        raise ValueError(
-            f"eps is {tuple(eps.shape)}: expected {(expected_eps, *row_shape)} for rcfg={mode}"
+        raise KernelInputError(
+            f"eps is {tuple(eps.shape)}: expected {(expected_eps, *row_shape)} for rcfg={mode}",
+            field="eps",
         )
     if (stock is None) != (mode in ("none", "full")):
-        raise ValueError(
-            f"rcfg={mode} {'takes no' if stock is not None else 'needs the'} stock noise"
+        raise KernelInputError(
+            f"rcfg={mode} {'takes no' if stock is not None else 'needs the'} stock noise",
+            field="stock",
         )
     for name, tensor in (("stock", stock), ("noise", noise)):
         if tensor is not None and tensor.shape != x_t.shape:
-            raise ValueError(f"{name} is {tuple(tensor.shape)}: expected {tuple(x_t.shape)}")
+            raise KernelInputError(
+                f"{name} is {tuple(tensor.shape)}: expected {tuple(x_t.shape)}", field=name
+            )
     if tuple(coefficients.shape) != (4, rows):
-        raise ValueError(f"coefficients are {tuple(coefficients.shape)}: expected (4, {rows})")
+        raise KernelInputError(
+            f"coefficients are {tuple(coefficients.shape)}: expected (4, {rows})",
+            field="coefficients",
+        )
     if tuple(out.shape) != (f, *row_shape):
-        raise ValueError(f"out is {tuple(out.shape)}: expected {(f, *row_shape)}")
+        raise KernelInputError(
+            f"out is {tuple(out.shape)}: expected {(f, *row_shape)}", field="out"
+        )
     for name, tensor in (("eps", eps), ("stock", stock), ("noise", noise), ("out", out)):
         if tensor is not None and tensor.dtype != x_t.dtype:
-            raise ValueError(f"{name} is {tensor.dtype}: expected x_t's dtype {x_t.dtype}")
+            raise KernelInputError(
+                f"{name} is {tensor.dtype}: expected x_t's dtype {x_t.dtype}", field=name
+            )
 
 
 def reference(
@@ -183,8 +197,9 @@ def reference(
         stock[f:].copy_(new_stock)
 
 
-def _triton_ok(x_t: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    return x_t.dtype in FLOAT_DTYPES and use_triton(x_t, *tensors)
+def _triton_runs(x_t: torch.Tensor, **tensors: torch.Tensor | None) -> bool:
+    reason = triton_refusal(float_dtype_problem("x_t", x_t.dtype), x_t=x_t, **tensors)
+    return run_triton("livediff::stream_batch_step", reason, x_t.device)
 
 
 @torch.library.custom_op("livediff::stream_batch_step", mutates_args=("x_t", "stock", "out"))
@@ -221,8 +236,16 @@ def _stream_batch_step_cuda(
     frame_buffer_size: int,
 ) -> None:
     check_step_args(x_t, eps, stock, noise, coefficients, out, rcfg, frame_buffer_size)
-    tensors = (eps, stock, noise, coefficients, guidance_scale, delta, out)
-    if not _triton_ok(x_t, *tensors):
+    if not _triton_runs(
+        x_t,
+        eps=eps,
+        stock=stock,
+        noise=noise,
+        coefficients=coefficients,
+        guidance_scale=guidance_scale,
+        delta=delta,
+        out=out,
+    ):
         reference(
             x_t,
             eps,

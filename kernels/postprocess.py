@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal
 
 
 def model_output_to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def model_output_to_i420(images: torch.Tensor) -> torch.Tensor:
 
 def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or not images.dtype.is_floating_point:
-        raise ValueError(
+        raise KernelInputError(
             f"expected float images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
         )
 
@@ -47,8 +48,9 @@ def reference_i420(images: torch.Tensor) -> torch.Tensor:
     return yuv.rgb_to_i420(reference_rgb(images))
 
 
-def _triton_ok(images: torch.Tensor) -> bool:
-    return images.dtype in FLOAT_DTYPES and use_triton(images)
+def _triton_runs(op: str, images: torch.Tensor) -> bool:
+    reason = triton_refusal(float_dtype_problem("images", images.dtype), images=images)
+    return run_triton(op, reason, images.device)
 
 
 @torch.library.custom_op("livediff::postprocess_rgb", mutates_args=())
@@ -61,7 +63,7 @@ def postprocess_rgb(images: torch.Tensor) -> torch.Tensor:
 @postprocess_rgb.register_kernel("cuda")
 def _postprocess_rgb_cuda(images: torch.Tensor) -> torch.Tensor:
     _check_images(images)
-    if not _triton_ok(images):
+    if not _triton_runs("livediff::postprocess_rgb", images):
         return reference_rgb(images)
     from livediff.kernels import _triton_postprocess
 
@@ -88,7 +90,7 @@ def postprocess_i420(images: torch.Tensor) -> torch.Tensor:
 @postprocess_i420.register_kernel("cuda")
 def _postprocess_i420_cuda(images: torch.Tensor) -> torch.Tensor:
     _check_images(images)
-    if not _triton_ok(images):
+    if not _triton_runs("livediff::postprocess_i420", images):
         return reference_i420(images)
     from livediff.kernels import _triton_postprocess
 

@@ -22,8 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.kernels._dispatch import (
+    FLOAT_DTYPES,
+    float_dtype_problem,
+    run_triton,
+    triton_refusal,
+)
 
 Crop = tuple[int, int, int, int]  # top, left, height, width in source pixels
 
@@ -78,7 +84,7 @@ def check_resize(
 ) -> None:
     top, left, crop_h, crop_w = crop
     if height < 1 or width < 1:
-        raise ValueError(f"output size {width}×{height} must be at least 1×1")
+        raise KernelInputError(f"output size {width}×{height} must be at least 1×1", field="size")
     if (
         crop_h < 1
         or crop_w < 1
@@ -87,17 +93,21 @@ def check_resize(
         or top + crop_h > source_h
         or left + crop_w > source_w
     ):
-        raise ValueError(
-            f"crop (top, left, height, width)={crop} does not fit a {source_w}×{source_h} frame"
+        raise KernelInputError(
+            f"crop (top, left, height, width)={crop} does not fit a {source_w}×{source_h} frame",
+            field="crop",
         )
     if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"output dtype {dtype} is not supported: expected one of {OUTPUT_DTYPES}")
+        raise KernelInputError(
+            f"output dtype {dtype} is not supported: expected one of {OUTPUT_DTYPES}", field="dtype"
+        )
 
 
 def _check_rgb(frames: torch.Tensor) -> None:
     if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != torch.uint8:
-        raise ValueError(
-            f"expected uint8 RGB frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
+        raise KernelInputError(
+            f"expected uint8 RGB frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}",
+            field="frames",
         )
 
 
@@ -144,8 +154,9 @@ def _empty_output(like: torch.Tensor, height: int, width: int, dtype: torch.dtyp
     return like.new_empty((like.shape[0], 3, height, width), dtype=dtype)
 
 
-def _triton_ok(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
-    return dtype in FLOAT_DTYPES and use_triton(*tensors)
+def _triton_runs(op: str, dtype: torch.dtype, **planes: torch.Tensor) -> bool:
+    reason = triton_refusal(float_dtype_problem("the output dtype", dtype), **planes)
+    return run_triton(op, reason, next(iter(planes.values())).device)
 
 
 # ---------------------------------------------------------------------------- RGB op
@@ -181,7 +192,7 @@ def _preprocess_rgb_cuda(
     crop = (top, left, crop_height, crop_width)
     _check_rgb(frames)
     check_resize(frames.shape[1], frames.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, frames):
+    if not _triton_runs("livediff::preprocess_rgb", dtype, frames=frames):
         return reference_rgb(frames, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
@@ -245,7 +256,7 @@ def _preprocess_i420_cuda(
     crop = (top, left, crop_height, crop_width)
     yuv.check_i420_planes(y, u, v)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, y, u, v):
+    if not _triton_runs("livediff::preprocess_i420", dtype, y=y, u=u, v=v):
         return reference_i420(y, u, v, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 
@@ -307,7 +318,7 @@ def _preprocess_nv12_cuda(
     crop = (top, left, crop_height, crop_width)
     yuv.check_nv12_planes(y, uv)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
-    if not _triton_ok(dtype, y, uv):
+    if not _triton_runs("livediff::preprocess_nv12", dtype, y=y, uv=uv):
         return reference_nv12(y, uv, crop, height, width, dtype)
     from livediff.kernels import _triton_preprocess
 

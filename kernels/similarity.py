@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from livediff.kernels._dispatch import FLOAT_DTYPES, use_triton
+from livediff.exceptions import KernelInputError
+from livediff.kernels._dispatch import FLOAT_DTYPES, run_triton, triton_refusal
 
 NORM_EPS = 1e-6
 TRITON_DTYPES = (*FLOAT_DTYPES, torch.uint8)
@@ -29,16 +30,16 @@ def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(
+        raise KernelInputError(
             f"frames must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     if a.numel() == 0:
-        raise ValueError("frames have no elements")
+        raise KernelInputError("frames have no elements")
     for x in (a, b):
         if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
-            raise ValueError(f"frames must be float or uint8, got {x.dtype}")
+            raise KernelInputError(f"frames must be float or uint8, got {x.dtype}")
     if a.device != b.device:
-        raise ValueError(f"frames are on different devices: {a.device} and {b.device}")
+        raise KernelInputError(f"frames are on different devices: {a.device} and {b.device}")
 
 
 def as_signal(x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +66,22 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @cosine_similarity.register_kernel("cuda")
 def _cosine_similarity_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check(a, b)
-    fits = a.numel() <= TRITON_MAX_NUMEL and a.dtype in TRITON_DTYPES and b.dtype in TRITON_DTYPES
-    if not (fits and use_triton(a, b)):
+    if not run_triton(
+        "livediff::cosine_similarity", triton_refusal(_misfit(a, b), a=a, b=b), a.device
+    ):
         return reference(a, b)
     from livediff.kernels import _triton_similarity
 
     return _triton_similarity.cosine(a, b, NORM_EPS)
+
+
+def _misfit(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    if a.numel() > TRITON_MAX_NUMEL:
+        return f"the frames have {a.numel()} elements: the kernel takes at most {TRITON_MAX_NUMEL}"
+    for name, x in (("a", a), ("b", b)):
+        if x.dtype not in TRITON_DTYPES:
+            return f"{name} is {x.dtype}: the kernel takes float16, bfloat16, float32 or uint8"
+    return None
 
 
 @cosine_similarity.register_fake

@@ -1,8 +1,11 @@
-"""What each kernel runs as on a device, for the engine to log at start-up.
+"""What each kernel runs as on a device, for the engine to log at start-up, and every fallback.
 
-``kernels_status()`` answers per op whether its Triton kernel runs and, if not, why. The
-Triton path also needs contiguous inputs of a supported dtype per call; those per-call
-conditions are listed under ``guard`` so a log line names them.
+``kernels_status()`` answers per op whether its Triton kernel runs and, if not, why (``impl``
+and ``reason``). The Triton path also needs contiguous inputs of a supported dtype per call;
+those per-call conditions are listed under ``guard`` so a log line names them. A call on CUDA
+that missed them ran the reference: from then on the op carries ``fallback``, the first
+reason and the number of such calls (:data:`livediff.kernels._dispatch.FALLBACKS`), and
+:func:`describe` says ``"triton; reference on 3 calls (fallback: …)"`` for it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from livediff.kernels import fused_step, postprocess, preprocess, similarity  # noqa: F401  (registers the ops)
 from livediff.kernels._dispatch import (
+    FALLBACKS,
     INT32_LIMIT,
     triton_interpreter_enabled,
     triton_unavailable_reason,
@@ -31,7 +35,8 @@ _GUARDS = {
 
 
 def kernels_status(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Per op: ``impl`` ("triton" or "reference"), ``reason`` when not Triton, and ``guard``.
+    """Per op: ``impl`` ("triton" or "reference"), ``reason`` when not Triton, ``guard``, and
+    on CUDA ``fallback`` (``{"reason", "calls"}``) once a call ran the reference.
 
     ``device`` defaults to CUDA when available, else CPU.
     """
@@ -50,6 +55,7 @@ def kernels_status(device: torch.device | str | None = None) -> dict[str, Any]:
         import triton
 
         version = str(triton.__version__)
+    fallbacks = FALLBACKS.snapshot() if device.type == "cuda" else {}
     ops = {}
     for name, guard in _GUARDS.items():
         entry: dict[str, Any] = {
@@ -58,6 +64,8 @@ def kernels_status(device: torch.device | str | None = None) -> dict[str, Any]:
         }
         if reason:
             entry["reason"] = reason
+        if name in fallbacks:
+            entry["fallback"] = fallbacks[name]
         ops[name] = entry
     return {
         "device": str(device),
@@ -65,6 +73,20 @@ def kernels_status(device: torch.device | str | None = None) -> dict[str, Any]:
         "triton_interpreter": triton_interpreter_enabled(),
         "ops": ops,
     }
+
+
+def describe(status: dict[str, Any]) -> dict[str, str]:
+    """One phrase per op of a :func:`kernels_status` answer, for a log line."""
+    phrases = {}
+    for name, entry in status["ops"].items():
+        phrase = entry["impl"]
+        if "reason" in entry:
+            phrase += f" ({entry['reason']})"
+        fallback = entry.get("fallback")
+        if fallback is not None and entry["impl"] == "triton":  # else "reason" says it already
+            phrase += f"; reference on {fallback['calls']} calls (fallback: {fallback['reason']})"
+        phrases[name] = phrase
+    return phrases
 
 
 def registered_ops() -> tuple[str, ...]:

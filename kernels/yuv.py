@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from livediff.exceptions import KernelInputError
+
 KR, KB = 0.299, 0.114
 KG = 1.0 - KR - KB
 
@@ -78,32 +80,32 @@ def split_i420(
 
 def check_i420_planes(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
     if y.ndim != 3 or u.ndim != 3 or v.ndim != 3:
-        raise ValueError(
+        raise KernelInputError(
             f"I420 planes must be [N, H, W], [N, ch, cw] x2, got {tuple(y.shape)}, {tuple(u.shape)}, {tuple(v.shape)}"
         )
     _check_chroma(y, u.shape[:3], "u")
     _check_chroma(y, v.shape[:3], "v")
     if u.dtype != torch.uint8 or v.dtype != torch.uint8:
-        raise ValueError(f"I420 planes must be uint8, got {y.dtype}, {u.dtype}, {v.dtype}")
+        raise KernelInputError(f"I420 planes must be uint8, got {y.dtype}, {u.dtype}, {v.dtype}")
 
 
 def check_nv12_planes(y: torch.Tensor, uv: torch.Tensor) -> None:
     if y.ndim != 3 or uv.ndim != 4 or uv.shape[3] != 2:
-        raise ValueError(
+        raise KernelInputError(
             f"NV12 planes must be [N, H, W] and [N, ch, cw, 2], got {tuple(y.shape)}, {tuple(uv.shape)}"
         )
     _check_chroma(y, uv.shape[:3], "uv")
     if uv.dtype != torch.uint8:
-        raise ValueError(f"NV12 planes must be uint8, got {y.dtype}, {uv.dtype}")
+        raise KernelInputError(f"NV12 planes must be uint8, got {y.dtype}, {uv.dtype}")
 
 
 def _check_chroma(y: torch.Tensor, shape: torch.Size, name: str) -> None:
     if y.dtype != torch.uint8:
-        raise ValueError(f"the Y plane must be uint8, got {y.dtype}")
+        raise KernelInputError(f"the Y plane must be uint8, got {y.dtype}")
     n, height, width = y.shape
     expected = (n, *chroma_size(height, width))
     if tuple(shape) != expected:
-        raise ValueError(
+        raise KernelInputError(
             f"the {name} plane is {tuple(shape)}: expected {expected} for a {width}×{height} Y plane"
         )
 
@@ -144,7 +146,7 @@ def nv12_to_rgb_float(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 def rgb_to_i420(rgb: torch.Tensor) -> torch.Tensor:
     """``[N, H, W, 3]`` uint8 RGB → packed I420 ``[N, H*W + 2*ch*cw]`` uint8 (reference)."""
     if rgb.ndim != 4 or rgb.shape[3] != 3 or rgb.dtype != torch.uint8:
-        raise ValueError(
+        raise KernelInputError(
             f"expected uint8 RGB frames [N, H, W, 3], got {rgb.dtype} {tuple(rgb.shape)}"
         )
     n, height, width, _ = rgb.shape

@@ -273,7 +273,7 @@ def load_for_backend(spec: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     Returns ``(bundle, backend)``; a backend that cannot start raises ``BackendError`` here,
     before anything else runs.
     """
-    from livediff.engine.backends import prepare_backend, resolve_backend
+    from livediff.models.backends import prepare_backend, resolve_backend
     from livediff.models.loading import load_model
 
     bundle = load_model(spec, device=args.device, dtype=args.dtype)

@@ -100,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from livediff.cli_options import load_for_backend
-    from livediff.engine.backends import make_stream
+    from livediff.engine.backend_fit import make_stream
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
     from livediff.streams.file_source import FileSource

@@ -134,8 +134,9 @@ def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) ->
 def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     """Load the model and build (not start) the engine these flags and config file describe."""
     from livediff.cli_options import load_for_backend
-    from livediff.engine.backends import fit_degrade_to_bundle, runtime_bundle
+    from livediff.engine.backend_fit import fit_degrade_to_bundle
     from livediff.engine.runtime import Engine
+    from livediff.models.backends import runtime_bundle
     from livediff.models.presets import get_preset
 
     spec = model_spec_from_args(args, config)

@@ -1,1 +1,16 @@
-"""placeholder"""
+"""Model families and how they run: presets, loading, text encoding, the speed recipe, backends.
+
+Owns the presets (:mod:`.presets`: ``sd-turbo``, ``sdxl-turbo``, ``sd15-lcm``, ``tiny``),
+loading from a Hugging Face id, a diffusers folder or one ``.safetensors`` file, or random
+weights (:mod:`.loading`, giving a :class:`~.bundle.ModelBundle`), prompt encoding and blending
+(:mod:`.prompts`), the UNet's batch interface (:mod:`.unet_batch`), and the backends
+(:mod:`.backends`): the speed recipe (:mod:`.recipe`), per-bucket CUDA graphs
+(:mod:`.graphed`), and ONNX export and TensorRT engines (:mod:`.onnx_export`,
+:mod:`.tensorrt_engine`).
+
+Entry points: :func:`~.loading.load_model` with a :class:`~.loading.ModelSpec`, then
+:func:`~.backends.prepare_backend`.
+
+It imports ``kernels`` and never ``engine``, ``streams``, ``clients`` or ``bench``: no
+queues, asyncio or sessions here.
+"""

@@ -21,6 +21,7 @@ from enum import Enum
 
 import torch
 
+from livediff.exceptions import ModelLoadError
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import Conditioning
 
@@ -116,7 +117,7 @@ class PromptEncoder:
             if hasattr(output, "text_embeds"):
                 pooled = output.text_embeds
         if pooled is None:
-            raise RuntimeError("SDXL's second text encoder must return text_embeds")
+            raise ModelLoadError("SDXL's second text encoder must return text_embeds")
         return Conditioning(
             embeds=torch.cat(hidden_states, dim=-1).to(bundle.dtype),
             pooled=pooled.to(bundle.dtype),

@@ -50,11 +50,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from livediff.ice import HostAddressRestriction
 from livediff.streams import app_keys, ws_protocol
 from livediff.streams.auth import ACCESS, AccessPolicy, access_control
 from livediff.streams.drain import DRAIN, Drain, drain_connections
+from livediff.streams.engine_protocol import EngineLike
 from livediff.streams.http_errors import json_errors
-from livediff.streams.ice import HostAddressRestriction
 from livediff.streams.log_redaction import tokens_redacted
 from livediff.streams.peer_registry import PeerRegistry
 from livediff.streams.security_headers import add_security_headers
@@ -72,7 +73,7 @@ def web_client_dir() -> Path:
     return Path(str(importlib.resources.files("livediff.clients").joinpath("web")))
 
 
-def create_app(engine: Any, config: ServerConfig | None = None) -> web.Application:
+def create_app(engine: EngineLike, config: ServerConfig | None = None) -> web.Application:
     """An app serving ``engine`` (already started by the caller) with ``config``."""
     config = config or ServerConfig()
     static = Path(config.static_dir) if config.static_dir else web_client_dir()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from aiohttp import web
 
+from livediff.streams.engine_protocol import EngineLike
 from livediff.streams.peer_registry import PeerRegistry
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
 
-ENGINE = web.AppKey("engine", Any)  # livediff.engine.runtime.Engine, started by the app's owner
+ENGINE = web.AppKey("engine", EngineLike)  # started and stopped by the app's owner
 CONFIG = web.AppKey("config", ServerConfig)
 PEERS = web.AppKey("peers", PeerRegistry)
 WEBSOCKETS = web.AppKey("websockets", set)  # open web.WebSocketResponse objects

@@ -21,7 +21,6 @@ with a control message never close the connection.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams, shown, shown_key
 from livediff.exceptions import ParameterError, ProtocolError
 from livediff.streams.json_text import loads_bounded
+from livediff.wire import error_reply as error_reply  # the reply builders are the wire's
+from livediff.wire import ok_reply as ok_reply
 
 _INT_KEYS = frozenset({"seed", "steps", "max_skip_frames"})
 _FLOAT_KEYS = frozenset({"strength", "guidance_scale", "delta", "similarity_threshold"})
@@ -147,30 +148,6 @@ def wire_params(params: GenerationParams) -> dict[str, Any]:
         t_index_list=None if params.t_index_list is None else list(params.t_index_list),
     )
     return values
-
-
-def ok_reply(request_id: str | int | None = None) -> str:
-    return json.dumps({"ok": True} if request_id is None else {"ok": True, "id": request_id})
-
-
-def error_reply(
-    message: str,
-    request_id: str | int | None = None,
-    *,
-    field: str | None = None,
-    current: Mapping[str, Any] | None = None,
-) -> str:
-    """``{"error": message}``, plus the request's ``id``, the ``field`` to blame and the values
-    the session keeps (``current``: for the keys the request tried to change), when known.
-    """
-    reply: dict[str, Any] = {"error": message}
-    if request_id is not None:
-        reply["id"] = request_id
-    if field is not None:
-        reply["field"] = field
-    if current:
-        reply["current"] = dict(current)
-    return json.dumps(reply)
 
 
 def refusal_reply(exc: ParameterError, request: ControlRequest, params: GenerationParams) -> str:

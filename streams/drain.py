@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
+
+from livediff.streams.engine_protocol import EngineLike
 
 log = logging.getLogger(__name__)
 SHUTDOWN_REASON = "server shutdown"
@@ -65,7 +67,7 @@ DRAIN = web.AppKey("drain", Drain)
 
 
 async def drain_connections(
-    drain: Drain, peers: list[Drainable], engine: Any, timeout_s: float
+    drain: Drain, peers: list[Drainable], engine: EngineLike, timeout_s: float
 ) -> bool:
     """Steps 1–4 of the module docstring; ``True`` when all finished in time."""
     drain.begin(SHUTDOWN_REASON)

@@ -22,7 +22,7 @@ from typing import Any
 
 import av
 
-from livediff.exceptions import MediaError
+from livediff.exceptions import MediaError, UsageError
 from livediff.streams.closing import ClosesOnExit
 
 from .media import AudioPacket, MediaTime, VideoFrame, yuv_frame_of
@@ -107,7 +107,7 @@ class FileSource(ClosesOnExit):
 
     def __iter__(self) -> Iterator[VideoFrame | AudioPacket]:
         if self._started:
-            raise RuntimeError(
+            raise UsageError(
                 f"{self.path} is being read or was read already; a FileSource is read once"
             )
         self._started = True

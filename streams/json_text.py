@@ -46,7 +46,9 @@ def loads_bounded(text: str | bytes, *, what: str, max_depth: int = MAX_DEPTH) -
                 f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}"
             ) from None
     if nesting_depth(text, max_depth) > max_depth:
-        raise ProtocolError(f"{what} is nested too deeply: at most {max_depth} levels")
+        raise ProtocolError(
+            f"{what} is nested too deeply: at most {max_depth} levels", limit=max_depth
+        )
     try:
         return json.loads(text)
     except ValueError as exc:

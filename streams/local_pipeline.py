@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from livediff.exceptions import InvalidFrameError, SessionClosedError
 from livediff.streams.camera_source import CameraSource, iterate_in_thread
+from livediff.streams.engine_protocol import EngineLike
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class PipelineResult:
 
 
 async def run_local_pipeline(
-    engine: Any,
+    engine: EngineLike,
     source: CameraSource,
     sinks: Sequence[FrameSink],
     *,

@@ -36,15 +36,10 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from livediff.exceptions import OfferError, ParameterError, SessionClosedError
-from livediff.streams.control import (
-    error_reply,
-    ok_reply,
-    parse_control,
-    refusal_reply,
-    session_params,
-)
+from livediff.ice import rtc_configuration
+from livediff.streams.control import parse_control, refusal_reply, session_params
+from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
-from livediff.streams.ice import rtc_configuration
 from livediff.streams.limits import (
     Inactivity,
     PixelLimitedTrack,
@@ -55,6 +50,7 @@ from livediff.streams.limits import (
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
+from livediff.wire import error_reply, ok_reply
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "webrtc"
@@ -74,7 +70,7 @@ class LivePeer:
 
     def __init__(
         self,
-        session: Any,
+        session: SessionLike,
         config: ServerConfig,
         *,
         metrics: TransportMetrics | None = None,

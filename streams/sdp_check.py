@@ -208,7 +208,9 @@ def check_offer_sdp(sdp: str) -> None:
     """Raise :class:`OfferError` naming the first line that aiortc could not parse, or what is missing."""
     lines = [line.rstrip("\r") for line in sdp.strip().split("\n")]
     if len(lines) > MAX_LINES:
-        raise OfferError(f"the SDP has {len(lines)} lines: at most {MAX_LINES}", field="sdp")
+        raise OfferError(
+            f"the SDP has {len(lines)} lines: at most {MAX_LINES}", field="sdp", limit=MAX_LINES
+        )
     if lines[0].strip() != "v=0":
         raise OfferError(
             f"the SDP must start with 'v=0' (line 1 is {_excerpt(lines[0])}): "

@@ -20,7 +20,7 @@ from typing import Any
 import av
 import numpy as np
 
-from livediff.exceptions import MediaError
+from livediff.exceptions import MediaError, ParameterError
 from livediff.streams.closing import ClosesOnExit
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,15 @@ class Y4MFileBackend:
         from pyvirtualcam import PixelFormat
 
         if fourcc != pyvirtualcam.util.encode_fourcc(PixelFormat.RGB.value):
-            raise ValueError("the y4m backend takes RGB frames only")
+            raise ParameterError("the y4m backend takes RGB frames only", field="fourcc")
         if not device:
-            raise ValueError("the y4m backend needs device=<path of the .y4m file to write>")
+            raise ParameterError(
+                "the y4m backend needs device=<path of the .y4m file to write>", field="device"
+            )
         if width % 2 or height % 2:
-            raise ValueError(f"the y4m backend needs even sizes (yuv420p), not {width}x{height}")
+            raise ParameterError(
+                f"the y4m backend needs even sizes (yuv420p), not {width}x{height}", field="width"
+            )
         self._path, self._width, self._height = device, width, height
         self._container = av.open(device, "w", format="yuv4mpegpipe")
         self._stream = self._container.add_stream(

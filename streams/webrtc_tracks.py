@@ -21,7 +21,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 import av
 import numpy as np
@@ -29,6 +28,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from livediff.engine.frames import YuvFrame
 from livediff.exceptions import InvalidFrameError, SessionClosedError
+from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import read_marker, stamp_marker
 from livediff.streams.media import yuv_frame_of
@@ -45,7 +45,7 @@ class SessionVideoTrack(MediaStreamTrack):
 
     def __init__(
         self,
-        session: Any,
+        session: SessionLike,
         flow: FlowStats,
         *,
         markers: MarkerMap | None = None,
@@ -105,7 +105,7 @@ def _to_input(
 
 async def forward_video(
     track: MediaStreamTrack,
-    session: Any,
+    session: SessionLike,
     flow: FlowStats,
     log: logging.LoggerAdapter[logging.Logger],
     *,

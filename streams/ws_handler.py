@@ -31,16 +31,14 @@ from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError
 from livediff.streams import app_keys, ws_protocol
 from livediff.streams.auth import ACCESS, TOKEN_QUERY, UNAUTHORIZED
 from livediff.streams.control import (
-    error_reply,
-    ok_reply,
     params_from_query,
     parse_control,
     refusal_reply,
     session_params,
 )
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
+from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
-from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 from livediff.streams.limits import (
     DecodeLimits,
     Inactivity,
@@ -51,6 +49,7 @@ from livediff.streams.limits import (
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
+from livediff.wire import decode_jpeg, encode_jpeg, error_reply, ok_reply
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "websocket"
@@ -106,7 +105,7 @@ class WsConnection:
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        session: Any,
+        session: SessionLike,
         config: ServerConfig,
         metrics: TransportMetrics,
         decode_pool: Executor | None = None,

@@ -1,5 +1,9 @@
 """The websocket protocol of ``GET /ws``: JPEG frames in, JPEG frames out, JSON control.
 
+This page says what the server does and when; the message shapes, close codes and JPEG helpers
+themselves are :mod:`livediff.wire`, which the clients use too (its names are importable from
+here as well).
+
 Connecting
     ``ws://HOST:PORT/ws[?prompt=…&negative_prompt=…&seed=…&strength=…&guidance_scale=…]``.
     Query parameters (all optional) are the session's initial generation parameters.
@@ -54,34 +58,30 @@ Frames and control of one connection never affect another connection.
 
 from __future__ import annotations
 
-import json
-from fractions import Fraction
+from livediff.wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_INVALID_DATA,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
+    MAX_CLOSE_REASON,
+    PTS_TIME_BASE,
+    close_reason,
+    dropped,
+    hello,
+)
 
-PTS_TIME_BASE = Fraction(1, 1_000_000)  # inputs are stamped with their arrival time in µs
-
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008  # bad session parameters
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN = 1013  # at capacity
-MAX_CLOSE_REASON = 120  # bytes: the websocket limit is 123
-
-
-def close_reason(message: str) -> bytes:
-    """A close reason that fits in a close frame (the full text goes in a preceding error message)."""
-    encoded = message.encode()
-    return (
-        encoded
-        if len(encoded) <= MAX_CLOSE_REASON
-        else encoded[: MAX_CLOSE_REASON - 3].rsplit(b" ", 1)[0] + b"..."
-    )
-
-
-def hello(session_id: str) -> str:
-    """The first message of every accepted connection."""
-    return json.dumps({"session": session_id})
-
-
-def dropped(index: int, reason: str) -> str:
-    """The answer to a frame the server dropped (see "Frames" above)."""
-    return json.dumps({"dropped": index, "reason": reason})
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL",
+    "CLOSE_INVALID_DATA",
+    "CLOSE_POLICY",
+    "CLOSE_TOO_BIG",
+    "CLOSE_TRY_AGAIN",
+    "MAX_CLOSE_REASON",
+    "PTS_TIME_BASE",
+    "close_reason",
+    "dropped",
+    "hello",
+]

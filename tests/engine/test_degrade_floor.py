@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from livediff.engine.backends import fit_degrade_to_bundle
+from livediff.engine.backend_fit import fit_degrade_to_bundle
 from livediff.engine.degrade import DegradeLevel, DegradePolicy, degraded_size
 from livediff.models.bundle import ModelBundle
 from livediff.models.onnx_export import GraphName

@@ -87,7 +87,7 @@ async def test_no_hidden_host_syncs_while_streaming(cuda_tiny_bundle: ModelBundl
 async def test_graphed_bundle_serves_the_runtime(cuda_tiny_bundle: ModelBundle) -> None:
     """The compiled fast path: per-bucket CUDA graphs (captured before the engine starts) behind
     the batcher's bucket padding give what the eager bundle gives (fp16: a few levels)."""
-    from livediff.engine.backends import Backend, prepare_backend
+    from livediff.models.backends import Backend, prepare_backend
     from livediff.models.graphed import GraphedBundle
 
     buckets = (1, 2, 4)

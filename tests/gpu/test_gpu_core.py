@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from livediff.engine.backends import Backend, make_stream, prepare_backend
+from livediff.engine.backend_fit import make_stream
 from livediff.engine.captured_stream import CapturedStream
 from livediff.engine.config import GenerationMode, RCFGMode, StreamConfig
 from livediff.engine.stream import Stream
+from livediff.models.backends import Backend, prepare_backend
 from livediff.models.bundle import ModelBundle
 from livediff.models.graphed import GraphedBundle
 from livediff.models.loading import ModelSpec, load_model

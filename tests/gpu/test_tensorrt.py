@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from livediff.engine.backends import Backend, make_stream, runtime_bundle
+from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import StreamConfig
 from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
+from livediff.models.backends import Backend, runtime_bundle
 from livediff.models.bundle import ModelBundle
 from livediff.models.onnx_export import GraphName
 from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle

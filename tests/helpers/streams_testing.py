@@ -27,6 +27,7 @@ import pytest
 import torch
 from aiohttp import web
 
+from livediff.bench.netns import in_loopback_netns, loopback_netns_argv, netns_tools_missing
 from livediff.engine.config import GenerationParams
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
@@ -35,7 +36,6 @@ from livediff.models.bundle import ModelBundle
 from livediff.models.export import export_model
 from livediff.models.loading import ModelSpec, load_model
 from livediff.streams.app import create_app
-from livediff.streams.netns import in_loopback_netns, loopback_netns_argv, netns_tools_missing
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.slow_clients import start_runner
 

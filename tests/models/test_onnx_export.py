@@ -16,8 +16,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from livediff.engine.backends import Backend, prepare_backend
 from livediff.exceptions import BackendError, ParameterError
+from livediff.models.backends import Backend, prepare_backend
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.onnx_export import OPSET, GraphName, OnnxGraph, export_graph, export_graphs

@@ -12,8 +12,8 @@ from helpers.streams_testing import pattern, running_server, visible_tiny_bundle
 from livediff.models.bundle import ModelBundle
 from livediff.streams import app_keys
 from livediff.streams.drain import DRAIN
-from livediff.streams.jpeg import encode_jpeg
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import encode_jpeg
 
 pytestmark = pytest.mark.slow
 

@@ -32,9 +32,9 @@ from livediff.engine.runtime import Engine
 from livediff.engine.runtime_config import RuntimeConfig
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch
-from livediff.streams.jpeg import encode_jpeg
 from livediff.streams.log_redaction import redact
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import encode_jpeg
 
 FRAME = encode_jpeg(pattern(96, 96, seed=5))
 

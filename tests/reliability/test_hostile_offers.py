@@ -26,9 +26,9 @@ from helpers.streams_testing import (
 )
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.exceptions import OfferError
+from livediff.ice import rtc_configuration
 from livediff.models.bundle import ModelBundle
 from livediff.streams import app_keys
-from livediff.streams.ice import rtc_configuration
 from livediff.streams.sdp_check import check_offer_sdp
 from livediff.streams.server_config import ServerConfig
 

@@ -30,9 +30,9 @@ from livediff.engine.runtime_config import RuntimeConfig
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch
 from livediff.streams import ws_handler
-from livediff.streams.jpeg import encode_jpeg
 from livediff.streams.limits import read_jpeg_header
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import encode_jpeg
 
 OBJECT_REPR = re.compile(r"object at 0x|<[a-zA-Z_.]+ object")
 FRAME = encode_jpeg(pattern(96, 96, seed=4))

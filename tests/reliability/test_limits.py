@@ -20,9 +20,9 @@ from livediff.engine.runtime import RuntimeConfig
 from livediff.exceptions import ParameterError
 from livediff.models.bundle import ModelBundle
 from livediff.streams import ws_handler
-from livediff.streams.jpeg import encode_jpeg
 from livediff.streams.limits import Throttle, TokenBucket, jpeg_dimensions
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import encode_jpeg
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from helpers.streams_testing import NEEDS_NETNS, REPO, netns_module_runner, pattern
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
-from livediff.streams.ice import HostAddressRestriction
-from livediff.streams.jpeg import encode_jpeg
+from livediff.ice import HostAddressRestriction
+from livediff.wire import encode_jpeg
 
 test_in_loopback_netns = netns_module_runner(__file__)
 pytestmark = pytest.mark.slow

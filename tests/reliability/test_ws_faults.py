@@ -24,8 +24,8 @@ from livediff.clients.ws_client import WsClient
 from livediff.exceptions import SessionClosedError
 from livediff.streams import app_keys
 from livediff.streams.drain import DRAIN
-from livediff.streams.jpeg import encode_jpeg
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import encode_jpeg
 
 FRAME = encode_jpeg(pattern(96, 96, seed=4))
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from livediff.bench.netns import netns_tools_missing
 from livediff.bench.records import REQUIRED_KEYS
-from livediff.streams.netns import netns_tools_missing
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_KEYS = (*REQUIRED_KEYS, "client", "latency_ms_p50", "latency_ms_p99", "frames")

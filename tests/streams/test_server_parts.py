@@ -10,13 +10,13 @@ import pytest
 
 from livediff.cmd_serve import add_parser, server_config_from_args
 from livediff.exceptions import EmptyFrameError, InvalidFrameError, ParameterError
+from livediff.ice import HostAddressRestriction, rtc_configuration
 from livediff.streams.control import params_from_query, parse_control, session_params
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import MARKER_MODULUS, read_marker, stamp_marker
-from livediff.streams.ice import HostAddressRestriction, rtc_configuration
-from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 from livediff.streams.server_config import IceServer, ServerConfig
 from livediff.streams.ws_protocol import close_reason
+from livediff.wire import decode_jpeg, encode_jpeg
 
 
 def test_server_table_and_flags_make_a_checked_config() -> None:

@@ -28,9 +28,9 @@ from helpers.streams_testing import (
     running_server,
 )
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
+from livediff.ice import rtc_configuration
 from livediff.models.bundle import ModelBundle
 from livediff.streams import app_keys
-from livediff.streams.ice import rtc_configuration
 from livediff.streams.server_config import ServerConfig
 
 test_in_loopback_netns = netns_module_runner(__file__)

@@ -29,8 +29,8 @@ from livediff.engine.runtime import RuntimeConfig
 from livediff.exceptions import LivediffError
 from livediff.models.bundle import ModelBundle
 from livediff.streams import app_keys
-from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 from livediff.streams.server_config import ServerConfig
+from livediff.wire import decode_jpeg, encode_jpeg
 
 MAX_MESSAGE = 64 * 1024
 

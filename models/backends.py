@@ -2,32 +2,32 @@
 
 - ``eager``: plain PyTorch (SDPA attention). Works everywhere; the CPU default.
 - ``compile``: the speed recipe (:mod:`livediff.models.recipe`) plus CUDA graphs — the whole
-  frame step as one graph for a single stream (:class:`CapturedStream`), per batch bucket for
-  the multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
+  frame step as one graph for a single stream (the engine's ``CapturedStream``, which
+  :func:`livediff.engine.backend_fit.make_stream` picks), per batch bucket for the
+  multi-session runtime (:class:`~livediff.models.graphed.GraphedBundle`). The CUDA default.
 - ``tensorrt``: ONNX export + TensorRT engines (``pip install 'livediff[tensorrt]'``), cached
   in ``~/.cache/livediff/tensorrt``, each replayed as a CUDA graph per batch bucket
   (:class:`~livediff.models.tensorrt_engine.TensorRTBundle`).
 
 A backend that cannot start raises :class:`~livediff.exceptions.BackendError` at start-up;
-nothing falls back to a slower path behind the user's back.
+nothing falls back to a slower path behind the user's back. Every backend logs at start-up what
+the fused kernels run as (:func:`livediff.kernels.status.kernels_status`): a WARNING on CUDA
+when they run their PyTorch references. The ``compile`` backend on CUDA needs Triton (Inductor
+generates Triton kernels), so there a Triton that cannot be imported is a ``BackendError``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from enum import Enum
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from livediff.engine.captured_stream import CapturedStream
-from livediff.engine.degrade import DegradePolicy
-from livediff.engine.stream import Stream
 from livediff.exceptions import BackendError
-from livediff.kernels.status import kernels_status
+from livediff.kernels._dispatch import triton_unavailable_reason
+from livediff.kernels.status import describe, kernels_status
 from livediff.models.bundle import ModelBundle
 from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
@@ -51,11 +51,12 @@ def prepare_backend(
 ) -> ModelBundle:
     """Make ``bundle`` ready for ``backend``, or raise :class:`BackendError` saying why it can't."""
     backend = Backend(backend)
+    recipe = recipe or Recipe()
+    _report_kernels(bundle, needs_triton=backend is Backend.COMPILE and recipe.compile)
     if backend is Backend.EAGER:
         return apply_recipe(bundle, Recipe(fuse_qkv=False, channels_last=False, compile=False))
     if backend is Backend.COMPILE:
-        _report_kernels(bundle)
-        return apply_recipe(bundle, recipe or Recipe())
+        return apply_recipe(bundle, recipe)
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
@@ -66,16 +67,22 @@ def prepare_backend(
     return load_tensorrt_bundle(bundle)
 
 
-def _report_kernels(bundle: ModelBundle) -> None:
-    """Say at start-up which fused kernels run as Triton and which fall back, and why."""
+def _report_kernels(bundle: ModelBundle, *, needs_triton: bool) -> None:
+    """Say at start-up which fused kernels run as Triton and which as references, and why."""
     status = kernels_status(bundle.device)
-    slow = {
-        name: op.get("reason", "") for name, op in status["ops"].items() if op["impl"] != "triton"
-    }
-    if slow and bundle.device.type == "cuda":
-        log.warning("Triton kernels unavailable, using PyTorch references: %s", slow)
+    on_cuda = bundle.device.type == "cuda"
+    unavailable = triton_unavailable_reason()
+    if on_cuda and needs_triton and unavailable is not None:
+        raise BackendError(
+            f"the compile backend on CUDA needs Triton (Inductor generates Triton kernels): "
+            f"{unavailable}. Install the triton that matches torch, or use --backend eager."
+        )
+    phrases = describe(status)
+    shown = phrases if len(set(phrases.values())) > 1 else next(iter(phrases.values()))
+    if on_cuda and any(op["impl"] != "triton" for op in status["ops"].values()):
+        log.warning("fused kernels run their PyTorch references on CUDA: %s", shown)
     else:
-        log.info("fused kernels: %s", {name: op["impl"] for name, op in status["ops"].items()})
+        log.info("fused kernels: %s", shown)
 
 
 def resolve_backend(backend: Backend | str | None, device: torch.device) -> Backend:
@@ -117,28 +124,3 @@ def runtime_bundle(
     with tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar:
         graphed.warm_up(progress=lambda name: (bar.set_postfix_str(name), bar.update()))
     return graphed
-
-
-def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:
-    """A :class:`Stream` for ``backend``: whole-step CUDA graph when compiled on CUDA."""
-    if Backend(backend) is Backend.COMPILE and bundle.device.type == "cuda":
-        return CapturedStream(bundle, *args, **kwargs)
-    return Stream(bundle, *args, **kwargs)
-
-
-def fit_degrade_to_bundle(policy: DegradePolicy, bundle: ModelBundle) -> DegradePolicy:
-    """``policy`` with its lowest resolution raised to what ``bundle`` can run, where it has a floor.
-
-    TensorRT engines are built for a range of sides (384 px and up by default); degrading to half
-    of 512 px would leave it, so the degraded side stops at the engine's smallest instead.
-    """
-    floor = bundle.smallest_side if isinstance(bundle, TensorRTBundle) else None
-    if floor is None or policy.min_side >= floor:
-        return policy
-    log.info(
-        "degrade: lowest resolution raised from %d to %d px, the smallest the %s engines take",
-        policy.min_side,
-        floor,
-        Backend.TENSORRT.value,
-    )
-    return replace(policy, min_side=floor)

@@ -1,4 +1,9 @@
-"""ICE for the server's peers: the RTC configuration, and a restriction of host candidates.
+"""ICE for livediff's WebRTC peers, server and client alike: the RTC configuration, and a
+restriction of host candidates.
+
+Both sides need these and the restriction must be one class (it refuses to stack, and a second
+copy could not see the first), so this module sits at the bottom beside
+:mod:`livediff.exceptions` and :mod:`livediff.wire`: it imports only the first of them.
 
 aiortc uses Google's public STUN server when it is given no configuration, so
 :func:`rtc_configuration` always passes an explicit (by default empty) server list.
@@ -17,22 +22,42 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Protocol
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
-from livediff.streams.server_config import IceServer
+from livediff.exceptions import ParameterError, UsageError
 
 log = logging.getLogger(__name__)
 
 HostAddressFunction = Callable[[bool, bool], list[str]]
 
 
-def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration:
+class IceServerLike(Protocol):
+    """A STUN or TURN server: the server's ``IceServer`` (``[server] ice_servers``) or aiortc's
+    ``RTCIceServer`` both fit.
+    """
+
+    @property
+    def urls(self) -> str | Sequence[str]: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def credential(self) -> str | None: ...
+
+
+def rtc_configuration(ice_servers: Sequence[IceServerLike] = ()) -> RTCConfiguration:
     """An aiortc configuration with exactly ``ice_servers`` (none: host candidates only)."""
     return RTCConfiguration(
         iceServers=[
-            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+            RTCIceServer(
+                urls=[s.urls] if isinstance(s.urls, str) else list(s.urls),
+                username=s.username,
+                credential=s.credential,
+            )
             for s in ice_servers
         ]
     )
@@ -43,7 +68,9 @@ class HostAddressRestriction:
 
     def __init__(self, addresses: Sequence[str]) -> None:
         if not addresses:
-            raise ValueError("a host address restriction needs at least one address")
+            raise ParameterError(
+                "a host address restriction needs at least one address", field="host_addresses"
+            )
         parsed = [ipaddress.ip_address(a) for a in addresses]
         self.addresses = tuple(str(a) for a in parsed)
         self._ipv4 = [str(a) for a in parsed if a.version == 4]
@@ -60,9 +87,7 @@ class HostAddressRestriction:
     def install(self) -> None:
         current = aioice.ice.get_host_addresses
         if getattr(current, "__self__", None).__class__ is HostAddressRestriction:
-            raise RuntimeError(
-                "another HostAddressRestriction is active; restrictions do not stack"
-            )
+            raise UsageError("another HostAddressRestriction is active; restrictions do not stack")
         self._original = current
         setattr(aioice.ice, "get_host_addresses", self._host_addresses)  # noqa: B010 (typed as a plain function)
         log.info("ICE host candidates restricted to %s", ", ".join(self.addresses))

@@ -1,9 +1,10 @@
 """Run a command in a network namespace that has only loopback, so no packet can leave the host.
 
-WebRTC tests and CPU smoke benchmarks use it: ICE then has nothing but ``127.0.0.1`` to try,
-and a mistake (a STUN server left on, a candidate on a real interface) fails instead of
-sending traffic out. It needs ``unshare`` (util-linux), ``ip`` (iproute2) and root (or an
-unprivileged user namespace)::
+WebRTC tests and the CPU smoke run of the ``e2e`` benchmark use it: ICE then has nothing but
+``127.0.0.1`` to try, and a mistake (a STUN server left on, a candidate on a real interface)
+fails instead of sending traffic out. It lives with the benchmarks, which the product never
+imports, because the server has no use for it. It needs ``unshare`` (util-linux), ``ip``
+(iproute2) and root (or an unprivileged user namespace)::
 
     argv = loopback_netns_argv([sys.executable, "-m", "pytest", "tests/streams/test_webrtc.py"])
     subprocess.run(argv, check=True)

@@ -1,0 +1,273 @@
+"""The wire protocol of ``livediff serve``: the one contract the server and its clients share.
+
+The server (``livediff.streams``) builds its messages here and the Python clients
+(``livediff.clients``) read them here; neither side knows the other's code. This module is the
+bottom of the import graph with :mod:`livediff.exceptions`: it imports nothing else from
+livediff, and Pillow and numpy only when a JPEG helper runs, so a client that only talks JSON
+loads neither. What the server does and when (limits, timeouts, which error for what) is
+documented beside its handlers: :mod:`livediff.streams.ws_protocol` (``GET /ws``),
+:mod:`livediff.streams.signaling` (``POST /offer``), :mod:`livediff.streams.peer` (the data
+channel) and :mod:`livediff.streams.control` (live parameters).
+
+Websocket (``GET /ws``)
+    Binary messages are frames: one JPEG image each, both ways (:func:`encode_jpeg`,
+    :func:`decode_jpeg`). Text messages are one JSON object each (UTF-8). Session parameters
+    travel in the URL's query (:func:`query_string`); the server stamps every input with its
+    arrival time in :data:`PTS_TIME_BASE` ticks.
+
+Messages from the server (text, JSON objects; :func:`kind_of` tells them apart)
+    - ``{"session": "<id>"}`` — the first message of an accepted websocket (:func:`hello`).
+    - ``{"ok": true, "id": …}`` — a control message took effect (:func:`ok_reply`).
+    - ``{"error": "<why>", "id": …, "field": "<key>", "current": {…}}`` — a refused request
+      (:func:`error_reply`): ``id`` echoes the request's, ``field`` names the key to blame and
+      ``current`` holds the values the session keeps; each only when known. Without an ``id``
+      it is a notice about no request in particular (a refused frame, a session that ended).
+    - ``{"dropped": <frame index>, "reason": "<why>"}`` — a frame that gets no output
+      (:func:`dropped`); the reasons are :data:`DROP_REASONS`.
+    - ``{"stats": {…}}`` — the session's counters (WebRTC data channel, every few seconds).
+    - ``{"closing": "<reason>"}`` — the server is about to close on purpose (data channel).
+
+Messages to the server
+    A control message: one JSON object of live parameters and an optional ``id`` (a string, or
+    an integer below 2**53), answered by exactly one reply (:func:`control_message`). A WebRTC
+    offer: ``POST /offer`` with :func:`offer_request`, answered ``{"sdp", "type", "session",
+    "params"}`` or, with an HTTP error status, ``{"error": …}``.
+
+Close codes (websocket)
+    :data:`CLOSE_GOING_AWAY` 1001 server shutdown; :data:`CLOSE_INVALID_DATA` 1007 text that is
+    not UTF-8; :data:`CLOSE_POLICY` 1008 bad session parameters, a refused token or an idle
+    connection; :data:`CLOSE_TOO_BIG` 1009 a message over the size limit;
+    :data:`CLOSE_INTERNAL` 1011 the session failed in the engine; :data:`CLOSE_TRY_AGAIN` 1013
+    at capacity or shutting down, try again later. A close reason fits the websocket's 123
+    bytes (:func:`close_reason`); the full text goes in an ``error`` message first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from collections.abc import Mapping
+from enum import Enum
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from livediff.exceptions import (
+    EmptyFrameError,
+    FrameTooLargeError,
+    InvalidFrameError,
+    ProtocolError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PTS_TIME_BASE = Fraction(1, 1_000_000)  # the server stamps inputs with their arrival time in µs
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+CLOSE_MEANINGS = {
+    CLOSE_GOING_AWAY: "the server is shutting down",
+    CLOSE_INVALID_DATA: "a text message was not UTF-8",
+    CLOSE_POLICY: "refused: bad parameters, token or idle",
+    CLOSE_TOO_BIG: "a message was too large",
+    CLOSE_INTERNAL: "the session failed on the server",
+    CLOSE_TRY_AGAIN: "the server is busy: try again later",
+}
+MAX_CLOSE_REASON = 120  # bytes: the websocket limit is 123
+
+DROP_REASONS = ("replaced", "deadline", "reconfigure", "outbox")
+
+MAX_JPEG_SIDE = 4096
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+class MessageKind(str, Enum):
+    """What a message from the server is (see the module docstring)."""
+
+    HELLO = "session"
+    REPLY = "reply"
+    ERROR = "error"
+    DROPPED = "dropped"
+    STATS = "stats"
+    CLOSING = "closing"
+    UNKNOWN = "unknown"
+
+
+# ---------------------------------------------------------------------------- server → client
+def hello(session_id: str) -> str:
+    """The first message of every accepted websocket."""
+    return json.dumps({"session": session_id})
+
+
+def ok_reply(request_id: str | int | None = None) -> str:
+    return json.dumps({"ok": True} if request_id is None else {"ok": True, "id": request_id})
+
+
+def error_reply(
+    message: str,
+    request_id: str | int | None = None,
+    *,
+    field: str | None = None,
+    current: Mapping[str, Any] | None = None,
+) -> str:
+    """``{"error": message}``, plus the request's ``id``, the ``field`` to blame and the values
+    the session keeps (``current``: for the keys the request tried to change), when known.
+    """
+    reply: dict[str, Any] = {"error": message}
+    if request_id is not None:
+        reply["id"] = request_id
+    if field is not None:
+        reply["field"] = field
+    if current:
+        reply["current"] = dict(current)
+    return json.dumps(reply)
+
+
+def dropped(index: int, reason: str) -> str:
+    """The answer to a frame the server dropped: its index on the connection and why."""
+    return json.dumps({"dropped": index, "reason": reason})
+
+
+def close_reason(message: str) -> bytes:
+    """A close reason that fits in a close frame (the full text goes in a preceding error message)."""
+    encoded = message.encode()
+    return (
+        encoded
+        if len(encoded) <= MAX_CLOSE_REASON
+        else encoded[: MAX_CLOSE_REASON - 3].rsplit(b" ", 1)[0] + b"..."
+    )
+
+
+# ---------------------------------------------------------------------------- client → server
+def control_message(params: Mapping[str, Any], request_id: str | int | None = None) -> str:
+    """A control message: live parameters, and the ``id`` its reply will echo."""
+    message = dict(params)
+    if request_id is not None:
+        message["id"] = request_id
+    return json.dumps(message)
+
+
+def query_string(params: Mapping[str, Any]) -> str:
+    """Session parameters as a websocket URL's query: lists as ``a,b``, ``None`` as ``null``."""
+    return urlencode({key: _query_value(value) for key, value in params.items()})
+
+
+def _query_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def offer_request(sdp: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON body of ``POST /offer``: a complete offer (ICE gathered) and session parameters."""
+    return {"sdp": sdp, "type": "offer", "params": dict(params or {})}
+
+
+# ---------------------------------------------------------------------------- reading
+def parse_message(text: str | bytes) -> dict[str, Any]:
+    """One text message as a JSON object; anything else is a :class:`ProtocolError`."""
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(f"a text message is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a text message must be a JSON object, not {type(message).__name__}")
+    return message
+
+
+def kind_of(message: Mapping[str, Any]) -> MessageKind:
+    """Which of the server's messages ``message`` is. A reply has ``ok``, or ``error`` and ``id``."""
+    if "session" in message:
+        return MessageKind.HELLO
+    if "ok" in message or ("error" in message and "id" in message):
+        return MessageKind.REPLY
+    for kind in (MessageKind.DROPPED, MessageKind.STATS, MessageKind.CLOSING, MessageKind.ERROR):
+        if kind.value in message:
+            return kind
+    return MessageKind.UNKNOWN
+
+
+def close_meaning(code: int | None) -> str:
+    """A websocket close code in words, for messages (``None``: the connection just ended)."""
+    if code is None:
+        return "no close code"
+    return f"code {code}: {CLOSE_MEANINGS.get(code, 'closed')}"
+
+
+# ---------------------------------------------------------------------------- JPEG
+def decode_jpeg(
+    data: bytes, *, max_side: int = MAX_JPEG_SIDE, max_pixels: int | None = None
+) -> np.ndarray:
+    """One JPEG image → uint8 ``[H, W, 3]`` RGB. Anything else is an :class:`InvalidFrameError`.
+
+    CPU work: run it off the event loop. The size is checked from the header Pillow read,
+    before a pixel is decoded (:class:`FrameTooLargeError`, whose ``limit`` is the bound).
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise EmptyFrameError("empty binary message: expected one JPEG image")
+    if not data.startswith(b"\xff\xd8"):
+        raise InvalidFrameError(
+            f"binary message of {len(data)} bytes is not a JPEG image (no SOI marker)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=("JPEG",))
+            width, height = image.size
+            if width > max_side or height > max_side:
+                raise FrameTooLargeError(
+                    f"JPEG of {width}×{height} is too large: at most {max_side} pixels a side",
+                    limit=max_side,
+                )
+            if max_pixels is not None and width * height > max_pixels:
+                raise FrameTooLargeError(
+                    f"JPEG of {width}×{height} = {width * height} pixels is too large: at most "
+                    f"{max_pixels} ([server] max_frame_pixels)",
+                    limit=max_pixels,
+                )
+            rgb = image.convert("RGB")
+    except InvalidFrameError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise FrameTooLargeError(
+            f"binary message of {len(data)} bytes is a JPEG whose header claims more pixels "
+            "than Pillow will decode (a decompression bomb)",
+            limit=Image.MAX_IMAGE_PIXELS,
+        ) from None
+    except UnidentifiedImageError:
+        raise InvalidFrameError(
+            f"binary message of {len(data)} bytes is not a decodable JPEG image: Pillow "
+            "cannot identify it"
+        ) from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError … on corrupt data
+        raise InvalidFrameError(
+            f"binary message of {len(data)} bytes is not a decodable JPEG image: {_describe(exc)}"
+        ) from None
+    if width == 0 or height == 0:
+        raise EmptyFrameError("JPEG image has no pixels")
+    return np.array(rgb)  # writable: the engine wraps it in a tensor
+
+
+def _describe(exc: Exception) -> str:
+    text = _OBJECT_REPR.sub("the data", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def encode_jpeg(image: np.ndarray, *, quality: int = 85) -> bytes:
+    """uint8 ``[H, W, 3]`` RGB → JPEG bytes (CPU work: run it off the event loop)."""
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -1,0 +1,79 @@
+"""What the media edges need from the engine: :class:`EngineLike` and :class:`SessionLike`.
+
+``streams/`` talks to the engine through these two protocols and nothing wider.
+:class:`livediff.engine.runtime.Engine` and :class:`livediff.engine.session.Session` satisfy
+them structurally: ``tests/streams/test_engine_protocol.py`` checks every member and
+signature against a running engine, and :func:`_engine_conforms` lets a type checker that sees
+the installed layout check it too. A test can hand the app any object with the same methods.
+Starting and stopping the engine is its owner's business (``livediff serve``), not the app's,
+so neither is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import prometheus_client
+
+    from livediff.engine.config import GenerationParams
+    from livediff.engine.runtime import Engine, EngineState
+    from livediff.engine.session import DroppedFrame, OutputFrame, Session
+
+
+@runtime_checkable
+class SessionLike(Protocol):
+    """One engine session as a transport uses it (see ``livediff.engine.session.Session``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def params(self) -> GenerationParams: ...
+
+    def submit(
+        self, image: np.ndarray, *, pts: int | None = None, time_base: Fraction | None = None
+    ) -> None: ...
+
+    def report_drops(self, limit: int = 4096) -> None: ...
+
+    async def recv(self) -> OutputFrame: ...
+
+    async def next_event(self) -> OutputFrame | DroppedFrame: ...
+
+    async def update(self, **changes: Any) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+    def end(self, reason: str) -> None: ...
+
+
+@runtime_checkable
+class EngineLike(Protocol):
+    """The engine as the app uses it (see ``livediff.engine.runtime.Engine``)."""
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def registry(self) -> prometheus_client.CollectorRegistry: ...
+
+    async def open_session(self, params: Mapping[str, Any] | None = None) -> SessionLike: ...
+
+    async def wait_idle(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+
+if TYPE_CHECKING:
+
+    def _engine_conforms(engine: Engine, session: Session) -> tuple[EngineLike, SessionLike]:
+        """Never called: mypy fails here when the engine drifts from what the edges use."""
+        return engine, session
