@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from livediff.bench.records import environment, summarize
-from livediff.streams.jpeg import decode_jpeg, encode_jpeg
 from livediff.streams.media import yuv_frame_of
+from livediff.wire import decode_jpeg, encode_jpeg
 
 INPUT_SIZE = (480, 640)  # a camera frame (H, W)
 OUTPUT_SIZE = (512, 512)

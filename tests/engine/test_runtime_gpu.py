@@ -117,10 +117,10 @@ async def test_graphed_runtime_packs_rows_in_place_and_takes_yuv_answers_i420(
 ) -> None:
     """Rows are packed straight into the graphs' static inputs (no second device copy); YUV
     planes in and I420 out go through the same graphs and agree with the eager bundle."""
-    from livediff.engine.backends import Backend, prepare_backend
     from livediff.engine.frames import OutputFormat, YuvFrame
     from livediff.kernels.yuv import rgb_to_i420, split_i420
     from livediff.models import graphed as graphed_module
+    from livediff.models.backends import Backend, prepare_backend
     from livediff.models.graphed import GraphedBundle
 
     in_place: list[bool] = []
