@@ -34,7 +34,7 @@ from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record
 from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import StreamConfig
 from livediff.models.backends import Backend, prepare_backend
-from livediff.models.bundle import ModelBundle
+from livediff.models.bundle import ModelBundle, WeightsMode
 from livediff.models.loading import ModelSpec, load_model
 
 PROMPT = "a photo of a cat"
@@ -211,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             bundle = load_model(
-                ModelSpec(preset=args.model, weights="random"), device=device, dtype="fp16"
+                ModelSpec(preset=args.model, weights=WeightsMode.RANDOM),
+                device=device,
+                dtype="fp16",
             )
             if system == "diffusers":
                 runner = diffusers_runner(bundle, args.size)

@@ -156,9 +156,10 @@ class FrameWriter:
         container_format, codec = OUTPUT_FORMATS[extension]
         try:
             self._container: Any = av.open(os.fspath(path), "w", format=container_format)
-            self._stream = self._container.add_stream(codec, rate=frame_rate)
+            stream: Any = self._container.add_stream(codec, rate=frame_rate)
         except (av.FFmpegError, OSError) as exc:
             raise MediaError(f"cannot write {path}: {exc}") from exc
+        self._stream = stream
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.time_base = Fraction(1) / frame_rate

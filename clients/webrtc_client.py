@@ -150,7 +150,8 @@ class WebRTCClient:
             self.stats_received += 1
             self._stats_event.set()
             return
-        waiter = self._replies.pop(data.get("id"), None)
+        request_id = data.get("id")
+        waiter = self._replies.pop(request_id, None) if isinstance(request_id, int) else None
         if waiter is not None and not waiter.done():
             waiter.set_result(data)
 

@@ -74,7 +74,10 @@ class WsClient:
                     continue
                 reply = wire.parse_message(message)
                 kind = wire.kind_of(reply)
-                waiter = self._replies.pop(reply.get("id"), None)
+                request_id = reply.get("id")
+                waiter = (
+                    self._replies.pop(request_id, None) if isinstance(request_id, int) else None
+                )
                 if waiter is not None:
                     waiter.set_result(reply)
                 elif kind is wire.MessageKind.DROPPED:  # a frame that gets no output, and why

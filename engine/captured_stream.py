@@ -61,7 +61,8 @@ class _FrameGraph:
         else:
             size = (stream.height, stream.width, self.crop, bundle.dtype)
             if len(self.frames_in) == 3:
-                pixels = i420_to_model_input(*self.frames_in, *size)
+                y, u, v = self.frames_in
+                pixels = i420_to_model_input(y, u, v, *size)
             else:
                 pixels = rgb_to_model_input(self.frames_in[0], *size)
             x0, first = bundle.encode(pixels), None

@@ -114,7 +114,7 @@ class Stream:
             self.params.similarity_threshold, self.params.max_skip_frames, self.params.seed
         )
         self._generator = torch.Generator()
-        self._pending: list[tuple[torch.Tensor, int, Any]] = []
+        self._pending: list[tuple[InputImage, int, Any]] = []
         self._in_flight: deque[FrameGroup | None] = deque()
         self._last_output: list[StreamOutput] = []
         self._frames_in = 0
@@ -349,7 +349,9 @@ class Stream:
             outputs += self.run(group)
         while any(entry is not None for entry in self._in_flight):
             filler = self._in_flight[-1] or FrameGroup([], [], [])
-            images = filler.images or [_TXT2IMG_PLACEHOLDER] * self.config.frame_buffer_size
+            images: list[InputImage] = (
+                filler.images or [_TXT2IMG_PLACEHOLDER] * self.config.frame_buffer_size
+            )
             outputs += self.run(
                 FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False)
             )

@@ -19,8 +19,9 @@ generates Triton kernels), so there a Triton that cannot be imported is a ``Back
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -111,16 +112,22 @@ def runtime_bundle(
     """
     if isinstance(bundle, TensorRTBundle):  # prepare_backend built it: capture, don't re-wrap
         with tqdm(desc="tensorrt capture", disable=not show_progress) as bar:
-            bundle.warm_up(
-                latent_size,
-                buckets=buckets,
-                progress=lambda name: (bar.set_postfix_str(name), bar.update()),
-            )
+            bundle.warm_up(latent_size, buckets=buckets, progress=_progress(bar))
         return bundle
     if backend is not Backend.COMPILE or bundle.device.type != "cuda":
         return bundle
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
     with tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar:
-        graphed.warm_up(progress=lambda name: (bar.set_postfix_str(name), bar.update()))
+        graphed.warm_up(progress=_progress(bar))
     return graphed
+
+
+def _progress(bar: Any) -> Callable[[str], None]:
+    """A warm-up's progress callback: name the step on the bar, then count it."""
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update()
+
+    return step

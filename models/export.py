@@ -8,6 +8,7 @@ nothing else: ``--source FOLDER`` picks up the tiny VAE from there. LoRAs are al
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,6 @@ def export_model(
     pipeline.to(dtype=torch_dtype)
     pipeline.save_pretrained(target, safe_serialization=True)
     assert components.tiny_vae is not None
-    components.tiny_vae.to(dtype=torch_dtype).save_pretrained(
-        target / "vae_tiny", safe_serialization=True
-    )
+    tiny_vae: Any = components.tiny_vae  # diffusers' stubs hide nn.Module's .to()
+    tiny_vae.to(dtype=torch_dtype).save_pretrained(target / "vae_tiny", safe_serialization=True)
     return target

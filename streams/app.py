@@ -158,10 +158,12 @@ async def drain_app(app: web.Application) -> None:
 
 async def _close_connections(app: web.Application) -> None:
     config = app[app_keys.CONFIG]
+    registry: PeerRegistry = app[app_keys.PEERS]
+    open_sockets: set[Any] = app[app_keys.WEBSOCKETS]
     await drain_connections(
-        app[DRAIN], list(app[app_keys.PEERS]), app[app_keys.ENGINE], config.shutdown_timeout_s
+        app[DRAIN], list(registry), app[app_keys.ENGINE], config.shutdown_timeout_s
     )
-    sockets, peers = list(app[app_keys.WEBSOCKETS]), len(app[app_keys.PEERS])
+    sockets, peers = list(open_sockets), len(registry)
     for ws in sockets:
         with contextlib.suppress(ConnectionError):
             await ws.close(code=ws_protocol.CLOSE_GOING_AWAY, message=b"server shutdown")

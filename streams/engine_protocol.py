@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
     import prometheus_client
+    import torch
 
-    from livediff.engine.config import GenerationParams
+    from livediff.engine.config import GenerationParams, StreamConfig
+    from livediff.engine.frames import OutputFormat, YuvFrame
     from livediff.engine.runtime import Engine, EngineState
     from livediff.engine.session import DroppedFrame, OutputFrame, Session
 
@@ -34,8 +36,19 @@ class SessionLike(Protocol):
     @property
     def params(self) -> GenerationParams: ...
 
+    @property
+    def config(self) -> StreamConfig: ...
+
+    @property
+    def pin_inputs(self) -> bool: ...
+
     def submit(
-        self, image: np.ndarray, *, pts: int | None = None, time_base: Fraction | None = None
+        self,
+        image: np.ndarray | torch.Tensor | YuvFrame,
+        *,
+        pts: int | None = None,
+        time_base: Fraction | None = None,
+        owned: bool = False,
     ) -> None: ...
 
     def report_drops(self, limit: int = 4096) -> None: ...
@@ -63,7 +76,9 @@ class EngineLike(Protocol):
     @property
     def registry(self) -> prometheus_client.CollectorRegistry: ...
 
-    async def open_session(self, params: Mapping[str, Any] | None = None) -> SessionLike: ...
+    async def open_session(
+        self, params: Mapping[str, Any] | None = None, *, output: OutputFormat = ...
+    ) -> SessionLike: ...
 
     async def wait_idle(self) -> None: ...
 

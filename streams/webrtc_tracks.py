@@ -67,7 +67,8 @@ class SessionVideoTrack(MediaStreamTrack):
             raise MediaStreamError from None
         marker = None if self._markers is None else self._markers.pop(out.pts, None)
         loop = asyncio.get_running_loop()
-        size = (int(self._session.config.width), int(self._session.config.height))
+        config = self._session.config  # the engine sets both sides when it opens a session
+        size = (int(config.width or 0), int(config.height or 0))
         frame = await loop.run_in_executor(None, _to_video_frame, out.image, marker, size)
         frame.pts, frame.time_base = out.pts, out.time_base
         latency = self._flow.frame_out(out.pts)
