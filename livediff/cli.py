@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from livediff import __version__
 from livediff.exceptions import LivediffError
 
-COMMANDS = ("run", "serve", "camera", "bench", "sample", "export")
+COMMANDS = ("run", "serve", "camera", "compile", "bench", "sample", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from livediff.cli_options import (
@@ -142,7 +143,9 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     runtime_config = runtime_config_from_args(args, config)
+    started = time.perf_counter()
     bundle, backend = load_for_backend(spec, args)
+    loaded = time.perf_counter()
     factor = bundle.vae_scale_factor
     height = stream_config.height or bundle.preset.height
     width = stream_config.width or bundle.preset.width
@@ -152,9 +155,18 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         latent_size=(height // factor, width // factor),
         buckets=runtime_config.batch_buckets,
     )
+    _say_where_the_start_went(loaded - started, time.perf_counter() - loaded, bundle)
     degrade = fit_degrade_to_bundle(runtime_config.degrade, bundle)
     runtime_config = dataclasses.replace(runtime_config, degrade=degrade)
     return Engine(bundle, stream_config, runtime_config, params)
+
+
+def _say_where_the_start_went(load_s: float, prepare_s: float, bundle: Any) -> None:
+    report = getattr(bundle, "compile_report", None)
+    prepared = (
+        "" if report is None else f"; compile + capture {prepare_s:.1f} s ({report.describe()})"
+    )
+    print(f"livediff serve: model loaded in {load_s:.1f} s{prepared}", file=sys.stderr, flush=True)
 
 
 def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:

@@ -30,6 +30,7 @@ from livediff.exceptions import BackendError
 from livediff.kernels._dispatch import triton_unavailable_reason
 from livediff.kernels.status import describe, kernels_status
 from livediff.models.bundle import ModelBundle
+from livediff.models.compile_cache import artifact_key, packaged_compile
 from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
 from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle
@@ -104,6 +105,7 @@ def runtime_bundle(
     latent_size: tuple[int, int],
     buckets: Sequence[int],
     show_progress: bool = True,
+    recipe: Recipe | None = None,
 ) -> ModelBundle:
     """The bundle a multi-session runtime should use: per-bucket CUDA graphs when compiled on CUDA.
 
@@ -118,8 +120,21 @@ def runtime_bundle(
         return bundle
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
-    with tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar:
+    key = artifact_key(
+        bundle, recipe=(recipe or Recipe()).label, buckets=buckets, latent_size=latent_size
+    )
+    with (
+        packaged_compile(key) as report,
+        tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar,
+    ):
         graphed.warm_up(progress=_progress(bar))
+    graphed.compile_report = report
+    log.info(
+        "compile + capture of %d graphs: %.1f s, %s",
+        3 * len(buckets),
+        report.seconds,
+        report.describe(),
+    )
     return graphed
 
 

@@ -117,6 +117,8 @@ def _same_view(static: torch.Tensor, value: torch.Tensor) -> bool:
 class GraphedBundle(ModelBundle):
     """A :class:`ModelBundle` whose UNet and VAE calls replay CUDA graphs per bucket."""
 
+    compile_report: Any = None  # what models.compile_cache did at warm-up (a CacheReport)
+
     def setup_graphs(
         self,
         *,

@@ -1,0 +1,92 @@
+"""Compile packages: what a first start compiled, loaded by a fresh process instead of compiling.
+
+Each run is a fresh Python process with its own empty Inductor cache folder, as on a fresh
+machine; only the package file is shared. A tiny function compiled by Inductor on the CPU
+stands in for the UNet (the mechanism is PyTorch's, the same on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from livediff.models.compile_cache import artifact_key, cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CHILD = r"""
+import json, sys, torch
+from torch._dynamo.utils import counters
+from livediff.models.compile_cache import packaged_compile
+
+def f(x):
+    return torch.sin(x) * 2 + x.cos()
+
+with packaged_compile("test-key") as report:
+    torch.compile(f, fullgraph=True)(torch.ones(8))
+print(json.dumps({
+    "loaded": report.loaded,
+    "written": report.written_bytes,
+    "path": str(report.path),
+    "hits": counters["inductor"]["fxgraph_cache_hit"],
+    "misses": counters["inductor"]["fxgraph_cache_miss"],
+}))
+"""
+
+
+def run_child(tmp_path: Path, packages: str, name: str) -> dict[str, object]:
+    env = {
+        **os.environ,
+        "LIVEDIFF_COMPILE_CACHE": packages,
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),  # empty: a fresh machine
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_package_and_compiles_from_it(tmp_path: Path) -> None:
+    packages = tmp_path / "packages"
+    first = run_child(tmp_path, str(packages), "first")
+    assert (first["loaded"], first["hits"]) == (False, 0) and first["misses"] >= 1
+    assert int(str(first["written"])) > 0 and Path(str(first["path"])).is_file()
+    second = run_child(tmp_path, str(packages), "second")  # another empty Inductor cache
+    assert second["loaded"] is True and second["written"] == 0
+    assert int(str(second["hits"])) >= 1 and second["misses"] == 0  # code generation skipped
+    Path(str(first["path"])).write_bytes(b"not a package")  # a broken file: compile, replace it
+    third = run_child(tmp_path, str(packages), "third")
+    assert third["loaded"] is False and int(str(third["written"])) > 0
+    off = run_child(tmp_path, "off", "off")
+    assert off["path"] == "None" and off["written"] == 0
+
+
+def test_the_key_names_what_the_compiled_code_depends_on(tiny_bundle: object) -> None:
+    base = {"recipe": "r", "buckets": (1, 2), "latent_size": (16, 16)}
+    key = artifact_key(tiny_bundle, **base)  # type: ignore[arg-type]
+    assert key == artifact_key(tiny_bundle, **{**base, "buckets": (2, 1)})  # type: ignore[arg-type]
+    for change in ({"buckets": (1, 2, 4)}, {"latent_size": (8, 8)}, {"recipe": "other"}):
+        assert artifact_key(tiny_bundle, **{**base, **change}) != key  # type: ignore[arg-type]
+    assert artifact_key(tiny_bundle, **base, weights_digest="abc") != key  # type: ignore[arg-type]
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEDIFF_COMPILE_CACHE", "/srv/packages")
+    assert cache_dir() == Path("/srv/packages")
+    monkeypatch.setenv("LIVEDIFF_COMPILE_CACHE", "off")
+    assert cache_dir() is None
+    monkeypatch.delenv("LIVEDIFF_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert cache_dir() == Path("/xdg/livediff/compile")
