@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from livediff.exceptions import ParameterError
 from livediff.settings.declaration import Declared, declared
@@ -114,7 +114,7 @@ def _nested(kind: type, value: Any, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------- words
-def refuse(name: str, value: Any, expected: str, *, field: str | None = None) -> None:
+def refuse(name: str, value: Any, expected: str, *, field: str | None = None) -> NoReturn:
     raise ParameterError(
         f"{name}={shown(value)} is out of range: expected {expected}", field=field or name
     )
