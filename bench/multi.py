@@ -68,7 +68,6 @@ from livediff.bench.records import (
     emit,
     environment,
     gpu_memory_peak_mb,
-    int_list,
     percentile,
     record_sinks,
 )
@@ -81,6 +80,7 @@ from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
+from livediff.settings.flags import add_setting_flag
 
 
 @dataclass
@@ -173,7 +173,7 @@ async def run_livediff(
         overlap=overlap,
         deadline_ms=args.deadline_ms,
         max_sessions=max(sessions, 1),
-        batch_buckets=tuple(args.buckets),
+        batch_buckets=args.buckets,
         degrade=fit_degrade_to_bundle(DegradePolicy(enabled=args.degrade), bundle),
     )
     engine = Engine(bundle, config, runtime, params)
@@ -510,9 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--deadline-ms", type=float, default=100.0)
-    parser.add_argument(
-        "--buckets", type=int_list, default=[1, 2, 4, 8, 16, 32], help="UNet batch sizes"
-    )
+    add_setting_flag(parser, RuntimeConfig, "batch_buckets", flag="--buckets")
     parser.add_argument("--degrade", action="store_true", help="let the engine degrade under load")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
     parser.add_argument("--systems", default="livediff,independent")
@@ -557,10 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             latent_size=(config.height // factor, config.width // factor),
             buckets=args.buckets,
         )
-    base = GenerationParams(
-        strength=bundle.preset.default_strength,
-        steps=args.steps,
-        max_skip_frames=args.max_skip_frames,
+    base = GenerationParams.for_preset(
+        bundle.preset, steps=args.steps, max_skip_frames=args.max_skip_frames
     )
     records: list[dict[str, Any]] = []
     with record_sinks(args.out) as outputs:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from livediff.bench.records import emit, environment, int_list, percentile, read_records
+from livediff.bench.records import emit, environment, percentile, read_records
 from livediff.engine.backend_fit import fit_degrade_to_bundle
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
@@ -46,6 +46,7 @@ from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.loading import ModelSpec, load_model
+from livediff.settings.flags import add_setting_flag
 
 FAILURE_MARKERS = ("failed", "engine worker failed")
 
@@ -312,12 +313,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--deadline-ms", type=float, default=100.0)
-    parser.add_argument(
-        "--buckets",
-        type=int_list,
-        default=[1, 2, 4, 8, 16, 32],
-        help="UNet batch sizes (fewer compile faster with --backend compile)",
-    )
+    add_setting_flag(parser, RuntimeConfig, "batch_buckets", flag="--buckets")
     parser.add_argument("--degrade", action="store_true", help="let the engine shed load")
     parser.add_argument("--transport", choices=("engine", "ws"), default="engine")
     parser.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
@@ -355,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = StreamConfig(width=bundle.preset.width, height=bundle.preset.height)
     assert config.width is not None and config.height is not None
     factor = bundle.vae_scale_factor
-    buckets = tuple(args.buckets)
+    buckets = args.buckets
     batched = runtime_bundle(
         bundle,
         backend,
@@ -368,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_buckets=buckets,
         degrade=fit_degrade_to_bundle(DegradePolicy(enabled=args.degrade), batched),
     )
-    params = GenerationParams(strength=bundle.preset.default_strength, steps=args.steps)
+    params = GenerationParams.for_preset(bundle.preset, steps=args.steps)
     engine = Engine(batched, config, runtime, params)
     base = {
         "system": "livediff",

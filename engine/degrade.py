@@ -42,6 +42,7 @@ from enum import IntEnum
 
 from livediff.engine.config import GenerationParams
 from livediff.exceptions import ParameterError
+from livediff.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -61,43 +62,46 @@ class DegradeLevel(IntEnum):
 
 @dataclass(frozen=True)
 class DegradePolicy:
-    """Thresholds of the degrade controller (see the module docstring)."""
+    """Thresholds of the overload controller (see :mod:`livediff.engine.degrade`)."""
 
-    enabled: bool = True
-    window_s: float = 1.0
-    degrade_above: float = 0.25
-    recover_below: float = 0.05
-    degrade_after: int = 3
-    recover_after: int = 3
-    steps: int = 1
-    resolution_scale: float = 0.5
-    min_side: int = 64
+    enabled: bool = setting(
+        True,
+        doc="shed load under sustained overload (fewer steps, lower resolution, refusals)",
+        flag="--no-degrade",
+    )
+    window_s: float = setting(1.0, doc="length of a pressure window", above=0, max=3600, unit="s")
+    degrade_above: float = setting(
+        0.25,
+        doc="pressure (late or dropped share) at which a window counts as overloaded",
+        min=0,
+        max=1,
+    )
+    recover_below: float = setting(
+        0.05, doc="pressure at or under which a window counts as calm", min=0, max=1
+    )
+    degrade_after: int = setting(
+        3, doc="overloaded windows in a row before the next level", min=1, max=1000
+    )
+    recover_after: int = setting(
+        3, doc="calm windows in a row before going back one level", min=1, max=1000
+    )
+    steps: int = setting(
+        1, doc="denoising steps at most from level fewer_steps on", min=1, max=1000
+    )
+    resolution_scale: float = setting(
+        0.5, doc="size factor from level lower_resolution on", min=0.1, max=1
+    )
+    min_side: int = setting(
+        64, doc="smallest side a session is degraded to, in pixels", min=64, multiple_of=8
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ParameterError(f"degrade.enabled={self.enabled!r} must be a bool")
-        if not 0 < self.window_s <= 3600:
-            raise ParameterError(
-                f"degrade.window_s={self.window_s!r} is out of range: expected (0, 3600]"
-            )
-        if not 0 <= self.recover_below < self.degrade_above <= 1:
+        check_settings(self, prefix="degrade.")
+        if not self.recover_below < self.degrade_above:
             raise ParameterError(
                 f"degrade thresholds recover_below={self.recover_below!r}, degrade_above={self.degrade_above!r}: "
-                "expected 0 <= recover_below < degrade_above <= 1 (the gap is the hysteresis band)"
-            )
-        for name in ("degrade_after", "recover_after", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
-                raise ParameterError(
-                    f"degrade.{name}={value!r} is out of range: expected an integer in [1, 1000]"
-                )
-        if not 0.1 <= self.resolution_scale <= 1:
-            raise ParameterError(
-                f"degrade.resolution_scale={self.resolution_scale!r} is out of range: expected [0.1, 1]"
-            )
-        if not isinstance(self.min_side, int) or self.min_side < 64 or self.min_side % 8:
-            raise ParameterError(
-                f"degrade.min_side={self.min_side!r}: expected a multiple of 8, at least 64"
+                "expected 0 <= recover_below < degrade_above <= 1 (the gap is the hysteresis band)",
+                field="recover_below",
             )
 
 

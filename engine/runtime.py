@@ -79,13 +79,10 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        preset = bundle.preset
         self.bundle = bundle
         self.stream_config = _with_resolution(stream_config or StreamConfig(), bundle)
         self.runtime = runtime or RuntimeConfig()
-        self.default_params = default_params or GenerationParams(
-            strength=preset.default_strength, steps=preset.default_steps
-        )
+        self.default_params = default_params or GenerationParams.for_preset(bundle.preset)
         self.state = EngineState.NEW
         self._clock = clock
         self._metrics = EngineMetrics(self.runtime.latency_window)

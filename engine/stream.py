@@ -104,9 +104,7 @@ class Stream:
             int(config.width or preset.width),
             int(config.height or preset.height),
         )
-        base = params or GenerationParams(
-            strength=preset.default_strength, steps=preset.default_steps
-        )
+        base = params or GenerationParams.for_preset(preset)
         self.params = base.updated(**param_overrides) if param_overrides else base
         self.schedule = LCMSchedule(bundle.scheduler_config, config.num_inference_steps)
         self.prompts = PromptEncoder(bundle, self.width, self.height)

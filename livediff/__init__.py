@@ -32,13 +32,13 @@ if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isdir(
     __path__.append(_checkout)
 
 _EXPORTS = {
-    "ModelSpec": "livediff.models.loading",
+    "ModelSpec": "livediff.models.spec",
     "load_model": "livediff.models.loading",
     "export_model": "livediff.models.export",
     "PRESETS": "livediff.models.presets",
     "LoraRef": "livediff.models.presets",
-    "WeightsMode": "livediff.models.bundle",
-    "VaeKind": "livediff.models.bundle",
+    "WeightsMode": "livediff.models.spec",
+    "VaeKind": "livediff.models.spec",
     "Stream": "livediff.engine.stream",
     "StreamOutput": "livediff.engine.frames",
     "StreamConfig": "livediff.engine.config",
@@ -46,7 +46,7 @@ _EXPORTS = {
     "RCFGMode": "livediff.engine.config",
     "GenerationMode": "livediff.engine.config",
     "FitMode": "livediff.engine.config",
-    "BlendMethod": "livediff.models.prompts",
+    "BlendMethod": "livediff.models.blend_method",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -17,8 +17,12 @@ import logging
 import time
 from typing import Any
 
-from livediff.cli_options import add_model_options, add_stream_options, load_toml
-from livediff.cmd_serve import add_runtime_options
+from livediff.cli_options import (
+    add_model_options,
+    add_runtime_options,
+    add_stream_options,
+    load_toml,
+)
 from livediff.exceptions import ParameterError
 
 log = logging.getLogger(__name__)

@@ -32,104 +32,43 @@ from typing import Any
 
 from livediff.cli_options import (
     add_model_options,
+    add_runtime_options,
     add_stream_options,
     load_toml,
     model_spec_from_args,
+    settings_from,
     stream_settings_from_args,
 )
-from livediff.exceptions import ParameterError
+from livediff.settings import build, table_values
+from livediff.settings.flags import add_flags, flag_values
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
+    from livediff.streams.server_config import ServerConfig
+
     parser = subparsers.add_parser(
         "serve",
         help="serve live sessions over WebRTC and websockets, with a browser client",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    group.add_argument(
-        "--port", type=int, help="port to listen on; 0 picks a free one (default 8080)"
-    )
-    group.add_argument(
-        "--host-address",
-        action="append",
-        metavar="IP",
-        dest="host_addresses",
-        help="offer only this address as ICE host candidate (repeatable; 127.0.0.1 for loopback)",
-    )
-    group.add_argument(
-        "--ice-server",
-        action="append",
-        metavar="URL",
-        dest="ice_servers",
-        help="STUN/TURN server URL (repeatable; default: none, host candidates only)",
-    )
-    group.add_argument(
-        "--max-connections", type=int, help="WebRTC peers + websocket clients at once (default 64)"
-    )
-    group.add_argument(
-        "--token",
-        help="access token clients must present (default: $LIVEDIFF_TOKEN, then [server] token; "
-        "none: open server). Visible in ps: prefer the environment variable",
-    )
-    group.add_argument(
-        "--stats-interval",
-        type=float,
-        dest="stats_interval_s",
-        help="seconds between data-channel stats",
-    )
-    group.add_argument(
-        "--latency-marker",
-        action="store_true",
-        default=None,
-        help="copy the frame-counter marker from inputs to outputs (glass-to-glass benchmarks)",
-    )
+    add_flags(parser.add_argument_group("server"), ServerConfig)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
 
 
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--max-sessions", type=int, help="sessions the engine serves at once")
-    group.add_argument(
-        "--max-sessions-per-device", type=int, help="sessions each device serves at once"
-    )
-    group.add_argument(
-        "--deadline-ms", type=float, help="per-frame latency budget, arrival to output"
-    )
-    group.add_argument(
-        "--no-degrade",
-        action="store_true",
-        help="never shed load (fewer steps, lower resolution, refusals)",
-    )
-
-
 def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from livediff.streams.auth import resolve_token
     from livediff.streams.server_config import ServerConfig
 
-    table = config.get("server", {})
-    if not isinstance(table, dict):
-        raise ParameterError("[server] in the config file must be a table")
-    table = dict(table)
-    token = resolve_token(getattr(args, "token", None), os.environ, table.pop("token", None))
-    return ServerConfig.from_table(
-        table,
-        token=token,
-        host=args.host,
-        port=args.port,
-        host_addresses=tuple(args.host_addresses) if args.host_addresses else None,
-        ice_servers=tuple(args.ice_servers) if args.ice_servers else None,
-        max_connections=args.max_connections,
-        stats_interval_s=args.stats_interval_s,
-        latency_marker=args.latency_marker,
-    )
+    values = table_values(ServerConfig, config.get("server"), "server")
+    flags = flag_values(ServerConfig, args)
+    token = resolve_token(flags.pop("token", None), os.environ, values.pop("token", None))
+    return build(ServerConfig, values, flags, {"token": token})
 
 
 def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
@@ -171,22 +110,9 @@ def _say_where_the_start_went(load_s: float, prepare_s: float, bundle: Any) -> N
 
 def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     """``RuntimeConfig`` from ``[runtime]`` (with an optional ``[runtime.degrade]``) and the flags."""
-    from livediff.engine.degrade import DegradePolicy
-    from livediff.engine.runtime import RuntimeConfig
+    from livediff.engine.runtime_config import RuntimeConfig
 
-    values = dict(config.get("runtime", {}))
-    degrade = dict(values.pop("degrade", {}))
-    if getattr(args, "no_degrade", False):
-        degrade["enabled"] = False
-    for name in ("max_sessions", "max_sessions_per_device", "deadline_ms"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    if isinstance(values.get("batch_buckets"), list):
-        values["batch_buckets"] = tuple(values["batch_buckets"])
-    try:
-        return RuntimeConfig(**values, degrade=DegradePolicy(**degrade))
-    except TypeError as exc:
-        raise ParameterError(f"[runtime] in the config file: {exc}") from None
+    return settings_from(RuntimeConfig, config, "runtime", args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 from diffusers import AutoencoderTiny
 
 from livediff.models.presets import ModelPreset
+from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
+from livediff.models.spec import WeightsMode
 from livediff.models.unet_batch import UNetBatch
 
 VAE_SCALE_FACTOR = 8  # every supported VAE downsamples by 8
-
-
-class WeightsMode(str, Enum):
-    """``pretrained`` loads real weights; ``random`` builds the exact architecture offline."""
-
-    PRETRAINED = "pretrained"
-    RANDOM = "random"
-
-
-class VaeKind(str, Enum):
-    """``tiny`` is TAESD / TAESDXL (fast, the default); ``full`` is the checkpoint's own VAE."""
-
-    TINY = "tiny"
-    FULL = "full"
 
 
 @dataclass

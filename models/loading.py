@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,41 +36,16 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from livediff.exceptions import ModelLoadError, ParameterError
 from livediff.models.architectures import Components, build_random
-from livediff.models.bundle import ModelBundle, VaeKind, WeightsMode
+from livediff.models.bundle import ModelBundle
 from livediff.models.fetch import SINGLE_FILE_SUFFIXES, fetch
 from livediff.models.pipelines import fuse_loras
-from livediff.models.presets import LoraRef, ModelPreset, get_preset
+from livediff.models.presets import ModelPreset, get_preset
+from livediff.models.spec import ModelSpec as ModelSpec  # re-exported: defined here before
+from livediff.models.spec import VaeKind, WeightsMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TINY_VAE_FOLDER = "vae_tiny"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load. ``loras=None`` takes the preset's own LoRAs (LCM-LoRA for ``sd15-lcm``)."""
-
-    preset: str = "sd-turbo"
-    weights: WeightsMode = WeightsMode.PRETRAINED
-    source: str | None = None
-    config_source: str | None = None
-    vae: VaeKind = VaeKind.TINY
-    vae_source: str | None = None
-    loras: tuple[LoraRef, ...] | None = None
-    seed: int = 0
-    variant: str | None = None
-    local_files_only: bool | None = None
-
-    def __post_init__(self) -> None:
-        get_preset(self.preset)
-        for name, kind in (("weights", WeightsMode), ("vae", VaeKind)):
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                allowed = ", ".join(m.value for m in kind)
-                raise ParameterError(
-                    f"{name}={getattr(self, name)!r} is not one of: {allowed}"
-                ) from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

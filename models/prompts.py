@@ -17,22 +17,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 
 from livediff.exceptions import ModelLoadError
+from livediff.models.blend_method import BlendMethod
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import Conditioning
 
 CACHE_SIZE = 64
-
-
-class BlendMethod(str, Enum):
-    """How several weighted prompts are combined into one embedding."""
-
-    LINEAR = "linear"
-    SLERP = "slerp"
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:

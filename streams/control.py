@@ -5,10 +5,11 @@ A control message is one JSON object (UTF-8 text) whose keys are live generation
     {"prompt": "a watercolor painting", "negative_prompt": "blurry", "seed": 7,
      "strength": 0.6, "guidance_scale": 1.2, "delta": 1.0, "id": 12}
 
-- Parameter keys: ``prompt`` (a string, or ``[[text, weight], ...]`` to blend), ``negative_prompt``,
-  ``blend`` (``linear``/``slerp``), ``seed``, ``strength``, ``steps``, ``t_index_list``,
-  ``guidance_scale``, ``delta``, ``similarity_threshold`` (``null`` turns the filter off),
-  ``max_skip_frames``. Every key is optional; at least one must be present.
+- Parameter keys: the control keys of :class:`~livediff.engine.config.GenerationParams` (its
+  settings declared ``live``; README's settings reference lists them): ``prompt`` (a string, or
+  ``[[text, weight], ...]`` to blend), ``negative_prompt``, ``blend``, ``seed``, ``strength``,
+  ``steps``, ``t_index_list``, ``guidance_scale``, ``delta``, ``similarity_threshold`` (``null``
+  turns the filter off), ``max_skip_frames``. Every key is optional; at least one must be present.
 - ``id`` (optional, a string or an integer) is echoed in the reply, to match replies to requests.
 
 Each control message gets exactly one reply: ``{"ok": true}`` once the change is in effect for
@@ -25,14 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams, shown, shown_key
+from livediff.engine.config import GenerationParams
 from livediff.exceptions import ParameterError, ProtocolError
+from livediff.settings import json_values, names, query_values
 from livediff.streams.json_text import loads_bounded
 from livediff.wire import error_reply as error_reply  # the reply builders are the wire's
 from livediff.wire import ok_reply as ok_reply
-
-_INT_KEYS = frozenset({"seed", "steps", "max_skip_frames"})
-_FLOAT_KEYS = frozenset({"strength", "guidance_scale", "delta", "similarity_threshold"})
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,8 @@ def parse_control(text: str | bytes, *, max_bytes: int = 64 * 1024) -> ControlRe
         )
     if not message:
         raise ParameterError(
-            f"a control message needs at least one of: {', '.join(sorted(LIVE_PARAMETER_NAMES))}"
+            "a control message needs at least one of: "
+            + ", ".join(sorted(names(GenerationParams, "control")))
         )
     return ControlRequest(message, request_id)
 
@@ -90,48 +90,13 @@ def _is_unicode(text: str) -> bool:
 
 
 def session_params(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Check parameter names and JSON shapes; value ranges are checked by the engine."""
-    unknown = sorted(set(values) - LIVE_PARAMETER_NAMES)
-    if unknown:
-        raise ParameterError(
-            f"unknown parameter(s): {', '.join(shown_key(k) for k in unknown[:5])}; "
-            f"known: {', '.join(sorted(LIVE_PARAMETER_NAMES))}",
-            field=unknown[0],
-        )
-    params = dict(values)
-    prompt = params.get("prompt")
-    if isinstance(prompt, list):
-        try:
-            params["prompt"] = [(text, weight) for text, weight in prompt]
-        except (TypeError, ValueError):
-            raise ParameterError(
-                "prompt must be a string or a list of [text, weight] pairs", field="prompt"
-            ) from None
-    if isinstance(params.get("t_index_list"), list):
-        params["t_index_list"] = tuple(params["t_index_list"])
-    return params
+    """Check parameter names (control keys) and JSON shapes; value ranges are checked by the engine."""
+    return json_values(GenerationParams, values, "control")
 
 
 def params_from_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """Session parameters from URL query strings (``?prompt=a%20cat&seed=3``), typed by name."""
-    params: dict[str, Any] = {}
-    for key, text in query.items():
-        try:
-            if key in _INT_KEYS:
-                params[key] = int(text)
-            elif key in _FLOAT_KEYS:
-                params[key] = (
-                    None
-                    if key == "similarity_threshold" and text in ("", "none", "null")
-                    else float(text)
-                )
-            elif key == "t_index_list":
-                params[key] = tuple(int(v) for v in text.split(","))
-            else:
-                params[key] = text
-        except ValueError:
-            raise ParameterError(f"{key}={shown(text)} is not a number", field=key) from None
-    return session_params(params)
+    """Session parameters from URL query strings (``?prompt=a%20cat&seed=3``), typed by declaration."""
+    return query_values(GenerationParams, query)
 
 
 def wire_params(params: GenerationParams) -> dict[str, Any]:

@@ -33,18 +33,20 @@ All fields have bounded defaults; ``__post_init__`` checks them and raises
 No public STUN server is used unless one is configured: with ``ice_servers = []`` (the
 default) only host candidates are offered, which is right for a LAN or loopback.
 
-The token is a secret: it is left out of ``repr()`` and out of every error message.
+The token is a secret: it is left out of ``repr()`` and out of every error message. Each
+field is a setting declared once (:mod:`livediff.settings`); README's settings reference lists
+them all with their ranges and defaults.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from livediff.exceptions import ParameterError
+from livediff.settings import as_tuple, build, check_settings, refuse, setting, shown, table_values
 
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 MIN_TOKEN_LENGTH = 16
@@ -67,224 +69,192 @@ class IceServer:
         object.__setattr__(self, "urls", urls)
 
 
-def _check(condition: bool, name: str, value: Any, expected: str) -> None:
-    if not condition:
-        raise ParameterError(f"[server] {name}={value!r} is out of range: expected {expected}")
+def _ip_addresses(value: Any, name: str) -> tuple[str, ...]:
+    addresses = as_tuple(value, name)
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except (ValueError, TypeError):
+            raise ParameterError(
+                f"{name}: {shown(address)} is not an IP address", field=name
+            ) from None
+    return addresses
+
+
+def _ice_servers(value: Any, name: str) -> tuple[IceServer, ...]:
+    try:
+        return tuple(
+            s if isinstance(s, IceServer) else _ice_server(s) for s in as_tuple(value, name)
+        )
+    except ParameterError as exc:
+        raise ParameterError(str(exc), field=name) from None
+
+
+def _token(token: Any, name: str) -> str:
+    if not _valid_token(token):
+        length = len(token) if isinstance(token, str) else type(token).__name__
+        raise ParameterError(  # never echo the value: it is a secret
+            f"{name} (length {length}) is not usable: expected at least "
+            f"{MIN_TOKEN_LENGTH} printable ASCII characters without spaces, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            field=name,
+        )
+    return str(token)
+
+
+def _origins(value: Any, name: str) -> tuple[str, ...]:
+    origins = as_tuple(value, name)
+    for origin in origins:
+        if not (isinstance(origin, str) and (origin == "*" or _is_origin(origin))):
+            refuse(name, origin, ORIGINS)
+    return tuple(o.lower().rstrip("/") for o in origins)
+
+
+ORIGINS = '"*" or origins such as "https://example.org" or "http://10.0.0.5:8080"'
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Settings of the HTTP / WebRTC / websocket server (see the module docstring)."""
+    """Settings of the HTTP / WebRTC / websocket server (see :mod:`livediff.streams.server_config`)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    host_addresses: tuple[str, ...] = ()
-    ice_servers: tuple[IceServer, ...] = ()
-    max_connections: int = 64
-    max_offer_bytes: int = 256 * 1024
-    ws_max_message_bytes: int = 4 * 1024 * 1024
-    ws_max_control_bytes: int = 64 * 1024
-    jpeg_quality: int = 85
-    stats_interval_s: float = 1.0
-    latency_marker: bool = False
-    static_dir: str | None = field(default=None)
-    token: str | None = field(default=None, repr=False)
-    metrics_require_token: bool = False
-    allowed_origins: tuple[str, ...] = ()
-    max_frame_pixels: int = 3840 * 2160
-    control_rate_per_s: float = 20.0
-    control_burst: int = 40
-    idle_timeout_s: float = 60.0
-    connect_timeout_s: float = 20.0
-    shutdown_timeout_s: float = 10.0
-    header_timeout_s: float = 5.0
-    body_timeout_s: float = 10.0
-    max_jpeg_scans: int = 32
-    max_jpeg_pixel_scans: int = 3840 * 2160 * 12
-    decode_workers: int = 4
-    health_full_after_s: float = 30.0
+    host: str = setting("127.0.0.1", doc="address to listen on", flag="--host")
+    port: int = setting(
+        8080, doc="port to listen on; 0 picks a free one", min=0, max=65535, flag="--port"
+    )
+    host_addresses: tuple[str, ...] = setting(
+        (),
+        doc="offer only these addresses as ICE host candidates (127.0.0.1 for loopback; empty: every interface)",
+        check=_ip_addresses,
+        expected="a list of IP addresses",
+        flag="--host-address",
+        metavar="IP",
+        repeat=True,
+    )
+    ice_servers: tuple[IceServer, ...] = setting(
+        (),
+        doc="STUN/TURN servers (empty: none, host candidates only)",
+        check=_ice_servers,
+        expected="a list of stun:/turn: URLs or { urls, username, credential } tables",
+        flag="--ice-server",
+        metavar="URL",
+        repeat=True,
+    )
+    max_connections: int = setting(
+        64,
+        doc="WebRTC peers + websocket clients at once",
+        min=1,
+        max=10_000,
+        flag="--max-connections",
+    )
+    max_offer_bytes: int = setting(
+        256 * 1024, doc="largest POST /offer body", min=1024, max=16 << 20, unit="bytes"
+    )
+    ws_max_message_bytes: int = setting(
+        4 * 1024 * 1024,
+        doc="largest websocket message (over it: close 1009)",
+        min=1024,
+        max=256 << 20,
+        unit="bytes",
+    )
+    ws_max_control_bytes: int = setting(
+        64 * 1024, doc="largest control message", min=256, max=1 << 20, unit="bytes"
+    )
+    jpeg_quality: int = setting(85, doc="quality of the JPEGs sent back on /ws", min=1, max=100)
+    stats_interval_s: float = setting(
+        1.0,
+        doc="seconds between data-channel stats",
+        min=0.05,
+        max=60,
+        unit="s",
+        flag="--stats-interval",
+    )
+    latency_marker: bool = setting(
+        False,
+        doc="copy the frame-counter marker from inputs to outputs (glass-to-glass benchmarks)",
+        flag="--latency-marker",
+    )
+    static_dir: str | None = setting(
+        None,
+        doc="folder served as the page instead of the packaged client",
+        special={None: "the packaged page"},
+    )
+    token: str | None = setting(
+        None,
+        doc="access token clients must present (flag, then $LIVEDIFF_TOKEN, then this key); "
+        "a flag shows in ps: prefer the environment variable",
+        special={None: "no token: an open server"},
+        check=_token,
+        expected=f"at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces",
+        secret=True,
+        flag="--token",
+    )
+    metrics_require_token: bool = setting(False, doc="/metrics needs the token too")
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        doc='browser origins allowed besides the server\'s own and loopback ("*": any)',
+        check=_origins,
+        expected=f"a list of {ORIGINS}",
+    )
+    max_frame_pixels: int = setting(
+        3840 * 2160, doc="largest input frame, in pixels", min=64, max=1 << 28
+    )
+    control_rate_per_s: float = setting(
+        20.0, doc="control messages per second per session (token bucket rate)", min=0.1, max=10_000
+    )
+    control_burst: int = setting(
+        40, doc="control messages in a burst (token bucket depth)", min=1, max=100_000
+    )
+    idle_timeout_s: float = setting(
+        60.0,
+        doc="a session without input frames for this long is closed",
+        min=0.05,
+        max=86_400,
+        unit="s",
+        special={0: "never"},
+    )
+    connect_timeout_s: float = setting(
+        20.0, doc="a WebRTC peer not connected by then is closed", min=0.05, max=3600, unit="s"
+    )
+    shutdown_timeout_s: float = setting(
+        10.0, doc="on SIGTERM, time to finish the frames in flight", min=0.05, max=3600, unit="s"
+    )
+    header_timeout_s: float = setting(
+        5.0,
+        doc="a request's headers must arrive within this (else 408)",
+        min=0.05,
+        max=3600,
+        unit="s",
+    )
+    body_timeout_s: float = setting(
+        10.0,
+        doc="a request's body (POST /offer) must arrive within this",
+        min=0.05,
+        max=3600,
+        unit="s",
+    )
+    max_jpeg_scans: int = setting(
+        32, doc="scans per websocket JPEG at most (refused from its header)", min=1, max=1000
+    )
+    max_jpeg_pixel_scans: int = setting(
+        3840 * 2160 * 12, doc="pixels × scans per websocket JPEG at most", min=64, max=1 << 40
+    )
+    decode_workers: int = setting(4, doc="threads decoding websocket JPEGs", min=1, max=256)
+    health_full_after_s: float = setting(
+        30.0,
+        doc='/healthz says "degraded" once every session slot is taken this long',
+        min=0.05,
+        max=3600,
+        unit="s",
+    )
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.port, int) and 0 <= self.port < 65536,
-            "port",
-            self.port,
-            "an integer in [0, 65535]",
-        )
-        addresses = tuple(self.host_addresses)
-        for address in addresses:
-            try:
-                ipaddress.ip_address(address)
-            except (ValueError, TypeError):
-                raise ParameterError(
-                    f"[server] host_addresses: {address!r} is not an IP address"
-                ) from None
-        object.__setattr__(self, "host_addresses", addresses)
-        servers = tuple(s if isinstance(s, IceServer) else _ice_server(s) for s in self.ice_servers)
-        object.__setattr__(self, "ice_servers", servers)
-        _check(
-            _int_in(self.max_connections, 1, 10_000),
-            "max_connections",
-            self.max_connections,
-            "an integer in [1, 10000]",
-        )
-        _check(
-            _int_in(self.max_offer_bytes, 1024, 16 << 20),
-            "max_offer_bytes",
-            self.max_offer_bytes,
-            "1 KiB to 16 MiB",
-        )
-        _check(
-            _int_in(self.ws_max_message_bytes, 1024, 256 << 20),
-            "ws_max_message_bytes",
-            self.ws_max_message_bytes,
-            "1 KiB to 256 MiB",
-        )
-        _check(
-            _int_in(self.ws_max_control_bytes, 256, 1 << 20),
-            "ws_max_control_bytes",
-            self.ws_max_control_bytes,
-            "256 B to 1 MiB",
-        )
-        _check(
-            _int_in(self.jpeg_quality, 1, 100),
-            "jpeg_quality",
-            self.jpeg_quality,
-            "an integer in [1, 100]",
-        )
-        interval = self.stats_interval_s
-        _check(
-            isinstance(interval, (int, float))
-            and math.isfinite(interval)
-            and 0.05 <= interval <= 60,
-            "stats_interval_s",
-            interval,
-            "a number of seconds in [0.05, 60]",
-        )
-        _check(
-            isinstance(self.latency_marker, bool),
-            "latency_marker",
-            self.latency_marker,
-            "true or false",
-        )
-        self._check_access()
-        self._check_limits()
-
-    def _check_access(self) -> None:
-        token = self.token
-        if token is not None and not _valid_token(token):
-            length = len(token) if isinstance(token, str) else type(token).__name__
-            raise ParameterError(  # never echo the value: it is a secret
-                f"[server] token (length {length}) is not usable: expected at least "
-                f"{MIN_TOKEN_LENGTH} printable ASCII characters without spaces, e.g. "
-                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-            )
-        _check(
-            isinstance(self.metrics_require_token, bool),
-            "metrics_require_token",
-            self.metrics_require_token,
-            "true or false",
-        )
-        origins = (
-            (self.allowed_origins,)
-            if isinstance(self.allowed_origins, str)
-            else tuple(self.allowed_origins)
-        )
-        for origin in origins:
-            _check(
-                isinstance(origin, str) and (origin == "*" or _is_origin(origin)),
-                "allowed_origins",
-                origin,
-                '"*" or origins such as "https://example.org" or "http://10.0.0.5:8080"',
-            )
-        object.__setattr__(self, "allowed_origins", tuple(o.lower().rstrip("/") for o in origins))
-
-    def _check_limits(self) -> None:
-        _check(
-            _int_in(self.max_frame_pixels, 64, 1 << 28),
-            "max_frame_pixels",
-            self.max_frame_pixels,
-            "an integer in [64, 268435456]",
-        )
-        _check(
-            _number_in(self.control_rate_per_s, 0.1, 10_000),
-            "control_rate_per_s",
-            self.control_rate_per_s,
-            "a number in [0.1, 10000]",
-        )
-        _check(
-            _int_in(self.control_burst, 1, 100_000),
-            "control_burst",
-            self.control_burst,
-            "an integer in [1, 100000]",
-        )
-        _check(
-            self.idle_timeout_s == 0 or _number_in(self.idle_timeout_s, 0.05, 86_400),
-            "idle_timeout_s",
-            self.idle_timeout_s,
-            "0 (never) or seconds in [0.05, 86400]",
-        )
-        for name in (
-            "connect_timeout_s",
-            "shutdown_timeout_s",
-            "header_timeout_s",
-            "body_timeout_s",
-            "health_full_after_s",
-        ):
-            _check(
-                _number_in(getattr(self, name), 0.05, 3600),
-                name,
-                getattr(self, name),
-                "seconds in [0.05, 3600]",
-            )
-        _check(
-            _int_in(self.max_jpeg_scans, 1, 1000),
-            "max_jpeg_scans",
-            self.max_jpeg_scans,
-            "an integer in [1, 1000]",
-        )
-        _check(
-            _int_in(self.max_jpeg_pixel_scans, 64, 1 << 40),
-            "max_jpeg_pixel_scans",
-            self.max_jpeg_pixel_scans,
-            "an integer in [64, 2**40]",
-        )
-        _check(
-            _int_in(self.decode_workers, 1, 256),
-            "decode_workers",
-            self.decode_workers,
-            "an integer in [1, 256]",
-        )
+        check_settings(self, prefix="[server] ")
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, **overrides: Any) -> ServerConfig:
         """Build from a TOML ``[server]`` table; ``overrides`` that are not ``None`` win."""
-        values = dict(table or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ParameterError(
-                f"unknown key(s) in [server]: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        for key in ("host_addresses", "ice_servers", "allowed_origins"):
-            if key in values and not isinstance(values[key], (list, tuple)):
-                raise ParameterError(f"[server] {key} must be a list")
-        config = cls(**values)
         changes = {k: v for k, v in overrides.items() if v is not None}
-        return replace(config, **changes) if changes else config
-
-
-def _int_in(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _number_in(value: Any, low: float, high: float) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and low <= value <= high
-    )
+        return build(cls, table_values(cls, table, "server"), changes)
 
 
 def _valid_token(token: Any) -> bool:
@@ -307,10 +277,14 @@ def _ice_server(item: Any) -> IceServer:
     if isinstance(item, Mapping):
         unknown = sorted(set(item) - {"urls", "username", "credential"})
         if unknown:
-            raise ParameterError(f"[server] ice_servers: unknown key(s) {', '.join(unknown)}")
+            raise ParameterError(
+                f"ice_servers: unknown key(s) {', '.join(unknown)}", field="ice_servers"
+            )
         if "urls" not in item:
-            raise ParameterError("[server] ice_servers: each server needs urls")
+            raise ParameterError("ice_servers: each server needs urls", field="ice_servers")
         return IceServer(
             urls=item["urls"], username=item.get("username"), credential=item.get("credential")
         )
-    raise ParameterError(f"[server] ice_servers: {item!r} is neither a URL nor a table")
+    raise ParameterError(
+        f"ice_servers: {shown(item)} is neither a URL nor a table", field="ice_servers"
+    )

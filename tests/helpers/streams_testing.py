@@ -86,8 +86,7 @@ def pattern(width: int, height: int, seed: int) -> np.ndarray:
 
 def reference_output(bundle: ModelBundle, image: np.ndarray, **params: Any) -> np.ndarray:
     """What a one-step session with ``params`` (over the preset's defaults) makes of ``image``."""
-    preset = bundle.preset
-    base = GenerationParams(strength=preset.default_strength, steps=preset.default_steps)
+    base = GenerationParams.for_preset(bundle.preset)
     stream = Stream(bundle, params=base.updated(**params))
     (output,) = stream.process(image)
     return output.numpy().astype(np.float32)

@@ -78,8 +78,8 @@ def test_bad_server_settings_are_refused(table: dict[str, object], message: str)
 def test_control_messages_and_query_parameters() -> None:
     request = parse_control('{"prompt": [["a fox", 0.7], ["a cat", 0.3]], "seed": 3, "id": "r1"}')
     assert request.id == "r1"
-    assert session_params(request.changes) == {
-        "prompt": [("a fox", 0.7), ("a cat", 0.3)],
+    assert session_params(request.changes) == {  # JSON arrays become the settings' tuples
+        "prompt": (("a fox", 0.7), ("a cat", 0.3)),
         "seed": 3,
     }
     assert params_from_query(

@@ -1,0 +1,122 @@
+"""What to load (:class:`ModelSpec`, ``[model]`` in TOML) and the enums that name its modes.
+
+Light on purpose (no torch): the command line builds its flags from these declarations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from livediff.exceptions import ParameterError
+from livediff.models.presets import PRESETS, LoraRef
+from livediff.settings import as_tuple, check_settings, setting
+
+
+class WeightsMode(str, Enum):
+    """``pretrained`` loads real weights; ``random`` builds the exact architecture offline."""
+
+    PRETRAINED = "pretrained"
+    RANDOM = "random"
+
+
+class VaeKind(str, Enum):
+    """``tiny`` is TAESD / TAESDXL (fast, the default); ``full`` is the checkpoint's own VAE."""
+
+    TINY = "tiny"
+    FULL = "full"
+
+
+def lora_from_text(text: str) -> LoraRef:
+    """``"my/lora"`` or ``"my/lora:0.8"`` (a scale after the last colon, when it is a number)."""
+    source, separator, scale = text.rpartition(":")
+    if separator and source and _is_float(scale):
+        return LoraRef(source=source, scale=float(scale))
+    return LoraRef(source=text)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _loras(value: Any, name: str) -> tuple[LoraRef, ...]:
+    """LoRAs as given in Python, a TOML list of tables (``{ source, scale }``) or of strings."""
+    items = []
+    for item in as_tuple(value, name):
+        if isinstance(item, LoraRef):
+            items.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                items.append(LoraRef(**item))
+            except TypeError:
+                raise ParameterError(
+                    f"{name}: a LoRA table has source, scale and weight_name, got {sorted(item)}",
+                    field=name,
+                ) from None
+        elif isinstance(item, str):
+            items.append(lora_from_text(item))
+        else:
+            raise ParameterError(f"{name}: expected LoRA sources or tables", field=name)
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load. ``loras=None`` takes the preset's own LoRAs (LCM-LoRA for ``sd15-lcm``)."""
+
+    preset: str = setting("sd-turbo", doc="model preset", choices=tuple(PRESETS), flag="--model")
+    weights: WeightsMode = setting(
+        WeightsMode.PRETRAINED,
+        doc="'random' builds the exact architecture with random weights, offline (smoke tests, benchmarks)",
+        flag="--weights",
+    )
+    source: str | None = setting(
+        None,
+        doc="HF id, local diffusers folder or single .safetensors checkpoint",
+        special={None: "the preset's"},
+        flag="--source",
+    )
+    config_source: str | None = setting(
+        None,
+        doc="diffusers folder or HF id with the architecture of a single-file checkpoint",
+        special={None: "the preset's"},
+        flag="--config-source",
+    )
+    vae: VaeKind = setting(
+        VaeKind.TINY, doc="tiny (TAESD) or the checkpoint's full VAE", flag="--vae"
+    )
+    vae_source: str | None = setting(
+        None,
+        doc="HF id or folder of the VAE to use instead of the preset's",
+        special={None: "the preset's"},
+        flag="--vae-source",
+    )
+    loras: tuple[LoraRef, ...] | None = setting(
+        None,
+        doc="LoRAs fused at load (HF id, folder or .safetensors); a flag adds to the preset's own",
+        special={None: "the preset's own"},
+        check=_loras,
+        expected='a list of sources ("id:0.8" for a scale) or { source, scale } tables',
+        flag="--lora",
+        metavar="SOURCE[:SCALE]",
+        repeat=True,
+        from_flag=lora_from_text,
+    )
+    seed: int = setting(0, doc="seed of random weights", min=0, below=2**63)
+    variant: str | None = setting(
+        None, doc='weights variant of a HF repo, e.g. "fp16"', special={None: "the default"}
+    )
+    local_files_only: bool | None = setting(
+        None,
+        doc="read only the HF cache, never download",
+        special={None: "as $HF_HUB_OFFLINE says"},
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
