@@ -323,7 +323,7 @@ def run_independent(
     return tally
 
 
-BATCH_STAGES = ("encode", "unet", "decode")  # see livediff.engine.batch_run
+BATCH_STAGES = ("encode", "unet", "decode")  # see livediff.engine.batch_step
 # The livediff systems and the overlap each runs with (see the module docstring).
 LIVEDIFF_SYSTEMS = {"livediff": BatchOverlap.OFF, "livediff-overlap": BatchOverlap.AUTO}
 

@@ -38,7 +38,7 @@ from livediff.models.bundle import ModelBundle, WeightsMode
 from livediff.models.loading import ModelSpec, load_model
 
 PROMPT = "a photo of a cat"
-STRENGTH_T_INDEX = (24,)  # strength 0.5, 1 step (see livediff.engine.schedule)
+STRENGTH_T_INDEX = (24,)  # strength 0.5, 1 step (see livediff.engine.lcm_schedule)
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # uint8 [H, W, 3] on device → uint8 [h, w, 3]
 

@@ -192,7 +192,7 @@ class GenerationParams:
     """Live parameters of a stream; every field may change between two frames.
 
     ``t_index_list`` picks steps of the LCM schedule directly; when it is ``None`` it is
-    derived from ``strength`` and ``steps`` (see :func:`livediff.engine.schedule.strength_to_t_index_list`).
+    derived from ``strength`` and ``steps`` (see :func:`livediff.engine.lcm_schedule.strength_to_t_index_list`).
     """
 
     prompt: tuple[tuple[str, float], ...] = setting(

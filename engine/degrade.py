@@ -14,7 +14,7 @@ Levels, in the order they are taken (and left in reverse)
     2. ``lower_resolution``: as 1, and every session renders at ``resolution_scale`` of its size
        (rounded down to a multiple of 8, at least ``min_side``) in a new Stream. Outputs keep
        the session's size: frames are upscaled (bilinear) on the device before download, and
-       :attr:`OutputFrame.render_size <livediff.engine.session.OutputFrame.render_size>` says
+       :attr:`SessionOutput.render_size <livediff.engine.session.SessionOutput.render_size>` says
        what was generated. Frames in flight in the old Stream are lost (``dropped_reconfigure``).
     3. ``refuse_sessions``: as 2, and :meth:`Engine.open_session` raises ``CapacityError``.
 

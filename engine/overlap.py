@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from livediff.engine.batch_run import Computed, Entry
-    from livediff.engine.scheduler import GroupKey
+    from livediff.engine.batch_planning import GroupKey
+    from livediff.engine.batch_step import Computed, Entry
 
 LEAD_MARGIN_S = 0.001  # launch the next batch this much earlier than the host needs, at least
 LEAD_FACTOR = 1.5  # ... and this many times the smoothed host time of a launch

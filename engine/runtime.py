@@ -4,15 +4,15 @@
 >>> await engine.start()
 >>> session = await engine.open_session({"prompt": "a watercolor painting", "strength": 0.5})
 >>> session.submit(frame, pts=pts, time_base=time_base)      # never blocks; latest frame wins
->>> out = await session.recv()                                # OutputFrame, uint8 H×W×3 on the host
+>>> out = await session.recv()                                # SessionOutput, uint8 H×W×3 on the host
 >>> await session.update(prompt="an oil painting")            # applies at the next frame
 >>> await engine.stop()
 
 Threads: the event loop (every public call), one control thread (prompt encoding, building
-Streams: :mod:`livediff.engine.control`) and one worker per device (all model compute:
+Streams: :mod:`livediff.engine.session_plans`) and one worker per device (all model compute:
 :mod:`livediff.engine.worker`). The event loop never waits on either; results come back through
 ``loop.call_soon_threadsafe``. How sessions share a UNet call is the scheduler's grouping rule
-(:mod:`livediff.engine.scheduler`); how the engine sheds load is :mod:`livediff.engine.degrade`.
+(:mod:`livediff.engine.batch_planning`); how the engine sheds load is :mod:`livediff.engine.degrade`.
 
 Every public coroutine must be awaited on the loop the engine was first used on.
 """
@@ -35,13 +35,13 @@ import prometheus_client
 import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
-from livediff.engine.control import Plan, SwapStream, build_plan, replan
 from livediff.engine.degrade import DegradeLevel, DegradePolicy
 from livediff.engine.frames import OutputFormat
 from livediff.engine.metrics import EngineMetrics, FrameCounts
 from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
-from livediff.engine.session import OutputFrame, Session, SessionCore
+from livediff.engine.session import Session, SessionCore, SessionOutput
+from livediff.engine.session_plans import Plan, SwapStream, build_plan, replan
 from livediff.engine.worker import Worker
 from livediff.exceptions import (
     CapacityError,
@@ -53,7 +53,7 @@ from livediff.exceptions import (
 from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
-__all__ = ["DegradeLevel", "DegradePolicy", "Engine", "OutputFrame", "RuntimeConfig", "Session"]
+__all__ = ["DegradeLevel", "DegradePolicy", "Engine", "RuntimeConfig", "Session", "SessionOutput"]
 
 
 class EngineState(str, Enum):

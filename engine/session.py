@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
-from livediff.engine.control import ControlItem, Plan
 from livediff.engine.frames import InputImage, OutputFormat, YuvFrame, as_input_frame
 from livediff.engine.metrics import EngineMetrics, SessionMetrics
+from livediff.engine.session_plans import ControlItem, Plan
 from livediff.engine.stream import Stream
 from livediff.exceptions import SessionClosedError
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OutputFrame:
+class SessionOutput:
     """One output, and the input frame it answers.
 
     ``image`` is uint8 ``H × W × 3`` RGB in host memory at the session's resolution, read-only
@@ -95,7 +95,7 @@ class DroppedFrame:
 
 
 @dataclass(frozen=True)
-class InputFrame:
+class QueuedFrame:
     """A submitted frame on its way through the engine."""
 
     image: InputImage  # uint8 [H, W, 3] or I420 planes, host memory, owned by the engine
@@ -116,10 +116,10 @@ class SessionCore:
         self.closed = False
         # Under ``lock``:
         self.metrics = SessionMetrics(window)
-        self._inbox: deque[InputFrame] = deque()
+        self._inbox: deque[QueuedFrame] = deque()
         self._waiting_since: float | None = None
         self._control: deque[ControlItem] = deque()
-        self._tracked: dict[int, InputFrame] = {}  # taken from the inbox, not yet answered
+        self._tracked: dict[int, QueuedFrame] = {}  # taken from the inbox, not yet answered
         self._pending: list[int] = []  # admitted to a frame group that is not full yet
         self._next_index = 0
         self._drops: list[DroppedFrame] = []  # not yet handed to the Session
@@ -147,7 +147,7 @@ class SessionCore:
         with self.lock:
             if self.closed:
                 raise SessionClosedError(f"session {self.id} is closed")
-            frame = InputFrame(image, self._next_index, pts, time_base, now, now + budget)
+            frame = QueuedFrame(image, self._next_index, pts, time_base, now, now + budget)
             self._next_index += 1
             counts = self.metrics.counts
             counts.submitted += 1
@@ -200,11 +200,11 @@ class SessionCore:
             return items
 
     def priority(self) -> float | None:
-        """The scheduling key (see :mod:`livediff.engine.scheduler`), ``None`` with nothing waiting."""
+        """The scheduling key (see :mod:`livediff.engine.batch_planning`), ``None`` with nothing waiting."""
         with self.lock:
             return None if self.closed or not self._inbox else self._waiting_since
 
-    def take(self) -> tuple[InputFrame | None, list[ControlItem]]:
+    def take(self) -> tuple[QueuedFrame | None, list[ControlItem]]:
         """The next frame together with every control item queued before it (one atomic step)."""
         with self.lock:
             items = list(self._control)
@@ -216,7 +216,7 @@ class SessionCore:
             self._tracked[frame.index] = frame
             return frame, items
 
-    def put_back(self, frame: InputFrame) -> None:
+    def put_back(self, frame: QueuedFrame) -> None:
         """Return a taken frame to the front of the inbox (dropped if newer frames filled it)."""
         with self.lock:
             self._tracked.pop(frame.index, None)
@@ -235,14 +235,14 @@ class SessionCore:
         if dropped:
             self._notify_drops()
 
-    def dropped_for_deadline(self, frame: InputFrame) -> None:
+    def dropped_for_deadline(self, frame: QueuedFrame) -> None:
         with self.lock:
             self._tracked.pop(frame.index, None)
             self.metrics.counts.dropped_deadline += 1
             self._drops.append(DroppedFrame(frame.index, DropReason.DEADLINE))
         self._notify_drops()
 
-    def admitted(self, frame: InputFrame, group_complete: bool) -> None:
+    def admitted(self, frame: QueuedFrame, group_complete: bool) -> None:
         with self.lock:
             if group_complete:
                 self._pending.clear()
@@ -271,7 +271,7 @@ class SessionCore:
 
     def answered(
         self,
-        frames: list[InputFrame],
+        frames: list[QueuedFrame],
         skipped: bool,
         t_done: float,
         stages: dict[str, float],
@@ -322,7 +322,7 @@ class Session:
         output_format: OutputFormat = OutputFormat.RGB,
     ) -> None:
         self.id = core.id
-        self.output_format = output_format  # what OutputFrame.image holds
+        self.output_format = output_format  # what SessionOutput.image holds
         # Producers that decode frames themselves may put them in page-locked memory (CUDA).
         self.pin_inputs = core.stream.bundle.device.type == "cuda"
         self._degrade_state = degrade_state
@@ -335,7 +335,7 @@ class Session:
         self._request = request
         self._on_close = on_close
         self._requested = core.plan.requested
-        self._outbox: deque[OutputFrame] = deque()
+        self._outbox: deque[SessionOutput] = deque()
         self._drops: deque[DroppedFrame] | None = None  # kept only once report_drops() is called
         self._readable = asyncio.Event()
         self._close_reason: str | None = None
@@ -414,7 +414,7 @@ class Session:
             self._drops.extend(drops)
             self._readable.set()
 
-    async def next_event(self) -> OutputFrame | DroppedFrame:
+    async def next_event(self) -> SessionOutput | DroppedFrame:
         """The next output or drop notice (after :meth:`report_drops`); drop notices come first.
 
         Raises ``SessionClosedError`` once the session has ended and its outputs are taken.
@@ -429,7 +429,7 @@ class Session:
             self._readable.clear()
             await self._readable.wait()
 
-    async def recv(self) -> OutputFrame:
+    async def recv(self) -> SessionOutput:
         """The next output, in order. Outputs already queued are returned after the session ends;
         then ``SessionClosedError`` is raised. Cancelling a waiting ``recv()`` loses no output.
         """
@@ -444,7 +444,7 @@ class Session:
         self._metrics.outbox_depth(self.id, len(self._outbox))
         return output
 
-    def deliver(self, outputs: list[OutputFrame]) -> None:
+    def deliver(self, outputs: list[SessionOutput]) -> None:
         """Called on the event loop by the engine with this session's new outputs."""
         if self.closed:  # nobody will read them: counted like outputs a slow reader lost
             with self.core.lock:

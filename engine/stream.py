@@ -32,7 +32,7 @@ from livediff.engine.frames import (
     fit_crop,
     frame_size,
 )
-from livediff.engine.schedule import LCMSchedule, StepCoefficients
+from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
 from livediff.engine.similarity import SimilarityFilter, similarity_signal
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from livediff.engine.config import RCFGMode
+from livediff.engine.lcm_schedule import StepCoefficients
 from livediff.engine.rcfg import (
     guided_noise,
     lcm_denoise,
@@ -32,7 +33,6 @@ from livediff.engine.rcfg import (
     renoise,
     residual_noise,
 )
-from livediff.engine.schedule import StepCoefficients
 from livediff.exceptions import ParameterError
 from livediff.kernels.fused_step import fused_step
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch

@@ -1,10 +1,10 @@
 """The compute thread: one per device, it alone runs the model and touches the sessions' Streams.
 
 Each round it applies queued control items (prepared updates, new Streams), picks the next
-batch (:mod:`livediff.engine.scheduler`), takes one frame from each chosen session, drops
+batch (:mod:`livediff.engine.batch_planning`), takes one frame from each chosen session, drops
 frames that cannot make their deadline, asks the similarity filter (a host-side signal, no
 device sync; a skipped frame is answered at once with the previous output and leaves the
-batch), then runs the rest as one batched encode → UNet → decode (:mod:`livediff.engine.batcher`).
+batch), then runs the rest as one batched encode → UNet → decode (:mod:`livediff.engine.batch_packing`).
 
 On CUDA the thread runs on its own CUDA stream, inputs are staged in pinned memory, outputs are
 copied back with ``non_blocking`` copies into pinned memory, and the one host wait per batch is
@@ -41,14 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from livediff.engine.batch_run import BatchRun, Entry
-from livediff.engine.control import SwapStream
-from livediff.engine.degrade import DegradeController, DegradeLevel, Transition
-from livediff.engine.faults import FaultHandler, is_out_of_memory
-from livediff.engine.metrics import EngineMetrics
-from livediff.engine.overlap import InFlight, OverlapClock
-from livediff.engine.runtime_config import BatchOverlap
-from livediff.engine.scheduler import (
+from livediff.engine.batch_planning import (
     BatchTimeEstimator,
     Candidate,
     GroupKey,
@@ -57,11 +50,18 @@ from livediff.engine.scheduler import (
     plan_batch,
     should_drop,
 )
+from livediff.engine.batch_step import BatchStep, Entry
+from livediff.engine.degrade import DegradeController, DegradeLevel, Transition
+from livediff.engine.faults import FaultHandler, is_out_of_memory
+from livediff.engine.metrics import EngineMetrics
+from livediff.engine.overlap import InFlight, OverlapClock
+from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.session import Session
+from livediff.engine.session_plans import SwapStream
 
 if TYPE_CHECKING:
-    from livediff.engine.control import ControlItem
     from livediff.engine.runtime_config import RuntimeConfig
+    from livediff.engine.session_plans import ControlItem
     from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Worker:
         self.on_level = on_level
         self.rebuild = rebuild
         self.cuda = bundle.device.type == "cuda"
-        self.runner = BatchRun(bundle, runtime, metrics, clock, post)
+        self.runner = BatchStep(bundle, runtime, metrics, clock, post)
         self.estimator = BatchTimeEstimator(runtime.batch_time_smoothing)
         self.degrade = DegradeController(runtime.degrade, clock())
         self.faults = FaultHandler(

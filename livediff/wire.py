@@ -7,7 +7,7 @@ livediff, and Pillow and numpy only when a JPEG helper runs, so a client that on
 loads neither. What the server does and when (limits, timeouts, which error for what) is
 documented beside its handlers: :mod:`livediff.streams.ws_protocol` (``GET /ws``),
 :mod:`livediff.streams.signaling` (``POST /offer``), :mod:`livediff.streams.peer` (the data
-channel) and :mod:`livediff.streams.control` (live parameters).
+channel) and :mod:`livediff.streams.control_messages` (live parameters).
 
 Websocket (``GET /ws``)
     Binary messages are frames: one JPEG image each, both ways (:func:`encode_jpeg`,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from livediff.engine.config import GenerationParams, StreamConfig
     from livediff.engine.frames import OutputFormat, YuvFrame
     from livediff.engine.runtime import Engine, EngineState
-    from livediff.engine.session import DroppedFrame, OutputFrame, Session
+    from livediff.engine.session import DroppedFrame, Session, SessionOutput
 
 
 @runtime_checkable
@@ -53,9 +53,9 @@ class SessionLike(Protocol):
 
     def report_drops(self, limit: int = 4096) -> None: ...
 
-    async def recv(self) -> OutputFrame: ...
+    async def recv(self) -> SessionOutput: ...
 
-    async def next_event(self) -> OutputFrame | DroppedFrame: ...
+    async def next_event(self) -> SessionOutput | DroppedFrame: ...
 
     async def update(self, **changes: Any) -> None: ...
 

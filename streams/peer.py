@@ -7,7 +7,7 @@ and its session, when the connection fails or closes, when the remote track ends
 the session ends; :meth:`close` is idempotent and safe to call from anywhere.
 
 Data channel (any label, opened by the client; the first one is used): the client sends
-control messages (:mod:`livediff.streams.control`), each answered with ``{"ok": true}`` or
+control messages (:mod:`livediff.streams.control_messages`), each answered with ``{"ok": true}`` or
 ``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``); the
 server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
 large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
@@ -37,7 +37,7 @@ from aiortc.sdp import SessionDescription
 
 from livediff.exceptions import OfferError, ParameterError, SessionClosedError
 from livediff.ice import rtc_configuration
-from livediff.streams.control import parse_control, refusal_reply, session_params
+from livediff.streams.control_messages import parse_control, refusal_reply, session_params
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.limits import (

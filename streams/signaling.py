@@ -37,7 +37,7 @@ from aiohttp import web
 from livediff.engine.frames import OutputFormat
 from livediff.exceptions import CapacityError, OfferError, ParameterError, ProtocolError
 from livediff.streams import app_keys
-from livediff.streams.control import session_params, wire_params
+from livediff.streams.control_messages import session_params, wire_params
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.http_errors import json_error
 from livediff.streams.json_text import loads_bounded

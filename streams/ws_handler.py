@@ -30,7 +30,7 @@ from livediff.engine.session import DroppedFrame
 from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
 from livediff.streams import app_keys, ws_protocol
 from livediff.streams.auth import ACCESS, TOKEN_QUERY, UNAUTHORIZED
-from livediff.streams.control import (
+from livediff.streams.control_messages import (
     params_from_query,
     parse_control,
     refusal_reply,

@@ -33,7 +33,7 @@ Frames (binary messages)
       end of a stream the last *n − 1* frames stay in flight.
 
 Control (text messages)
-    Client → server: one JSON object of live parameters, see :mod:`livediff.streams.control`
+    Client → server: one JSON object of live parameters, see :mod:`livediff.streams.control_messages`
     (``prompt``, ``negative_prompt``, ``seed``, ``strength``, ``guidance_scale``, ``delta`` …
     and an optional ``id``). Answer: ``{"ok": true}`` once the change applies to the next
     frame, or ``{"error": "<what was wrong>"}`` with nothing changed (``"id"`` echoed).

@@ -26,7 +26,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 UNREACHABLE = "http://127.0.0.1:9/whl/cpu"  # the discard port: connection refused at once
-TOOLS = "bash env dirname basename sed awk cksum tr cut sort paste du mktemp rm tail id cat mkdir ln"
+TOOLS = (
+    "bash env dirname basename sed awk cksum tr cut sort paste du mktemp rm tail id cat mkdir ln"
+)
 
 FAKE_PYTHON = r"""#!{real}
 import json, os, sys

@@ -36,7 +36,7 @@ from livediff.settings import (
 from livediff.settings.catalog import reference, tables
 from livediff.settings.docs import block_of, default_text, markdown
 from livediff.settings.flags import add_flags, flag_values
-from livediff.streams.control import params_from_query, session_params
+from livediff.streams.control_messages import params_from_query, session_params
 from livediff.streams.server_config import IceServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from livediff.engine.config import RCFGMode
-from livediff.engine.schedule import LCMSchedule, StepCoefficients
+from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
 from livediff.engine.stream_batch import StreamBatch
 from livediff.models.bundle import ModelBundle
 from livediff.models.prompts import PromptEncoder

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from livediff.engine.config import GenerationParams, StreamConfig
-from livediff.engine.runtime import OutputFrame, Session
+from livediff.engine.runtime import Session, SessionOutput
 from livediff.engine.stream import Stream
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch
@@ -97,7 +97,7 @@ def reference_outputs(
     return answers
 
 
-async def receive(session: Session, count: int) -> list[OutputFrame]:
+async def receive(session: Session, count: int) -> list[SessionOutput]:
     return [await session.recv() for _ in range(count)]
 
 

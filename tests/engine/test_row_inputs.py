@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from livediff.engine.batcher import Batcher
+from livediff.engine.batch_packing import BatchPacker
 from livediff.exceptions import BatchCompositionError
 from livediff.models.unet_batch import Absent, UNetBatch, row_input
 
@@ -70,7 +70,7 @@ def test_a_new_per_row_field_is_packed_padded_and_split_without_batching_code() 
         "tag",
     )
     seen: list[Any] = []
-    batcher = Batcher(scaled_model(seen), (1, 2, 4, 8))
+    batcher = BatchPacker(scaled_model(seen), (1, 2, 4, 8))
     eps, call = batcher.predict([rows(1, 3.0, scale=2.0), rows(2, 5.0), rows(1, 7.0, scale=0.5)])
     (packed,) = seen
     assert isinstance(packed, ScaledBatch) and packed.rows == 4 == call.padded_rows
@@ -85,7 +85,7 @@ def test_a_new_per_row_field_is_packed_padded_and_split_without_batching_code() 
 
 
 def test_a_field_every_session_must_send_refuses_a_mixed_call() -> None:
-    batcher = Batcher(scaled_model([]), (1, 2, 4))
+    batcher = BatchPacker(scaled_model([]), (1, 2, 4))
     tagged = ScaledBatch(**{**rows(1, 1.0, scale=1.0).__dict__, "tag": torch.ones(1)})
     with pytest.raises(BatchCompositionError, match="'tag'") as refused:
         batcher.predict([tagged, rows(1, 2.0, scale=1.0)])
@@ -95,7 +95,7 @@ def test_a_field_every_session_must_send_refuses_a_mixed_call() -> None:
 def test_rows_are_packed_straight_into_a_models_static_inputs() -> None:
     seen: list[Any] = []
     buffers: dict[str, torch.Tensor] = {}
-    batcher = Batcher(scaled_model(seen, buffers), (1, 2, 4))
+    batcher = BatchPacker(scaled_model(seen, buffers), (1, 2, 4))
     batcher.predict([rows(1, 3.0, scale=1.0), rows(2, 4.0, scale=1.0)])
     batcher.predict([rows(2, 1.0, scale=1.0), rows(1, 2.0, scale=1.0)])
     for batch in seen:  # the model was handed its own buffers: packing was the only copy

@@ -22,7 +22,7 @@ from runtime_testing import (
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
-from livediff.engine.runtime import Engine, OutputFrame, RuntimeConfig
+from livediff.engine.runtime import Engine, RuntimeConfig, SessionOutput
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.exceptions import CapacityError
 from livediff.models.bundle import ModelBundle
@@ -168,7 +168,7 @@ async def test_degrades_in_order_and_recovers_in_reverse(tiny_bundle: ModelBundl
     session = await engine.open_session({"steps": 2, "seed": 7})
     submitted = 0
 
-    async def pump_until(done: object) -> OutputFrame:
+    async def pump_until(done: object) -> SessionOutput:
         """Keep two frames in flight and receive outputs until ``done(output)``."""
         nonlocal submitted
         while True:

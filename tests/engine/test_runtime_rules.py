@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from livediff.engine.batcher import Batcher, resize_rgb
+from livediff.engine.batch_packing import BatchPacker, resize_rgb
+from livediff.engine.batch_planning import (
+    BatchTimeEstimator,
+    Candidate,
+    bucket_for,
+    group_key,
+    plan_batch,
+    should_drop,
+)
 from livediff.engine.config import GenerationParams
 from livediff.engine.degrade import (
     DegradeController,
@@ -15,14 +23,6 @@ from livediff.engine.degrade import (
     DegradePolicy,
     degraded_params,
     degraded_size,
-)
-from livediff.engine.scheduler import (
-    BatchTimeEstimator,
-    Candidate,
-    bucket_for,
-    group_key,
-    plan_batch,
-    should_drop,
 )
 from livediff.exceptions import ParameterError
 from livediff.models.unet_batch import UNetBatch
@@ -178,7 +178,7 @@ def test_batcher_pads_to_buckets_and_splits_rows() -> None:
     model = SimpleNamespace(
         device=torch.device("cpu"), predict_noise=predict_noise, input_buffers=lambda *_: None
     )
-    batcher = Batcher(model, (1, 2, 4, 8))  # type: ignore[arg-type]
+    batcher = BatchPacker(model, (1, 2, 4, 8))  # type: ignore[arg-type]
     parts = [
         UNetBatch(
             torch.full((n, 4, 2, 2), float(n)), torch.full((n,), 10 * n), torch.zeros(n, 77, 32)

@@ -12,7 +12,7 @@ import torch
 from kernels_testing import RCFG_MODES, fused_inputs
 
 from livediff.engine.config import RCFGMode
-from livediff.engine.schedule import LCMSchedule
+from livediff.engine.lcm_schedule import LCMSchedule
 from livediff.engine.stream_batch import StreamBatch
 from livediff.kernels.fused_step import fused_step
 

@@ -11,7 +11,7 @@ import pytest
 from livediff.cmd_serve import add_parser, server_config_from_args
 from livediff.exceptions import EmptyFrameError, InvalidFrameError, ParameterError
 from livediff.ice import HostAddressRestriction, rtc_configuration
-from livediff.streams.control import params_from_query, parse_control, session_params
+from livediff.streams.control_messages import params_from_query, parse_control, session_params
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import MARKER_MODULUS, read_marker, stamp_marker
 from livediff.streams.server_config import IceServer, ServerConfig

@@ -14,7 +14,7 @@ from livediff import wire
 from livediff.clients.media import FrameSource, FrameWriter
 from livediff.engine.session import DropReason
 from livediff.exceptions import FrameShapeError, FrameTooLargeError, MediaError, ProtocolError
-from livediff.streams.control import params_from_query
+from livediff.streams.control_messages import params_from_query
 
 
 def test_every_server_message_has_one_kind() -> None:

@@ -1,9 +1,9 @@
 """One batch on the device, for the worker thread: admit frames, run the model, make the outputs.
 
-:meth:`BatchRun.admit` puts a session's frame into its Stream (a similarity-filter skip is
-answered at once). :meth:`BatchRun.model` runs the admitted groups as one batched encode →
+:meth:`BatchStep.admit` puts a session's frame into its Stream (a similarity-filter skip is
+answered at once). :meth:`BatchStep.model` runs the admitted groups as one batched encode →
 UNet → decode (or a non-Stream-Batch session alone) and raises whatever the model raises: the
-worker decides what a failure means (:mod:`livediff.engine.faults`). :meth:`BatchRun.outputs`
+worker decides what a failure means (:mod:`livediff.engine.faults`). :meth:`BatchStep.outputs`
 waits for the device once, records every answer in its session's counters, and returns the
 deliveries for the worker to post to the event loop.
 """
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from livediff.engine.batcher import Batcher, resize_rgb
+from livediff.engine.batch_packing import BatchPacker, resize_rgb
+from livediff.engine.batch_planning import GroupKey, bucket_for
 from livediff.engine.frames import OutputFormat, YuvFrame
 from livediff.engine.metrics import EngineMetrics, StageTimer
-from livediff.engine.scheduler import GroupKey, bucket_for
-from livediff.engine.session import InputFrame, OutputFrame, Session
+from livediff.engine.session import QueuedFrame, Session, SessionOutput
 from livediff.engine.stream import FrameGroup, Stream
 from livediff.kernels.yuv import rgb_to_i420
 
@@ -72,7 +72,7 @@ class Done:
     deliveries: list[Callable[[], None]] = field(default_factory=list)
 
 
-class BatchRun:
+class BatchStep:
     """See the module docstring. Worker thread only."""
 
     def __init__(
@@ -88,10 +88,10 @@ class BatchRun:
         self.clock = clock
         self.post = post
         self.cuda = bundle.device.type == "cuda"
-        self.batcher = Batcher(bundle, runtime.batch_buckets)
-        self._held: list[tuple[Session, list[InputFrame]]] = []
+        self.packer = BatchPacker(bundle, runtime.batch_buckets)
+        self._held: list[tuple[Session, list[QueuedFrame]]] = []
 
-    def admit(self, session: Session, frame: InputFrame, hold_skips: bool = False) -> Entry | None:
+    def admit(self, session: Session, frame: QueuedFrame, hold_skips: bool = False) -> Entry | None:
         """Admit the frame to its Stream; a full group that the filter skips is answered here.
 
         With ``hold_skips`` a skip is answered only at :meth:`release_held`: the session has a
@@ -126,7 +126,7 @@ class BatchRun:
         for session, frames in held:
             self._emit_skipped(session, frames)
 
-    def _emit_skipped(self, session: Session, frames: list[InputFrame]) -> None:
+    def _emit_skipped(self, session: Session, frames: list[QueuedFrame]) -> None:
         core = session.core
         image = core.last_image
         assert image is not None  # the filter only skips once the Stream has emitted an output
@@ -139,18 +139,18 @@ class BatchRun:
     def _output(
         self,
         session: Session,
-        frame: InputFrame,
+        frame: QueuedFrame,
         image: Any,
         t_done: float,
         render: tuple[int, int],
         compute_s: float | None,
-    ) -> OutputFrame:
+    ) -> SessionOutput:
         latency = t_done - frame.t_arrival
         skipped = compute_s is None
         late = t_done > frame.deadline
         self.metrics.output(session.id, skipped=skipped, late=late, latency_s=latency)
         compute_ms = None if compute_s is None else compute_s * 1000.0
-        return OutputFrame(
+        return SessionOutput(
             image,
             frame.pts,
             frame.time_base,
@@ -189,15 +189,15 @@ class BatchRun:
         formats: list[OutputFormat],
         timer: StageTimer,
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
-        latents = iter(self.batcher.encode([e.pixels for e in entries if e.pixels is not None]))
+        latents = iter(self.packer.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
         unet_inputs = [
             e.stream.begin(e.group, None if e.pixels is None else next(latents)) for e in entries
         ]
-        eps, call = self.batcher.predict(unet_inputs)
+        eps, call = self.packer.predict(unet_inputs)
         timer.mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
-        rgbs, hosts = self.batcher.decode_frames(finished, sizes, formats)
+        rgbs, hosts = self.packer.decode_frames(finished, sizes, formats)
         timer.mark("decode")
         answers = [e.stream.complete(e.group, rgb) for e, rgb in zip(entries, rgbs, strict=True)]
         return answers, hosts, call.rows, call.padded_rows
@@ -213,7 +213,7 @@ class BatchRun:
             frames = resize_rgb(torch.stack(generated), size)
             if output is OutputFormat.I420:
                 frames = rgb_to_i420(frames)
-            host = self.batcher.to_host([frames])[0]
+            host = self.packer.to_host([frames])[0]
         rows = entry.stream.batch.unet_rows
         return [answer], [host], rows, bucket_for(rows, self.runtime.batch_buckets)
 
@@ -230,9 +230,9 @@ class BatchRun:
         for entry, answer, host in zip(entries, computed.answers, computed.hosts, strict=True):
             core = entry.session.core
             render = (entry.stream.width, entry.stream.height)
-            outputs: list[OutputFrame] = []
-            frames: list[InputFrame] = []
-            skipped: list[InputFrame] = []
+            outputs: list[SessionOutput] = []
+            frames: list[QueuedFrame] = []
+            skipped: list[QueuedFrame] = []
             # Host rows follow the generated outputs; skipped ones reuse the last image.
             for out in answer:
                 if out.skipped:

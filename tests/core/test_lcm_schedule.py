@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from livediff.engine.schedule import LCMSchedule, lcm_timesteps, strength_to_t_index_list
+from livediff.engine.lcm_schedule import LCMSchedule, lcm_timesteps, strength_to_t_index_list
 from livediff.exceptions import ParameterError
 from livediff.models.presets import SCHEDULER_CONFIG
 

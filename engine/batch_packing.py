@@ -9,7 +9,7 @@ the model's own static input where it has one (a CUDA-graphed bundle: see
 otherwise one allocated per (stage, shape) and reused. The UNet's inputs are packed field by
 field over :class:`~livediff.models.unet_batch.UNetBatch`'s per-row fields, whatever they are.
 Which sessions may be packed together is the scheduler's grouping rule
-(:mod:`livediff.engine.scheduler`).
+(:mod:`livediff.engine.batch_planning`).
 
 Outputs go to host memory here too: on CUDA into pinned buffers with ``non_blocking`` copies,
 waited for through one event by the worker; on CPU they already are host tensors.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from livediff.engine.batch_planning import bucket_for
 from livediff.engine.frames import OutputFormat
-from livediff.engine.scheduler import bucket_for
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch, field_names_in
@@ -39,7 +39,7 @@ class PackedCall:
     sessions: int
 
 
-class Batcher:
+class BatchPacker:
     """Packs, runs and splits batched model calls; used by the worker thread only."""
 
     def __init__(self, bundle: ModelBundle, buckets: Sequence[int]) -> None:
