@@ -26,7 +26,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -91,27 +91,52 @@ class RestartBudget:
 
 
 class FaultMetrics:
-    """Prometheus counters of the faults above, in the engine's registry."""
+    """Prometheus counters of the faults above, in the engine's registry, one series per device."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("device",)
         self.oom_batches = Counter(
             "livediff_oom_batches",
             "Batches that ran out of device memory (their frames were shed)",
+            labels,
             registry=registry,
         )
         self.oom_frames = Counter(
             "livediff_oom_frames",
             "Frames shed because the device ran out of memory",
+            labels,
             registry=registry,
         )
         self.row_cap = Gauge(
-            "livediff_batch_row_cap", "Most UNet rows one batch may take now", registry=registry
+            "livediff_batch_row_cap",
+            "Most UNet rows one batch may take now",
+            labels,
+            registry=registry,
         )
         self.worker_restarts = Counter(
             "livediff_worker_restarts",
             "Times the worker thread failed and was restarted",
+            labels,
             registry=registry,
         )
+
+    def for_device(self, device: str) -> DeviceFaultMetrics:
+        return DeviceFaultMetrics(
+            self.oom_batches.labels(device),
+            self.oom_frames.labels(device),
+            self.row_cap.labels(device),
+            self.worker_restarts.labels(device),
+        )
+
+
+class DeviceFaultMetrics:
+    """One device's series of :class:`FaultMetrics`, with plain counts for ``/stats``."""
+
+    def __init__(
+        self, oom_batches: Any, oom_frames: Any, row_cap: Any, worker_restarts: Any
+    ) -> None:
+        self.oom_batches, self.oom_frames = oom_batches, oom_frames
+        self.row_cap, self.worker_restarts = row_cap, worker_restarts
         self.oom_batch_count = 0
         self.oom_frame_count = 0
 
@@ -126,7 +151,7 @@ class FaultHandler:
     def __init__(
         self,
         buckets: Sequence[int],
-        registry: CollectorRegistry,
+        metrics: DeviceFaultMetrics,
         degrade: DegradeController,
         post: Callable[[Callable[[], None]], None],
         rebuild: Callable[[Session], None],
@@ -134,7 +159,7 @@ class FaultHandler:
         cuda: bool,
     ) -> None:
         self.row_cap = RowCap(buckets)
-        self.metrics = FaultMetrics(registry)
+        self.metrics = metrics
         self.metrics.row_cap.set(self.row_cap.value)
         self.restarts = RestartBudget()
         self._degrade = degrade
@@ -145,9 +170,9 @@ class FaultHandler:
     def fail(self, session: Session, exc: BaseException) -> None:
         """End ``session`` with ``exc`` as its reason; the others go on."""
         log.error("[%s] session failed: %s", session.id, exc, exc_info=exc)
-        with session.core.lock:
-            session.core.closed = True
-        self._post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
+        reason = f"failed: {type(exc).__name__}: {exc}"
+        session.core.close(reason)
+        self._post(partial(session.end, reason))
 
     def out_of_memory(self, sessions: list[Session], rows: int, exc: BaseException) -> None:
         """Shed a batch of ``rows`` (padded) that ran out of device memory."""

@@ -4,8 +4,8 @@ Every device (one worker each) has a cap of ``max_sessions_per_device`` sessions
 (``RuntimeConfig``; ``None``: only the engine-wide ``max_sessions`` applies). A new session
 goes to the device with the fewest sessions among those under their cap, the first listed on
 a tie; when every device is full, :meth:`Placement.acquire` answers ``None`` and the engine
-refuses the session with ``CapacityError``. The engine has one device today; the rule is
-written for N.
+refuses the session with ``CapacityError``. Devices whose worker is down for good or that
+refuse sessions (degraded to their last level) are left out by the engine (``allowed``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ class Placement:
         self._loads = [0] * len(self.devices)
         self._where: dict[str, int] = {}
 
-    def acquire(self, session_id: str) -> int | None:
-        """Reserve a slot for ``session_id``; returns the device index, or ``None`` when all are full."""
-        open_ = [i for i, load in enumerate(self._loads) if self.cap is None or load < self.cap]
+    def acquire(self, session_id: str, allowed: Sequence[int] | None = None) -> int | None:
+        """Reserve a slot for ``session_id`` on one of the ``allowed`` devices (default: all);
+        returns the device index, or ``None`` when they are all full."""
+        candidates = range(len(self.devices)) if allowed is None else allowed
+        open_ = [i for i in candidates if self.cap is None or self._loads[i] < self.cap]
         if not open_:
             return None
         index = min(open_, key=lambda i: (self._loads[i], i))

@@ -1,4 +1,4 @@
-"""The live streaming runtime: many sessions, one model, one GPU worker, batched across sessions.
+"""The live streaming runtime: many sessions, one model, a GPU worker per device, batched.
 
 >>> engine = Engine(bundle, runtime=RuntimeConfig(deadline_ms=100))
 >>> await engine.start()
@@ -8,9 +8,12 @@
 >>> await session.update(prompt="an oil painting")            # applies at the next frame
 >>> await engine.stop()
 
-Threads: the event loop (every public call), one control thread (prompt encoding, building
-Streams: :mod:`livediff.engine.session_plans`) and one worker per device (all model compute:
-:mod:`livediff.engine.worker`). The event loop never waits on either; results come back through
+Threads: the event loop (every public call), and per device (:mod:`livediff.engine.devices`)
+a control thread (prompt encoding, building Streams: :mod:`livediff.engine.session_plans`) and
+a worker (all model compute: :mod:`livediff.engine.worker`). ``Engine([bundle_on_cuda0,
+bundle_on_cuda1], …)`` serves on both GPUs: a new session goes to the least-loaded device under
+its cap that is neither down nor refusing sessions (:mod:`livediff.engine.placement`), and
+stays there. The event loop never waits on another thread; results come back through
 ``loop.call_soon_threadsafe``. How sessions share a UNet call is the scheduler's grouping rule
 (:mod:`livediff.engine.batch_planning`); how the engine sheds load is :mod:`livediff.engine.degrade`.
 
@@ -24,7 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from enum import Enum
@@ -32,17 +35,18 @@ from functools import partial
 from typing import Any
 
 import prometheus_client
-import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradeLevel, DegradePolicy
+from livediff.engine.devices import Device, device_labels
+from livediff.engine.faults import FaultMetrics
 from livediff.engine.frames import OutputFormat
 from livediff.engine.metrics import EngineMetrics, FrameCounts
 from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
 from livediff.engine.session import Session, SessionCore, SessionOutput
 from livediff.engine.session_plans import Plan, SwapStream, build_plan, replan
-from livediff.engine.worker import Worker
+from livediff.engine.worker import Worker, WorkerSnapshot
 from livediff.exceptions import (
     CapacityError,
     ParameterError,
@@ -63,7 +67,7 @@ class EngineState(str, Enum):
 
 
 class Engine:
-    """Sessions over one :class:`ModelBundle`; see the module docstring.
+    """Sessions over one model, on one :class:`ModelBundle` per device; see the module docstring.
 
     ``stream_config`` is every session's default structure (resolution, RCFG, frame buffer …);
     ``default_params`` the default live parameters (the preset's strength and steps if ``None``).
@@ -72,32 +76,77 @@ class Engine:
 
     def __init__(
         self,
-        bundle: ModelBundle,
+        bundle: ModelBundle | Sequence[ModelBundle],
         stream_config: StreamConfig | None = None,
         runtime: RuntimeConfig | None = None,
         default_params: GenerationParams | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.bundle = bundle
-        self.stream_config = _with_resolution(stream_config or StreamConfig(), bundle)
+        bundles = (bundle,) if isinstance(bundle, ModelBundle) else tuple(bundle)
+        if not bundles:
+            raise ParameterError("an engine needs a model on at least one device", field="devices")
+        self.bundles = bundles
+        self.bundle = bundles[0]  # the model's preset and configs are the same on every device
+        self.stream_config = _with_resolution(stream_config or StreamConfig(), self.bundle)
         self.runtime = runtime or RuntimeConfig()
-        self.default_params = default_params or GenerationParams.for_preset(bundle.preset)
+        self.default_params = default_params or GenerationParams.for_preset(self.bundle.preset)
         self.state = EngineState.NEW
         self._clock = clock
         self._metrics = EngineMetrics(self.runtime.latency_window)
         self.registry: prometheus_client.CollectorRegistry = self._metrics.registry
         self._sessions: dict[str, Session] = {}
+        self._device_of: dict[str, Device] = {}
         self._opening = 0
         self._full_since: float | None = None  # clock time every session slot became taken
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livediff-control")
-        self._worker = Worker(
-            bundle, self.runtime, self._metrics, clock, self._post, self._on_level, self._rebuild
+        faults = FaultMetrics(self.registry)
+        labels = device_labels(bundles)
+        self._devices = [
+            Device(
+                k,
+                label,
+                device_bundle,
+                Worker(
+                    device_bundle,
+                    self.runtime,
+                    self._metrics,
+                    clock,
+                    self._post,
+                    partial(self._on_level, k),
+                    self._rebuild,
+                    faults=faults.for_device(label),
+                    label=label,
+                ),
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"livediff-control-{label}"),
+            )
+            for k, (label, device_bundle) in enumerate(zip(labels, bundles, strict=True))
+        ]
+        self._placement = Placement(labels, self.runtime.max_sessions_per_device)
+        devices = self._devices
+        self._metrics.degrade_pressure.set_function(
+            lambda: max(d.worker.degrade.pressure for d in devices)
         )
-        self._placement = Placement([str(bundle.device)], self.runtime.max_sessions_per_device)
-        degrade = self._worker.degrade
-        self._metrics.degrade_pressure.set_function(lambda: degrade.pressure)
+        per_device = prometheus_client.Gauge(
+            "livediff_device_sessions",
+            "Open sessions per device",
+            ["device"],
+            registry=self.registry,
+        )
+        levels = prometheus_client.Gauge(
+            "livediff_device_degrade_level",
+            "Degrade level per device (0 normal ... 3 refusing sessions)",
+            ["device"],
+            registry=self.registry,
+        )
+        placement = self._placement
+        for device in devices:
+            per_device.labels(device.label).set_function(
+                partial(lambda label: placement.loads()[label], device.label)
+            )
+            levels.labels(device.label).set_function(
+                partial(lambda worker: int(worker.degrade.level), device.worker)
+            )
 
     # ------------------------------------------------------------------ lifecycle
     def _bind_loop(self) -> None:
@@ -114,8 +163,12 @@ class Engine:
             raise SessionError("this engine was stopped; create a new one")
         if self.state is EngineState.NEW:
             self.state = EngineState.RUNNING
-            self._worker.start()
-            log.info("[engine] started: %s, %s", self.bundle.describe(), self.runtime)
+            for device in self._devices:
+                device.worker.start()
+            devices = ", ".join(d.label for d in self._devices)
+            log.info(
+                "[engine] started on %s: %s, %s", devices, self.bundle.describe(), self.runtime
+            )
 
     async def stop(self) -> None:
         """Close every session (their ``recv()`` raises ``SessionClosedError``: "engine stopped"),
@@ -127,12 +180,14 @@ class Engine:
         self.state = EngineState.STOPPED
         for session in list(self._sessions.values()):
             session.end("engine stopped")
-        thread = self._worker.stop()
+        threads = [device.worker.stop() for device in self._devices]
 
         def join() -> None:
-            if thread is not None:
-                thread.join()
-            self._control.shutdown(wait=True, cancel_futures=True)
+            for thread in threads:
+                if thread is not None:
+                    thread.join()
+            for device in self._devices:
+                device.control.shutdown(wait=True, cancel_futures=True)
 
         await asyncio.shield(asyncio.to_thread(join))
         log.info("[engine] stopped")
@@ -146,14 +201,17 @@ class Engine:
         if self.state is not EngineState.RUNNING:
             raise SessionError(f"the engine is {self.state.value}, not running")
         assert self._loop is not None
-        future: asyncio.Future[None] = self._loop.create_future()
+        futures: list[asyncio.Future[None]] = []
+        for device in self._devices:
+            future: asyncio.Future[None] = self._loop.create_future()
 
-        def resolve() -> None:
-            if not future.done():
-                future.set_result(None)
+            def resolve(done: asyncio.Future[None] = future) -> None:
+                if not done.done():
+                    done.set_result(None)
 
-        self._worker.when_idle(resolve)
-        await future
+            device.worker.when_idle(resolve)
+            futures.append(future)
+        await asyncio.gather(*futures)
 
     def _post(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the event loop (from any thread)."""
@@ -207,27 +265,11 @@ class Engine:
                 "(RuntimeConfig.max_sessions); try again when one closes",
                 limit=self.runtime.max_sessions,
             )
-        if self._worker.snapshot().failed:
-            self._metrics.refused("capacity")
-            raise CapacityError(
-                "the engine's worker failed repeatedly and is down; the server must be restarted"
-            )
-        worker = self._worker.snapshot()
-        if worker.level >= DegradeLevel.REFUSE_SESSIONS:
-            self._metrics.refused("degraded")
-            raise CapacityError(
-                f"the engine is overloaded (degrade level {worker.level.label}; "
-                f"{worker.reason}): new sessions are refused until load falls; "
-                "open sessions continue",
-                retry_after=self.runtime.degrade.window_s * self.runtime.degrade.recover_after,
-            )
-        if self._placement.acquire(sid) is None:
-            self._metrics.refused("capacity")
-            raise CapacityError(self._placement.full_message())
+        device = self._place(sid)
         self._opening += 1
         try:
             plan = await asyncio.wrap_future(
-                self._control_job(self._build, stream_config, requested, sid)
+                device.job(self._build, device, stream_config, requested, sid)
             )
             if self.state is EngineState.STOPPED:
                 raise SessionClosedError("the engine stopped while the session was being opened")
@@ -243,23 +285,26 @@ class Engine:
             runtime=self.runtime,
             clock=self._clock,
             metrics=self._metrics,
-            wake=self._worker.wake,
+            wake=device.worker.wake,
             request=self._request,
             on_close=self._closed,
             post=self._post,
-            degrade_state=self._degrade_state,
+            degrade_state=partial(self._degrade_state, device),
             output_format=OutputFormat(output),
+            device=device.label,
         )
         self._sessions[sid] = session
+        self._device_of[sid] = device
         self._track_fullness()
         self._metrics.session_opened(sid, len(self._sessions))
-        self._worker.add(session)
+        device.worker.add(session)
         # The level may have moved while the Stream was being built.
-        if plan.level is not self._worker.degrade.level:
-            self._control_job(self._replan, core, plan.requested)
+        if plan.level is not device.worker.degrade.level:
+            device.job(self._replan, core, plan.requested)
         log.info(
-            "[%s] session opened: %dx%d, %d step(s), rcfg %s",
+            "[%s] session opened on %s: %dx%d, %d step(s), rcfg %s",
             sid,
+            device.label,
             plan.stream.width,
             plan.stream.height,
             plan.stream.batch.steps,
@@ -267,74 +312,105 @@ class Engine:
         )
         return session
 
+    def _place(self, sid: str) -> Device:
+        """The device a new session goes to, or ``CapacityError`` saying why there is none."""
+        snapshots = [device.snapshot() for device in self._devices]
+        up = [k for k, s in enumerate(snapshots) if not s.failed]
+        if not up:
+            self._metrics.refused("capacity")
+            raise CapacityError(
+                "the engine's worker failed repeatedly and is down; the server must be restarted"
+            )
+        taking = [k for k in up if snapshots[k].level < DegradeLevel.REFUSE_SESSIONS]
+        if not taking:
+            self._metrics.refused("degraded")
+            worst = snapshots[up[0]]
+            raise CapacityError(
+                f"the engine is overloaded (degrade level {worst.level.label}; "
+                f"{worst.reason}): new sessions are refused until load falls; "
+                "open sessions continue",
+                retry_after=self.runtime.degrade.window_s * self.runtime.degrade.recover_after,
+            )
+        index = self._placement.acquire(sid, allowed=taking)
+        if index is None:
+            self._metrics.refused("capacity")
+            raise CapacityError(self._placement.full_message())
+        return self._devices[index]
+
     def _closed(self, session: Session) -> None:
         sid = session.id
+        device = self._device_of.get(sid)
         if self._sessions.get(sid) is session:
             del self._sessions[sid]
+            del self._device_of[sid]
             self._placement.release(sid)
             self._track_fullness()
-        self._worker.remove(session)
+        if device is not None:
+            device.worker.remove(session)
         with session.core.lock:
             counts = FrameCounts(**asdict(session.core.metrics.counts))
         self._metrics.session_closed(sid, len(self._sessions), counts)
 
-    # ------------------------------------------------------------------ control thread
-    def _control_job(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        def run() -> Any:
-            result = fn(*args)
-            # The worker's CUDA stream must find this thread's work finished.
-            if self.bundle.device.type == "cuda":
-                torch.cuda.current_stream(self.bundle.device).synchronize()
-            return result
-
-        return self._control.submit(run)
-
-    def _build(self, config: StreamConfig, requested: GenerationParams, sid: str) -> Plan:
-        level = self._worker.degrade.level
-        return build_plan(self.bundle, config, requested, level, self.runtime.degrade, sid)
+    # ------------------------------------------------------------------ control threads
+    def _build(
+        self, device: Device, config: StreamConfig, requested: GenerationParams, sid: str
+    ) -> Plan:
+        level = device.worker.degrade.level
+        return build_plan(device.bundle, config, requested, level, self.runtime.degrade, sid)
 
     def _replan(self, core: SessionCore, requested: GenerationParams) -> None:
-        if core.closed:
+        device = self._device_of.get(core.id)
+        if core.closed or device is None:
             return
-        level = self._worker.degrade.level
-        item = replan(core.plan, requested, level, self.runtime.degrade, self.bundle, core.id)
+        level = device.worker.degrade.level
+        item = replan(core.plan, requested, level, self.runtime.degrade, device.bundle, core.id)
         if item is not None:
             core.queue_control(item)
-            self._worker.wake()
+            device.worker.wake()
 
     def _rebuild(self, session: Session) -> None:
         """Worker thread: ``session`` lost its Stream to a fault; build a new one off the hot path."""
+        device = self._device_of.get(session.id)
+        if device is None:
+            return
 
         def build() -> None:
             core = session.core
             if core.closed:
                 return
             try:
-                plan = self._build(core.plan.config, core.plan.requested, core.id)
+                plan = self._build(device, core.plan.config, core.plan.requested, core.id)
             except Exception as exc:
                 log.error("[%s] could not rebuild the stream", core.id, exc_info=exc)
                 self._post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
                 return
             core.plan = plan
             core.queue_control(SwapStream(plan.stream))
-            self._worker.wake()
+            device.worker.wake()
 
         with contextlib.suppress(RuntimeError):  # the control thread is shutting down
-            self._control_job(build)
+            device.job(build)
 
     def _request(self, core: SessionCore, requested: GenerationParams) -> Future[None]:
-        return self._control_job(self._replan, core, requested)
+        device = self._device_of.get(core.id)
+        if device is None:  # closed while the update was on its way
+            raise SessionClosedError(f"session {core.id} is closed")
+        return device.job(self._replan, core, requested)
 
-    def _on_level(self, level: DegradeLevel) -> None:
-        """Worker thread: the degrade level changed; re-plan every session on the control thread."""
-        self._metrics.level_changed(int(level), level.label)
+    def _on_level(self, index: int, level: DegradeLevel) -> None:
+        """Worker thread: a device's degrade level changed; re-plan its sessions off the hot path."""
+        device = self._devices[index]
+        worst = max(d.worker.degrade.level for d in self._devices)
+        self._metrics.level_changed(int(worst), worst.label)
 
         def relevel() -> None:
-            for session in list(self._sessions.values()):
-                self._replan(session.core, session.core.plan.requested)
+            for sid, owner in list(self._device_of.items()):
+                session = self._sessions.get(sid)
+                if owner is device and session is not None:
+                    self._replan(session.core, session.core.plan.requested)
 
         with contextlib.suppress(RuntimeError):  # the control thread is shutting down
-            self._control_job(relevel)
+            device.job(relevel)
 
     # ------------------------------------------------------------------ metrics
     def _capacity(self) -> int:
@@ -352,38 +428,56 @@ class Engine:
         elif self._full_since is None:
             self._full_since = self._clock()
 
-    def _degrade_state(self) -> dict[str, Any]:
-        worker = self._worker.snapshot()
+    def _worst(self) -> WorkerSnapshot:
+        """The device furthest degraded (its level and reason stand for the engine's)."""
+        return max((d.snapshot() for d in self._devices), key=lambda w: (w.level, w.pressure))
+
+    def _degrade_state(self, device: Device) -> dict[str, Any]:
+        worker = device.snapshot()
         return {"level": worker.level.label, "reason": worker.reason}
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports: sessions against the cap, how long every slot has been
-        taken (``None`` when one is free), the degrade level and its reason, a failed worker.
+        taken (``None`` when one is free), the degrade level (the worst device's) and its
+        reason, and whether the engine is down (every device's worker failed for good).
         """
-        worker = self._worker.snapshot()
+        worst = self._worst()
         full_since = self._full_since
+        down = all(d.snapshot().failed for d in self._devices)
         return {
             "sessions": len(self._sessions),
             "max_sessions": self._capacity(),
             "full_for_s": None if full_since is None else self._clock() - full_since,
+            "degrade_level": worst.level.label,
+            "degrade_reason": worst.reason,
+            "failed": down or self.state is EngineState.STOPPED,
+            "devices": {d.label: self._device_health(d) for d in self._devices},
+        }
+
+    def _device_health(self, device: Device) -> dict[str, Any]:
+        worker = device.snapshot()
+        return {
+            "sessions": self._placement.loads()[device.label],
             "degrade_level": worker.level.label,
-            "degrade_reason": worker.reason,
-            "failed": worker.failed or self.state is EngineState.STOPPED,
+            "failed": worker.failed,
         }
 
     def metrics(self) -> dict[str, Any]:
         """A snapshot: totals, rates, latency percentiles per stage (ms), batch sizes, degrade
-        state, and every open session's ``stats()``. Event loop only.
+        state (the worst device's, and each device's under ``per_device``), faults (summed over
+        devices), and every open session's ``stats()``. Event loop only.
         """
         per_session = {sid: s.stats() for sid, s in self._sessions.items()}
         totals = FrameCounts(**asdict(self._metrics.closed_counts))
         for session in self._sessions.values():
             with session.core.lock:
                 totals.add(session.core.metrics.counts)
-        worker = self._worker.snapshot()
+        snapshots = {d.label: d.snapshot() for d in self._devices}
+        worst = self._worst()
+        loads = self._placement.loads()
         return {
             "state": self.state.value,
-            "device": str(self.bundle.device),
+            "device": ",".join(snapshots),
             "model": self.bundle.preset.name,
             "sessions": len(self._sessions),
             "max_sessions": self.runtime.max_sessions,
@@ -391,24 +485,49 @@ class Engine:
             "fps_in": sum(float(s["fps_in"]) for s in per_session.values()),
             "fps_out": sum(float(s["fps_out"]) for s in per_session.values()),
             "degrade": {
-                "level": worker.level.label,
-                "level_index": int(worker.level),
-                "pressure": worker.pressure,
-                "reason": worker.reason,
-                "history": [(t.at, t.level.label, round(t.pressure, 3)) for t in worker.history],
+                "level": worst.level.label,
+                "level_index": int(worst.level),
+                "pressure": worst.pressure,
+                "reason": worst.reason,
+                "history": [(t.at, t.level.label, round(t.pressure, 3)) for t in worst.history],
             },
-            "batch_ms_estimate": worker.batch_ms_estimate,
-            "devices": self._placement.loads(),
+            "batch_ms_estimate": _merged(
+                {label: w.batch_ms_estimate for label, w in snapshots.items()}
+            ),
+            "devices": loads,
+            "per_device": {
+                label: {
+                    "sessions": loads[label],
+                    "degrade_level": w.level.label,
+                    "pressure": w.pressure,
+                    "failed": w.failed,
+                    "worker_restarts": w.restarts,
+                    "oom_batches": w.oom_batches,
+                    "batch_row_cap": w.row_cap,
+                }
+                for label, w in snapshots.items()
+            },
             "faults": {
-                "worker_restarts": worker.restarts,
-                "worker_failed": worker.failed,
-                "oom_batches": worker.oom_batches,
-                "oom_frames": worker.oom_frames,
-                "batch_row_cap": worker.row_cap,
+                "worker_restarts": sum(w.restarts for w in snapshots.values()),
+                "worker_failed": all(w.failed for w in snapshots.values()),
+                "oom_batches": sum(w.oom_batches for w in snapshots.values()),
+                "oom_frames": sum(w.oom_frames for w in snapshots.values()),
+                "batch_row_cap": min(w.row_cap for w in snapshots.values()),
             },
             **self._metrics.snapshot(),
             "per_session": per_session,
         }
+
+
+def _merged(per_device: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One device: its estimates as they are; several: each key prefixed with its device."""
+    if len(per_device) == 1:
+        return next(iter(per_device.values()))
+    return {
+        f"{label}/{key}": value
+        for label, values in per_device.items()
+        for key, value in values.items()
+    }
 
 
 def _with_resolution(config: StreamConfig, bundle: ModelBundle) -> StreamConfig:

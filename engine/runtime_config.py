@@ -4,9 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from livediff.engine.degrade import DegradePolicy
+from livediff.exceptions import ParameterError
 from livediff.settings import check_settings, setting
+
+
+def _device_list(text: str) -> tuple[str, ...]:
+    """``--devices cuda:0,cuda:1`` → ``("cuda:0", "cuda:1")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _device_names(value: Any, name: str) -> tuple[str, ...]:
+    """Names of the shape a torch device has (``cpu``, ``cuda``, ``cuda:1``), or ``all`` alone;
+    whether they exist is checked when the engine is built (:mod:`livediff.engine.devices`)."""
+    names = (value,) if isinstance(value, str) else tuple(value)
+    for device in names:
+        kind, _, index = str(device).partition(":")
+        if (
+            not isinstance(device, str)
+            or kind not in ("all", "cpu", "cuda", "mps", "xpu")
+            or (index and not index.isdigit())
+        ):
+            raise ParameterError(
+                f"{name}: {device!r} is not a device name (cpu, cuda, cuda:N) or all", field=name
+            )
+    if "all" in names and len(names) > 1:
+        raise ParameterError(f"{name}: all stands alone, not in a list", field=name)
+    return names
 
 
 class BatchOverlap(str, Enum):
@@ -89,6 +115,15 @@ class RuntimeConfig:
     )
     degrade: DegradePolicy = setting(
         default_factory=DegradePolicy, doc="the overload policy ([runtime.degrade])"
+    )
+    devices: tuple[str, ...] = setting(
+        (),
+        doc="devices to serve on, one worker each: all (every CUDA device) or a list such as cuda:0,cuda:1 (empty: the model's --device)",
+        check=_device_names,
+        expected="all, or a list of device names",
+        flag="--devices",
+        metavar="all|cuda:0,cuda:1,…",
+        from_flag=_device_list,
     )
 
     def __post_init__(self) -> None:

@@ -114,6 +114,7 @@ class SessionCore:
         self.lock = threading.Lock()
         self.inbox_size = inbox_size
         self.closed = False
+        self.close_reason: str | None = None  # set with ``closed`` by whoever closed it
         # Under ``lock``:
         self.metrics = SessionMetrics(window)
         self._inbox: deque[QueuedFrame] = deque()
@@ -161,6 +162,13 @@ class SessionCore:
             if self._waiting_since is None:
                 self._waiting_since = frame.deadline
             return dropped, len(self._inbox)
+
+    def close(self, reason: str) -> None:
+        """Any thread: take no more frames; ``reason`` is what the session will end with."""
+        with self.lock:
+            self.closed = True
+            if self.close_reason is None:
+                self.close_reason = reason
 
     def take_drops(self) -> list[DroppedFrame]:
         with self.lock:
@@ -320,8 +328,10 @@ class Session:
         post: Callable[[Callable[[], None]], None] | None = None,
         degrade_state: Callable[[], dict[str, Any]] | None = None,
         output_format: OutputFormat = OutputFormat.RGB,
+        device: str = "",
     ) -> None:
         self.id = core.id
+        self.device = device or str(core.stream.bundle.device)  # where it runs, for the stats
         self.output_format = output_format  # what SessionOutput.image holds
         # Producers that decode frames themselves may put them in page-locked memory (CUDA).
         self.pin_inputs = core.stream.bundle.device.type == "cuda"
@@ -356,7 +366,8 @@ class Session:
         return self._requested
 
     def _closed_error(self) -> SessionClosedError:
-        return SessionClosedError(f"session {self.id} is closed: {self._close_reason}")
+        reason = self._close_reason or self.core.close_reason or "it has ended"
+        return SessionClosedError(f"session {self.id} is closed: {reason}")
 
     # ------------------------------------------------------------------ frames
     def submit(
@@ -501,6 +512,7 @@ class Session:
             "render_size": (stream.width, stream.height),
             "size": (self.config.width, self.config.height),
             "delay_frames": stream.delay,
+            "device": self.device,
             "degrade": self._degrade_state() if self._degrade_state else None,
         }
 
@@ -513,8 +525,7 @@ class Session:
         if self.closed:
             return
         self._close_reason = reason
-        with self.core.lock:
-            self.core.closed = True
+        self.core.close(reason)
         log.info("[%s] session closed: %s", self.id, reason)
         self._readable.set()
         self._on_close(self)

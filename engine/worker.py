@@ -52,7 +52,7 @@ from livediff.engine.batch_planning import (
 )
 from livediff.engine.batch_step import BatchStep, Entry
 from livediff.engine.degrade import DegradeController, DegradeLevel, Transition
-from livediff.engine.faults import FaultHandler, is_out_of_memory
+from livediff.engine.faults import DeviceFaultMetrics, FaultHandler, is_out_of_memory
 from livediff.engine.metrics import EngineMetrics
 from livediff.engine.overlap import InFlight, OverlapClock
 from livediff.engine.runtime_config import BatchOverlap
@@ -96,8 +96,12 @@ class Worker:
         post: Post,
         on_level: Callable[[DegradeLevel], None],
         rebuild: Callable[[Session], None],
+        *,
+        faults: DeviceFaultMetrics,
+        label: str | None = None,
     ) -> None:
         self.bundle = bundle
+        self.label = label or str(bundle.device)  # the device's name in placement and metrics
         self.runtime = runtime
         self.metrics = metrics
         self.clock = clock
@@ -109,7 +113,7 @@ class Worker:
         self.estimator = BatchTimeEstimator(runtime.batch_time_smoothing)
         self.degrade = DegradeController(runtime.degrade, clock())
         self.faults = FaultHandler(
-            runtime.batch_buckets, metrics.registry, self.degrade, post, rebuild, cuda=self.cuda
+            runtime.batch_buckets, faults, self.degrade, post, rebuild, cuda=self.cuda
         )
         self.failed = False  # down for good: it failed more often than the restart budget allows
         self._cond = threading.Condition()
@@ -132,7 +136,7 @@ class Worker:
 
     def _start_thread(self) -> None:
         """Under ``_cond``: a new compute thread (at start, and after a failure)."""
-        name = f"livediff-worker-{self.bundle.device}"
+        name = f"livediff-worker-{self.label}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -188,7 +192,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        log.info("[engine] worker started on %s", self.bundle.device)
+        log.info("[engine] worker started on %s", self.label)
         try:
             with torch.inference_mode(), self._device_context():
                 while self._wait():
@@ -217,8 +221,7 @@ class Worker:
                 self.failed = True
         reason = f"engine worker failed ({type(exc).__name__}; see the server log)"
         for session in sessions:
-            with session.core.lock:
-                session.core.closed = True
+            session.core.close(reason)
             self.post(partial(session.end, reason))
         if restart:
             self.faults.metrics.worker_restarts.inc()

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from livediff.cli_options import (
@@ -72,40 +73,64 @@ def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) ->
 
 
 def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    """Load the model and build (not start) the engine these flags and config file describe."""
+    """Load the model and build (not start) the engine these flags and config file describe.
+
+    With several ``--devices`` the model loads onto all of them in parallel threads; compiling
+    and capturing then runs one device after another (``torch.compile`` must not run from two
+    threads at once), the later ones reusing the first one's kernels from Inductor's cache.
+    """
     from livediff.cli_options import load_for_backend
     from livediff.engine.backend_fit import fit_degrade_to_bundle
+    from livediff.engine.devices import resolve_devices
     from livediff.engine.runtime import Engine
     from livediff.models.backends import runtime_bundle
+    from livediff.models.loading import resolve_device
     from livediff.models.presets import get_preset
 
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     runtime_config = runtime_config_from_args(args, config)
+    devices = resolve_devices(runtime_config.devices, str(resolve_device(args.device)))
+
+    def load(device: str) -> tuple[Any, Any]:
+        return load_for_backend(spec, argparse.Namespace(**{**vars(args), "device": device}))
+
     started = time.perf_counter()
-    bundle, backend = load_for_backend(spec, args)
+    with ThreadPoolExecutor(len(devices), thread_name_prefix="livediff-load") as pool:
+        loaded_models = list(pool.map(load, devices))
     loaded = time.perf_counter()
-    factor = bundle.vae_scale_factor
-    height = stream_config.height or bundle.preset.height
-    width = stream_config.width or bundle.preset.width
-    bundle = runtime_bundle(
-        bundle,
-        backend,
-        latent_size=(height // factor, width // factor),
-        buckets=runtime_config.batch_buckets,
-    )
-    _say_where_the_start_went(loaded - started, time.perf_counter() - loaded, bundle)
-    degrade = fit_degrade_to_bundle(runtime_config.degrade, bundle)
+    bundles = []
+    for k, (bundle, backend) in enumerate(loaded_models):
+        factor = bundle.vae_scale_factor
+        height = stream_config.height or bundle.preset.height
+        width = stream_config.width or bundle.preset.width
+        bundles.append(
+            runtime_bundle(
+                bundle,
+                backend,
+                latent_size=(height // factor, width // factor),
+                buckets=runtime_config.batch_buckets,
+            )
+        )
+        _say_where_the_start_went(
+            loaded - started if k == 0 else 0.0,
+            time.perf_counter() - loaded,
+            bundles[-1],
+            devices[k],
+        )
+        loaded = time.perf_counter()
+    degrade = fit_degrade_to_bundle(runtime_config.degrade, bundles[0])
     runtime_config = dataclasses.replace(runtime_config, degrade=degrade)
-    return Engine(bundle, stream_config, runtime_config, params)
+    return Engine(bundles, stream_config, runtime_config, params)
 
 
-def _say_where_the_start_went(load_s: float, prepare_s: float, bundle: Any) -> None:
+def _say_where_the_start_went(load_s: float, prepare_s: float, bundle: Any, device: str) -> None:
     report = getattr(bundle, "compile_report", None)
+    loaded = f"model loaded in {load_s:.1f} s" if load_s else "model loaded"
     prepared = (
         "" if report is None else f"; compile + capture {prepare_s:.1f} s ({report.describe()})"
     )
-    print(f"livediff serve: model loaded in {load_s:.1f} s{prepared}", file=sys.stderr, flush=True)
+    print(f"livediff serve: {device}: {loaded}{prepared}", file=sys.stderr, flush=True)
 
 
 def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:

@@ -201,6 +201,7 @@ async def _healthz(request: web.Request) -> web.Response:
             "full_for_s": None if full_for is None else round(full_for, 1),
             "degrade_level": health["degrade_level"],
             "degrade_reason": health["degrade_reason"],
+            "devices": health.get("devices", {}),
             "peers": len(app[app_keys.PEERS]),
             "websockets": len(app[app_keys.WEBSOCKETS]),
         },

@@ -71,6 +71,7 @@ SHAPED = {
     "token": ("a-token-of-32-characters-0123456",) * 2 + ("a-token-of-32-characters-0123456",),
     "allowed_origins": (["https://Example.org/"], None, ("https://example.org",)),
     "loras": ([{"source": "my/lora", "scale": 0.5}], "my/lora:0.5", (LoraRef("my/lora", 0.5),)),
+    "devices": (["cpu", "cuda:1"], "cpu,cuda:1", ("cpu", "cuda:1")),
 }
 SHAPED_BAD = {
     "prompt": 42,
@@ -79,6 +80,7 @@ SHAPED_BAD = {
     "token": "short",
     "allowed_origins": ["example.org"],
     "loras": [42],
+    "devices": ["gpu7"],
 }
 
 

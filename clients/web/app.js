@@ -519,6 +519,7 @@ function renderServerStats(s) {
   const size = (engine.render_size || []).join('×'), full = (engine.size || []).join('×');
   $('stat-engine').textContent = engine.steps === undefined ? '–'
     : `${engine.steps} step(s), ${size}${full && full !== size ? ` (of ${full})` : ''}`;
+  $('stat-device').textContent = engine.device || '–';  // which GPU of the server runs it
   showNotice(degradeNotice(s.engine));
 }
 

@@ -437,9 +437,9 @@ def test_stop_clears_the_stats(launch: Any, server_url: str, camera_clip: Path) 
     page.wait_for_function(f"{STAT_CELLS}.every((text) => text !== '–')", timeout=30_000)
     assert page.locator(".frame.live").count() == 2  # the captions over the videos are gone
     page.click("#stop")
-    assert page.evaluate(STAT_CELLS) == ["–"] * 8
+    assert page.evaluate(STAT_CELLS) == ["–"] * 9
     page.wait_for_timeout(1500)  # and nothing of the stopped session comes back
-    assert page.evaluate(STAT_CELLS) == ["–"] * 8
+    assert page.evaluate(STAT_CELLS) == ["–"] * 9
     assert page.evaluate("[window.livediff.state, window.livediff.serverStats]") == [
         "stopped",
         None,
@@ -465,7 +465,7 @@ def test_a_full_server_is_retried_after_retry_after(
         assert in_first_screen(phone, "#banner") and no_horizontal_scroll(phone)
         assert "retrying in" in phone.locator("#banner").text_content()
         assert phone.locator("#banner-cancel").is_visible()
-        assert phone.evaluate(STAT_CELLS) == ["–"] * 8
+        assert phone.evaluate(STAT_CELLS) == ["–"] * 9
         phone.wait_for_function("window.livediff.retry && window.livediff.retry.attempt >= 2")
         assert time.monotonic() - refused_at > 4  # not before Retry-After
         assert len(phone.evaluate("window.livediff.errors")) == 1  # once, however many refusals

@@ -111,7 +111,7 @@ async def test_a_crashed_worker_ends_its_sessions_and_a_new_thread_serves_new_on
 ) -> None:
     engine = Engine(tiny_bundle, None, RUNTIME, None)
     await engine.start()
-    worker = engine._worker  # white box: the fault is injected into the worker's loop
+    worker = engine._devices[0].worker  # white box: the fault is injected into its loop
     try:
         first, second = await engine.open_session({"seed": 1}), await engine.open_session()
         first.submit(frame(1))
@@ -150,7 +150,7 @@ async def test_a_worker_that_keeps_crashing_stays_down_and_new_sessions_are_refu
 ) -> None:
     engine = Engine(tiny_bundle, None, RUNTIME, None)
     await engine.start()
-    worker = engine._worker
+    worker = engine._devices[0].worker
 
     def crash() -> bool:
         raise RuntimeError("a broken device")
