@@ -1,0 +1,165 @@
+"""The ``startup`` suite: how long ``livediff serve`` takes from process start to a first frame.
+
+For each compile-cache state it starts a real ``livediff serve`` process, connects a websocket
+client as soon as the server listens, sends one frame and waits for the answer:
+
+- ``cold``: empty Inductor cache, no compile package (a fresh machine, first start);
+- ``warm``: Inductor's on-disk cache from the cold start kept, packages off (the same machine,
+  second start);
+- ``packaged``: an empty Inductor cache again, but the compile package the cold start wrote
+  (a fresh machine that was handed ``~/.cache/livediff/compile``, or ran ``livediff compile``).
+
+Records: ``suite: "startup"``, ``cache``, ``listening_s`` (process start to "listening on"),
+``first_frame_s`` (process start to the first processed frame of a session), ``backend``,
+``buckets``, plus the usual fields (``ms_median`` is ``first_frame_s`` in ms; one sample).
+On a CPU machine (eager) nothing is compiled, so the three states measure the same start.
+
+    python -m livediff.bench.startup --model sd-turbo --buckets 1,2 --out startup.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from livediff.bench.records import emit, environment, record_sinks
+
+CACHES = ("cold", "warm", "packaged")
+
+
+async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) -> dict[str, float]:
+    """Start ``argv`` (a ``livediff serve`` with ``--port 0``), time it to its first answer, stop it."""
+    import numpy as np
+    from websockets.asyncio.client import connect
+
+    from livediff.wire import encode_jpeg
+
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(_listening_line(process.stdout), timeout_s)
+        listening = time.perf_counter() - started
+        url = line.rsplit(" ", 1)[1].strip().rstrip("/").replace("http://", "ws://") + "/ws"
+        frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        async with connect(url, max_size=None) as client:
+            await client.recv()  # {"session": …}
+            await client.send(encode_jpeg(frame))
+            answer = await asyncio.wait_for(client.recv(), timeout_s)
+        if not isinstance(answer, bytes):
+            raise RuntimeError(f"the server answered the first frame with {answer!r}")
+        return {
+            "listening_s": round(listening, 2),
+            "first_frame_s": round(time.perf_counter() - started, 2),
+        }
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+
+
+async def _listening_line(stdout: asyncio.StreamReader) -> str:
+    while True:
+        raw = await stdout.readline()
+        if not raw:
+            raise RuntimeError("livediff serve ended before it listened")
+        line = raw.decode()
+        if "listening on" in line:
+            return line
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    records = []
+    with tempfile.TemporaryDirectory(prefix="livediff-startup-") as scratch:
+        root = Path(scratch)
+        config = root / "serve.toml"
+        config.write_text(f"[runtime]\nbatch_buckets = [{args.buckets}]\n")
+        packages = root / "packages"
+        argv = [sys.executable, "-m", "livediff", "serve", "--model", args.model]
+        argv += ["--weights", args.weights, "--port", "0", "--config", str(config)]
+        if args.backend:
+            argv += ["--backend", args.backend]
+
+        def state(caches: str, package: str) -> dict[str, str]:
+            return {  # Inductor's and Triton's on-disk caches, and where packages are kept
+                "TORCHINDUCTOR_CACHE_DIR": str(root / f"inductor-{caches}"),
+                "TRITON_CACHE_DIR": str(root / f"triton-{caches}"),
+                "LIVEDIFF_COMPILE_CACHE": package,
+            }
+
+        states = {
+            "cold": state("first", str(packages)),
+            "warm": state("first", "off"),  # the first start's caches, no package
+            "packaged": state("fresh", str(packages)),  # empty caches, the first start's package
+        }
+        for cache in args.caches:
+            env = {**os.environ, **states[cache], "PYTHONUNBUFFERED": "1"}
+            times = asyncio.run(first_frame(argv, env, args.timeout))
+            records.append(
+                {
+                    "system": "livediff",
+                    "suite": "startup",
+                    "cache": cache,
+                    **times,
+                    "backend": args.backend or "auto",
+                    "buckets": args.buckets,
+                    "model": args.model,
+                    "weights": args.weights,
+                    "width": None,
+                    "height": None,
+                    "steps": None,
+                    "mode": "img2img",
+                    "rcfg": "none",
+                    "sessions": 1,
+                    "fps": None,
+                    "ms_median": times["first_frame_s"] * 1000.0,
+                    "ms_p99": times["first_frame_s"] * 1000.0,
+                    **environment(args.device),
+                }
+            )
+    return records
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="livediff bench --suite startup", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", default="sd-turbo")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--backend", default=None, help="default: the device's (compile on CUDA)")
+    parser.add_argument("--buckets", default="1,2,4,8,16,32", help="[runtime] batch_buckets")
+    parser.add_argument("--caches", default=",".join(CACHES), help="which of cold,warm,packaged")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per start")
+    parser.add_argument("--device", default=None, help="for the records' device field")
+    parser.add_argument("--out", type=Path, help="append JSON lines to this file as well")
+    args = parser.parse_args(argv)
+    args.caches = [c for c in args.caches.split(",") if c]
+    unknown = sorted(set(args.caches) - set(CACHES))
+    if unknown:
+        parser.error(f"--caches: unknown {', '.join(unknown)}; choose from {', '.join(CACHES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    with record_sinks(args.out) as outputs:
+        for record in run(args):
+            emit(record, outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
