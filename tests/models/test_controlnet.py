@@ -28,6 +28,7 @@ from diffusers import (
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
+from helpers.ldm_checkpoint import controlnet_to_ldm
 from livediff.engine.batcher import Batcher
 from livediff.exceptions import BackendError, ModelLoadError, ModelNotAvailableError, ParameterError
 from livediff.models.architectures import build_full_vae
@@ -406,6 +407,25 @@ def test_load_from_a_single_safetensors_file(
     loaded = load_controlnet(ControlNetSpec(str(path)), tiny_bundle)
     assert loaded.name == str(path)
     _same_weights(loaded.net, sd_nets[1].net)
+
+
+@pytest.mark.parametrize("prefix", ["control_model.", ""])
+def test_load_a_single_file_in_the_original_layout(
+    tiny_bundle: ModelBundle, sd_nets: tuple[LoadedControlNet, ...], tmp_path: Path, prefix: str
+) -> None:
+    """ControlNet's own layout (``control_v11p_sd15_canny.pth`` style under ``control_model.``,
+    or bare as thibaud's SD 2.1 files), converted by diffusers at load."""
+    path = tmp_path / "control_sd15_canny.safetensors"
+    checkpoint = controlnet_to_ldm(sd_nets[0].net, prefix=prefix)
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
+    loaded = load_controlnet(ControlNetSpec(str(path), name="canny"), tiny_bundle)
+    _same_weights(loaded.net, sd_nets[0].net)
+
+
+def test_a_preset_is_enough_for_a_random_net() -> None:
+    net = load_controlnet(ControlNetSpec("random", seed=1), get_preset("tiny"), device="cpu")
+    assert net.net.dtype == torch.float32 and net.net.device.type == "cpu"
+    assert list(net.net.config.block_out_channels) == [32, 64]
 
 
 def test_single_file_of_another_shape_names_the_architecture(
