@@ -29,7 +29,7 @@ import torch
 
 from livediff.bench.records import environment, int_list, record_sinks
 from livediff.kernels.canny import canny, reference_canny
-from livediff.models.bundle import ModelBundle
+from livediff.models.bundle import ModelBundle, WeightsMode
 from livediff.models.control_images import PreprocessorNetworks, preprocess
 from livediff.models.controlnet import ControlNetSpec
 from livediff.models.controlnet_loading import load_controlnet
@@ -169,14 +169,14 @@ def bench_unet(
             )
             fields["control_scales"] = torch.full((batch, nets), 0.8, **opts)
         batch_in = UNetBatch(**fields)
-        record = {
-            "case": "unet",
-            "controlnets": nets,
-            **_timings(lambda m=model, b=batch_in: m.predict_noise(b), args, device),
-        }
+
+        def step(m: ModelBundle = model, b: UNetBatch = batch_in) -> torch.Tensor:
+            return m.predict_noise(b)
+
+        record = {"case": "unet", "controlnets": nets, **_timings(step, args, device)}
         if device.type == "cuda":
-            replay = graphed(lambda m=model, b=batch_in: m.predict_noise(b))
-            eager = model.predict_noise(batch_in)
+            replay = graphed(step)
+            eager = step()
             record["graph_vs_eager_max_abs"] = float((replay() - eager).abs().max())
         records.append(record)
     return records
@@ -203,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bundle = None
     if "unet" in cases:
-        bundle = load_model(ModelSpec("sd-turbo", weights="random"), device=device, dtype=dtype)
+        bundle = load_model(
+            ModelSpec("sd-turbo", weights=WeightsMode.RANDOM), device=device, dtype=dtype
+        )
         nets = [
             load_controlnet(ControlNetSpec("random", name=n, seed=i), bundle)
             for i, n in enumerate("ab")

@@ -523,3 +523,20 @@ def test_random_nets_are_seeded(tiny_bundle: ModelBundle) -> None:
         other.net.controlnet_mid_block.weight, first.net.controlnet_mid_block.weight
     )
     assert first.net.controlnet_mid_block.weight.abs().sum() > 0  # zero convs are random too
+
+
+def test_the_speed_recipe_applies_to_controlnets() -> None:
+    """SDPA, fused QKV and channels-last on the UNet and its ControlNets: same answer."""
+    from livediff.models.loading import ModelSpec, load_model
+    from livediff.models.recipe import Recipe, apply_recipe
+
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cpu", dtype="fp32")
+    model = bundle.with_controlnets([load_controlnet(ControlNetSpec("random", seed=1), bundle)])
+    batch = _batch(bundle, 2, 9, _images(2, 90)[:, None], control_scales=torch.ones(2, 1))
+    before = model.predict_noise(batch)
+    apply_recipe(model, Recipe(compile=False))
+    net = model.controlnets[0].net
+    assert {type(p).__name__ for p in net.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert any(getattr(m, "fused_projections", False) for m in net.modules())
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model.predict_noise(batch), before, atol=ATOL, rtol=0)
