@@ -25,6 +25,7 @@ work should run; they are resized bilinearly to the model size first (``client``
 are not resized: a wrong size is an error). The networks are loaded once and passed in
 :class:`PreprocessorNetworks`. One call runs one preprocessor over every row given; the
 engine calls it once per preprocessor and frame, however many ControlNets use the result.
+:func:`to_preview` turns control images into uint8 frames for a client's preview.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from livediff.exceptions import FrameShapeError, KernelInputError, ParameterError
 from livediff.kernels.canny import MAX_SIGMA, canny
+from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.models.depth import DepthEstimator
 from livediff.models.soft_edge import SoftEdgeDetector
 
@@ -133,6 +135,12 @@ class PreprocessorNetworks:
 def from_model_output(images: torch.Tensor) -> torch.Tensor:
     """A decoded output ``[N, 3, H, W]`` in [-1, 1] → [0, 1] (TemporalNet's previous frame)."""
     return ((images + 1) / 2).clamp(0, 1)
+
+
+def to_preview(images: torch.Tensor) -> torch.Tensor:
+    """Control images ``[N, 3, H, W]`` in [0, 1] → uint8 RGB ``[N, H, W, 3]``, for a client
+    that asks to see what its ControlNets see (the output path's own kernel)."""
+    return model_output_to_rgb(images * 2 - 1)
 
 
 def as_images(

@@ -26,6 +26,7 @@ from livediff.models.control_images import (
     from_model_output,
     parse_params,
     preprocess,
+    to_preview,
 )
 from livediff.models.controlnet_catalog import (
     KNOWN_CONTROLNETS,
@@ -81,6 +82,15 @@ def test_passthrough_is_the_frame_at_the_model_size() -> None:
     torch.testing.assert_close(images, expected)
     same = preprocess(Preprocessor.PASSTHROUGH, batch.permute(0, 3, 1, 2).float() / 255, (60, 80))
     torch.testing.assert_close(same, batch.permute(0, 3, 1, 2).float() / 255)  # no resize
+
+
+def test_a_preview_is_the_control_image_as_a_frame() -> None:
+    batch = frames(2, *SIZE)
+    edges = preprocess("canny", batch, SIZE)
+    preview = to_preview(edges)
+    assert preview.shape == (2, *SIZE, 3) and preview.dtype == torch.uint8
+    assert set(preview.unique().tolist()) == {0, 255}
+    assert torch.equal(to_preview(preprocess("passthrough", batch, SIZE)), batch)
 
 
 def test_previous_output_takes_a_decoded_frame() -> None:
