@@ -167,7 +167,7 @@ def _load_pretrained(
     spec: ControlNetSpec, preset: ModelPreset, unet: dict[str, Any], offline: bool
 ) -> tuple[Any, dict[str, Any]]:
     label, source = spec.label, spec.source
-    what = f"controlnet {label!r}" if spec.name else "controlnet"
+    what = f"controlnet {label!r}:" if spec.name else "controlnet"
     config = _load_config(what, source, offline)
     check_fits(label, config, spec, preset, unet)
     cls = _net_class(_is_union(config, spec))

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config
 
 from livediff.exceptions import KernelInputError
@@ -134,9 +135,12 @@ def load_depth_estimator(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    offline: bool = True,
+    offline: bool | None = None,
 ) -> DepthEstimator:
-    """``"random"`` (the V2 Small architecture, seeded), an HF id, or a saved folder."""
+    """``"random"`` (the V2 Small architecture, seeded), an HF id, or a saved folder.
+
+    ``offline`` defaults to ``HF_HUB_OFFLINE``: then an HF id is read from the cache only.
+    """
     if source == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -146,7 +150,7 @@ def load_depth_estimator(
         net = fetch(
             "depth model",
             source,
-            offline,
+            bool(hf_constants.HF_HUB_OFFLINE) if offline is None else offline,
             lambda local: AutoModelForDepthEstimation.from_pretrained(
                 source, local_files_only=local
             ),

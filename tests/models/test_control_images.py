@@ -17,7 +17,12 @@ from transformers.models.dpt.image_processing_pil_dpt import (
     get_resize_output_image_size,
 )
 
-from livediff.exceptions import FrameShapeError, ModelLoadError, ParameterError
+from livediff.exceptions import (
+    FrameShapeError,
+    ModelLoadError,
+    ModelNotAvailableError,
+    ParameterError,
+)
 from livediff.kernels.canny import canny
 from livediff.models.control_images import (
     CannyParams,
@@ -237,6 +242,26 @@ def test_depth_shape_range_and_rows(depth: DepthEstimator) -> None:
     config = depth.net.config
     assert config.backbone_config.out_indices == [3, 6, 9, 12]
     assert sum(p.numel() for p in depth.net.parameters()) == 24_785_089  # V2 Small: 24.8M
+
+
+@pytest.mark.slow
+def test_depth_weights_load_from_a_folder(depth: DepthEstimator, tmp_path: Path) -> None:
+    depth.net.save_pretrained(tmp_path / "depth")
+    loaded = load_depth_estimator(str(tmp_path / "depth"), seed=5)
+    for key, value in depth.net.state_dict().items():
+        assert torch.equal(value, loaded.net.state_dict()[key]), key
+
+
+def test_an_uncached_depth_model_offline_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotAvailableError, match="depth source 'random'") as info:
+        load_depth_estimator("depth-anything/Depth-Anything-V2-Small-hf")
+    assert "'depth-anything/Depth-Anything-V2-Small-hf'" in str(info.value)
+    assert str(tmp_path) in str(info.value)
 
 
 # ---------------------------------------------------------------- which net takes which
