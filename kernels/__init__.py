@@ -6,6 +6,9 @@ for CUDA and a plain-PyTorch reference for every other case.
 - :mod:`.similarity`: cosine similarity of two frames, as a device tensor.
 - :mod:`.fused_step`: one Stream Batch step (RCFG, LCM step, shift, re-noise, stock noise).
 - :mod:`.yuv`: the BT.601 limited-range conversions and plane layouts.
+- :mod:`.canny`: Canny edges with per-row thresholds (the canny ControlNets' input). Plain
+  PyTorch on every device, no Triton kernel: nothing to fall back from, so it is not in
+  ``kernels_status()``.
 - :mod:`.status`: ``kernels_status()``, which op runs Triton on a device and why not.
 
 The ``_triton_*`` modules hold the kernels and import Triton; they are loaded on the first

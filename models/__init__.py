@@ -6,7 +6,9 @@ weights (:mod:`.loading`, giving a :class:`~.bundle.ModelBundle`), prompt encodi
 (:mod:`.prompts`), the UNet's batch interface (:mod:`.unet_batch`), and the backends
 (:mod:`.backends`): the speed recipe (:mod:`.recipe`), per-bucket CUDA graphs
 (:mod:`.graphed`), and ONNX export and TensorRT engines (:mod:`.onnx_export`,
-:mod:`.tensorrt_engine`).
+:mod:`.tensorrt_engine`). ControlNets: :mod:`.controlnet` (spec, per-row residuals),
+:mod:`.controlnet_loading`, :mod:`.controlnet_catalog` (the nets per preset), and their
+control images (:mod:`.control_images`, with the :mod:`.depth` and :mod:`.soft_edge` networks).
 
 Entry points: :func:`~.loading.load_model` with a :class:`~.loading.ModelSpec`, then
 :func:`~.backends.prepare_backend`.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from diffusers import AutoencoderTiny
 
+from livediff.models.controlnet import LoadedControlNet, control_residuals
 from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.spec import WeightsMode
@@ -30,6 +32,8 @@ class ModelBundle:
     dtype: torch.dtype
     weights: WeightsMode
     source: str
+    # The ControlNets a batch's control slots feed, in slot order (UNetBatch.control_images).
+    controlnets: tuple[LoadedControlNet, ...] = ()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -66,6 +70,13 @@ class ModelBundle:
     def describe(self) -> str:
         return f"{self.preset.name} ({self.weights.value} weights from {self.source}) on {self.device} {self.dtype}"
 
+    def with_controlnets(self, controlnets: Sequence[LoadedControlNet]) -> ModelBundle:
+        """The same networks with ``controlnets`` as the control slots (a shallow copy)."""
+        return replace(self, controlnets=tuple(controlnets))
+
+    def controlnet_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.controlnets)
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], ``[B, 3, H, W]`` → scaled latents ``[B, 4, H/8, W/8]``."""
@@ -84,14 +95,31 @@ class ModelBundle:
 
     @torch.inference_mode()
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
-        """One UNet call over every row of ``batch``."""
+        """One UNet call over every row of ``batch``, with its ControlNets' residuals if it has
+        control inputs (:func:`~livediff.models.controlnet.control_residuals`)."""
         added = None
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
+        residuals: dict[str, Any] = {}
+        if batch.control_images is not None or batch.control_scales is not None:
+            down, mid = control_residuals(
+                self.controlnets,
+                batch.latents,
+                batch.timesteps,
+                batch.embeds,
+                added,
+                batch.control_images,
+                batch.control_scales,
+            )
+            residuals = {
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": mid,
+            }
         return self.unet(
             batch.latents,
             batch.timesteps,
             encoder_hidden_states=batch.embeds,
             added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]

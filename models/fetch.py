@@ -27,10 +27,18 @@ def is_local(source: str) -> bool:
     )
 
 
-def fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> T:
+def fetch(
+    what: str,
+    source: str,
+    offline: bool,
+    load: Callable[[bool], T],
+    *,
+    without_weights: str = "--weights random",
+) -> T:
     """Run ``load(local_files_only)``; cache first, then the network unless offline.
 
     Every failure becomes one clear :class:`ModelLoadError`; the original is chained as cause.
+    ``without_weights`` is how the message tells the user to go on without this model's weights.
     """
     if is_local(source):
         if not os.path.exists(os.path.expanduser(source)):
@@ -44,19 +52,28 @@ def fetch(what: str, source: str, offline: bool, load: Callable[[bool], T]) -> T
     except Exception as cached_exc:
         if offline:
             raise ModelNotAvailableError(
-                not_cached_message(what, source, "downloads are off (HF_HUB_OFFLINE=1)")
+                not_cached_message(
+                    what, source, "downloads are off (HF_HUB_OFFLINE=1)", without_weights
+                )
             ) from cached_exc
     try:
         return load(False)
     except Exception as exc:
         raise ModelNotAvailableError(
-            not_cached_message(what, source, f"the download failed ({type(exc).__name__}: {exc})")
+            not_cached_message(
+                what,
+                source,
+                f"the download failed ({type(exc).__name__}: {exc})",
+                without_weights,
+            )
         ) from exc
 
 
-def not_cached_message(what: str, source: str, reason: str) -> str:
+def not_cached_message(
+    what: str, source: str, reason: str, without_weights: str = "--weights random"
+) -> str:
     return (
         f"{what} '{source}' is not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and {reason}. "
         f"Download it once with network access (hf download {source}), point --source at a "
-        "local copy, or try the pipeline without weights using --weights random."
+        f"local copy, or try the pipeline without weights using {without_weights}."
     )

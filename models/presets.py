@@ -21,6 +21,11 @@ class Family(str, Enum):
     SD21 = "sd21"  # OpenCLIP ViT-H/14, 1024-d
     SDXL = "sdxl"  # CLIP ViT-L + OpenCLIP bigG, pooled embeds + time ids
 
+    @property
+    def label(self) -> str:
+        """How people name the family: ``SD 1.5``, ``SD 2.1``, ``SDXL``."""
+        return {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}[self.value]
+
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,

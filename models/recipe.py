@@ -25,13 +25,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from livediff.exceptions import BackendError, ParameterError
 from livediff.models.bundle import ModelBundle
+from livediff.models.controlnet import LoadedControlNet
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -113,27 +115,63 @@ def _select_sdpa(backend: str) -> None:
     cuda.enable_math_sdp(False)
 
 
+def _compile_options(recipe: Recipe) -> dict[str, Any]:
+    _configure_inductor(recipe)
+    return {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
+
+
+def _fuse_qkv(net: Any) -> None:
+    if isinstance(net, UNet2DConditionModel):
+        cast(Any, net).fuse_qkv_projections()  # the stubs lack it
+        return
+    # A ControlNet's inherited fuse_qkv_projections skips these Attention blocks (diffusers
+    # 0.42): fuse them as the UNet's own method does.
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections(fuse=True)
+    net.set_attn_processor(FusedAttnProcessor2_0())
+
+
+def _speed_up_denoiser(net: Any, recipe: Recipe) -> None:
+    """Steps 2–6 for a UNet or a ControlNet (the same blocks, the same recipe)."""
+    net.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
+    if recipe.fuse_qkv:  # 3.
+        _fuse_qkv(net)
+    if recipe.channels_last:  # 4.
+        net.to(memory_format=torch.channels_last)
+    if recipe.compile:  # 5, 6.
+        net.forward = torch.compile(net.forward, **_compile_options(recipe))
+
+
+def apply_recipe_to_controlnet(controlnet: LoadedControlNet, recipe: Recipe) -> LoadedControlNet:
+    """The recipe for a ControlNet loaded after its model's backend was prepared (in place)."""
+    if recipe.compile and next(controlnet.net.parameters()).device.type != "cuda":
+        raise BackendError("the compile backend needs a CUDA device; use --backend eager on CPU.")
+    _speed_up_denoiser(controlnet.net, recipe)
+    return controlnet
+
+
 def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
-    """Apply ``recipe`` to ``bundle``'s networks in place (compilation itself happens on first call)."""
+    """Apply ``recipe`` to ``bundle``'s networks in place (compilation itself happens on first call).
+
+    Its ControlNets (``bundle.controlnets``) get the UNet's steps 2–6 too.
+    """
     if recipe.compile and bundle.device.type != "cuda":
         raise BackendError(
             f"the compile backend needs a CUDA device; this model is on {bundle.device}. Use --backend eager on CPU."
         )
-    unet, vae = bundle.unet, bundle.vae
-    unet.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
+    vae = bundle.vae
+    denoisers = [bundle.unet, *(c.net for c in bundle.controlnets)]  # UNet and its ControlNets
+    for net in denoisers:
+        _speed_up_denoiser(net, recipe)
     if recipe.sdpa_backend != "auto":
         _select_sdpa(recipe.sdpa_backend)
-    if recipe.fuse_qkv:  # 3.
-        unet.fuse_qkv_projections()
     if recipe.channels_last:  # 4.
-        unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
     if recipe.cudnn_benchmark:  # static shapes: let cuDNN time its convolution algorithms once
         torch.backends.cudnn.benchmark = True
     if recipe.compile:  # 5, 6.
-        _configure_inductor(recipe)
-        options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
-        unet.forward = torch.compile(unet.forward, **options)
+        options = _compile_options(recipe)
         for half in (
             vae.encoder,
             vae.decoder,

@@ -343,6 +343,8 @@ class TensorRTBundle(ModelBundle):
 
     @torch.inference_mode()
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
+        if batch.control_images is not None:  # load_tensorrt_bundle refuses ControlNets
+            raise BackendError("the tensorrt backend has no ControlNet inputs")
         tensors = [batch.latents, batch.timesteps, batch.embeds]
         if batch.text_embeds is not None and batch.time_ids is not None:
             tensors += [batch.text_embeds, batch.time_ids]
@@ -373,6 +375,12 @@ def load_tensorrt_bundle(
     Raises :class:`BackendError` when TensorRT is missing, the bundle is not on CUDA in fp16 or
     fp32, or an engine cannot be built or loaded. The PyTorch networks stay as they are.
     """
+    if bundle.controlnets:
+        names = ", ".join(bundle.controlnet_names())
+        raise BackendError(
+            f"the tensorrt backend does not export ControlNets yet ({names}); "
+            "use --backend compile, which captures them with the UNet"
+        )
     trt = import_tensorrt()
     if bundle.device.type != "cuda":
         raise BackendError(

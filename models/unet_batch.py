@@ -60,6 +60,22 @@ class UNetBatch:
     time_ids: torch.Tensor | None = field(
         default=None, metadata=row_input(doc="SDXL size conditioning [rows, 6]")
     )
+    control_images: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="ControlNet control images [rows, K, 3, H, W] in [0, 1] at the pixel size; "
+            "slot k feeds the model's k-th ControlNet (ModelBundle.controlnets)",
+        ),
+    )
+    control_scales: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="ControlNet conditioning scale [rows, K] per row and slot; 0 turns that "
+            "ControlNet off for the row (the net still runs: its residuals are zeroed)",
+        ),
+    )
 
     @property
     def rows(self) -> int:

@@ -66,6 +66,8 @@ def test_a_new_per_row_field_is_packed_padded_and_split_without_batching_code() 
         "embeds",
         "text_embeds",
         "time_ids",
+        "control_images",
+        "control_scales",
         "scale",
         "tag",
     )

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
+    convert_controlnet_checkpoint,
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -218,3 +219,42 @@ def save_ldm_checkpoint(model_dir: str | Path, path: str | Path) -> Path:
     checkpoint = pipeline_to_ldm(unet, text_encoder, vae)
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
     return path
+
+
+CONTROLNET_PREFIX = "control_model."
+_CONTROLNET_ONLY = re.compile(
+    r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.+)"
+    r"|controlnet_down_blocks\.(\d+)\.(.+)|controlnet_mid_block\.(.+)"
+)
+
+
+def _controlnet_key(key: str, layers_per_block: int, hint_blocks: int) -> str:
+    if match := _CONTROLNET_ONLY.fullmatch(key):
+        part, block, rest, zero, zero_rest, mid_rest = match.groups()
+        if part == "conv_in":
+            return f"input_hint_block.0.{rest}"
+        if part == "conv_out":
+            return f"input_hint_block.{2 * (hint_blocks + 1)}.{rest}"
+        if block is not None:
+            return f"input_hint_block.{2 * (int(block) + 1)}.{rest}"
+        if zero is not None:
+            return f"zero_convs.{zero}.0.{zero_rest}"
+        return f"middle_block_out.0.{mid_rest}"
+    return _unet_key(key, layers_per_block, set())
+
+
+def controlnet_to_ldm(
+    controlnet: Any, *, prefix: str = CONTROLNET_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A diffusers ``ControlNetModel`` → the original ControlNet layout (``input_hint_block``,
+    ``zero_convs``, ``middle_block_out`` …), under ``prefix`` as in the released ``.pth`` files
+    (``""``: as thibaud's SD 2.1 files have it), verified by diffusers' forward conversion."""
+    state = controlnet.state_dict()
+    config = dict(controlnet.config)
+    hint_blocks = sum(1 for k in state if k.startswith("controlnet_cond_embedding.blocks.")) // 2
+    checkpoint = {
+        prefix + _controlnet_key(k, config["layers_per_block"], hint_blocks): v
+        for k, v in state.items()
+    }
+    _assert_same("ControlNet", state, convert_controlnet_checkpoint(checkpoint, config))
+    return checkpoint
