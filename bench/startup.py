@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from livediff.bench.records import emit, environment, record_sinks
+from livediff.exceptions import LivediffError
 
 CACHES = ("cold", "warm", "packaged")
 
@@ -56,7 +57,7 @@ async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) ->
             await client.send(encode_jpeg(frame))
             answer = await asyncio.wait_for(client.recv(), timeout_s)
         if not isinstance(answer, bytes):
-            raise RuntimeError(f"the server answered the first frame with {answer!r}")
+            raise LivediffError(f"the server answered the first frame with {answer!r}")
         return {
             "listening_s": round(listening, 2),
             "first_frame_s": round(time.perf_counter() - started, 2),
@@ -71,7 +72,7 @@ async def _listening_line(stdout: asyncio.StreamReader) -> str:
     while True:
         raw = await stdout.readline()
         if not raw:
-            raise RuntimeError("livediff serve ended before it listened")
+            raise LivediffError("livediff serve ended before it listened")
         line = raw.decode()
         if "listening on" in line:
             return line

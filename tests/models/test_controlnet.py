@@ -29,7 +29,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from helpers.ldm_checkpoint import controlnet_to_ldm
-from livediff.engine.batcher import Batcher
+from livediff.engine.batch_packing import BatchPacker
 from livediff.exceptions import BackendError, ModelLoadError, ModelNotAvailableError, ParameterError
 from livediff.models.architectures import build_full_vae
 from livediff.models.bundle import ModelBundle
@@ -343,7 +343,7 @@ def test_batcher_packs_control_fields_and_zeroes_sessions_without(
         control_scales=torch.tensor([[0.9], [0.6]]),
     )
     without = _batch(tiny_bundle, 1, 5)
-    noise, call = Batcher(model, buckets=(4,)).predict([with_control, without])
+    noise, call = BatchPacker(model, buckets=(4,)).predict([with_control, without])
     assert (call.rows, call.padded_rows) == (3, 4)
     torch.testing.assert_close(noise[0], model.predict_noise(with_control), atol=ATOL, rtol=0)
     torch.testing.assert_close(noise[1], tiny_bundle.predict_noise(without), atol=ATOL, rtol=0)
