@@ -22,6 +22,7 @@ from typing import Any
 
 from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
+from livediff.models.control_uses import ControlUse, control_uses, use_from_text
 from livediff.settings import (
     check_settings,
     check_text,
@@ -272,6 +273,17 @@ class GenerationParams:
         max=10_000,
         live=True,
         flag="--max-skip-frames",
+    )
+    controlnets: tuple[ControlUse, ...] = setting(
+        (),
+        doc="the ControlNets this session uses: {controlnet, scale, preprocessor, params} each, up to 4; on the command line it also loads them",
+        check=control_uses,
+        expected="a list of {controlnet, scale, preprocessor, params} objects, or SOURCE[:SCALE[:PREPROCESSOR]] texts",
+        live=True,
+        flag="--controlnet",
+        metavar="SOURCE[:SCALE[:PREPROCESSOR]]",
+        repeat=True,
+        from_flag=use_from_text,
     )
 
     def __post_init__(self) -> None:

@@ -30,98 +30,24 @@ engine calls it once per preprocessor and frame, however many ControlNets use th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from enum import Enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from livediff.exceptions import FrameShapeError, KernelInputError, ParameterError
-from livediff.kernels.canny import MAX_SIGMA, canny
+from livediff.kernels.canny import canny
 from livediff.kernels.postprocess import model_output_to_rgb
+from livediff.models.control_uses import (
+    PARAMS,
+    CannyParams,
+    Preprocessor,
+    parse_preprocessor,
+)
 from livediff.models.depth import DepthEstimator
 from livediff.models.soft_edge import SoftEdgeDetector
-
-
-class Preprocessor(str, Enum):
-    """What turns a frame into a ControlNet's control image."""
-
-    CANNY = "canny"
-    DEPTH = "depth"
-    SOFT_EDGE = "soft_edge"
-    PASSTHROUGH = "passthrough"  # tile ControlNets
-    PREVIOUS_OUTPUT = "previous_output"  # TemporalNet
-    CLIENT = "client"  # an image the client sends (openpose, scribbles)
-
-
-def parse_preprocessor(value: Preprocessor | str) -> Preprocessor:
-    try:
-        return Preprocessor(value)
-    except ValueError:
-        names = ", ".join(p.value for p in Preprocessor)
-        raise ParameterError(
-            f"unknown preprocessor {value!r}; choose one of: {names}", field="preprocessor"
-        ) from None
-
-
-@dataclass(frozen=True)
-class CannyParams:
-    """Canny's live parameters: thresholds on the 8-bit gradient magnitude, and the blur.
-
-    ``low`` and ``high`` are in [0, 255] with ``low < high`` (OpenCV's meaning, L2 gradient):
-    pixels above ``high`` start edges, pixels above ``low`` continue them. ``sigma`` is the
-    5×5 Gaussian blur's, in [0, 3]; 0 turns the blur off. Defaults: ControlNet's annotator
-    thresholds (100, 200) with a light blur against camera noise.
-    """
-
-    low: float = 100.0
-    high: float = 200.0
-    sigma: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name, limit in (("low", 255.0), ("high", 255.0), ("sigma", MAX_SIGMA)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ParameterError(
-                    f"canny {name}={value!r} must be a number", field=f"canny_{name}"
-                )
-            if not 0.0 <= float(value) <= limit:
-                raise ParameterError(
-                    f"canny {name}={value} is out of range: expected [0, {limit:g}]",
-                    field=f"canny_{name}",
-                    limit=limit,
-                )
-        if not self.low < self.high:
-            raise ParameterError(
-                f"canny low={self.low} must be below high={self.high}", field="canny_low"
-            )
-
-
-PARAMS: dict[Preprocessor, type[CannyParams]] = {Preprocessor.CANNY: CannyParams}
-
-
-def parse_params(kind: Preprocessor | str, values: Mapping[str, Any] | None) -> CannyParams | None:
-    """A preprocessor's parameters from a mapping (a client message): unknown keys are errors."""
-    kind = parse_preprocessor(kind)
-    cls = PARAMS.get(kind)
-    values = dict(values or {})
-    if cls is None:
-        if values:
-            raise ParameterError(
-                f"preprocessor {kind.value} takes no parameters (got {', '.join(values)})",
-                field=next(iter(values)),
-            )
-        return None
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ParameterError(
-                f"unknown {kind.value} parameter {key!r}; it takes {', '.join(sorted(known))}",
-                field=key,
-            )
-    return cls(**values)
 
 
 @dataclass

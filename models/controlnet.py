@@ -29,96 +29,20 @@ from typing import Any
 
 import torch
 
-from livediff.exceptions import BatchCompositionError, ParameterError
+from livediff.exceptions import BatchCompositionError
+from livediff.models.control_uses import (  # re-exported: defined here before
+    RANDOM as RANDOM,
+)
+from livediff.models.control_uses import (
+    UNION_CONTROL_TYPES as UNION_CONTROL_TYPES,
+)
+from livediff.models.control_uses import (
+    ControlNetSpec as ControlNetSpec,
+)
+from livediff.models.control_uses import (
+    union_control_index as union_control_index,
+)
 from livediff.models.presets import Family
-
-RANDOM = "random"
-
-# ControlNetUnionModel's control modes (xinsir/controlnet-union-sdxl-1.0; "promax" adds 6 and 7).
-UNION_CONTROL_TYPES: dict[str, int] = {
-    "openpose": 0,
-    "depth": 1,
-    "soft_edge": 2,  # HED, PiDiNet, scribble (thick lines)
-    "canny": 3,  # canny, lineart, MLSD (thin lines)
-    "normal": 4,
-    "segment": 5,
-    "tile": 6,
-    "inpaint": 7,
-}
-
-
-@dataclass(frozen=True)
-class ControlNetSpec:
-    """What ControlNet to load, and under which name sessions refer to it.
-
-    ``source`` is a Hugging Face id (read from the HF cache; downloaded unless offline), a
-    diffusers folder (``config.json`` + weights), a single ``.safetensors`` / ``.ckpt`` file
-    (diffusers or original layout; its architecture comes from ``config_source``, else the
-    model's own family architecture), or ``"random"``: the exact architecture of the model
-    family's ControlNets with seeded random weights (``union=True`` for ControlNetUnionModel).
-
-    ``family`` is the family the net is meant for; ``None`` takes it from the net's config.
-    ``control_type`` is the union mode (a name of :data:`UNION_CONTROL_TYPES` or its index),
-    required for union nets and refused for others. ``guess_mode`` scales the residuals from
-    0.1 (first block) to 1 (middle block), as diffusers' ``guess_mode`` does.
-    """
-
-    source: str
-    name: str | None = None
-    family: Family | None = None
-    union: bool | None = None
-    control_type: str | int | None = None
-    config_source: str | None = None
-    guess_mode: bool = False
-    seed: int = 0
-    variant: str | None = None
-    local_files_only: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not self.source:
-            raise ParameterError(
-                "a ControlNet needs a source: an HF id, a folder, a .safetensors file or 'random'",
-                field="source",
-            )
-        if self.name is not None and not self.name.strip():
-            raise ParameterError("a ControlNet's name must not be empty", field="name")
-        if self.family is not None:
-            try:
-                object.__setattr__(self, "family", Family(self.family))
-            except ValueError:
-                allowed = ", ".join(f.value for f in Family)
-                raise ParameterError(
-                    f"family={self.family!r} is not one of: {allowed}", field="family"
-                ) from None
-        if self.control_type is not None:
-            union_control_index(self.control_type)
-
-    @property
-    def label(self) -> str:
-        """The name sessions use: ``name``, else the source."""
-        return self.name or self.source
-
-    @property
-    def is_random(self) -> bool:
-        return self.source == RANDOM
-
-
-def union_control_index(control_type: str | int) -> int:
-    """The index of a union control mode, given by name or index."""
-    if isinstance(control_type, bool) or not isinstance(control_type, (str, int)):
-        raise ParameterError(f"control_type={control_type!r} must be a name or an index")
-    if isinstance(control_type, int):
-        if control_type < 0:
-            raise ParameterError(f"control_type={control_type} must be >= 0", field="control_type")
-        return control_type
-    try:
-        return UNION_CONTROL_TYPES[control_type]
-    except KeyError:
-        names = ", ".join(UNION_CONTROL_TYPES)
-        raise ParameterError(
-            f"unknown union control_type {control_type!r}; choose one of: {names}",
-            field="control_type",
-        ) from None
 
 
 @dataclass

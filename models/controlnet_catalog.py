@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from livediff.exceptions import ParameterError
-from livediff.models.control_images import Preprocessor
+from livediff.models.control_uses import Preprocessor
 from livediff.models.presets import Family
 
 P = Preprocessor

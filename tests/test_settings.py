@@ -20,6 +20,7 @@ import pytest
 from livediff.cli import build_parser
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
+from livediff.models.control_uses import ControlUse
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
     Declared,
@@ -72,6 +73,11 @@ SHAPED = {
     "allowed_origins": (["https://Example.org/"], None, ("https://example.org",)),
     "loras": ([{"source": "my/lora", "scale": 0.5}], "my/lora:0.5", (LoraRef("my/lora", 0.5),)),
     "devices": (["cpu", "cuda:1"], "cpu,cuda:1", ("cpu", "cuda:1")),
+    "controlnets": (
+        [{"controlnet": "canny-net", "scale": 0.5}],
+        "canny-net:0.5",
+        (ControlUse("canny-net", 0.5),),
+    ),
 }
 SHAPED_BAD = {
     "prompt": 42,
@@ -81,6 +87,7 @@ SHAPED_BAD = {
     "allowed_origins": ["example.org"],
     "loras": [42],
     "devices": ["gpu7"],
+    "controlnets": [{"controlnet": "canny-net", "scale": 9}],
 }
 
 
