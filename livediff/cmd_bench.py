@@ -3,7 +3,8 @@
 Suites: ``single`` and ``stages`` (one stream), ``peers`` (StreamDiffusion and diffusers on the
 same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``kernels``
 (Triton kernels vs their references), ``soak`` (hours of live sessions), ``profile`` (kernel time by
-category per network). ``livediff bench --suite NAME --help`` lists a suite's
+category per network), ``ray`` (what the Ray ingress adds to ``/offer`` and the websocket).
+``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
 
@@ -21,6 +22,7 @@ SUITES = {
     "kernels": "livediff.bench.kernels",
     "soak": "livediff.bench.soak",
     "profile": "livediff.bench.kernel_profile",
+    "ray": "livediff.bench.ray_ingress",
 }
 
 
