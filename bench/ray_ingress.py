@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -215,7 +216,7 @@ def local_deployment(args: argparse.Namespace) -> Iterator[str]:
     ray.init(
         num_cpus=args.replicas,
         include_dashboard=False,
-        logging_level="warning",
+        logging_level=logging.WARNING,
         log_to_driver=False,
     )
     try:

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from livediff.exceptions import ParameterError
+from livediff.exceptions import LivediffError, ParameterError
 
 log = logging.getLogger(__name__)
 LOCAL = ""  # --ray without an address: start a Ray on this machine
@@ -114,13 +114,10 @@ def build_application(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     )
     # Built in each replica, from the same flags: the model loads where its GPU is.
     engine_factory = functools.partial(engine_from_args, args, config)
-    replica = (
-        serve.deployment(LivediffReplica)
-        .options(**options)
-        .bind(engine_factory, server_config, ray_config)
-    )
-    ingress = serve.deployment(serve.ingress()(LivediffIngress))
-    return ingress.options(**ray_config.ingress_options()).bind(replica, server_config, ray_config)
+    replica = serve.deployment(**options)(LivediffReplica)
+    ingress = serve.deployment(**ray_config.ingress_options())(serve.ingress()(LivediffIngress))
+    engines = replica.bind(engine_factory, server_config, ray_config)
+    return ingress.bind(engines, server_config, ray_config)
 
 
 def app_builder(builder_args: dict[str, Any]) -> Any:
@@ -139,11 +136,14 @@ def app_builder(builder_args: dict[str, Any]) -> Any:
 
 def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
     """Start (or join) Ray, deploy the application, serve until SIGINT/SIGTERM."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
     server_config, ray_config = settings(args, config)  # refuse bad flags before Ray starts
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise LivediffError(f"--ray needs Ray Serve ({exc}): pip install 'livediff[ray]'") from None
+
     local = args.ray == LOCAL
     if local:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
@@ -153,11 +153,8 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
         host = server_config.host
         port = server_config.port or _free_port(host)
         serve.start(
-            http_options={
-                "host": host,
-                "port": port,
-                "location": ray_config.proxy_location.value,
-            }
+            proxy_location=ray_config.proxy_location.value,
+            http_options={"host": host, "port": port},
         )
         app = build_application(args, config)
         serve.run(app, name=ray_config.app_name, route_prefix="/")

@@ -47,6 +47,15 @@ REPLICA_NAME = "LivediffReplica"
 # Every websocket is one ongoing request of the ingress for its whole life; Serve's default
 # (5) would queue the sixth client.
 INGRESS_MAX_ONGOING = 10_000
+HOST_ADDRESS_ENV = "LIVEDIFF_HOST_ADDRESS"
+
+
+def node_host_addresses(node_ip: str, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """A replica's ICE host addresses: ``$LIVEDIFF_HOST_ADDRESS`` of its node (comma-separated,
+    set where that node's ``ray start`` runs), else the node's IP as Ray reports it.
+    """
+    listed = tuple(a.strip() for a in environ.get(HOST_ADDRESS_ENV, "").split(",") if a.strip())
+    return listed or (node_ip,)
 
 
 class ProxyLocation(str, Enum):

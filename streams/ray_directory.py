@@ -191,7 +191,9 @@ def aggregate_stats(
     replicas: Sequence[ReplicaInfo], stats: Mapping[str, Mapping[str, Any] | None]
 ) -> dict[str, Any]:
     """The ingress's ``/stats``: each replica's own ``/stats``, and every peer with its replica."""
-    rows, peers, websockets = [], [], 0
+    rows: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    websockets = 0
     for replica in replicas:
         answer = stats.get(replica.id)
         row: dict[str, Any] = {**replica.as_dict(), "reachable": answer is not None}
@@ -237,5 +239,5 @@ def merge_expositions(texts: Mapping[str, str], *, label: str = REPLICA_LABEL) -
                     sample.exemplar,
                 )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(merged.values()))  # type: ignore[arg-type]
+    registry.register(_Families(merged.values()))
     return generate_latest(registry)

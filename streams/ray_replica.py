@@ -28,7 +28,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -39,7 +39,7 @@ from livediff.exceptions import SessionError
 from livediff.streams.app import create_app, drain_app
 from livediff.streams.drain import DRAIN, SHUTDOWN_REASON
 from livediff.streams.ray_autoscale import CAPACITY_METRIC, SESSIONS_METRIC
-from livediff.streams.ray_config import INGRESS_NAME, RayConfig
+from livediff.streams.ray_config import INGRESS_NAME, RayConfig, node_host_addresses
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.slow_clients import start_runner
 
@@ -47,14 +47,7 @@ if TYPE_CHECKING:
     from livediff.engine.runtime import Engine
 
 log = logging.getLogger(__name__)
-HOST_ADDRESS_ENV = "LIVEDIFF_HOST_ADDRESS"
 DRAIN_POLL_S = 0.25
-
-
-def node_host_addresses(node_ip: str, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """ICE host addresses for this node: ``$LIVEDIFF_HOST_ADDRESS`` if set, else ``node_ip``."""
-    listed = tuple(a.strip() for a in environ.get(HOST_ADDRESS_ENV, "").split(",") if a.strip())
-    return listed or (node_ip,)
 
 
 def _limit_cpu_threads() -> None:
@@ -70,7 +63,7 @@ def _limit_cpu_threads() -> None:
 class LivediffReplica:
     """The replica deployment's class (see the module docstring)."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         engine_factory: Callable[[], Engine],
         server_config: ServerConfig,

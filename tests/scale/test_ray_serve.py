@@ -100,7 +100,7 @@ def two_node_serve(model_dir: Path) -> Iterator[str]:
         cluster.add_node(**node)
         ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         argv = ["serve", "--model", "tiny", "--source", str(model_dir), "--dtype", "fp32"]
         argv += ["--device", "cpu", "--deadline-ms", "600000", "--no-degrade"]
         argv += ["--max-sessions", str(SLOTS), "--replicas", "2", "--token", TOKEN]
@@ -376,7 +376,10 @@ async def test_a_dead_replica_ends_only_its_sessions_and_serve_replaces_it(
         for _ in range(3):  # the other node goes on, over both transports
             assert made_by(await round_trip(kept_client, frame), references) == kept
             assert made_by(await asyncio.wait_for(peer.recv_frame(), 30), references) == "whale"
-        newcomer, placed = await open_ws(base, FOX)  # new sessions: the live replica
+        await (
+            peer.close()
+        )  # a slot frees on the survivor: a new session goes there, not to the dead
+        newcomer, placed = await open_ws(base, FOX)
         await newcomer.close()
         assert placed == survivor
     finally:
