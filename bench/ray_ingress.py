@@ -228,9 +228,7 @@ def local_deployment(args: argparse.Namespace) -> Iterator[str]:
         serve.run(app, name="livediff", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # a Ray of its own: Serve goes with it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,13 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.run(loopback_netns_argv(command), env=environ).returncode
     restriction = HostAddressRestriction(["127.0.0.1"]) if in_loopback_netns() else None
     with record_sinks(args.out) as sinks, restriction or contextlib.nullcontext():
-        if args.url:
-            records = asyncio.run(_measure(args, args.url, args.token))
-        else:
-            with local_deployment(args) as url:
-                records = asyncio.run(_measure(args, url, BENCH_TOKEN))
-        for record in records:
-            emit(record, sinks)
+        deployment = contextlib.nullcontext(args.url) if args.url else local_deployment(args)
+        with deployment as url:
+            token = args.token if args.url else BENCH_TOKEN
+            for record in asyncio.run(_measure(args, url, token)):
+                emit(record, sinks)
     return 0
 
 

@@ -167,9 +167,7 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
             file=sys.stderr,
             flush=True,
         )
-        serve.delete(ray_config.app_name)
-        if local:
-            serve.shutdown()
+        serve.delete(ray_config.app_name)  # the replicas drain; a local Ray then stops whole
     finally:
         if local:
             ray.shutdown()

@@ -248,3 +248,23 @@ def test_the_product_runs_without_ray() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exit 2" in result.stdout
     assert "--ray needs Ray Serve" in result.stderr and "livediff[ray]" in result.stderr
+
+
+# ---------------------------------------------------------------- the KubeRay example
+def test_the_kuberay_manifest_deploys_this_application() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with Ray (the ray extra)")
+    import importlib
+
+    from livediff.cli import build_parser
+
+    manifest = yaml.safe_load((REPO / "deploy" / "kuberay-rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args = build_parser().parse_args(["serve", *app["args"]["argv"]])
+    assert args.replicas == 2 and args.preset == "sd-turbo"
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    env = {e["name"] for e in workers["containers"][0]["env"]}
+    assert {"LIVEDIFF_TOKEN", "LIVEDIFF_HOST_ADDRESS"} <= env

@@ -52,7 +52,8 @@ from livediff.bench.ray_ingress import measure
 from livediff.bench.records import REQUIRED_KEYS
 from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
 from livediff.clients.ws_client import WsClient
-from livediff.exceptions import SessionClosedError
+from livediff.cmd_serve_ray import app_builder
+from livediff.exceptions import ParameterError, SessionClosedError
 from livediff.ice import HostAddressRestriction
 from livediff.models.loading import ModelSpec, load_model
 from livediff.streams.ray_ingress import REPLICA_HEADER
@@ -351,6 +352,20 @@ async def test_the_ingress_benchmark_writes_records(base: str, tmp_path: Path) -
     }
     for record in records:
         assert set(REQUIRED_KEYS) <= set(record) and record["ms_median"] > 0, record
+
+
+@NEEDS_NETNS
+def test_serves_application_builder_takes_livediff_serve_flags(base: str, model_dir: Path) -> None:
+    from ray.serve import Application
+
+    built = app_builder(
+        {"argv": ["--model", "tiny", "--source", str(model_dir), "--replicas", "3"]}
+    )
+    assert isinstance(built, Application)
+    with pytest.raises(ParameterError, match="argv"):
+        app_builder({"argv": "--model tiny"})
+    with pytest.raises(ParameterError, match="no GPU"):  # a CPU cluster: how many replicas?
+        app_builder({"argv": ["--model", "tiny"]})
 
 
 @NEEDS_NETNS
