@@ -115,7 +115,10 @@ def build_application(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     # Built in each replica, from the same flags: the model loads where its GPU is.
     engine_factory = functools.partial(engine_from_args, args, config)
     replica = serve.deployment(**options)(LivediffReplica)
-    ingress = serve.deployment(**ray_config.ingress_options())(serve.ingress()(LivediffIngress))
+    ingress_options = ray_config.ingress_options(
+        shutdown_timeout_s=server_config.shutdown_timeout_s
+    )
+    ingress = serve.deployment(**ingress_options)(serve.ingress()(LivediffIngress))
     engines = replica.bind(engine_factory, server_config, ray_config)
     return ingress.bind(engines, server_config, ray_config)
 

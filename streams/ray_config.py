@@ -232,10 +232,13 @@ class RayConfig:
             options["num_replicas"] = replicas
         return options
 
-    def ingress_options(self) -> dict[str, Any]:
+    def ingress_options(self, *, shutdown_timeout_s: float) -> dict[str, Any]:
         """Serve deployment options of the ingress: one replica, no CPU of its own to reserve."""
         return {
             "name": INGRESS_NAME,
+            # Its websockets are ongoing requests: Serve lets them run while the replicas drain
+            # (their close 1001 then reaches the clients) before it stops the ingress.
+            "graceful_shutdown_timeout_s": self.drain_timeout_s + shutdown_timeout_s + 10,
             "num_replicas": 1,
             "max_ongoing_requests": INGRESS_MAX_ONGOING,
             "ray_actor_options": {"num_cpus": 0},

@@ -201,8 +201,9 @@ class LivediffIngress:
     async def _candidates(self) -> tuple[list[ReplicaInfo], list[ReplicaInfo]]:
         """(every live replica, those with a free slot in placement order)."""
         live = self.directory.live()
-        health = await gather_by_replica(live, lambda r: self._fetch_json(r, "/healthz"))
-        return live, placement_order(live, health)
+        open_ = [r for r in live if r.healthy]  # not one that is stopping or whose engine failed
+        health = await gather_by_replica(open_, lambda r: self._fetch_json(r, "/healthz"))
+        return live, placement_order(open_, health)
 
     def _guard(self, connection: HTTPConnection, transport: str) -> str | None:
         """``"origin"`` or ``"auth"`` when the request is refused, else ``None``."""

@@ -46,7 +46,9 @@ from livediff.wire import (
 log = logging.getLogger(__name__)
 OFFER_TIMEOUT_S = 30.0
 OPEN_TIMEOUT_S = 60.0  # a session's Stream is built on the replica's control thread first
-UPSTREAM_HEARTBEAT_S = 5.0  # pings to the replica: a node that vanishes is noticed in seconds
+# Pings to the replica, answered within half of it: a node that vanishes without closing its
+# connections is noticed in seconds, and a busy CPU replica is not taken for dead.
+UPSTREAM_HEARTBEAT_S = 15.0
 CLOSE_NORMAL = 1000
 CLOSE_ABNORMAL = 1006  # "no close frame": never sent, only reported
 
@@ -186,6 +188,7 @@ class WsRelay:
         self.replica = replica
         self._on_replica_failed = on_replica_failed
         self._client_gone = False  # then the upstream's end is ours, not the replica's failure
+        self._lost = False
 
     async def run(self) -> None:
         """Relay until either side closes; then close the other side to match."""
@@ -208,10 +211,14 @@ class WsRelay:
                 code = int(message.get("code") or CLOSE_NORMAL)
                 await self.upstream.close(code=code if _sendable(code) else CLOSE_NORMAL)
                 return
-            if message.get("bytes") is not None:
-                await self.upstream.send_bytes(message["bytes"])
-            elif message.get("text") is not None:
-                await self.upstream.send_str(message["text"])
+            try:
+                if message.get("bytes") is not None:
+                    await self.upstream.send_bytes(message["bytes"])
+                elif message.get("text") is not None:
+                    await self.upstream.send_str(message["text"])
+            except (ConnectionError, aiohttp.ClientError):  # the replica went away under us
+                await self._replica_lost()
+                return
 
     async def _replica_to_client(self) -> None:
         while True:
@@ -230,6 +237,9 @@ class WsRelay:
                 return
 
     async def _replica_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
         text = replica_failed(self.replica)
         log.warning("websocket to replica %s lost: its session ends", self.replica.id)
         self._on_replica_failed(self.replica)

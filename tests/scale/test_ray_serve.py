@@ -384,6 +384,8 @@ async def test_a_dead_replica_ends_only_its_sessions_and_serve_replaces_it(
     try:
         assert made_by(await round_trip(lost_client, frame), references) == lost
         os.kill(known[doomed]["pid"], signal.SIGKILL)
+        with contextlib.suppress(ConnectionClosed):  # still sending: the relay finds it gone
+            await lost_client.send_frame(frame)
         with pytest.raises(SessionClosedError):
             await asyncio.wait_for(lost_client.recv_frame(), 30)
         assert lost_client.errors == [f"session ended: replica {doomed} failed"]
