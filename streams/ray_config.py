@@ -23,6 +23,7 @@ In a TOML file::
     target_sessions_per_replica = 6   # scale so each replica holds about this many sessions
     upscale_delay_s = 10.0
     downscale_delay_s = 300.0
+    look_back_period_s = 30.0     # Serve averages the replicas' session counts over this window
 
 Serve's own autoscaler counts ongoing *requests*, which says nothing here: a session is one
 long websocket (at the ingress) or no request at all (WebRTC goes straight to the replica).
@@ -92,6 +93,7 @@ class AutoscalingSettings:
     target_sessions_per_replica: float = 6.0
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 300.0
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         # No scaling to zero: sessions reach replicas by their own HTTP servers, not through
@@ -111,6 +113,12 @@ class AutoscalingSettings:
         )
         for name in ("upscale_delay_s", "downscale_delay_s"):
             _check(_number(getattr(self, name), 0, 86_400), name, getattr(self, name), "0..86400 s")
+        _check(
+            _number(self.look_back_period_s, 0.1, 3600),
+            "look_back_period_s",
+            self.look_back_period_s,
+            "0.1..3600 s",
+        )
 
     def serve_config(self) -> dict[str, Any]:
         """Serve's ``autoscaling_config`` for the replica deployment."""
@@ -120,6 +128,7 @@ class AutoscalingSettings:
             "initial_replicas": self.min_replicas,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
             "policy": {
                 "policy_function": POLICY_PATH,
                 "policy_kwargs": {"target_sessions_per_replica": self.target_sessions_per_replica},

@@ -64,6 +64,12 @@ pytestmark = pytest.mark.slow
 TOKEN = "ray-test-token-7d1c40a9e2b3"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SLOTS = 2  # sessions per replica
+QUIET = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    # replicas report their sessions to Serve's autoscaler twice a second, not every 10 s
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
 RAY_TABLE = {
     "num_cpus": 1,
     "max_replicas_per_node": 1,  # one replica per node: two nodes, two replicas
@@ -89,8 +95,8 @@ def two_node_serve(model_dir: Path) -> Iterator[str]:
     from livediff.cli import build_parser
     from livediff.cmd_serve_ray import build_application
 
-    saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS")}
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+    saved = {k: os.environ.get(k) for k in QUIET}
+    os.environ.update(QUIET)  # the nodes (and so the replicas) inherit it
     temp = tempfile.mkdtemp(prefix="ldray-", dir="/tmp")  # short: Ray's socket paths
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(
@@ -403,3 +409,32 @@ async def test_a_dead_replica_ends_only_its_sessions_and_serve_replaces_it(
         await asyncio.gather(lost_client.close(), kept_client.close(), peer.close())
     replaced = {r["id"] for r in await settled(base)}  # Serve starts a replacement by itself
     assert survivor in replaced and doomed not in replaced and len(replaced) == 2
+
+
+@NEEDS_NETNS
+async def test_serve_scales_the_replicas_by_sessions(base: str, model_dir: Path) -> None:
+    """Last: it redeploys the application with ``[ray.autoscaling]`` instead of two replicas."""
+    from ray import serve
+
+    from livediff.cli import build_parser
+    from livediff.cmd_serve_ray import build_application
+
+    argv = ["serve", "--model", "tiny", "--source", str(model_dir), "--dtype", "fp32"]
+    argv += ["--device", "cpu", "--deadline-ms", "600000", "--no-degrade", "--token", TOKEN]
+    argv += ["--max-sessions", str(SLOTS)]
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_sessions_per_replica": 1}
+    scaling.update(upscale_delay_s=0, downscale_delay_s=600, look_back_period_s=2)
+    table = {**RAY_TABLE, "autoscaling": scaling}
+    app = build_application(build_parser().parse_args(argv), {"ray": table})
+    await asyncio.to_thread(serve.run, app, name="livediff", route_prefix="/")
+    await settled(base, count=1)
+    clients = [await open_ws(base, FOX) for _ in range(SLOTS)]  # both on the one replica
+    try:
+        assert len({replica for _, replica in clients}) == 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while len([r for r in await replicas(base) if r["reachable"]]) < 2:
+            assert loop.time() < deadline, "Serve did not add a replica for 2 sessions at 1 each"
+            await asyncio.sleep(0.5)
+    finally:
+        await asyncio.gather(*(client.close() for client, _ in clients))
