@@ -113,11 +113,11 @@ class AutoscalingSettings:
         )
         for name in ("upscale_delay_s", "downscale_delay_s"):
             _check(_number(getattr(self, name), 0, 86_400), name, getattr(self, name), "0..86400 s")
-        _check(
-            _number(self.look_back_period_s, 0.1, 3600),
+        _check(  # Serve wants it longer than its metrics interval (10 s)
+            _number(self.look_back_period_s, 10.5, 3600),
             "look_back_period_s",
             self.look_back_period_s,
-            "0.1..3600 s",
+            "10.5..3600 s (longer than Serve's 10 s metrics interval)",
         )
 
     def serve_config(self) -> dict[str, Any]:

@@ -26,7 +26,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 UNREACHABLE = "http://127.0.0.1:9/whl/cpu"  # the discard port: connection refused at once
-TOOLS = "bash env dirname basename sed awk cksum tr cut sort paste du mktemp rm tail id cat mkdir ln"
+TOOLS = (
+    "bash env dirname basename sed awk cksum tr cut sort paste du mktemp rm tail id cat mkdir ln"
+)
 
 FAKE_PYTHON = r"""#!{real}
 import json, os, sys
@@ -329,7 +331,9 @@ def test_the_test_command_installs_ray_serve_and_says_how_big(sandbox: dict[str,
     done = run(sandbox, "scripts/test.sh", "-k", "nothing")
     assert done.returncode == 0, done.stderr
     assert any(c[1] == "pip" and c[-1] == ".[webrtc,dev,ray]" for c in calls(sandbox))
-    assert "Ray Serve (the ray extra) about 105 MB more to download, 300 MB installed" in done.stderr
+    assert (
+        "Ray Serve (the ray extra) about 105 MB more to download, 300 MB installed" in done.stderr
+    )
 
 
 def test_apt_step_says_what_and_how_big_and_shows_progress(sandbox: dict[str, object]) -> None:

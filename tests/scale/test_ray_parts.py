@@ -76,6 +76,8 @@ def test_ray_table_defaults_and_checks() -> None:
         AutoscalingSettings(min_replicas=0)
     with pytest.raises(ParameterError, match="max_replicas"):
         AutoscalingSettings(min_replicas=3, max_replicas=2)
+    with pytest.raises(ParameterError, match="metrics interval"):
+        AutoscalingSettings(look_back_period_s=5)
 
 
 def test_replica_options_are_fixed_or_autoscaled_by_sessions() -> None:

@@ -423,7 +423,7 @@ async def test_serve_scales_the_replicas_by_sessions(base: str, model_dir: Path)
     argv += ["--device", "cpu", "--deadline-ms", "600000", "--no-degrade", "--token", TOKEN]
     argv += ["--max-sessions", str(SLOTS)]
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_sessions_per_replica": 1}
-    scaling.update(upscale_delay_s=0, downscale_delay_s=600, look_back_period_s=2)
+    scaling.update(upscale_delay_s=0, downscale_delay_s=600, look_back_period_s=11)
     table = {**RAY_TABLE, "autoscaling": scaling}
     app = build_application(build_parser().parse_args(argv), {"ray": table})
     await asyncio.to_thread(serve.run, app, name="livediff", route_prefix="/")
