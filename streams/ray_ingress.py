@@ -222,7 +222,12 @@ class LivediffIngress:
     async def offer(self, request: Request) -> Response:
         refusal = self._guard(request, "webrtc")
         if refusal == "origin":
-            return _error(403, f"origin {request.headers.get('origin', '')[:200]!r} is not allowed")
+            origin = request.headers.get("origin", "")[:200]
+            return _error(
+                403,
+                f"origin {origin!r} is not allowed to use this server (same origin, loopback and "
+                "[server] allowed_origins are)",
+            )
         if refusal == "auth":
             return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
         try:
