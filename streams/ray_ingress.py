@@ -132,10 +132,6 @@ class LivediffIngress:
         if self.directory.report(replica):
             log.info("replica %s on %s joined: %s", replica.id, replica.node_ip, replica.url)
 
-    def replicas(self) -> list[dict[str, Any]]:
-        """The replicas heard from lately (for tools and tests)."""
-        return [replica.as_dict() for replica in self.directory.live()]
-
     # ------------------------------------------------------------------ the ASGI app
     def __serve_build_asgi_app__(self) -> Starlette:
         static = Path(self.config.static_dir) if self.config.static_dir else web_client_dir()
@@ -283,8 +279,12 @@ class LivediffIngress:
             return
         upstream, replica, hello = placed
         self.placed.labels("websocket").inc()
-        await websocket.accept(headers=[(REPLICA_HEADER.lower().encode(), replica.id.encode())])
-        await websocket.send_text(hello)
+        try:
+            await websocket.accept(headers=[(REPLICA_HEADER.lower().encode(), replica.id.encode())])
+            await websocket.send_text(hello)
+        except BaseException:  # the client left while its session was being placed
+            await upstream.close()  # ends the session on the replica now, not at its idle timeout
+            raise
         await WsRelay(websocket, upstream, replica, self._forget).run()
 
     async def healthz(self, request: Request) -> Response:

@@ -131,11 +131,19 @@ async def open_upstream(
                 heartbeat=UPSTREAM_HEARTBEAT_S,
                 compress=0,
             )
-            first = await asyncio.wait_for(upstream.receive(), OPEN_TIMEOUT_S)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             log.warning("replica %s did not take a websocket (%r): left out", replica.id, exc)
             forget(replica)
             continue
+        try:
+            first = await asyncio.wait_for(upstream.receive(), OPEN_TIMEOUT_S)
+        except asyncio.TimeoutError:  # slow, not dead: the next replica may be quicker
+            log.warning("replica %s did not open a session within %g s", replica.id, OPEN_TIMEOUT_S)
+            await upstream.close()
+            continue
+        except BaseException:
+            await upstream.close()
+            raise
         outcome = await _first_message(upstream, first)
         if isinstance(outcome, str):
             return upstream, replica, outcome
