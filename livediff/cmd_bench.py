@@ -3,7 +3,9 @@
 Suites: ``single`` and ``stages`` (one stream), ``peers`` (StreamDiffusion and diffusers on the
 same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``kernels``
 (Triton kernels vs their references), ``soak`` (hours of live sessions), ``profile`` (kernel time by
-category per network), ``startup`` (process start to a first frame, by compile-cache state). ``livediff bench --suite NAME --help`` lists a suite's
+category per network), ``startup`` (process start to a first frame, by compile-cache state),
+``ray`` (what the Ray ingress adds to ``/offer`` and the websocket).
+``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
 
@@ -22,6 +24,7 @@ SUITES = {
     "soak": "livediff.bench.soak",
     "profile": "livediff.bench.kernel_profile",
     "startup": "livediff.bench.startup",
+    "ray": "livediff.bench.ray_ingress",
 }
 
 

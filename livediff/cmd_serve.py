@@ -3,6 +3,7 @@
     livediff serve --model sd-turbo --prompt "a watercolor painting"
     livediff serve --host 0.0.0.0 --port 8080 --host-address 192.168.1.20 --config livediff.toml
     livediff serve --model tiny --weights random --port 0          # offline smoke test; prints the URL
+    livediff serve --ray auto --host 0.0.0.0                       # over a Ray cluster (cmd_serve_ray)
 
 The first line on stdout is ``livediff serve: listening on http://HOST:PORT/`` (with the real
 port when ``--port 0``). SIGINT / SIGTERM drain the server (:mod:`livediff.streams.drain`):
@@ -40,6 +41,8 @@ from livediff.cli_options import (
     settings_from,
     stream_settings_from_args,
 )
+from livediff.cmd_serve_ray import add_ray_options
+from livediff.exceptions import ParameterError
 from livediff.settings import build, table_values
 from livediff.settings.flags import add_flags, flag_values
 
@@ -55,7 +58,9 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_flags(parser.add_argument_group("server"), ServerConfig)
+    group = parser.add_argument_group("server")
+    add_flags(group, ServerConfig)
+    add_ray_options(group)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
@@ -142,6 +147,12 @@ def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -
 
 def run(args: argparse.Namespace) -> int:
     config = load_toml(args.config)
+    if getattr(args, "ray", None) is not None:
+        from livediff.cmd_serve_ray import run as run_ray
+
+        return run_ray(args, config)
+    if getattr(args, "replicas", None) is not None:
+        raise ParameterError("--replicas needs --ray (one server on one machine has no replicas)")
     server_config = server_config_from_args(args, config)
     engine = engine_from_args(args, config)
     return run_event_loop(serve(engine, server_config))

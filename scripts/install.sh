@@ -2,7 +2,7 @@
 # Installs livediff and what it needs into the Python that scripts/_env.sh picks: an active
 # virtualenv, else the project's .venv (made when the system Python is externally managed),
 # else python3 itself.
-#   scripts/install.sh [EXTRAS]     e.g. scripts/install.sh webrtc,dev
+#   scripts/install.sh [EXTRAS]     e.g. scripts/install.sh webrtc,dev,ray
 # On a machine without an NVIDIA GPU it installs the CPU build of torch first, so pip does not
 # pull a multi-gigabyte CUDA build; if that build cannot be had it says what it installs
 # instead, and how big, before it does. pip's own output (progress, errors) is shown.
@@ -72,6 +72,9 @@ fi
 case ",$extras," in
   *,dev,*) size="about 250 MB to download, 1.1 GB installed" ;;
   *) size="about 120 MB to download, 450 MB installed" ;;
+esac
+case ",$extras," in
+  *,ray,*) size="$size; Ray Serve (the ray extra) about 105 MB more to download, 300 MB installed" ;;
 esac
 say "installing livediff[$extras] (editable) and its dependencies into $LIVEDIFF_WHERE ($size on a first install)"
 pip_install -e ".[$extras]"

@@ -57,11 +57,15 @@ READ_BY = {
     "server": {"serve"},
     "runtime": {"serve", "camera"},
     "runtime.degrade": {"serve", "camera"},
+    "ray": {"serve"},
+    "ray.autoscaling": {"serve"},
 }
 # Values picked by hand, for settings whose check= takes shapes the type alone does not say or
 # whose range depends on another setting: (value, flag/query text, checked).
 SHAPED = {
     "recover_below": (0.1, "0.1", 0.1),  # below degrade_above
+    "heartbeat_s": (0.5, "0.5", 0.5),  # two of them within replica_timeout_s
+    "min_replicas": (2, "2", 2),  # at most max_replicas
     "prompt": ("a fox", "a fox", (("a fox", 1.0),)),
     "host_addresses": (["127.0.0.1"], "127.0.0.1", ("127.0.0.1",)),
     "ice_servers": (
@@ -326,6 +330,7 @@ NOT_SETTINGS = {"-h", "--help", "--audio", "--config", "--device", "--dtype", "-
 NOT_SETTINGS |= {"--no-preset-lora", "--overwrite", "--output", "--loop", "--no-realtime"}
 NOT_SETTINGS |= {"--input", "--input-format", "--input-size", "--input-fps", "--max-frames"}
 NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps"}
+NOT_SETTINGS |= {"--ray"}  # a mode and a cluster address, not a setting of a table
 
 
 def test_every_other_option_of_a_command_is_a_declared_flag() -> None:

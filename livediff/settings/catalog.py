@@ -16,6 +16,7 @@ TABLES = (
     ("params", "livediff.engine.config", "GenerationParams", "generation parameters"),
     ("server", "livediff.streams.server_config", "ServerConfig", "the server of livediff serve"),
     ("runtime", "livediff.engine.runtime_config", "RuntimeConfig", "the multi-session engine"),
+    ("ray", "livediff.streams.ray_config", "RayConfig", "livediff serve --ray (Ray Serve)"),
 )
 
 
