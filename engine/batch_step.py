@@ -192,14 +192,18 @@ class BatchStep:
         latents = iter(self.packer.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
         unet_inputs = [
-            e.stream.begin(e.group, None if e.pixels is None else next(latents)) for e in entries
+            e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels)
+            for e in entries
         ]
         eps, call = self.packer.predict(unet_inputs)
         timer.mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
         rgbs, hosts = self.packer.decode_frames(finished, sizes, formats)
         timer.mark("decode")
-        answers = [e.stream.complete(e.group, rgb) for e, rgb in zip(entries, rgbs, strict=True)]
+        answers = [
+            e.stream.complete(e.group, rgb, size)
+            for e, rgb, size in zip(entries, rgbs, sizes, strict=True)
+        ]
         return answers, hosts, call.rows, call.padded_rows
 
     def _sequential(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
+from livediff.engine.control_plan import ControlPlan, resolve_control
 from livediff.engine.frames import (
     InputImage,
     StreamOutput,
@@ -38,6 +39,7 @@ from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError
 from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
+from livediff.kernels.yuv import i420_to_rgb_float, split_i420
 from livediff.models.bundle import ModelBundle
 from livediff.models.prompts import PromptEncoder
 from livediff.models.unet_batch import Conditioning, UNetBatch
@@ -77,6 +79,7 @@ class PreparedUpdate:
     cond: Conditioning | None = None
     uncond: Conditioning | None = None
     coefficients: StepCoefficients | None = None
+    control: ControlPlan | None = None
 
 
 class Stream:
@@ -115,12 +118,17 @@ class Stream:
         self._pending: list[tuple[InputImage, int, Any]] = []
         self._in_flight: deque[FrameGroup | None] = deque()
         self._last_output: list[StreamOutput] = []
+        self._output_size = (self.height, self.width)
         self._frames_in = 0
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
+        self._control: ControlPlan | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
-            self._prepare(self.params, frozenset(("prompt", "seed", "strength", "guidance_scale")))
+            self._prepare(
+                self.params,
+                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets")),
+            )
         )
 
     # ------------------------------------------------------------------ set-up
@@ -151,6 +159,11 @@ class Stream:
             do_add_noise=self.config.do_add_noise,
             device=self.bundle.device,
             dtype=self.bundle.dtype,
+            control_shape=(
+                (len(self.bundle.controlnets), self.height, self.width)
+                if self.bundle.controlnets
+                else None
+            ),
         )
 
     def _noise(self, seed: int) -> torch.Tensor:
@@ -180,7 +193,14 @@ class Stream:
         coefficients = None
         if changed & set(_SCHEDULE_FIELDS):
             coefficients = self.schedule.coefficients(self._t_index_list(params))
-        return PreparedUpdate(params, changed, cond, uncond, coefficients)
+        control = None
+        if "controlnets" in changed:
+            control = resolve_control(
+                params.controlnets,
+                self.bundle,
+                has_input_frames=self.config.mode is not GenerationMode.TXT2IMG,
+            )
+        return PreparedUpdate(params, changed, cond, uncond, coefficients, control)
 
     def apply_update(self, update: PreparedUpdate) -> None:
         """Swap a prepared update in between two frames (only copies into existing buffers)."""
@@ -210,6 +230,10 @@ class Stream:
             self.batch.set_guidance(params.guidance_scale, params.delta)
         if changed & {"similarity_threshold", "max_skip_frames"}:
             self.filter.configure(params.similarity_threshold, params.max_skip_frames)
+        if update.control is not None:
+            self._control = update.control
+        if (update.control is not None or rebuilt) and self._control is not None:
+            self.batch.set_control_scales(self._control.scales())
         self.params = params
 
     def update(self, **changes: Any) -> None:
@@ -236,9 +260,10 @@ class Stream:
             pixels = self.model_input(group)
             x0 = None if pixels is None else self.bundle.encode(pixels)
             if self.config.use_denoising_batch:
-                x0_hat = self.finish(self.bundle.predict_noise(self.begin(group, x0)))
+                x0_hat = self.finish(self.bundle.predict_noise(self.begin(group, x0, pixels)))
             else:
                 x0, first = self._latents(group, x0)
+                self._push_control(group, pixels, x0)
                 x0_hat = self.batch.step(x0, self.bundle.predict_noise, first)
             rgb = model_output_to_rgb(self.bundle.decode(x0_hat))
         return self.complete(group, rgb)
@@ -304,17 +329,53 @@ class Stream:
         zeros = torch.zeros(shape, device=self.bundle.device, dtype=self.bundle.dtype)
         return zeros, fresh.to(device=self.bundle.device, dtype=self.bundle.dtype)
 
-    def begin(self, group: FrameGroup, x0: torch.Tensor | None) -> UNetBatch:
-        """Write the group's latents into step 0 and return this stream's UNet rows."""
+    def begin(
+        self, group: FrameGroup, x0: torch.Tensor | None, pixels: torch.Tensor | None = None
+    ) -> UNetBatch:
+        """Write the group's latents (and control images, from ``pixels``: the group's
+        :meth:`model_input`) into step 0 and return this stream's UNet rows."""
         latents, first = self._latents(group, x0)
+        self._push_control(group, pixels, latents)
         return self.batch.begin(latents, first)
+
+    def _push_control(
+        self, group: FrameGroup, pixels: torch.Tensor | None, like: torch.Tensor
+    ) -> None:
+        if self._control is None:
+            return
+        images = self._control.images(
+            (self.height, self.width),
+            pixels,
+            self._previous_output(),
+            rows=len(group.images),
+            like=like,
+            networks=self.bundle.control_networks,
+        )
+        self.batch.push_control(images)
+
+    def _previous_output(self) -> torch.Tensor | None:
+        """The last output frame as uint8 ``[1, H, W, 3]`` (RGB or I420 outputs), or ``None``."""
+        if not self._last_output:
+            return None
+        image = self._last_output[-1].image
+        if image.ndim == 1:  # packed I420 (an encoder's output format)
+            y, u, v = split_i420(image.unsqueeze(0), *self._output_size)
+            return i420_to_rgb_float(y, u, v) / 255
+        return image.unsqueeze(0)
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:
         """Noise predicted for this stream's rows → the finished latents ``[F, 4, h, w]``."""
         return self.batch.finish(eps)
 
-    def complete(self, group: FrameGroup, rgb: torch.Tensor) -> list[StreamOutput]:
-        """Match decoded frames to the inputs they answer (after the Stream Batch delay)."""
+    def complete(
+        self, group: FrameGroup, rgb: torch.Tensor, output_size: tuple[int, int] | None = None
+    ) -> list[StreamOutput]:
+        """Match decoded frames to the inputs they answer (after the Stream Batch delay).
+
+        ``rgb`` are uint8 ``[F, H, W, 3]`` frames, or packed I420 ``[F, L]`` of
+        ``output_size`` (height, width; default the stream's).
+        """
+        self._output_size = output_size or (self.height, self.width)
         self._in_flight.append(group if group.emit else None)
         if len(self._in_flight) <= self.delay:
             return []

@@ -56,6 +56,7 @@ class StreamBatch:
         do_add_noise: bool,
         device: torch.device,
         dtype: torch.dtype,
+        control_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.steps = coefficients.steps
         self.frame_buffer_size = frame_buffer_size
@@ -93,6 +94,17 @@ class StreamBatch:
         self._finished = torch.zeros(f, LATENT_CHANNELS, h, w, **opts)
         self.guidance_scale = torch.ones((), **opts)
         self.delta = torch.ones((), **opts)
+        # ControlNet inputs, one slot per loaded net: each row's control images and scales
+        # travel with its latent from block to block (push_control). ``control_shape`` is
+        # (K nets, pixel height, pixel width).
+        self._control_images: torch.Tensor | None = None
+        self._control_scales: torch.Tensor | None = None
+        self._scales_next: torch.Tensor | None = None
+        if control_shape is not None:
+            slots, height, width = control_shape
+            self._control_images = torch.zeros(self.unet_rows, slots, 3, height, width, **opts)
+            self._control_scales = torch.zeros(self.unet_rows, slots, **opts)
+            self._scales_next = torch.zeros(slots, **opts)
         self.set_coefficients(coefficients)
 
     # ------------------------------------------------------------------ live updates
@@ -152,11 +164,46 @@ class StreamBatch:
         self.guidance_scale.fill_(guidance_scale)
         self.delta.fill_(delta)
 
+    def set_control_scales(self, scales: torch.Tensor) -> None:
+        """ControlNet scales ``[K]``, one per slot (0: that net is off), for the frames pushed
+        from now on (frames in flight keep theirs, as they keep their control images)."""
+        assert self._scales_next is not None
+        self._scales_next.copy_(scales.to(self._scales_next))
+
+    def push_control(self, images: torch.Tensor) -> None:
+        """The new frame group's control images ``[F, K, 3, H, W]`` in [0, 1], with the scales
+        of :meth:`set_control_scales`.
+
+        With Stream Batch they go into block 0 after every block moved one step on (block
+        ``k`` keeps the control images and scales of the frames its latents came from);
+        negative rows get those of the latents they mirror. Sequentially, every row gets them.
+        """
+        assert self._control_images is not None and self._control_scales is not None
+        assert self._scales_next is not None
+        f = self.frame_buffer_size
+        scales = self._scales_next.expand(f, -1)
+        for buffer, new in ((self._control_images, images), (self._control_scales, scales)):
+            if not self.use_denoising_batch:
+                rows = buffer.shape[0] // f
+                buffer.view(rows, *new.shape).copy_(new.unsqueeze(0).expand(rows, *new.shape))
+                continue
+            latent = buffer[self.uncond_rows :]
+            for k in range(self.steps - 1, 0, -1):  # from the last block down: no overlap
+                latent[k * f : (k + 1) * f].copy_(latent[(k - 1) * f : k * f])
+            latent[:f].copy_(new)
+            if self.rcfg is RCFGMode.FULL:
+                buffer[: self.uncond_rows].copy_(latent)
+            elif self.rcfg is RCFGMode.INITIALIZE:
+                buffer[:f].copy_(new)
+
     def reset(self) -> None:
         """Forget the frames in flight (the next ``steps - 1`` outputs are warm-up again)."""
         self.x_t.zero_()
         if self.stock_noise is not None:
             self.stock_noise.zero_()
+        if self._control_images is not None and self._control_scales is not None:
+            self._control_images.zero_()
+            self._control_scales.zero_()
 
     # ------------------------------------------------------------------ the step
     def step(
@@ -200,7 +247,13 @@ class StreamBatch:
 
     def _batch(self) -> UNetBatch:
         return UNetBatch(
-            self._unet_latents, self._timesteps, self._embeds, self._text_embeds, self._time_ids
+            self._unet_latents,
+            self._timesteps,
+            self._embeds,
+            self._text_embeds,
+            self._time_ids,
+            self._control_images,
+            self._control_scales,
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:

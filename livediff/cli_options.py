@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from livediff.exceptions import ParameterError
+from livediff.exceptions import BackendError, ParameterError
 from livediff.settings import build, preset_defaults, table_values
 from livediff.settings.flags import add_flags, flag_values
 
@@ -125,15 +126,25 @@ def stream_settings_from_args(
     return settings_from(StreamConfig, config, "stream", args), params
 
 
-def load_for_backend(spec: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Load the model for ``--device``/``--dtype`` and make it ready for ``--backend``.
+def load_for_backend(
+    spec: Any, args: argparse.Namespace, controlnets: Sequence[Any] = ()
+) -> tuple[Any, Any]:
+    """Load the model for ``--device``/``--dtype``, with the ControlNets ``spec`` and the default
+    ControlNet uses ``controlnets`` need, and make it ready for ``--backend``.
 
     Returns ``(bundle, backend)``; a backend that cannot start raises ``BackendError`` here,
     before anything else runs.
     """
-    from livediff.models.backends import prepare_backend, resolve_backend
+    from livediff.models.backends import Backend, prepare_backend, resolve_backend
+    from livediff.models.control_setup import attach_controlnets
     from livediff.models.loading import load_model
 
     bundle = load_model(spec, device=args.device, dtype=args.dtype)
     backend = resolve_backend(getattr(args, "backend", None), bundle.device)
+    if backend is Backend.TENSORRT and (spec.controlnets or controlnets):
+        raise BackendError(
+            "the tensorrt backend runs no ControlNet: use --backend compile (or eager) "
+            "with --controlnet"
+        )
+    bundle = attach_controlnets(bundle, spec, controlnets)
     return prepare_backend(bundle, backend), backend

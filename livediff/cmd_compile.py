@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     args.backend = Backend.COMPILE.value
     config = load_toml(args.config)
     spec = model_spec_from_args(args, config)
-    stream_config, _ = stream_settings_from_args(args, config, get_preset(spec.preset))
+    stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     runtime_config = runtime_config_from_args(args, config)
     started = time.perf_counter()
-    bundle, backend = load_for_backend(spec, args)
+    bundle, backend = load_for_backend(spec, args, params.controlnets)
     factor = bundle.vae_scale_factor
     height = stream_config.height or bundle.preset.height
     width = stream_config.width or bundle.preset.width

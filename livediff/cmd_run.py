@@ -122,7 +122,7 @@ def run_command(args: argparse.Namespace) -> int:
         audio = plan_audio(output_format, source.audio_stream, mode)
         if args.prompt is None and "prompt" not in config.get("params", {}):
             log.warning("no --prompt given: generating with an empty prompt")
-        bundle, backend = load_for_backend(spec, args)
+        bundle, backend = load_for_backend(spec, args, params.controlnets)
         stream = make_stream(bundle, backend, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
         if frame_rate is None:

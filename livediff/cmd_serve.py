@@ -98,7 +98,8 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     devices = resolve_devices(runtime_config.devices, str(resolve_device(args.device)))
 
     def load(device: str) -> tuple[Any, Any]:
-        return load_for_backend(spec, argparse.Namespace(**{**vars(args), "device": device}))
+        device_args = argparse.Namespace(**{**vars(args), "device": device})
+        return load_for_backend(spec, device_args, params.controlnets)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(len(devices), thread_name_prefix="livediff-load") as pool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderTiny
@@ -14,6 +14,9 @@ from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.spec import WeightsMode
 from livediff.models.unet_batch import UNetBatch
+
+if TYPE_CHECKING:
+    from livediff.models.control_images import PreprocessorNetworks
 
 VAE_SCALE_FACTOR = 8  # every supported VAE downsamples by 8
 
@@ -34,6 +37,8 @@ class ModelBundle:
     source: str
     # The ControlNets a batch's control slots feed, in slot order (UNetBatch.control_images).
     controlnets: tuple[LoadedControlNet, ...] = ()
+    # The networks the depth / soft edge preprocessors run (None: none loaded).
+    control_networks: PreprocessorNetworks | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -70,9 +75,18 @@ class ModelBundle:
     def describe(self) -> str:
         return f"{self.preset.name} ({self.weights.value} weights from {self.source}) on {self.device} {self.dtype}"
 
-    def with_controlnets(self, controlnets: Sequence[LoadedControlNet]) -> ModelBundle:
-        """The same networks with ``controlnets`` as the control slots (a shallow copy)."""
-        return replace(self, controlnets=tuple(controlnets))
+    def with_controlnets(
+        self,
+        controlnets: Sequence[LoadedControlNet],
+        networks: PreprocessorNetworks | None = None,
+    ) -> ModelBundle:
+        """The same networks with ``controlnets`` as the control slots (a shallow copy), and
+        the preprocessors' ``networks`` (kept when not given)."""
+        return replace(
+            self,
+            controlnets=tuple(controlnets),
+            control_networks=networks if networks is not None else self.control_networks,
+        )
 
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)

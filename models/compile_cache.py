@@ -98,6 +98,7 @@ def artifact_key(
         "triton": triton_version,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "weights": weights_digest,
+        "controlnets": [[c.name, c.source, _config_of(c.net)] for c in bundle.controlnets],
     }
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]

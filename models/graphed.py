@@ -158,6 +158,10 @@ class GraphedBundle(ModelBundle):
         if self.pooled_dim:
             unet["text_embeds"] = torch.zeros(1, self.pooled_dim, **opts)
             unet["time_ids"] = torch.zeros(1, 6, **opts)
+        if self.controlnets:  # every session of this model sends them (engine.control_plan)
+            slots = len(self.controlnets)
+            unet["control_images"] = torch.zeros(1, slots, 3, h * factor, w * factor, **opts)
+            unet["control_scales"] = torch.zeros(1, slots, **opts)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from livediff.exceptions import ParameterError
+from livediff.models.control_uses import ControlNetSpec
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import as_tuple, check_settings, setting
 
@@ -66,6 +67,40 @@ def _loras(value: Any, name: str) -> tuple[LoraRef, ...]:
     return tuple(items)
 
 
+def _controlnet_specs(value: Any, name: str) -> tuple[ControlNetSpec, ...]:
+    """ControlNets to load: specs, ``{ source, name, … }`` tables, or sources."""
+    known = set(ControlNetSpec.__dataclass_fields__)
+    items = []
+    for item in as_tuple(value, name):
+        if isinstance(item, ControlNetSpec):
+            items.append(item)
+        elif isinstance(item, str):
+            items.append(ControlNetSpec(item))
+        elif isinstance(item, Mapping):
+            unknown = sorted(set(item) - known, key=str)
+            if unknown or "source" not in item:
+                raise ParameterError(
+                    f"{name}: a ControlNet table takes {', '.join(sorted(known))}"
+                    + (
+                        f"; unknown: {', '.join(map(str, unknown))}"
+                        if unknown
+                        else "; source missing"
+                    ),
+                    field=name,
+                )
+            items.append(ControlNetSpec(**item))
+        else:
+            raise ParameterError(f"{name}: expected ControlNet sources or tables", field=name)
+    labels = [spec.label for spec in items]
+    if len(set(labels)) < len(labels):
+        raise ParameterError(
+            f"{name}: two ControlNets named {next(n for n in labels if labels.count(n) > 1)!r}; "
+            "give each its own name",
+            field=name,
+        )
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to load. ``loras=None`` takes the preset's own LoRAs (LCM-LoRA for ``sd15-lcm``)."""
@@ -107,6 +142,23 @@ class ModelSpec:
         metavar="SOURCE[:SCALE]",
         repeat=True,
         from_flag=lora_from_text,
+    )
+    controlnets: tuple[ControlNetSpec, ...] = setting(
+        (),
+        doc="ControlNets to load besides those the default controlnets name (sessions pick by name)",
+        check=_controlnet_specs,
+        expected="a list of { source, name, family, union, control_type, config_source, "
+        "guess_mode, seed, variant, local_files_only } tables, or sources",
+    )
+    depth_source: str | None = setting(
+        None,
+        doc="Depth Anything V2 Small for the depth preprocessor: HF id, folder or random",
+        special={None: "depth-anything/Depth-Anything-V2-Small-hf (random with random weights)"},
+    )
+    soft_edge_source: str | None = setting(
+        None,
+        doc="ControlNet's HED weights (ControlNetHED.pth) for the soft_edge preprocessor, or random",
+        special={None: "not loaded (random with random weights)"},
     )
     seed: int = setting(0, doc="seed of random weights", min=0, below=2**63)
     variant: str | None = setting(

@@ -25,14 +25,12 @@ from livediff.exceptions import (
 )
 from livediff.kernels.canny import canny
 from livediff.models.control_images import (
-    CannyParams,
-    Preprocessor,
     PreprocessorNetworks,
     from_model_output,
-    parse_params,
     preprocess,
     to_preview,
 )
+from livediff.models.control_uses import CannyParams, Preprocessor, parse_params
 from livediff.models.controlnet_catalog import (
     KNOWN_CONTROLNETS,
     accepted_preprocessors,

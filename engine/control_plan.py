@@ -1,0 +1,189 @@
+"""A session's ControlNet uses resolved against the loaded nets, and its control images per frame.
+
+``GenerationParams.controlnets`` names nets by the names the server loaded them under
+(:class:`~livediff.models.control_uses.ControlUse`); :func:`resolve_control` checks each use
+(the net is loaded, its preprocessor is one it was trained on, what the preprocessor needs is
+there) and maps it to its slot, ``ModelBundle.controlnets[k]``. A :class:`ControlPlan` then
+makes one frame group's control images ``[F, K, 3, H, W]``: each distinct preprocessor (with
+its parameters) runs once over the group, whatever number of nets use its result; a slot the
+session does not use stays zero with scale 0 (the net still runs for its rows: every session of
+a model with ControlNets shares one UNet call shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from livediff.exceptions import ParameterError
+from livediff.models.control_images import from_model_output, preprocess
+from livediff.models.control_uses import (
+    UNION_CONTROL_TYPES,
+    CannyParams,
+    ControlUse,
+    Preprocessor,
+)
+from livediff.models.controlnet_catalog import accepted_preprocessors, check_preprocessor
+
+if TYPE_CHECKING:
+    from livediff.models.bundle import ModelBundle
+    from livediff.models.controlnet import LoadedControlNet
+
+# Preprocessors that read the session's input frame (txt2img has none).
+FRAME_PREPROCESSORS = frozenset(
+    (Preprocessor.CANNY, Preprocessor.DEPTH, Preprocessor.SOFT_EDGE, Preprocessor.PASSTHROUGH)
+)
+NETWORKS = {Preprocessor.DEPTH: "depth", Preprocessor.SOFT_EDGE: "soft_edge"}
+
+
+@dataclass(frozen=True)
+class SlotUse:
+    """One use, resolved: the slot of its net, its preprocessor, parameters and scale."""
+
+    slot: int
+    preprocessor: Preprocessor
+    params: CannyParams | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class ControlPlan:
+    """How a session feeds the model's ControlNets (see the module docstring)."""
+
+    slots: int
+    uses: tuple[SlotUse, ...] = ()
+
+    def scales(self) -> torch.Tensor:
+        """``[K]``: each slot's scale (0 for nets this session does not use)."""
+        values = torch.zeros(self.slots, dtype=torch.float32)
+        for use in self.uses:
+            values[use.slot] = use.scale
+        return values
+
+    def images(
+        self,
+        size: tuple[int, int],
+        pixels: torch.Tensor | None,
+        previous: torch.Tensor | None,
+        *,
+        rows: int,
+        like: torch.Tensor,
+        networks: object = None,
+    ) -> torch.Tensor:
+        """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s dtype/device.
+
+        ``pixels`` are the group's model inputs ``[rows, 3, *size]`` in [-1, 1] (``None`` in
+        txt2img), ``previous`` the session's previous output ``[1, 3, h, w]`` in [0, 1]
+        (``None`` before the first: the input frame stands in, or zeros in txt2img).
+        """
+        out = torch.zeros(rows, self.slots, 3, *size, dtype=like.dtype, device=like.device)
+        frames = None if pixels is None else from_model_output(pixels)
+        done: dict[tuple[Preprocessor, CannyParams | None], torch.Tensor] = {}
+        for use in self.uses:
+            key = (use.preprocessor, use.params)
+            if key not in done:
+                done[key] = self._run(use, frames, previous, size, rows, like, networks)
+            out[:, use.slot].copy_(done[key])
+        return out
+
+    @staticmethod
+    def _run(
+        use: SlotUse,
+        frames: torch.Tensor | None,
+        previous: torch.Tensor | None,
+        size: tuple[int, int],
+        rows: int,
+        like: torch.Tensor,
+        networks: object,
+    ) -> torch.Tensor:
+        if use.preprocessor is Preprocessor.PREVIOUS_OUTPUT:
+            source = previous if previous is not None else frames
+            if source is None:
+                return torch.zeros(rows, 3, *size, dtype=like.dtype, device=like.device)
+            images = preprocess(Preprocessor.PASSTHROUGH, source.to(like.device), size)
+            return images.expand(rows, -1, -1, -1) if images.shape[0] != rows else images
+        assert frames is not None  # resolve_control refuses frame preprocessors in txt2img
+        return preprocess(
+            use.preprocessor,
+            frames,
+            size,
+            use.params,
+            networks=networks,  # type: ignore[arg-type]
+        )
+
+
+def default_preprocessor(controlnet: LoadedControlNet, bundle: ModelBundle) -> Preprocessor:
+    """The first preprocessor the net was trained on (the catalog's order) that this server
+    runs; canny for a net the catalog does not know."""
+    accepted = accepted_preprocessors(controlnet.source, _union_mode(controlnet))
+    for preprocessor in accepted or (Preprocessor.CANNY,):
+        network = NETWORKS.get(preprocessor)
+        if preprocessor is Preprocessor.CLIENT:
+            continue
+        if network is None or getattr(bundle.control_networks, network, None) is not None:
+            return preprocessor
+    return (accepted or (Preprocessor.CANNY,))[0]
+
+
+def resolve_control(
+    uses: Sequence[ControlUse], bundle: ModelBundle, *, has_input_frames: bool
+) -> ControlPlan | None:
+    """``uses`` checked against ``bundle``'s ControlNets (``None``: the model has none)."""
+    loaded = {net.name: k for k, net in enumerate(bundle.controlnets)}
+    if not bundle.controlnets:
+        if uses:
+            raise ParameterError(
+                f"controlnet {uses[0].controlnet!r} is not loaded: this server has no "
+                "ControlNet (start it with --controlnet SOURCE or [[model.controlnets]])",
+                field="controlnets",
+            )
+        return None
+    resolved = []
+    for use in uses:
+        if use.controlnet not in loaded:
+            raise ParameterError(
+                f"controlnet {use.controlnet!r} is not loaded on this server; loaded: "
+                f"{', '.join(sorted(loaded))}",
+                field="controlnets",
+            )
+        slot = loaded[use.controlnet]
+        net = bundle.controlnets[slot]
+        preprocessor = use.preprocessor or default_preprocessor(net, bundle)
+        check_preprocessor(net.name, net.source, preprocessor, _union_mode(net))
+        _check_available(preprocessor, bundle, has_input_frames)
+        resolved.append(SlotUse(slot, preprocessor, use.params, use.scale))
+    return ControlPlan(len(bundle.controlnets), tuple(resolved))
+
+
+def _check_available(
+    preprocessor: Preprocessor, bundle: ModelBundle, has_input_frames: bool
+) -> None:
+    if preprocessor is Preprocessor.CLIENT:
+        raise ParameterError(
+            "the client preprocessor (a control image the client sends) is not served yet: "
+            "use canny, depth, soft_edge, passthrough or previous_output",
+            field="preprocessor",
+        )
+    if preprocessor in FRAME_PREPROCESSORS and not has_input_frames:
+        raise ParameterError(
+            f"the {preprocessor.value} preprocessor reads the input frame, and a txt2img "
+            "session has none: use previous_output",
+            field="preprocessor",
+        )
+    network = NETWORKS.get(preprocessor)
+    if network is not None and getattr(bundle.control_networks, network, None) is None:
+        raise ParameterError(
+            f"the {preprocessor.value} preprocessor's network is not loaded on this server "
+            f"(it loads when a ControlNet that uses it is loaded)",
+            field="preprocessor",
+        )
+
+
+def _union_mode(controlnet: LoadedControlNet) -> str | None:
+    if controlnet.control_index is None:
+        return None
+    names = {index: name for name, index in UNION_CONTROL_TYPES.items()}
+    return names.get(controlnet.control_index)
