@@ -152,8 +152,11 @@ def resolve_control(
         slot = loaded[use.controlnet]
         net = bundle.controlnets[slot]
         preprocessor = use.preprocessor or default_preprocessor(net, bundle)
-        check_preprocessor(net.name, net.source, preprocessor, _union_mode(net))
-        _check_available(preprocessor, bundle, has_input_frames)
+        try:
+            check_preprocessor(net.name, net.source, preprocessor, _union_mode(net))
+            _check_available(preprocessor, bundle, has_input_frames)
+        except ParameterError as exc:  # the client sent "controlnets": blame that key
+            raise ParameterError(str(exc), field="controlnets") from None
         resolved.append(SlotUse(slot, preprocessor, use.params, use.scale))
     return ControlPlan(len(bundle.controlnets), tuple(resolved))
 

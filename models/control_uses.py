@@ -264,14 +264,44 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _use_of(item: Any, name: str) -> ControlUse:
+    if isinstance(item, ControlUse):
+        return item
+    if isinstance(item, str):
+        return use_from_text(item)
+    if isinstance(item, Mapping):
+        unknown = sorted(set(item) - {"controlnet", "scale", "preprocessor", "params"}, key=str)
+        if unknown or "controlnet" not in item:
+            raise ParameterError(
+                f"{name}: each use is {{controlnet, scale, preprocessor, params}}"
+                + (
+                    f"; unknown: {', '.join(map(str, unknown))}"
+                    if unknown
+                    else "; controlnet missing"
+                ),
+                field=name,
+            )
+        return ControlUse(**item)
+    raise ParameterError(
+        f"{name}: a use is an object {{controlnet, scale, …}} or a name, not {type(item).__name__}",
+        field=name,
+    )
+
+
 def control_uses(value: Any, name: str) -> tuple[ControlUse, ...]:
     """A session's ControlNet uses from Python, TOML or JSON: uses, tables/objects or strings."""
     if isinstance(value, str):  # a query string or a flag: comma-separated SOURCE[:SCALE[:PRE]]
         items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, (Mapping, ControlUse)):
         items = [value]
-    else:
+    elif isinstance(value, (list, tuple)):
         items = list(value)
+    else:
+        raise ParameterError(
+            f"{name}={value!r}: expected a list of {{controlnet, scale, preprocessor, params}} "
+            "objects or SOURCE[:SCALE[:PREPROCESSOR]] texts",
+            field=name,
+        )
     if len(items) > MAX_CONTROL_USES:
         raise ParameterError(
             f"{name}: at most {MAX_CONTROL_USES} ControlNets per session, got {len(items)}",
@@ -280,28 +310,12 @@ def control_uses(value: Any, name: str) -> tuple[ControlUse, ...]:
         )
     uses = []
     for item in items:
-        if isinstance(item, ControlUse):
-            uses.append(item)
-        elif isinstance(item, str):
-            uses.append(use_from_text(item))
-        elif isinstance(item, Mapping):
-            unknown = sorted(set(item) - {"controlnet", "scale", "preprocessor", "params"}, key=str)
-            if unknown or "controlnet" not in item:
-                raise ParameterError(
-                    f"{name}: each use is {{controlnet, scale, preprocessor, params}}"
-                    + (
-                        f"; unknown: {', '.join(map(str, unknown))}"
-                        if unknown
-                        else "; controlnet missing"
-                    ),
-                    field=name,
-                )
-            uses.append(ControlUse(**item))
-        else:
-            raise ParameterError(
-                f"{name}: a use is an object {{controlnet, scale, …}} or a name, not {type(item).__name__}",
-                field=name,
-            )
+        try:
+            uses.append(_use_of(item, name))
+        except ParameterError as exc:  # blame the setting the client sent, whatever part was wrong
+            if exc.field == name:
+                raise
+            raise ParameterError(str(exc), field=name, limit=exc.limit) from None
     names = [use.controlnet for use in uses]
     if len(set(names)) < len(names):
         raise ParameterError(f"{name}: each ControlNet once per session", field=name)

@@ -20,7 +20,7 @@ import pytest
 from livediff.cli import build_parser
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
-from livediff.models.control_uses import ControlUse
+from livediff.models.control_uses import ControlNetSpec, ControlUse
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
     Declared,
@@ -83,6 +83,15 @@ SHAPED = {
         (ControlUse("canny-net", 0.5),),
     ),
 }
+# The same, for settings named like another's: by the type of their items.
+SHAPED_BY_ITEM: dict[Any, tuple[Any, str | None, Any]] = {
+    ControlNetSpec: (
+        [{"source": "random", "name": "edges"}],
+        None,
+        (ControlNetSpec("random", name="edges"),),
+    ),
+}
+SHAPED_BAD_BY_ITEM: dict[Any, Any] = {ControlNetSpec: [{"source": "random", "scale": 2}]}
 SHAPED_BAD = {
     "prompt": 42,
     "host_addresses": ["not-an-ip"],
@@ -98,6 +107,8 @@ SHAPED_BAD = {
 def valid(decl: Declared) -> tuple[Any, str | None, Any]:
     """A value other than the default: as Python/TOML/JSON give it, as text, and as checked."""
     meta, kind = decl.setting, decl.kind
+    if decl.item in SHAPED_BY_ITEM:
+        return SHAPED_BY_ITEM[decl.item]
     if decl.name in SHAPED:
         return SHAPED[decl.name]
     if decl.is_enum:
@@ -120,6 +131,8 @@ def valid(decl: Declared) -> tuple[Any, str | None, Any]:
 def invalid(decl: Declared) -> Any:
     """A value every surface must refuse (out of range, not a choice, or the wrong type)."""
     meta, kind = decl.setting, decl.kind
+    if decl.item in SHAPED_BAD_BY_ITEM:
+        return SHAPED_BAD_BY_ITEM[decl.item]
     if decl.name in SHAPED_BAD:
         return SHAPED_BAD[decl.name]
     if decl.is_enum or meta.choices:
