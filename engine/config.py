@@ -22,7 +22,7 @@ from typing import Any
 
 from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
-from livediff.models.control_uses import ControlUse, control_uses, use_from_text
+from livediff.models.control_uses import ControlUse, control_uses
 from livediff.settings import (
     check_settings,
     check_text,
@@ -283,7 +283,6 @@ class GenerationParams:
         flag="--controlnet",
         metavar="SOURCE[:SCALE[:PREPROCESSOR]]",
         repeat=True,
-        from_flag=use_from_text,
     )
 
     def __post_init__(self) -> None:

@@ -26,7 +26,11 @@ from livediff.models.control_uses import (
     ControlUse,
     Preprocessor,
 )
-from livediff.models.controlnet_catalog import accepted_preprocessors, check_preprocessor
+from livediff.models.controlnet_catalog import (
+    accepted_preprocessors,
+    check_preprocessor,
+    known_controlnet,
+)
 
 if TYPE_CHECKING:
     from livediff.models.bundle import ModelBundle
@@ -118,7 +122,7 @@ class ControlPlan:
 def default_preprocessor(controlnet: LoadedControlNet, bundle: ModelBundle) -> Preprocessor:
     """The first preprocessor the net was trained on (the catalog's order) that this server
     runs; canny for a net the catalog does not know."""
-    accepted = accepted_preprocessors(controlnet.source, _union_mode(controlnet))
+    accepted = accepted_preprocessors(catalog_id(controlnet), _union_mode(controlnet))
     for preprocessor in accepted or (Preprocessor.CANNY,):
         network = NETWORKS.get(preprocessor)
         if preprocessor is Preprocessor.CLIENT:
@@ -153,7 +157,7 @@ def resolve_control(
         net = bundle.controlnets[slot]
         preprocessor = use.preprocessor or default_preprocessor(net, bundle)
         try:
-            check_preprocessor(net.name, net.source, preprocessor, _union_mode(net))
+            check_preprocessor(net.name, catalog_id(net), preprocessor, _union_mode(net))
             _check_available(preprocessor, bundle, has_input_frames)
         except ParameterError as exc:  # the client sent "controlnets": blame that key
             raise ParameterError(str(exc), field="controlnets") from None
@@ -183,6 +187,12 @@ def _check_available(
             f"(it loads when a ControlNet that uses it is loaded)",
             field="preprocessor",
         )
+
+
+def catalog_id(controlnet: LoadedControlNet) -> str:
+    """What the catalog knows a net as: its source, or, for one built with random weights under
+    a published net's name (``--weights random --controlnet ID``), that name."""
+    return controlnet.source if known_controlnet(controlnet.source) else controlnet.name
 
 
 def _union_mode(controlnet: LoadedControlNet) -> str | None:

@@ -31,14 +31,22 @@ from livediff.models.spec import ModelSpec, WeightsMode
 log = logging.getLogger(__name__)
 
 
-def controlnet_specs(spec: ModelSpec, uses: Sequence[ControlUse]) -> tuple[ControlNetSpec, ...]:
-    """The nets to load for ``spec`` and the default ``uses`` (see the module docstring)."""
+def requested_controlnets(
+    spec: ModelSpec, uses: Sequence[ControlUse]
+) -> tuple[ControlNetSpec, ...]:
+    """The nets ``spec`` and the default ``uses`` ask for (see the module docstring)."""
     specs = list(spec.controlnets)
     named = {s.label for s in specs}
     specs += [ControlNetSpec(use.controlnet) for use in uses if use.controlnet not in named]
-    if spec.weights is WeightsMode.RANDOM:
-        specs = [_random(s, seed=spec.seed + k) for k, s in enumerate(specs)]
     return tuple(specs)
+
+
+def controlnet_specs(spec: ModelSpec, uses: Sequence[ControlUse]) -> tuple[ControlNetSpec, ...]:
+    """What to build: the requested nets, each random under its own name with random weights."""
+    requested = requested_controlnets(spec, uses)
+    if spec.weights is not WeightsMode.RANDOM:
+        return requested
+    return tuple(_random(s, seed=spec.seed + k) for k, s in enumerate(requested))
 
 
 def _random(spec: ControlNetSpec, *, seed: int) -> ControlNetSpec:
@@ -52,11 +60,10 @@ def _random(spec: ControlNetSpec, *, seed: int) -> ControlNetSpec:
 def needed_networks(
     specs: Sequence[ControlNetSpec], uses: Sequence[ControlUse]
 ) -> frozenset[Preprocessor]:
-    """The preprocessors with networks that these nets and default uses may run."""
+    """The preprocessors with networks that these nets (as requested) and default uses may run."""
     needed = {use.preprocessor for use in uses if use.preprocessor is not None}
     for spec in specs:
-        accepted = accepted_preprocessors(spec.source)
-        needed.update(accepted or ())
+        needed.update(accepted_preprocessors(spec.source) or ())
     return frozenset(needed) & {Preprocessor.DEPTH, Preprocessor.SOFT_EDGE}
 
 
@@ -64,23 +71,14 @@ def attach_controlnets(
     bundle: ModelBundle, spec: ModelSpec, uses: Sequence[ControlUse] = ()
 ) -> ModelBundle:
     """``bundle`` with the ControlNets and preprocessor networks ``spec`` and ``uses`` need."""
-    specs = controlnet_specs(spec, uses)
-    if not specs:
+    requested = requested_controlnets(spec, uses)
+    if not requested:
         return bundle
-    known_sources = [dataclasses.replace(s, source=_source_of(s, spec)) for s in specs]
-    nets = [load_controlnet(s, bundle) for s in specs]
-    networks = _load_networks(needed_networks(known_sources, uses), spec, bundle)
-    for net in nets:
-        log.info("control slot %d: %s", nets.index(net), net.describe())
+    nets = [load_controlnet(s, bundle) for s in controlnet_specs(spec, uses)]
+    for slot, net in enumerate(nets):
+        log.info("control slot %d: %s", slot, net.describe())
+    networks = _load_networks(needed_networks(requested, uses), spec, bundle)
     return bundle.with_controlnets(nets, networks)
-
-
-def _source_of(built: ControlNetSpec, spec: ModelSpec) -> str:
-    """What the catalog knows the net as (its original source before ``weights=random``)."""
-    for original in spec.controlnets:
-        if original.label == built.label:
-            return original.source
-    return built.label if built.is_random else built.source
 
 
 def _load_networks(

@@ -247,9 +247,8 @@ class ControlUse:
 def use_from_text(text: str) -> ControlUse:
     """``SOURCE``, ``SOURCE:SCALE`` or ``SOURCE:SCALE:PREPROCESSOR`` (``--controlnet``)."""
     parts = text.rsplit(":", 2)
-    names = {p.value for p in Preprocessor}
-    if len(parts) == 3 and parts[2] in names and _is_number(parts[1]):
-        return ControlUse(parts[0], float(parts[1]), Preprocessor(parts[2]))
+    if len(parts) == 3 and _is_number(parts[1]) and not _is_number(parts[2]):
+        return ControlUse(parts[0], float(parts[1]), parse_preprocessor(parts[2]))
     head, separator, last = text.rpartition(":")
     if separator and head and _is_number(last):
         return ControlUse(head, float(last))
