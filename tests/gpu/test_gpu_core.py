@@ -164,3 +164,31 @@ def test_sd_turbo_architecture_runs(tmp_path: object) -> None:
     frame = torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, device="cuda")
     out = stream.process(frame)[0].image
     assert out.shape == (512, 512, 3) and out.dtype == torch.uint8
+
+
+def test_graphed_bundle_runs_controlnets_per_row(cuda_tiny_bundle: ModelBundle) -> None:
+    """The captured UNet call carries the control images and scales as static inputs too."""
+    from livediff.models.control_uses import ControlNetSpec
+    from livediff.models.controlnet_loading import load_controlnet
+
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
+    nets = [
+        load_controlnet(ControlNetSpec("random", name=n, seed=k), bundle)
+        for k, n in ((1, "a"), (2, "b"))
+    ]
+    eager = bundle.with_controlnets(nets)
+    graphed = GraphedBundle.wrap(prepare_backend(eager, Backend.COMPILE))
+    graphed.setup_graphs(unet_buckets=(2, 4), frame_buckets=(1, 2), latent_size=(16, 16))
+    graphed.warm_up()
+    for rows in (2, 3):
+        half = {"device": "cuda", "dtype": torch.float16}
+        batch = UNetBatch(
+            torch.randn(rows, 4, 16, 16, **half),
+            torch.randint(0, 999, (rows,), device="cuda"),
+            torch.randn(rows, 77, 32, **half),
+            control_images=torch.rand(rows, 2, 3, 128, 128, **half),
+            control_scales=torch.tensor([[1.0, 0.0], [0.5, 1.5], [0.0, 0.0]][:rows], **half),
+        )
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = graphed.predict_noise(batch).clone()
+        torch.testing.assert_close(got, eager.predict_noise(batch), atol=2e-2, rtol=2e-2)
