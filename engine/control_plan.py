@@ -165,6 +165,24 @@ def resolve_control(
     return ControlPlan(len(bundle.controlnets), tuple(resolved))
 
 
+def control_options(bundle: ModelBundle) -> list[dict[str, object]]:
+    """Each loaded net: its name, the preprocessors it can be fed on this server, its default."""
+    options: list[dict[str, object]] = []
+    for net in bundle.controlnets:
+        accepted = accepted_preprocessors(catalog_id(net), _union_mode(net)) or tuple(Preprocessor)
+        served = [p.value for p in accepted if _served(p, bundle)]
+        default = default_preprocessor(net, bundle).value
+        options.append({"name": net.name, "preprocessors": served, "default": default})
+    return options
+
+
+def _served(preprocessor: Preprocessor, bundle: ModelBundle) -> bool:
+    if preprocessor is Preprocessor.CLIENT:
+        return False
+    network = NETWORKS.get(preprocessor)
+    return network is None or getattr(bundle.control_networks, network, None) is not None
+
+
 def _check_available(
     preprocessor: Preprocessor, bundle: ModelBundle, has_input_frames: bool
 ) -> None:

@@ -436,6 +436,13 @@ class Engine:
         worker = device.snapshot()
         return {"level": worker.level.label, "reason": worker.reason}
 
+    def control_options(self) -> list[dict[str, Any]]:
+        """The loaded ControlNets, for clients (``GET /controlnets``): each one's name, the
+        preprocessors it takes here and the one it gets by default."""
+        from livediff.engine.control_plan import control_options
+
+        return control_options(self.bundles[0])
+
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports: sessions against the cap, how long every slot has been
         taken (``None`` when one is free), the degrade level (the worst device's) and its

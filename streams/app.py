@@ -113,6 +113,7 @@ def create_app(engine: EngineLike, config: ServerConfig | None = None) -> web.Ap
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/stats", _stats)
+    app.router.add_get("/controlnets", _controlnets)
     return app
 
 
@@ -207,6 +208,11 @@ async def _healthz(request: web.Request) -> web.Response:
         },
         status=503 if status == "failed" else 200,
     )
+
+
+async def _controlnets(request: web.Request) -> web.Response:
+    """The ControlNets sessions may use here, with the preprocessors each takes."""
+    return web.json_response({"controlnets": request.app[app_keys.ENGINE].control_options()})
 
 
 async def _stats(request: web.Request) -> web.Response:

@@ -6,7 +6,8 @@ Token
     Prefer the environment or the file: a flag is visible to every local user in ``ps``.
     Without a token the server is open (bind it to loopback or a trusted network).
 
-    With a token, these need it: ``POST /offer``, ``GET /ws``, ``GET /stats``, and
+    With a token, these need it: ``POST /offer``, ``GET /ws``, ``GET /stats``,
+    ``GET /controlnets``, and
     ``GET /metrics`` when ``[server] metrics_require_token = true``. The page (``/``,
     ``/static/``) and ``/healthz`` stay open: the page carries no secret and asks for nothing
     by itself. The WebRTC data channel needs nothing more: it exists only on a peer that an
@@ -101,7 +102,7 @@ class AccessPolicy:
 
     def guards(self, path: str) -> bool:
         """Whether ``path`` needs the token (``/ws`` answers for itself, after the upgrade)."""
-        if path in ("/offer", "/stats"):
+        if path in ("/offer", "/stats", "/controlnets"):
             return True
         return path == "/metrics" and self.metrics_require_token
 

@@ -86,6 +86,8 @@ class EngineLike(Protocol):
 
     def metrics(self) -> dict[str, Any]: ...
 
+    def control_options(self) -> list[dict[str, Any]]: ...
+
 
 if TYPE_CHECKING:
 

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
@@ -20,6 +21,7 @@ from livediff.clients.ws_client import WsClient
 from livediff.models.bundle import ModelBundle
 from livediff.models.control_uses import ControlNetSpec
 from livediff.models.controlnet_loading import load_controlnet
+from livediff.streams.server_config import ServerConfig
 from livediff.wire import decode_jpeg, encode_jpeg
 
 EDGES = "edges:2:canny"
@@ -111,3 +113,28 @@ async def test_a_bad_use_is_answered_and_the_session_keeps_its_own(
         output = await client.recv()
         assert isinstance(output, bytes)
         assert made_by(decode_jpeg(output), expected, "edges")
+
+
+async def test_the_server_lists_its_controlnets_behind_the_token(controlled: ModelBundle) -> None:
+    token = "a-token-of-32-characters-0123456"
+    async with (
+        running_server(controlled, ServerConfig(token=token)) as (base, _, _),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(base + "/controlnets") as refused:
+            assert refused.status == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.get(base + "/controlnets", headers=headers) as response:
+            assert response.status == 200
+            listed = await response.json()
+    # A net outside the catalog takes every preprocessor this server runs (no depth or soft
+    # edge network is loaded for it, and client images are not served yet).
+    assert listed == {
+        "controlnets": [
+            {
+                "name": "edges",
+                "preprocessors": ["canny", "passthrough", "previous_output"],
+                "default": "canny",
+            }
+        ]
+    }
