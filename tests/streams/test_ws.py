@@ -259,6 +259,7 @@ async def test_metrics_and_health_count_websocket_frames(server: Any, frame: np.
                     "full_for_s": None,
                     "degrade_level": "normal",
                     "degrade_reason": None,
+                    "devices": {"cpu": {"degrade_level": "normal", "failed": False, "sessions": 1}},
                     "peers": 0,
                     "websockets": 1,
                 }
