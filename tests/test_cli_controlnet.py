@@ -53,3 +53,24 @@ def test_a_bad_controlnet_flag_exits_2_with_one_line(
     stderr = capsys.readouterr().err
     assert stderr.startswith("livediff run: error: ") and message in stderr, stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_the_readme_toml_example_names_the_nets_sessions_pick(tmp_path: Path) -> None:
+    """The README's ``[[model.controlnets]]`` example is a config ``livediff serve`` reads."""
+    from livediff.cli import build_parser
+    from livediff.cli_options import load_toml, model_spec_from_args
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## ControlNet") :]
+    example = section[section.index("```toml\n") + len("```toml\n") :]
+    config = tmp_path / "server.toml"
+    config.write_text(example[: example.index("```")], encoding="utf-8")
+    args = build_parser().parse_args(["serve", "--config", str(config)])
+    spec = model_spec_from_args(args, load_toml(config))
+    assert spec.preset == "sd15-lcm"
+    assert [(net.source, net.label) for net in spec.controlnets] == [
+        ("lllyasviel/control_v11p_sd15_canny", "edges"),
+        ("CiaraRowles/TemporalNet", "temporal"),
+    ]
+    assert spec.depth_source == "depth-anything/Depth-Anything-V2-Small-hf"
+    assert spec.soft_edge_source == "/models/ControlNetHED.pth"
