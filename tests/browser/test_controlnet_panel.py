@@ -142,13 +142,13 @@ def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
     assert scale.get_attribute("min") == "0" and scale.get_attribute("max") == "2"
     assert scale.get_attribute("step") == "0.05"
     assert scale.is_disabled() and scale.is_hidden()  # off: its settings are out of the way
-    assert row.locator("[data-role=canny]").is_visible()  # canny's own settings
     wait_for_frames(page, 1)
     session = page.evaluate("window.livediff.session")
     assert server_uses(controlled_server, session) == []
 
     row.locator("[data-role=enabled]").check()
     wait_for_server_value(page, "uses.length === 1")
+    assert scale.is_visible() and row.locator("[data-role=canny]").is_visible()  # canny's own
     canny_defaults = {"controlnet": "edges", "preprocessor": "canny", "params": CANNY_DEFAULTS}
     assert server_uses(controlled_server, session) == [{**canny_defaults, "scale": 1.0}]
     assert page.locator("#message").text_content() == "applied: controlnets"
@@ -158,9 +158,19 @@ def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
     assert row.locator("label:has([data-role=scale]) output").text_content() == "1.5"
     assert server_uses(controlled_server, session) == [{**canny_defaults, "scale": 1.5}]
 
+    ranges = row.locator("[data-role=canny] input").evaluate_all(
+        "inputs => inputs.map(i => [i.dataset.role, i.min, i.max, i.step])"
+    )
+    assert ranges == [
+        ["low", "0", "255", "1"],
+        ["high", "0", "255", "1"],
+        ["sigma", "0", "3", "0.1"],
+    ]
     press(row.locator("[data-role=low]"), "ArrowLeft", 20)
-    wait_for_server_value(page, "uses[0].params.low === 80")
-    canny = {"low": 80, "high": 200, "sigma": 1}
+    press(row.locator("[data-role=high]"), "ArrowLeft", 10)
+    press(row.locator("[data-role=sigma]"), "ArrowRight", 5)
+    wait_for_server_value(page, "uses[0].params.sigma === 1.5")
+    canny = {"low": 80, "high": 190, "sigma": 1.5}
     assert server_uses(controlled_server, session) == [
         {"controlnet": "edges", "preprocessor": "canny", "params": canny, "scale": 1.5}
     ]
