@@ -116,9 +116,7 @@ function createControlNetPanel(root, onChange) {
     timer = setTimeout(onChange, SETTLE_MS);
   };
   return {
-    loaded: null,  // the server's list once fetched ([] when it has none), null before
     build(options) {
-      this.loaded = options;
       rows = options.map(netRow);
       list.replaceChildren(...rows.map((row) => row.root));
       for (const row of rows) row.root.addEventListener('change', () => changed(row));
