@@ -5,6 +5,7 @@
 // State for automation and tests lives in window.livediff:
 //   state ('idle'|'starting'|'connecting'|'connected'|'retrying'|'stopped'|'error'), session, codec,
 //   errors[] (each error once), fieldErrors {key: message}, params (what the server runs),
+//   controlnets (GET /controlnets' list: [{name, preprocessors, default}], [] for none, null before),
 //   serverStats (last data-channel stats, null once stopped), notice (the degrade notice or null),
 //   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
 //   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
@@ -17,12 +18,15 @@ const query = new URLSearchParams(location.search);
 const TOKEN = query.get('token');
 const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale'];
 const NUMERIC = new Set(['strength', 'seed', 'guidance_scale']);
+const PANEL = 'controlnets';  // the ControlNet panel's parameter (controlnet_panel.js)
+const FIELD_KEYS = [...PARAM_KEYS, PANEL];  // what an error can be shown beside
 const RETRY_STATUSES = new Set([502, 503, 504]);  // busy, overloaded, shutting down: try again later
 const MAX_BACKOFF_S = 30;
 const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // streams/frame_marker.py
 
 const $ = (id) => document.getElementById(id);
 const form = $('params');
+const panel = createControlNetPanel($('controlnets'), () => applyControlNets());
 const server = {};  // the values the server runs (before a session: the form's defaults)
 const L = window.livediff = {
   state: 'idle', session: null, codec: null, errors: [], fieldErrors: {}, params: server,
@@ -38,6 +42,7 @@ const touched = new Set();  // only parameters set in the URL or by the user ove
 const unsent = new Set();   // changed while the session was being set up: sent once the channel opens
 const shown = {};           // each field's text when last applied or filled: Enter then blur applies once
 let lastError = null;
+let queryUses = query.get(PANEL);  // ?controlnets=…: sent as given until the panel is used
 
 // ---------------------------------------------------------------- state, errors, notices
 function setState(state) {
@@ -74,7 +79,7 @@ function hideBanner() {
 
 function fieldError(key, text) {
   $(`error-${key}`).textContent = text || '';
-  form.elements[key].closest('label').classList.toggle('invalid', Boolean(text));
+  form.elements[key].closest('label, fieldset').classList.toggle('invalid', Boolean(text));
   if (text) { L.fieldErrors[key] = text; recordError(text); } else delete L.fieldErrors[key];
 }
 
@@ -110,11 +115,21 @@ function showStrength() {
   $('strength-value').textContent = form.elements.strength.value;
 }
 
+function valueOf(key) {
+  if (key !== PANEL) return fromField(key, form.elements[key].value);
+  return queryUses === null ? panel.uses() : queryUses;
+}
+
+function revert(key) {
+  // A field, or the panel, shows what the server runs again.
+  if (key === PANEL) panel.show(server[PANEL]);
+  else setField(key, server[key]);
+}
+
 function formParams() {
   const params = {};
   for (const key of touched) {
-    const text = form.elements[key].value;
-    if (text !== '' || !NUMERIC.has(key)) params[key] = fromField(key, text);
+    if (key === PANEL || form.elements[key].value !== '' || !NUMERIC.has(key)) params[key] = valueOf(key);
   }
   return params;
 }
@@ -125,6 +140,7 @@ function fillForm(params) {
   for (const key of PARAM_KEYS) {
     if (key in params && !touched.has(key)) setField(key, params[key]);
   }
+  if (PANEL in params && !touched.has(PANEL)) panel.show(params[PANEL]);
 }
 
 const connected = () => Boolean(channel && channel.readyState === 'open');
@@ -153,10 +169,11 @@ async function apply(key) {
 
 function acknowledged(params) {
   for (const [key, value] of Object.entries(params)) {
-    server[key] = value;
-    if (!PARAM_KEYS.includes(key)) continue;
+    server[key] = key === PANEL ? panel.usesFrom(value) : value;
+    if (!FIELD_KEYS.includes(key)) continue;
     fieldError(key, '');
-    if (document.activeElement !== form.elements[key]) setField(key, value);  // e.g. from update()
+    if (key === PANEL) { if (!panel.editing()) panel.show(value); continue; }  // e.g. from update()
+    if (document.activeElement !== form.elements[key]) setField(key, value);
   }
   const keys = Object.keys(params);
   if (keys.length) showMessage(`applied: ${keys.join(', ')}`);
@@ -167,9 +184,9 @@ function refused(reply, params) {
   const current = reply.current || {};
   for (const key of Object.keys(params)) {
     if (key in current) server[key] = current[key];
-    if (PARAM_KEYS.includes(key) && key in server) setField(key, server[key]);
+    if (FIELD_KEYS.includes(key) && key in server) revert(key);
   }
-  if (PARAM_KEYS.includes(reply.field)) fieldError(reply.field, reply.error);
+  if (FIELD_KEYS.includes(reply.field)) fieldError(reply.field, reply.error);
   else showBanner(reply.error);
 }
 
@@ -284,7 +301,7 @@ function openChannel(connection) {
   ch.onopen = () => {
     if (ch !== channel || !unsent.size) return;
     const params = {};
-    for (const key of unsent) params[key] = fromField(key, form.elements[key].value);
+    for (const key of unsent) params[key] = valueOf(key);
     unsent.clear();
     update(params);
   };
@@ -334,7 +351,10 @@ async function postOffer(description) {
     Object.assign(error, {retry: true, retryAfter: retryAfterSeconds(response.headers.get('Retry-After'))});
   } else if (response.status === 400) {
     const blamed = /^(\w+)=/.exec(error.message);  // "guidance_scale=99 is out of range: …"
-    if (blamed && PARAM_KEYS.includes(blamed[1])) error.field = blamed[1];
+    if (blamed && FIELD_KEYS.includes(blamed[1])) error.field = blamed[1];
+    // The offer's errors name no field: a ControlNet's ("controlnet 'x' is not loaded …",
+    // "canny low=… must be below high=…") is told by its words.
+    else if (PANEL in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = PANEL;
   }
   throw error;
 }
@@ -431,7 +451,8 @@ function fail(message, field) {
   setState('error');
   if (field) {  // a value the server refused at Start: the field goes back to the server's default
     touched.delete(field);
-    setField(field, server[field]);
+    if (field === PANEL) queryUses = null;
+    revert(field);
     fieldError(field, message);
   } else {
     showBanner(message);
@@ -548,6 +569,33 @@ function snapshot(which) {
   return {width: canvas.width, height: canvas.height, data: Array.from(g.getImageData(0, 0, canvas.width, canvas.height).data)};
 }
 
+// ---------------------------------------------------------------- ControlNet panel
+async function applyControlNets() {
+  // The panel's settled changes: sent live, or kept for the next offer (like apply(key)).
+  queryUses = null;
+  touched.add(PANEL);
+  if (!connected()) {
+    fieldError(PANEL, '');
+    if (pc) unsent.add(PANEL);
+    return;
+  }
+  await update({[PANEL]: panel.uses()});
+}
+
+async function listControlNets() {
+  const headers = TOKEN ? {Authorization: `Bearer ${TOKEN}`} : {};
+  try {
+    const response = await fetch('controlnets', {headers});
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+    L.controlnets = answer.controlnets;
+    panel.build(answer.controlnets);
+    panel.show(queryUses === null ? server[PANEL] : queryUses);
+  } catch (error) {
+    panel.unavailable(String(error.message || error));
+  }
+}
+
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const key of PARAM_KEYS) {
@@ -555,6 +603,8 @@ function init() {
     if (query.has(key)) { form.elements[key].value = query.get(key); touched.add(key); }
     shown[key] = form.elements[key].value;
   }
+  server[PANEL] = [];
+  if (queryUses !== null) touched.add(PANEL);
   form.elements.codec.value = (query.get('codec') || '').toLowerCase();
   showStrength();
   form.elements.strength.addEventListener('input', showStrength);
@@ -576,7 +626,8 @@ function init() {
   $('stop').addEventListener('click', stop);
   $('banner-cancel').addEventListener('click', stop);
   if (query.get('controls') === '0') document.body.classList.add('output-only');
-  Object.assign(L, {start, stop, update, snapshot});
+  Object.assign(L, {start, stop, update, snapshot, controlnets: null});
+  listControlNets();
   if (query.get('autostart') === '1') start();
 }
 
