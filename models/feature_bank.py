@@ -1,0 +1,218 @@
+"""StreamV2V's feature bank, per row of a shared UNet call (arXiv 2405.15757).
+
+Each self-attention of the UNet (``attn1`` of every transformer block) attends to the keys and
+values of the current frame *and* to those of up to ``frames`` earlier frames of the same row,
+kept in a bank. On the blocks StreamV2V chooses for it (the mid block and the first two up
+blocks: deep enough not to blur), **feature fusion** replaces each output token by a blend with
+its nearest bank output token when their cosine similarity reaches a threshold::
+
+    out = (1 - strength) · h + strength · nearest(h, bank outputs)     (cosine ≥ threshold)
+    out = h                                                             (otherwise)
+
+The banks of all rows live in one pool per attention layer, ``[slots, frames, tokens, channels]``
+(keys, values, and outputs on fusion layers), so rows of many sessions share one call and the
+call's shapes never change: which slot a row reads and writes, which of its frames hold
+something, and its fusion strength and threshold are per-row tensors of the batch
+(:class:`BankRows`: ``UNetBatch.bank_*``). Slot 0 is the empty slot: a row of zeros has no bank
+and writes nowhere that is read, so a session without a bank shares the call for the price of
+the masked keys. The engine owns which slot and frame a session's row uses
+(``engine/feature_banks.py``); this module only computes.
+
+A pool for a token count is made on the first call that has it (warm-up, before graph capture);
+another resolution makes its own pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from livediff.exceptions import ParameterError
+
+MAX_BANK_FRAMES = 4
+FUSION_BLOCKS = ("mid_block.", "up_blocks.0.", "up_blocks.1.")  # StreamV2V's choice
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """One call's per-row bank inputs (the ``bank_*`` fields of a UNet batch)."""
+
+    slots: torch.Tensor  # [rows] long: the row's slot (0: no bank)
+    frames: torch.Tensor  # [rows, F]: 1 where the slot's frame f holds a frame, else 0
+    write: torch.Tensor  # [rows] long: the pool entry (slot · F + frame) this call's features
+    # go to; 0 is the empty slot's, never read: a row that keeps nothing writes there
+    fusion: torch.Tensor  # [rows, 2]: fusion strength in [0, 1] (0: off), cosine threshold
+
+
+@dataclass
+class BankContext:
+    """What the processors of one UNet read: the pool's size and the current call's rows."""
+
+    slots: int
+    frames: int
+    rows: BankRows | None = None
+
+
+class BankedSelfAttention:
+    """A self-attention processor that also attends to the row's bank (see the module docstring)."""
+
+    def __init__(self, name: str, context: BankContext, *, fuse: bool) -> None:
+        self.name = name
+        self.context = context
+        self.fuse = fuse
+        self._pools: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def pool(self, tokens: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """``[kinds, slots · frames, tokens, channels]`` (kinds: key, value, and output if fusing)."""
+        key = (tokens, channels, like.dtype, like.device)
+        pool = self._pools.get(key)
+        if pool is None:
+            kinds = 3 if self.fuse else 2
+            size = self.context.slots * self.context.frames
+            pool = torch.zeros(kinds, size, tokens, channels, dtype=like.dtype, device=like.device)
+            self._pools[key] = pool
+        return pool
+
+    def pools(self) -> Iterator[torch.Tensor]:
+        return iter(self._pools.values())
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ParameterError(f"{self.name}: the feature bank serves self-attention only")
+        rows, tokens, _ = hidden_states.shape
+        query, key, value = _projections(attn, hidden_states)
+        bank = self.context.rows
+        if bank is None:
+            return _finish(attn, _attend(attn, query, key, value, None))
+        frames = self.context.frames
+        pool = self.pool(tokens, key.shape[-1], key)
+        index = (bank.slots[:, None] * frames + torch.arange(frames, device=key.device)).flatten()
+        past_k = pool[0].index_select(0, index).view(rows, frames * tokens, -1)
+        past_v = pool[1].index_select(0, index).view(rows, frames * tokens, -1)
+        held = bank.frames.to(torch.bool)  # [rows, F]
+        mask = torch.cat(
+            [held.new_ones(rows, tokens), held.repeat_interleave(tokens, dim=1)], dim=1
+        )[:, None, None, :]
+        out = _attend(
+            attn,
+            query,
+            torch.cat([key, past_k], dim=1),
+            torch.cat([value, past_v], dim=1),
+            mask,
+        )
+        out = _finish(attn, out)
+        written = bank.write
+        pool[0].index_copy_(0, written, key)
+        pool[1].index_copy_(0, written, value)
+        if not self.fuse:
+            return out
+        past_o = pool[2].index_select(0, index).view(rows, frames, tokens, -1)
+        pool[2].index_copy_(0, written, out)
+        return fuse_nearest(out, past_o, held, bank.fusion[:, 0], bank.fusion[:, 1])
+
+
+def fuse_nearest(
+    out: torch.Tensor,
+    past: torch.Tensor,
+    held: torch.Tensor,
+    strength: torch.Tensor,
+    threshold: torch.Tensor,
+) -> torch.Tensor:
+    """StreamV2V's feature fusion per row: ``out`` [rows, T, C], ``past`` [rows, F, T, C] with
+    ``held`` [rows, F]; rows with strength 0 or no match are returned unchanged."""
+    rows, frames, tokens, channels = past.shape
+    candidates = past.reshape(rows, frames * tokens, channels)
+    similarity = F.normalize(out, dim=-1) @ F.normalize(candidates, dim=-1).transpose(1, 2)
+    usable = held.repeat_interleave(tokens, dim=1)[:, None, :]
+    similarity = similarity.masked_fill(~usable, -2.0)  # below every cosine
+    best, nearest = similarity.max(dim=-1)  # [rows, T]
+    neighbours = candidates.gather(1, nearest[..., None].expand(-1, -1, channels))
+    s = strength.to(out.dtype)[:, None, None]
+    match = (best >= threshold[:, None]) & (strength[:, None] > 0)
+    return torch.where(match[..., None], out * (1 - s) + s * neighbours, out)
+
+
+def _projections(attn: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        return tuple(attn.to_qkv(hidden).chunk(3, dim=-1))
+    return attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+
+
+def _attend(
+    attn: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    rows = query.shape[0]
+    heads = attn.heads
+    q, k, v = (
+        t.view(rows, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (query, key, value)
+    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(rows, -1, heads * (value.shape[-1] // heads)).to(query.dtype)
+
+
+def _finish(attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+    hidden = attn.to_out[1](attn.to_out[0](hidden))
+    return hidden / attn.rescale_output_factor
+
+
+def _self_attentions(unet: Any) -> Iterator[tuple[str, Any]]:
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1") and hasattr(module, "processor"):
+            yield name, module
+
+
+def install_feature_bank(unet: Any, *, slots: int, frames: int) -> BankContext:
+    """Give every self-attention of ``unet`` a :class:`BankedSelfAttention` over a pool of
+    ``slots`` rows' banks of up to ``frames`` frames; other processors stay as they are."""
+    if not 1 <= frames <= MAX_BANK_FRAMES:
+        raise ParameterError(
+            f"feature bank frames={frames} must be in [1, {MAX_BANK_FRAMES}]",
+            field="feature_bank",
+            limit=MAX_BANK_FRAMES,
+        )
+    if slots < 2:
+        raise ParameterError("a feature bank pool needs the empty slot and at least one more")
+    context = BankContext(slots=slots, frames=frames)
+    for name, module in _self_attentions(unet):
+        for part in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
+            if getattr(module, part, None) is not None:
+                raise ParameterError(
+                    f"{name}: a self-attention with {part} is not served by the feature bank"
+                )
+        if getattr(module, "residual_connection", False):
+            raise ParameterError(
+                f"{name}: a self-attention with a residual connection is not served"
+            )
+        fuse = name.startswith(FUSION_BLOCKS)
+        module.set_processor(BankedSelfAttention(name, context, fuse=fuse))
+    return context
+
+
+def bank_processors(unet: Any) -> list[BankedSelfAttention]:
+    """The feature bank processors installed on ``unet`` (empty: none)."""
+    return [
+        m.processor
+        for _, m in _self_attentions(unet)
+        if isinstance(m.processor, BankedSelfAttention)
+    ]
+
+
+def bank_bytes(unet: Any) -> int:
+    """Device memory the pools hold now (they grow on the first call at each resolution)."""
+    return sum(p.numel() * p.element_size() for proc in bank_processors(unet) for p in proc.pools())
