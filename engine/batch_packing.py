@@ -72,9 +72,13 @@ class BatchPacker:
 
     @staticmethod
     def _fill(
-        buffer: torch.Tensor, parts: Sequence[torch.Tensor | None], rows: Sequence[int]
+        buffer: torch.Tensor,
+        parts: Sequence[torch.Tensor | None],
+        rows: Sequence[int],
+        pad_zeros: bool = False,
     ) -> None:
-        """``parts`` one after another into ``buffer`` (``None``: zeros), then pad with row 0."""
+        """``parts`` one after another into ``buffer`` (``None``: zeros), then pad with row 0
+        (or zeros: :func:`~livediff.models.unet_batch.row_input`'s ``pad_zeros``)."""
         offset = 0
         for part, count in zip(parts, rows, strict=True):
             view = buffer.narrow(0, offset, count)
@@ -85,7 +89,10 @@ class BatchPacker:
             offset += count
         if offset < buffer.shape[0]:
             padding = buffer.narrow(0, offset, buffer.shape[0] - offset)
-            padding.copy_(buffer.narrow(0, 0, 1).expand_as(padding))
+            if pad_zeros:
+                padding.zero_()
+            else:
+                padding.copy_(buffer.narrow(0, 0, 1).expand_as(padding))
 
     def _pack(self, stage: str, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """One tensor per session → its rows packed in ``stage``'s buffer, and their offsets."""
@@ -120,8 +127,10 @@ class BatchPacker:
         targets, rows = self._targets(
             "unet", {name: [getattr(b, name) for b in batches] for name in names}
         )
+        kind = type(batches[0])
         for name in names:
-            self._fill(targets[name], [getattr(b, name) for b in batches], counts)
+            parts = [getattr(b, name) for b in batches]
+            self._fill(targets[name], parts, counts, kind.pads_with_zeros(name))
         packed = type(batches[0])(**targets)
         eps = self.bundle.predict_noise(packed)
         padded = int(targets["latents"].shape[0])

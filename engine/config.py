@@ -23,6 +23,7 @@ from typing import Any
 from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
 from livediff.models.control_uses import ControlUse, control_uses
+from livediff.models.feature_bank import MAX_BANK_FRAMES
 from livediff.settings import (
     check_settings,
     check_text,
@@ -283,6 +284,54 @@ class GenerationParams:
         flag="--controlnet",
         metavar="SOURCE[:SCALE[:PREPROCESSOR]]",
         repeat=True,
+    )
+    feature_bank: int = setting(
+        0,
+        doc="past frames each self-attention also attends to, 0: off (StreamV2V's feature bank; the server needs --feature-bank-frames)",
+        min=0,
+        max=MAX_BANK_FRAMES,
+        live=True,
+        flag="--feature-bank",
+    )
+    bank_interval: int = setting(
+        4,
+        doc="keep every n-th frame in the feature bank (StreamV2V's cache interval)",
+        min=1,
+        max=60,
+        live=True,
+        flag="--bank-interval",
+    )
+    feature_fusion: float = setting(
+        0.8,
+        doc="with a feature bank: blend this much of each matching past feature into the output (mid and first up blocks), 0: off",
+        min=0,
+        max=1,
+        live=True,
+        flag="--feature-fusion",
+    )
+    fusion_threshold: float = setting(
+        0.98,
+        doc="cosine similarity at which a past feature counts as a match for fusion",
+        min=0,
+        max=1,
+        live=True,
+        flag="--fusion-threshold",
+    )
+    latent_feedback: float = setting(
+        0.0,
+        doc="blend this much of the previous output latent into each new input latent (img2img), 0: off",
+        min=0,
+        below=1,
+        live=True,
+        flag="--latent-feedback",
+    )
+    scene_cut: float = setting(
+        0.5,
+        doc="consecutive input frames less similar than this are a scene cut: the feature bank and latent feedback start over (0: never)",
+        min=0,
+        max=1,
+        live=True,
+        flag="--scene-cut",
     )
 
     def __post_init__(self) -> None:

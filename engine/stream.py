@@ -25,6 +25,7 @@ import torch
 
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
 from livediff.engine.control_plan import ControlPlan, resolve_control
+from livediff.engine.feature_banks import BankState, SceneCuts
 from livediff.engine.frames import (
     InputImage,
     StreamOutput,
@@ -41,12 +42,16 @@ from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
 from livediff.kernels.yuv import i420_to_rgb_float, split_i420
 from livediff.models.bundle import ModelBundle
+from livediff.models.feature_bank import SlotLease
 from livediff.models.prompts import PromptEncoder
 from livediff.models.unet_batch import Conditioning, UNetBatch
 
 log = logging.getLogger(__name__)
 _PROMPT_FIELDS = ("prompt", "negative_prompt", "blend")
 _SCHEDULE_FIELDS = ("steps", "strength", "t_index_list")
+_CONSISTENCY_FIELDS = frozenset(
+    ("feature_bank", "bank_interval", "feature_fusion", "fusion_threshold", "latent_feedback")
+)
 
 
 _TXT2IMG_PLACEHOLDER = torch.zeros(1, 1, 3, dtype=torch.uint8)
@@ -80,6 +85,7 @@ class PreparedUpdate:
     uncond: Conditioning | None = None
     coefficients: StepCoefficients | None = None
     control: ControlPlan | None = None
+    bank_lease: SlotLease | None = None  # new feature bank slots for this session's rows
 
 
 class Stream:
@@ -123,11 +129,15 @@ class Stream:
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
         self._control: ControlPlan | None = None
+        self._bank = BankState(self.params.feature_bank, self.params.bank_interval)
+        self._bank_lease: SlotLease | None = None
+        self._cuts = SceneCuts(self.params.scene_cut)
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
             self._prepare(
                 self.params,
-                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets")),
+                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets"))
+                | _CONSISTENCY_FIELDS,
             )
         )
 
@@ -164,6 +174,7 @@ class Stream:
                 if self.bundle.controlnets
                 else None
             ),
+            bank_frames=self.bundle.feature_bank.frames if self.bundle.feature_bank else None,
         )
 
     def _noise(self, seed: int) -> torch.Tensor:
@@ -200,7 +211,47 @@ class Stream:
                 self.bundle,
                 has_input_frames=self.config.mode is not GenerationMode.TXT2IMG,
             )
-        return PreparedUpdate(params, changed, cond, uncond, coefficients, control)
+        lease = self._lease_for(params, changed, coefficients)
+        return PreparedUpdate(params, changed, cond, uncond, coefficients, control, lease)
+
+    def _lease_for(
+        self,
+        params: GenerationParams,
+        changed: frozenset[str],
+        coefficients: StepCoefficients | None,
+    ) -> SlotLease | None:
+        """New bank slots when the session starts a bank or changes its row count, else None."""
+        if params.latent_feedback and self.config.mode is GenerationMode.TXT2IMG:
+            raise ParameterError(
+                "latent_feedback blends into input frames: a txt2img session has none",
+                field="latent_feedback",
+            )
+        if not params.feature_bank:
+            return None
+        bank = self.bundle.feature_bank
+        if bank is None:
+            raise ParameterError(
+                "this server runs no feature bank: start it with --feature-bank-frames N "
+                "([model] feature_bank_frames)",
+                field="feature_bank",
+            )
+        if params.feature_bank > bank.frames:
+            raise ParameterError(
+                f"feature_bank={params.feature_bank}: this server keeps at most {bank.frames} "
+                "frames per session",
+                field="feature_bank",
+                limit=bank.frames,
+            )
+        steps = coefficients.steps if coefficients is not None else self.batch.steps
+        use_batch = self.config.use_denoising_batch
+        rows = StreamBatch.rows_for(
+            steps, self.config.frame_buffer_size, self.config.rcfg, use_batch
+        )
+        needed = rows * (1 if use_batch else steps)
+        held = self._bank_lease
+        if held is not None and len(held.slots) >= needed:  # fewer rows keep some of theirs
+            return None
+        return bank.lease(needed)
 
     def apply_update(self, update: PreparedUpdate) -> None:
         """Swap a prepared update in between two frames (only copies into existing buffers)."""
@@ -234,7 +285,49 @@ class Stream:
             self._control = update.control
         if (update.control is not None or rebuilt) and self._control is not None:
             self.batch.set_control_scales(self._control.scales())
+        self._apply_consistency(update, rebuilt)
         self.params = params
+
+    def _apply_consistency(self, update: PreparedUpdate, rebuilt: bool) -> None:
+        """Feature bank slots and state, fusion and latent feedback (see engine.feature_banks)."""
+        params, changed = update.params, update.changed
+        if update.bank_lease is not None:
+            if self._bank_lease is not None:
+                self._bank_lease.release()
+            self._bank_lease = update.bank_lease
+        elif not params.feature_bank and self._bank_lease is not None:
+            self._bank_lease.release()
+            self._bank_lease = None
+        if self.batch.bank_frames is not None:
+            if rebuilt or update.bank_lease is not None or "feature_bank" in changed:
+                lease, rows = self._bank_lease, self.batch.unet_rows * self.batch.calls_per_frame
+                self.batch.set_bank_slots(lease.slots[:rows] if lease is not None else None)
+            if rebuilt or changed & {"feature_bank", "feature_fusion", "fusion_threshold"}:
+                self.batch.set_bank_fusion(params.feature_fusion, params.fusion_threshold)
+        self._bank.size, self._bank.interval = params.feature_bank, params.bank_interval
+        self._cuts.threshold = params.scene_cut
+        if rebuilt or "latent_feedback" in changed:
+            self.batch.set_feedback(params.latent_feedback)
+        if rebuilt or update.cond is not None or "feature_bank" in changed:
+            self.start_over()
+
+    def start_over(self) -> None:
+        """Forget the feature bank's frames and the fed-back latent (new prompt, scene cut)."""
+        self._bank.reset()
+        self.batch.reset_feedback()
+
+    def _consistency_step(self, group: FrameGroup) -> tuple[int, int | None]:
+        """Before a frame group's calls: the scene-cut check, then the bank's (held, write)."""
+        consistent = self.params.feature_bank or self.params.latent_feedback
+        watching = consistent and self.config.mode is not GenerationMode.TXT2IMG
+        if watching and self._cuts.is_cut(similarity_signal(_luma_or_rgb(group.images[0]))):
+            log.info(
+                "[%s] scene cut: the feature bank and latent feedback start over", self.session_id
+            )
+            self.start_over()
+        if self._bank_lease is None:
+            return 0, None
+        return self._bank.advance()
 
     def update(self, **changes: Any) -> None:
         """Change live parameters; they apply from the next frame on."""
@@ -264,7 +357,11 @@ class Stream:
             else:
                 x0, first = self._latents(group, x0)
                 self._push_control(group, pixels, x0)
-                x0_hat = self.batch.step(x0, self.bundle.predict_noise, first)
+                bank_call = self._consistency_step(group)
+                x0 = self.batch.feed_back(x0) if first is None else x0
+                calls = [bank_call] * self.batch.steps if self._bank_lease is not None else None
+                x0_hat = self.batch.step(x0, self.bundle.predict_noise, first, calls)
+                self.batch.keep_for_feedback(x0_hat)
             rgb = model_output_to_rgb(self.bundle.decode(x0_hat))
         return self.complete(group, rgb)
 
@@ -336,6 +433,11 @@ class Stream:
         :meth:`model_input`) into step 0 and return this stream's UNet rows."""
         latents, first = self._latents(group, x0)
         self._push_control(group, pixels, latents)
+        held, write = self._consistency_step(group)
+        if self._bank_lease is not None:
+            self.batch.bank_call(0, held, write)
+        if first is None:
+            latents = self.batch.feed_back(latents)
         return self.batch.begin(latents, first)
 
     def _push_control(
@@ -365,7 +467,9 @@ class Stream:
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:
         """Noise predicted for this stream's rows → the finished latents ``[F, 4, h, w]``."""
-        return self.batch.finish(eps)
+        finished = self.batch.finish(eps)
+        self.batch.keep_for_feedback(finished)
+        return finished
 
     def complete(
         self, group: FrameGroup, rgb: torch.Tensor, output_size: tuple[int, int] | None = None

@@ -57,6 +57,7 @@ class StreamBatch:
         device: torch.device,
         dtype: torch.dtype,
         control_shape: tuple[int, int, int] | None = None,
+        bank_frames: int | None = None,
     ) -> None:
         self.steps = coefficients.steps
         self.frame_buffer_size = frame_buffer_size
@@ -105,7 +106,98 @@ class StreamBatch:
             self._control_images = torch.zeros(self.unet_rows, slots, 3, height, width, **opts)
             self._control_scales = torch.zeros(self.unet_rows, slots, **opts)
             self._scales_next = torch.zeros(slots, **opts)
+        # Feature bank inputs (the model has a bank of ``bank_frames`` frames per slot): every
+        # row's slot, held frames, write entry and fusion. Zeros until set_bank_slots: no bank.
+        self.bank_frames = bank_frames
+        self._bank: dict[str, torch.Tensor] = {}
+        if bank_frames is not None:
+            long: dict[str, Any] = {"device": device, "dtype": torch.long}
+            self._bank = {
+                "slots": torch.zeros(self.unet_rows, **long),
+                "frames": torch.zeros(self.unet_rows, bank_frames, **opts),
+                "write": torch.zeros(self.unet_rows, **long),
+                "fusion": torch.zeros(self.unet_rows, 2, **opts),
+            }
+            # per call of a frame (steps when sequential, else one): slots, and write entries
+            # per frame; held-frame masks by count
+            self._slot_table = torch.zeros(self.calls_per_frame, self.unet_rows, **long)
+            self._write_table = torch.zeros(
+                self.calls_per_frame, bank_frames, self.unet_rows, **long
+            )
+            self._held_table = torch.tril(torch.ones(bank_frames + 1, bank_frames, **opts), -1)
+        # Latent feedback: the last finished latents, blended into the next frames' x0.
+        self._feedback_weight = 0.0
+        self._feedback: torch.Tensor | None = None
+        self._has_feedback = False
         self.set_coefficients(coefficients)
+
+    @staticmethod
+    def rows_for(
+        steps: int, frame_buffer_size: int, rcfg: RCFGMode, use_denoising_batch: bool
+    ) -> int:
+        """UNet rows a buffer of this shape sends per call (:attr:`unet_rows`)."""
+        f = frame_buffer_size
+        latent = steps * f if use_denoising_batch else f
+        return latent + {RCFGMode.FULL: latent, RCFGMode.INITIALIZE: f}.get(rcfg, 0)
+
+    @property
+    def calls_per_frame(self) -> int:
+        return 1 if self.use_denoising_batch else self.steps
+
+    # ------------------------------------------------------------------ feature bank
+    def set_bank_slots(self, slots: tuple[int, ...] | None) -> None:
+        """The bank slots of this buffer's rows, ``unet_rows`` per call of a frame (call-major),
+        or ``None``: no bank (the empty slot)."""
+        assert self.bank_frames is not None
+        frames = self.bank_frames
+        if slots is None:
+            self._slot_table.zero_()
+            self._write_table.zero_()
+            for tensor in self._bank.values():
+                tensor.zero_()
+            return
+        table = torch.tensor(slots, dtype=torch.long).view(self.calls_per_frame, self.unet_rows)
+        self._slot_table.copy_(table)
+        entries = table[:, None, :] * frames + torch.arange(frames)[None, :, None]
+        self._write_table.copy_(entries)
+
+    def set_bank_fusion(self, strength: float, threshold: float) -> None:
+        self._bank["fusion"][:, 0].fill_(strength)
+        self._bank["fusion"][:, 1].fill_(threshold)
+
+    def bank_call(self, call: int, held: int, write: int | None) -> None:
+        """Set the bank inputs of call ``call`` of a frame: ``held`` frames to attend to, and
+        the frame its features are kept in (``None``: not kept)."""
+        if not self._bank:
+            return
+        self._bank["slots"].copy_(self._slot_table[call])
+        self._bank["frames"].copy_(self._held_table[held])
+        if write is None:
+            self._bank["write"].zero_()
+        else:
+            self._bank["write"].copy_(self._write_table[call, write])
+
+    # ------------------------------------------------------------------ latent feedback
+    def set_feedback(self, weight: float) -> None:
+        """Blend ``weight`` of the last finished latents into each new frame's x0 (0: off)."""
+        self._feedback_weight = float(weight)
+        if weight and self._feedback is None:
+            self._feedback = torch.zeros_like(self._finished)
+            self._has_feedback = False
+
+    def reset_feedback(self) -> None:
+        self._has_feedback = False
+
+    def feed_back(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` with the last finished latents blended in, once there are some."""
+        if not self._feedback_weight or self._feedback is None or not self._has_feedback:
+            return x0
+        return torch.lerp(x0, self._feedback.to(x0.dtype), self._feedback_weight)
+
+    def keep_for_feedback(self, finished: torch.Tensor) -> None:
+        if self._feedback_weight and self._feedback is not None:
+            self._feedback.copy_(finished)
+            self._has_feedback = True
 
     # ------------------------------------------------------------------ live updates
     def set_coefficients(self, coefficients: StepCoefficients) -> None:
@@ -211,6 +303,7 @@ class StreamBatch:
         x0: torch.Tensor,
         predict_noise: NoisePredictor,
         first_latent: torch.Tensor | None = None,
+        bank_calls: list[tuple[int, int | None]] | None = None,
     ) -> torch.Tensor:
         """Advance by one frame group; ``x0`` is ``[F, 4, h, w]`` (encoded input or zeros).
 
@@ -220,7 +313,7 @@ class StreamBatch:
             if first_latent is None:
                 alpha, beta = self._step_coeffs[0, 0], self._step_coeffs[1, 0]
                 first_latent = renoise(x0, self.noise[: self.frame_buffer_size], alpha, beta)
-            return self.run_sequential(first_latent, x0, predict_noise)
+            return self.run_sequential(first_latent, x0, predict_noise, bank_calls)
         batch = self.begin(x0, first_latent)
         return self.finish(predict_noise(batch)).clone()
 
@@ -246,6 +339,7 @@ class StreamBatch:
         return self._batch()
 
     def _batch(self) -> UNetBatch:
+        bank = self._bank
         return UNetBatch(
             self._unet_latents,
             self._timesteps,
@@ -254,6 +348,10 @@ class StreamBatch:
             self._time_ids,
             self._control_images,
             self._control_scales,
+            bank.get("slots"),
+            bank.get("frames"),
+            bank.get("write"),
+            bank.get("fusion"),
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:
@@ -277,9 +375,14 @@ class StreamBatch:
         )
 
     def run_sequential(
-        self, x_t: torch.Tensor, x0: torch.Tensor, predict_noise: NoisePredictor
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        predict_noise: NoisePredictor,
+        bank_calls: list[tuple[int, int | None]] | None = None,
     ) -> torch.Tensor:
-        """All steps for one frame group, one UNet call per step (the reference path)."""
+        """All steps for one frame group, one UNet call per step (the reference path);
+        ``bank_calls``: each call's (held frames, frame kept) for the feature bank."""
         f = self.frame_buffer_size
         stock = residual_noise(x_t, x0, self._step_coeffs[0, 0], self._step_coeffs[1, 0])
         x0_hat = x_t
@@ -291,6 +394,8 @@ class StreamBatch:
             if uncond:
                 self._unet_latents[:uncond].copy_(x_t[:uncond])
             start = self.uncond_rows - uncond
+            if self._bank and bank_calls is not None:
+                self.bank_call(k, *bank_calls[k])
             eps = predict_noise(self._batch().narrow(start, uncond + f))
             if self.rcfg is RCFGMode.INITIALIZE and k == 0:
                 stock = eps[:f].clone()

@@ -147,4 +147,10 @@ def load_for_backend(
             "with --controlnet"
         )
     bundle = attach_controlnets(bundle, spec, controlnets)
+    if spec.feature_bank_frames:
+        if backend is Backend.TENSORRT:
+            raise BackendError("the tensorrt backend runs no feature bank: use --backend compile")
+        bundle = bundle.with_feature_bank(
+            frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
+        )
     return prepare_backend(bundle, backend), backend

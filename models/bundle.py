@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,7 @@ import torch
 from diffusers import AutoencoderTiny
 
 from livediff.models.controlnet import LoadedControlNet, control_residuals
+from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
 from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.spec import WeightsMode
@@ -39,6 +42,8 @@ class ModelBundle:
     controlnets: tuple[LoadedControlNet, ...] = ()
     # The networks the depth / soft edge preprocessors run (None: none loaded).
     control_networks: PreprocessorNetworks | None = None
+    # StreamV2V's feature bank on the UNet's self-attentions (None: not installed).
+    feature_bank: FeatureBank | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -88,6 +93,11 @@ class ModelBundle:
             control_networks=networks if networks is not None else self.control_networks,
         )
 
+    def with_feature_bank(self, *, frames: int, rows: int) -> ModelBundle:
+        """The same networks with a feature bank of ``rows`` session rows of up to ``frames``
+        frames installed on the UNet (in place: the UNet is shared with ``self``)."""
+        return replace(self, feature_bank=attach_feature_bank(self.unet, rows=rows, frames=frames))
+
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)
 
@@ -129,11 +139,22 @@ class ModelBundle:
                 "down_block_additional_residuals": down,
                 "mid_block_additional_residual": mid,
             }
-        return self.unet(
-            batch.latents,
-            batch.timesteps,
-            encoder_hidden_states=batch.embeds,
-            added_cond_kwargs=added,
-            return_dict=False,
-            **residuals,
-        )[0]
+        with self._bank_rows(batch):
+            return self.unet(
+                batch.latents,
+                batch.timesteps,
+                encoder_hidden_states=batch.embeds,
+                added_cond_kwargs=added,
+                return_dict=False,
+                **residuals,
+            )[0]
+
+    def _bank_rows(self, batch: UNetBatch) -> AbstractContextManager[None]:
+        """The rows' feature bank inputs for one call (none: a no-op context)."""
+        if self.feature_bank is None or batch.bank_slots is None:
+            return contextlib.nullcontext()
+        assert batch.bank_frames is not None and batch.bank_write is not None
+        assert batch.bank_fusion is not None
+        return self.feature_bank.serving(
+            BankRows(batch.bank_slots, batch.bank_frames, batch.bank_write, batch.bank_fusion)
+        )

@@ -24,8 +24,11 @@ another resolution makes its own pools.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,7 +94,7 @@ class BankedSelfAttention:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ParameterError(f"{self.name}: the feature bank serves self-attention only")
-        rows, tokens, _ = hidden_states.shape
+        rows, tokens = hidden_states.shape[:2]
         query, key, value = _projections(attn, hidden_states)
         bank = self.context.rows
         if bank is None:
@@ -216,3 +219,97 @@ def bank_processors(unet: Any) -> list[BankedSelfAttention]:
 def bank_bytes(unet: Any) -> int:
     """Device memory the pools hold now (they grow on the first call at each resolution)."""
     return sum(p.numel() * p.element_size() for proc in bank_processors(unet) for p in proc.pools())
+
+
+class SlotLease:
+    """Slots of a :class:`FeatureBank` held by one session; given back by :meth:`release` or
+    when the lease is garbage-collected (a stream dropped without closing loses nothing)."""
+
+    def __init__(self, bank: FeatureBank, slots: tuple[int, ...]) -> None:
+        self.slots = slots
+        self._finalizer = weakref.finalize(self, bank._give_back, slots)
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+@dataclass
+class FeatureBank:
+    """A UNet's installed feature bank: the processors' context and who holds which slot.
+
+    ``slots`` rows' banks (slot 0, the empty one, included) of up to ``frames`` frames each.
+    Sessions lease one slot per UNet row they send (:meth:`lease`); leases are thread-safe.
+    """
+
+    context: BankContext
+    unet: Any
+    _free: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _calling: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def serving(self, rows: BankRows) -> Iterator[None]:
+        """The processors read ``rows`` during one UNet call (one caller at a time: the rows
+        are the processors' shared context, and two threads may share a model in tests)."""
+        with self._calling:
+            self.context.rows = rows
+            try:
+                yield
+            finally:
+                self.context.rows = None
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.context.slots - 1, 0, -1))
+
+    @property
+    def frames(self) -> int:
+        return self.context.frames
+
+    @property
+    def rows(self) -> int:
+        """Session rows the pool can hold (the empty slot is not one)."""
+        return self.context.slots - 1
+
+    def free_rows(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def lease(self, count: int) -> SlotLease:
+        with self._lock:
+            if count > len(self._free):
+                raise ParameterError(
+                    f"the feature bank is full: {self.rows - len(self._free)} of its "
+                    f"{self.rows} rows are in use and this session needs {count} "
+                    "(--feature-bank-rows raises it)",
+                    field="feature_bank",
+                    limit=self.rows,
+                )
+            slots = tuple(self._free.pop() for _ in range(count))
+        return SlotLease(self, slots)
+
+    def _give_back(self, slots: tuple[int, ...]) -> None:
+        with self._lock:
+            self._free.extend(slots)
+
+    def bytes(self) -> int:
+        return bank_bytes(self.unet)
+
+
+def attach_feature_bank(unet: Any, *, rows: int, frames: int) -> FeatureBank:
+    """Install a feature bank for ``rows`` session rows of up to ``frames`` frames on ``unet``."""
+    return FeatureBank(install_feature_bank(unet, slots=rows + 1, frames=frames), unet)
+
+
+def reinstall(unet: Any, processors: dict[str, BankedSelfAttention]) -> None:
+    """Put bank processors back after something replaced every processor (the speed recipe)."""
+    for name, module in _self_attentions(unet):
+        if name in processors:
+            module.set_processor(processors[name])
+
+
+def installed(unet: Any) -> dict[str, BankedSelfAttention]:
+    return {
+        name: m.processor
+        for name, m in _self_attentions(unet)
+        if isinstance(m.processor, BankedSelfAttention)
+    }

@@ -56,6 +56,7 @@ class BucketGraphs:
     name: str
     buckets: tuple[int, ...]
     function: Callable[[Named], torch.Tensor]
+    zero_padded: frozenset[str] = frozenset()  # inputs whose padding rows must be zeros
     _graphs: dict[tuple[Any, ...], _Captured] = field(default_factory=dict)
     _warned_oversize: bool = False
 
@@ -106,6 +107,8 @@ class BucketGraphs:
             static = captured.inputs[name]
             if not _same_view(static, value):  # packed in place by the caller: nothing to copy
                 static[:rows].copy_(value)
+                if name in self.zero_padded:  # e.g. feature bank writes: padding writes nowhere
+                    static[rows:].zero_()
         captured.graph.replay()
         return captured.output[:rows]
 
@@ -136,7 +139,12 @@ class GraphedBundle(ModelBundle):
             return base.predict_noise(self, UNetBatch(**named))
 
         self._graphs = {
-            "unet": BucketGraphs("unet", tuple(sorted(unet_buckets)), unet),
+            "unet": BucketGraphs(
+                "unet",
+                tuple(sorted(unet_buckets)),
+                unet,
+                frozenset(n for n in UNetBatch.row_fields() if UNetBatch.pads_with_zeros(n)),
+            ),
             "encode": BucketGraphs(
                 "vae-encode", tuple(sorted(frame_buckets)), lambda n: base.encode(self, n["x"])
             ),
@@ -162,6 +170,12 @@ class GraphedBundle(ModelBundle):
             slots = len(self.controlnets)
             unet["control_images"] = torch.zeros(1, slots, 3, h * factor, w * factor, **opts)
             unet["control_scales"] = torch.zeros(1, slots, **opts)
+        if self.feature_bank is not None:  # every session of this model sends them (Stream)
+            frames = self.feature_bank.frames
+            unet["bank_slots"] = torch.zeros(1, dtype=torch.long, device=self.device)
+            unet["bank_frames"] = torch.zeros(1, frames, **opts)
+            unet["bank_write"] = torch.zeros(1, dtype=torch.long, device=self.device)
+            unet["bank_fusion"] = torch.zeros(1, 2, **opts)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},

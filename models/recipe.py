@@ -32,6 +32,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from livediff.exceptions import BackendError, ParameterError
+from livediff.models import feature_bank
 from livediff.models.bundle import ModelBundle
 from livediff.models.controlnet import LoadedControlNet
 
@@ -134,9 +135,11 @@ def _fuse_qkv(net: Any) -> None:
 
 def _speed_up_denoiser(net: Any, recipe: Recipe) -> None:
     """Steps 2–6 for a UNet or a ControlNet (the same blocks, the same recipe)."""
+    banked = feature_bank.installed(net)  # a feature bank's processors stay (they use SDPA)
     net.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
     if recipe.fuse_qkv:  # 3.
         _fuse_qkv(net)
+    feature_bank.reinstall(net, banked)
     if recipe.channels_last:  # 4.
         net.to(memory_format=torch.channels_last)
     if recipe.compile:  # 5, 6.

@@ -12,6 +12,7 @@ from typing import Any
 
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec
+from livediff.models.feature_bank import MAX_BANK_FRAMES
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import as_tuple, check_settings, setting
 
@@ -159,6 +160,20 @@ class ModelSpec:
         None,
         doc="ControlNet's HED weights (ControlNetHED.pth) for the soft_edge preprocessor, or random",
         special={None: "not loaded (random with random weights)"},
+    )
+    feature_bank_frames: int = setting(
+        0,
+        doc="most past frames a session's feature bank may keep, 0: none (installs StreamV2V's feature bank on the UNet)",
+        min=0,
+        max=MAX_BANK_FRAMES,
+        flag="--feature-bank-frames",
+    )
+    feature_bank_rows: int = setting(
+        64,
+        doc="UNet rows with a feature bank at once, all sessions together (each session takes its steps x its batch rows)",
+        min=1,
+        max=4096,
+        flag="--feature-bank-rows",
     )
     seed: int = setting(0, doc="seed of random weights", min=0, below=2**63)
     variant: str | None = setting(

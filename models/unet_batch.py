@@ -30,12 +30,17 @@ class Absent(str, Enum):
     ZEROS = "zeros"  # its rows are zeros (the input's own scale makes that "off")
 
 
-def row_input(*, absent: Absent = Absent.FORBID, doc: str = "") -> dict[str, Any]:
+def row_input(
+    *, absent: Absent = Absent.FORBID, pad_zeros: bool = False, doc: str = ""
+) -> dict[str, Any]:
     """The metadata that makes a field of :class:`UNetBatch` per-row (first dimension: the row)::
 
     control: torch.Tensor | None = field(default=None, metadata=row_input(absent=Absent.ZEROS))
+
+    Rows that pad a call up to its bucket copy the first row, unless ``pad_zeros``: for an
+    input that makes a row *write* somewhere (a feature bank entry), where zeros write nowhere.
     """
-    return {"row_input": True, "absent": absent, "doc": doc}
+    return {"row_input": True, "absent": absent, "pad_zeros": pad_zeros, "doc": doc}
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,36 @@ class UNetBatch:
         ),
     )
 
+    bank_slots: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="feature bank slot per row [rows] (long); 0: the empty slot, no bank",
+        ),
+    )
+    bank_frames: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS, doc="which of the slot's bank frames hold one [rows, F] (0/1)"
+        ),
+    )
+    bank_write: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            pad_zeros=True,
+            doc="bank entry (slot * F + frame) this call's features go to [rows] (long); "
+            "0 writes nowhere that is read",
+        ),
+    )
+    bank_fusion: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="feature fusion strength (0: off) and cosine threshold per row [rows, 2]",
+        ),
+    )
+
     @property
     def rows(self) -> int:
         return int(self.latents.shape[0])
@@ -89,6 +124,10 @@ class UNetBatch:
     @classmethod
     def absent_rule(cls, name: str) -> Absent:
         return next(Absent(f.metadata["absent"]) for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def pads_with_zeros(cls, name: str) -> bool:
+        return next(bool(f.metadata.get("pad_zeros")) for f in fields(cls) if f.name == name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every per-row field that is set, in declaration order."""

@@ -1,0 +1,57 @@
+"""A session's feature bank and latent feedback, as the host keeps them between frames.
+
+The bank's contents live on the device (:mod:`livediff.models.feature_bank`); here is which of
+its frames hold something, where the next frame goes, and when it starts over. StreamV2V's
+rule: the features of every ``interval``-th call are kept, the oldest of ``size`` frames
+giving way to the newest. A session starts over (nothing kept, no latent fed back) on a new
+prompt, a new bank size, a new step count, and on a scene cut: consecutive input frames whose
+similarity signal (the one the stochastic similarity filter compares) falls below
+``scene_cut``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from livediff.engine.similarity import cosine_similarity
+
+
+@dataclass
+class BankState:
+    """Which of a session's bank frames hold one, and where the next call writes."""
+
+    size: int  # frames kept, 0..pool frames
+    interval: int
+    calls: int = 0
+    held: int = 0
+    next_frame: int = 0
+
+    def reset(self) -> None:
+        self.calls = self.held = self.next_frame = 0
+
+    def advance(self) -> tuple[int, int | None]:
+        """For the next call: (frames held before it, the frame it writes or ``None``)."""
+        held, write = self.held, None
+        if self.size and self.calls % self.interval == 0:
+            write = self.next_frame
+            self.held = min(self.held + 1, self.size)
+            self.next_frame = (self.next_frame + 1) % self.size
+        self.calls += 1
+        return held, write
+
+
+@dataclass
+class SceneCuts:
+    """Tells a scene cut from the similarity of consecutive input frames."""
+
+    threshold: float
+    _previous: np.ndarray | torch.Tensor | None = None
+
+    def is_cut(self, signal: np.ndarray | torch.Tensor) -> bool:
+        previous, self._previous = self._previous, signal
+        if previous is None or previous.shape != signal.shape:
+            return False
+        return cosine_similarity(previous, signal) < self.threshold
