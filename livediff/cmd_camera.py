@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
+    from livediff.cmd_serve import add_osc_options
+
     parser = subparsers.add_parser(
         "camera",
         help="run a camera or file through the model into a virtual camera",
@@ -80,6 +82,7 @@ def add_parser(subparsers: Any) -> None:
     sink.add_argument(
         "--output", help="also (or only) write the output to this file (.mp4, .mkv, .webm, .y4m …)"
     )
+    add_osc_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
@@ -97,13 +100,16 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from livediff.cmd_serve import engine_from_args, run_event_loop
+    from livediff.cmd_serve import engine_from_args, osc_config_from_args, run_event_loop
     from livediff.streams.camera_source import CameraSource
+    from livediff.streams.server_config import ServerConfig
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ParameterError("--max-frames must be at least 1")
     width, height = _size(args.input_size)
     config = load_toml(args.config)
+    osc_config = osc_config_from_args(args, config)
+    limits = ServerConfig.from_table(config.get("server"))  # the control-message rate limit
     source = CameraSource(
         args.input,
         width=width,
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     )  # before the slow model load
     try:
         engine = engine_from_args(args, config)
-        return run_event_loop(_camera(engine, source, sinks))
+        return run_event_loop(_camera(engine, source, sinks, osc_config, limits))
     finally:
         for sink in sinks:
             sink.close()
@@ -155,13 +161,17 @@ def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any)
     return sinks
 
 
-async def _camera(engine: Any, source: Any, sinks: list[Any]) -> int:
+async def _camera(
+    engine: Any, source: Any, sinks: list[Any], osc_config: Any = None, limits: Any = None
+) -> int:
+    from livediff.cmd_serve import osc_control
     from livediff.streams.local_pipeline import describe, run_local_pipeline
 
     started = time.monotonic()
     await engine.start()
     try:
-        result = await run_local_pipeline(engine, source, sinks)
+        async with osc_control(engine, osc_config, "127.0.0.1", limits, "camera"):
+            result = await run_local_pipeline(engine, source, sinks)
     finally:
         await engine.stop()
     print(f"livediff camera: {describe(result, started)}", flush=True)
