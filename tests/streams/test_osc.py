@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -295,3 +297,68 @@ def test_the_address_rules_refuse_what_is_not_an_address() -> None:
     target = osc_addresses.parse_address("/livediff/abc123/seed")
     assert (target.session, target.name) == ("abc123", "seed")
     assert set(GenerationParams.__dataclass_fields__) >= {d.name for d in osc_addresses.controls()}
+
+
+# ---------------------------------------------------------------- livediff serve --osc-port
+async def _serve_lines(capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    """stdout + stderr of ``serve`` so far, once every one of ``words`` is in it."""
+    seen = ""
+    for _ in range(1200):
+        out = capsys.readouterr()
+        seen += out.out + out.err
+        if all(word in seen for word in words):
+            return seen
+        await asyncio.sleep(0.05)  # polling the captured output, not a measurement
+    raise AssertionError(f"serve did not print {words}: {seen}")
+
+
+async def test_serve_with_osc_port_steers_a_websocket_session(
+    bundle: ModelBundle,
+    frame: np.ndarray,
+    references: dict[str, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``livediff serve``'s own start-up path: a websocket client's session, changed over OSC."""
+    from livediff.clients.ws_client import WsClient
+    from livediff.cmd_serve import serve
+    from livediff.streams.server_config import ServerConfig
+
+    loop = asyncio.get_running_loop()
+    transport, replies = await loop.create_datagram_endpoint(Replies, local_addr=("127.0.0.1", 0))
+    osc = OscConfig(port=0, reply_port=transport.get_extra_info("sockname")[1])
+    engine = Engine(bundle, None, TEST_RUNTIME, None)
+    serving = asyncio.ensure_future(serve(engine, ServerConfig(port=0), osc))
+    try:
+        lines = await _serve_lines(capsys, "listening on", "OSC control on udp")
+        base = lines.split("listening on ", 1)[1].split()[0].rstrip("/")
+        osc_port = int(lines.split("OSC control on udp 127.0.0.1:", 1)[1].split()[0])
+        client = SimpleUDPClient("127.0.0.1", osc_port)
+        async with await WsClient.connect(base.replace("http", "ws") + "/ws", params=FOX) as ws:
+            await ws.send_frame(frame)
+            assert distance(await ws.recv_frame(), references["fox"]) < 12  # JPEG loss
+            for name, value in WHALE.items():
+                client.send_message(f"/livediff/{ws.session}/{name}", value)
+                assert await replies.next() == (OK, [f"/livediff/{ws.session}/{name}"])
+            await ws.send_frame(frame)
+            after = await ws.recv_frame()
+        assert distance(after, references["whale"]) < 12 < distance(after, references["fox"])
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 60) == 0
+    finally:
+        transport.close()
+        if not serving.done():
+            serving.cancel()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_osc_port_is_refused_with_ray() -> None:
+    import argparse
+
+    from livediff.cmd_serve import add_parser
+    from livediff.exceptions import ParameterError
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--ray", "--osc-port", "9000"])
+    with pytest.raises(ParameterError, match="cannot be used with --ray"):
+        args.handler(args)
