@@ -343,7 +343,7 @@ def test_a_field_without_a_declaration_is_refused() -> None:
 NOT_SETTINGS = {"-h", "--help", "--audio", "--config", "--device", "--dtype", "--backend"}
 NOT_SETTINGS |= {"--no-preset-lora", "--overwrite", "--output", "--loop", "--no-realtime"}
 NOT_SETTINGS |= {"--input", "--input-format", "--input-size", "--input-fps", "--max-frames"}
-NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps"}
+NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps", "--ndi-out"}
 NOT_SETTINGS |= {"--ray"}  # a mode and a cluster address, not a setting of a table
 
 

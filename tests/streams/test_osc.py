@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,71 @@ def test_osc_port_is_refused_with_ray() -> None:
     args = parser.parse_args(["serve", "--ray", "--osc-port", "9000"])
     with pytest.raises(ParameterError, match="cannot be used with --ray"):
         args.handler(args)
+
+
+class CountingSink:
+    """A frame sink (called on executor threads) that keeps its frames and can be waited on."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+        self._changed = threading.Condition()
+
+    def send(self, image: np.ndarray, time: Any = None) -> None:
+        with self._changed:
+            self.frames.append(np.array(image))
+            self._changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.frames) >= count, REPLY_WAIT_S)
+
+    def close(self) -> None:
+        pass
+
+
+async def test_camera_with_osc_port_steers_its_session(
+    bundle: ModelBundle,
+    tmp_path: Path,
+    references: dict[str, np.ndarray],
+    frame: np.ndarray,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``livediff camera``'s own loop: the server-wide addresses reach its one session."""
+    from helpers.streams_testing import write_y4m
+    from livediff.cmd_camera import _camera
+    from livediff.streams.camera_source import CameraSource
+    from livediff.streams.server_config import ServerConfig
+
+    clip = write_y4m(tmp_path / "in.y4m", [frame] * 10, fps=20)
+    source = CameraSource(str(clip), loop=True)  # paced at 20 fps, until stopped
+    sink = CountingSink()
+    loop = asyncio.get_running_loop()
+    transport, replies = await loop.create_datagram_endpoint(Replies, local_addr=("127.0.0.1", 0))
+    osc = OscConfig(port=0, reply_port=transport.get_extra_info("sockname")[1])
+    params = GenerationParams.for_preset(bundle.preset, **FOX)
+    engine = Engine(bundle, None, TEST_RUNTIME, params)
+    running = asyncio.ensure_future(_camera(engine, source, [sink], osc, ServerConfig()))
+    try:
+        lines = await _serve_lines(capsys, "OSC control on udp")
+        osc_port = int(lines.split("OSC control on udp 127.0.0.1:", 1)[1].split()[0])
+        await asyncio.to_thread(sink.wait_for, 2)
+        client = SimpleUDPClient("127.0.0.1", osc_port)
+        for name, value in WHALE.items():
+            client.send_message(f"/livediff/{name}", value)
+            assert await replies.next() == (OK, [f"/livediff/{name}"])
+        changed_at = len(sink.frames)
+        await asyncio.to_thread(sink.wait_for, changed_at + 4)
+        source.stop()
+        assert await asyncio.wait_for(running, REPLY_WAIT_S) == 0
+    finally:
+        transport.close()
+        source.stop()
+    # The clip's frames went through yuv420p on the way in: compare by which is nearer.
+    assert all(
+        distance(f, references["fox"]) * 2 < distance(f, references["whale"])
+        for f in sink.frames[:2]
+    )
+    after = sink.frames[changed_at + 2 :]
+    assert after and all(
+        distance(f, references["whale"]) * 2 < distance(f, references["fox"]) for f in after
+    )
