@@ -7,6 +7,9 @@ One UDP socket (python-osc parses the packets; bundles are taken message by mess
 in order, their time tags not waited for). The addresses and their arguments are
 :mod:`livediff.streams.osc_addresses`: the live settings, for every open session and the
 default of later ones (``/livediff/<key>``) or for one session (``/livediff/<session>/<key>``).
+A server-wide value is checked once first (a refused one changes nothing); each open session
+then takes it, and the default changes only if every session took it (one that refuses is
+reported with its id, and is not acknowledged).
 A change goes through the engine's own checks (``Session.update``), exactly like a websocket
 control message, and applies from the next frame. Messages are limited per session, and for
 the server-wide addresses together, by the same token bucket as control messages
@@ -30,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from livediff.engine.config import GenerationParams
 from livediff.exceptions import ParameterError, SessionClosedError
 from livediff.streams import osc_addresses
 from livediff.streams.engine_protocol import SessionLike
@@ -46,6 +50,9 @@ class OscEngine(Protocol):
 
     @property
     def sessions(self) -> Mapping[str, SessionLike]: ...
+
+    @property
+    def default_params(self) -> GenerationParams: ...
 
     def update_defaults(self, **changes: Any) -> Any: ...
 
@@ -199,13 +206,18 @@ class OscControl:
             await session.update(**values)
             log.info("[%s] OSC %s: updated %s", target.session, change.address, target.name)
         else:
-            self._engine.update_defaults(**values)
+            self._engine.default_params.updated(**values)  # checked once, before any session
+            refused = 0
             for sid, session in self._engine.sessions.items():
                 try:
                     await session.update(**values)
                 except (ParameterError, SessionClosedError) as exc:
+                    refused += 1
                     field = getattr(exc, "field", None) or target.name
                     self._refuse(change.sender, sid, change.address, field, f"session {sid}: {exc}")
+            if refused:  # the default stays, so that later sessions do not start refused
+                return
+            self._engine.update_defaults(**values)
             log.info(
                 "[%s] OSC %s: updated %s everywhere", ALL_SESSIONS, change.address, target.name
             )

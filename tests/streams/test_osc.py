@@ -431,3 +431,23 @@ async def test_camera_with_osc_port_steers_its_session(
     assert after and all(
         distance(f, references["whale"]) * 2 < distance(f, references["fox"]) for f in after
     )
+
+
+async def test_a_server_wide_value_sessions_refuse_is_reported_per_session(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ControlNet this model does not have: the settings take the name, every session refuses."""
+    sessions = [await engine.open_session(FOX), await engine.open_session(WHALE)]
+    before = engine.default_params
+    async with osc_rig(engine) as rig:
+        with caplog.at_level(logging.INFO, logger="livediff.streams.osc_control"):
+            answers = [await rig.send("/livediff/controlnets", "no-such-net")]
+            answers.append(await rig.replies.next())
+        assert {(a, fields[0]) for a, fields in answers} == {(ERROR, "controlnets")}
+        for session in sessions:
+            assert any(fields[1].startswith(f"session {session.id}: ") for _, fields in answers)
+            assert any(r.getMessage().startswith(f"[{session.id}] OSC") for r in caplog.records)
+            assert session.params.controlnets == ()
+        assert engine.default_params == before  # later sessions do not start refused
+        # Nothing more was sent for it (no acknowledgement): the next answer is the next message's.
+        assert await rig.send("/livediff/seed", 3) == (OK, ["/livediff/seed"])
