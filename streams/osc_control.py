@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from livediff.engine.config import GenerationParams
-from livediff.exceptions import ParameterError, SessionClosedError
+from livediff.exceptions import LivediffError, ParameterError, SessionClosedError
 from livediff.streams import osc_addresses
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.limits import TokenBucket
@@ -101,6 +101,12 @@ class OscControl:
         await self.close()
 
     async def start(self) -> None:
+        try:
+            import pythonosc  # noqa: F401  (parsing happens per datagram: fail here, not there)
+        except ImportError:
+            raise LivediffError(
+                "OSC control (--osc-port) needs python-osc: pip install 'livediff[creative]'"
+            ) from None
         loop = asyncio.get_running_loop()
         port = self._config.port
         assert port is not None  # checked in __init__

@@ -2,7 +2,10 @@
 
 NDI announces its sources by mDNS on every network interface, so these tests run inside a
 loopback-only network namespace (``test_in_loopback_netns`` runs this module there); sources
-on this machine are found through ``127.0.0.1`` without mDNS.
+on this machine are found through ``127.0.0.1`` without mDNS. Without mDNS, 127.0.0.1 answers
+for the first NDI program on the machine only: so the ``--ndi-out`` test has the camera as the
+only sender (this process only receives), and the NDI input test runs sender, camera pipeline
+and engine in this one process.
 """
 
 from __future__ import annotations

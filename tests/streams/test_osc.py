@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -451,3 +452,15 @@ async def test_a_server_wide_value_sessions_refuse_is_reported_per_session(
         assert engine.default_params == before  # later sessions do not start refused
         # Nothing more was sent for it (no acknowledgement): the next answer is the next message's.
         assert await rig.send("/livediff/seed", 3) == (OK, ["/livediff/seed"])
+
+
+async def test_without_python_osc_it_says_what_to_install(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livediff.exceptions import LivediffError
+
+    monkeypatch.setitem(sys.modules, "pythonosc", None)  # import pythonosc now raises ImportError
+    control = OscControl(engine, OscConfig(port=0), host="127.0.0.1", rate_per_s=1, burst=1)
+    with pytest.raises(LivediffError, match=r"pip install 'livediff\[creative\]'"):
+        await control.start()
+    assert control.address is None
