@@ -86,12 +86,10 @@ def add_parser(subparsers: Any) -> None:
     sink.add_argument(
         "--output", help="also (or only) write the output to this file (.mp4, .mkv, .webm, .y4m …)"
     )
-    sink.add_argument(
-        "--ndi-out",
-        metavar="NAME",
-        help="also (or only) publish the output as the NDI source NAME, with the input's frame "
-        "rate and timestamps (needs pip install 'livediff[creative]')",
-    )
+    from livediff.settings.flags import add_flags
+    from livediff.streams.ndi_config import NdiConfig
+
+    add_flags(sink, NdiConfig)
     add_osc_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
@@ -110,7 +108,9 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from livediff.cli_options import settings_from
     from livediff.cmd_serve import engine_from_args, osc_config_from_args, run_event_loop
+    from livediff.streams.ndi_config import NdiConfig
     from livediff.streams.server_config import ServerConfig
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -118,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
     width, height = _size(args.input_size)
     config = load_toml(args.config)
     osc_config = osc_config_from_args(args, config)
+    ndi_config = settings_from(NdiConfig, config, "ndi", args)
     limits = ServerConfig.from_table(config.get("server"))  # the control-message rate limit
     source = open_source(args, width, height)
     try:
         sinks = open_sinks(
-            args, model_resolution(args, config), source.frame_rate
+            args, model_resolution(args, config), source.frame_rate, ndi_config.out
         )  # before the slow model load
         try:
             engine = engine_from_args(args, config)
@@ -182,7 +183,9 @@ def open_source(args: argparse.Namespace, width: int | None, height: int | None)
     )
 
 
-def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any) -> list[Any]:
+def open_sinks(
+    args: argparse.Namespace, size: tuple[int, int], frame_rate: Any, ndi_out: str | None = None
+) -> list[Any]:
     """The virtual camera (``--vcam``, or neither ``--output`` nor ``--ndi-out``), the
     ``--output`` file and the ``--ndi-out`` NDI source."""
     from livediff.streams.file_sink import FileSink
@@ -191,7 +194,7 @@ def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any)
     width, height = size
     sinks: list[Any] = []
     try:
-        if args.vcam or not (args.output or args.ndi_out):
+        if args.vcam or not (args.output or ndi_out):
             camera = VirtualCamera(
                 width, height, fps=args.vcam_fps, backend=args.vcam_backend, device=args.vcam_device
             )
@@ -206,10 +209,10 @@ def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any)
                 args.output, width=width, height=height, frame_rate=frame_rate, time_base=time_base
             )
             sinks.append(_FileOutput(file_sink, time_base))
-        if args.ndi_out:
+        if ndi_out:
             from livediff.streams.ndi_io import NdiSender
 
-            sender = NdiSender(args.ndi_out, width, height, frame_rate=frame_rate)
+            sender = NdiSender(ndi_out, width, height, frame_rate=frame_rate)
             sinks.append(sender)
             print(f"livediff camera: NDI source {sender.name!r} {width}x{height}", flush=True)
     except BaseException:

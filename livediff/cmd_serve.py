@@ -64,10 +64,18 @@ def add_parser(subparsers: Any) -> None:
     add_flags(group, ServerConfig)
     add_ray_options(group)
     add_osc_options(parser)
+    add_ndi_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
+
+
+def add_ndi_options(parser: argparse.ArgumentParser) -> None:
+    """``--ndi-out`` (``[ndi]``): outputs as NDI sources."""
+    from livediff.streams.ndi_config import NdiConfig
+
+    add_flags(parser.add_argument_group("NDI"), NdiConfig)
 
 
 def add_osc_options(parser: argparse.ArgumentParser) -> None:
@@ -166,21 +174,27 @@ def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -
 
 def run(args: argparse.Namespace) -> int:
     config = load_toml(args.config)
+    from livediff.streams.ndi_config import NdiConfig
+
     osc_config = osc_config_from_args(args, config)
+    ndi_config = settings_from(NdiConfig, config, "ndi", args)
     if getattr(args, "ray", None) is not None:
         from livediff.cmd_serve_ray import run as run_ray
 
-        if osc_config.enabled:
-            raise ParameterError(
-                "--osc-port ([osc] port) is for one server: it cannot be used with --ray",
-                field="port",
-            )
+        for given, what in (
+            (osc_config.enabled, "--osc-port ([osc] port)"),
+            (ndi_config.out, "--ndi-out ([ndi] out)"),
+        ):
+            if given:
+                raise ParameterError(
+                    f"{what} is for one server: it cannot be used with --ray", field="port"
+                )
         return run_ray(args, config)
     if getattr(args, "replicas", None) is not None:
         raise ParameterError("--replicas needs --ray (one server on one machine has no replicas)")
     server_config = server_config_from_args(args, config)
     engine = engine_from_args(args, config)
-    return run_event_loop(serve(engine, server_config, osc_config))
+    return run_event_loop(serve(engine, server_config, osc_config, ndi_config))
 
 
 def run_event_loop(main: Any) -> int:
@@ -193,9 +207,11 @@ def run_event_loop(main: Any) -> int:
     return int(uvloop.run(main) or 0)
 
 
-async def serve(engine: Any, server_config: Any, osc_config: Any = None) -> int:
-    """Start ``engine`` and the app (and OSC control, if ``osc_config`` enables it); serve until
-    SIGINT/SIGTERM; then close everything.
+async def serve(
+    engine: Any, server_config: Any, osc_config: Any = None, ndi_config: Any = None
+) -> int:
+    """Start ``engine`` and the app (and OSC control, if ``osc_config`` enables it; NDI outputs
+    if ``ndi_config`` names one); serve until SIGINT/SIGTERM; then close everything.
     """
     from aiohttp import web
 
@@ -207,7 +223,7 @@ async def serve(engine: Any, server_config: Any, osc_config: Any = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
-    app = create_app(engine, server_config)
+    app = create_app(engine, server_config, ndi_out=None if ndi_config is None else ndi_config.out)
     runner: web.AppRunner | None = None
     try:
         runner = await start_runner(app, server_config, handle_signals=False, access_log=None)

@@ -258,3 +258,26 @@ def _stream_part(full_name: str) -> str:
     """``NAME`` of NDI's ``HOST (NAME)``."""
     _, sep, rest = full_name.partition(" (")
     return rest[:-1] if sep and rest.endswith(")") else full_name
+
+
+class SessionNdiOut(ClosesOnExit):
+    """One session's outputs as the NDI source ``name``, opened at the first output (its size).
+
+    A websocket has no frame rate: the source announces ``frame_rate`` (30) and carries each
+    output's input timestamp as its timecode. ``send`` blocks: call it off the event loop.
+    """
+
+    def __init__(self, name: str, *, frame_rate: Fraction = Fraction(30)) -> None:
+        self.name = name
+        self._frame_rate = frame_rate
+        self._sender: NdiSender | None = None
+
+    def send(self, image: np.ndarray, time: MediaTime | None = None) -> None:
+        height, width = image.shape[:2]
+        if self._sender is None:
+            self._sender = NdiSender(self.name, width, height, frame_rate=self._frame_rate)
+        self._sender.send(image, time)
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()

@@ -60,6 +60,7 @@ READ_BY = {
     "ray": {"serve"},
     "ray.autoscaling": {"serve"},
     "osc": {"serve", "camera"},
+    "ndi": {"serve", "camera"},
 }
 # Values picked by hand, for settings whose check= takes shapes the type alone does not say or
 # whose range depends on another setting: (value, flag/query text, checked).
@@ -343,7 +344,7 @@ def test_a_field_without_a_declaration_is_refused() -> None:
 NOT_SETTINGS = {"-h", "--help", "--audio", "--config", "--device", "--dtype", "--backend"}
 NOT_SETTINGS |= {"--no-preset-lora", "--overwrite", "--output", "--loop", "--no-realtime"}
 NOT_SETTINGS |= {"--input", "--input-format", "--input-size", "--input-fps", "--max-frames"}
-NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps", "--ndi-out"}
+NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps"}
 NOT_SETTINGS |= {"--ray"}  # a mode and a cluster address, not a setting of a table
 
 

@@ -18,6 +18,7 @@ TABLES = (
     ("runtime", "livediff.engine.runtime_config", "RuntimeConfig", "the multi-session engine"),
     ("ray", "livediff.streams.ray_config", "RayConfig", "livediff serve --ray (Ray Serve)"),
     ("osc", "livediff.streams.osc_config", "OscConfig", "OSC control (livediff serve and camera)"),
+    ("ndi", "livediff.streams.ndi_config", "NdiConfig", "NDI output (livediff camera and serve)"),
 )
 
 

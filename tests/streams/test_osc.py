@@ -353,7 +353,7 @@ async def test_serve_with_osc_port_steers_a_websocket_session(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def test_osc_port_is_refused_with_ray() -> None:
+def test_osc_port_and_ndi_out_are_refused_with_ray() -> None:
     import argparse
 
     from livediff.cmd_serve import add_parser
@@ -361,9 +361,10 @@ def test_osc_port_is_refused_with_ray() -> None:
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--ray", "--osc-port", "9000"])
-    with pytest.raises(ParameterError, match="cannot be used with --ray"):
-        args.handler(args)
+    for flags in (["--osc-port", "9000"], ["--ndi-out", "livediff"]):
+        args = parser.parse_args(["serve", "--ray", *flags])
+        with pytest.raises(ParameterError, match=f"{flags[0]} .* cannot be used with --ray"):
+            args.handler(args)
 
 
 class CountingSink:
