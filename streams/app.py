@@ -77,7 +77,7 @@ def create_app(
     engine: EngineLike, config: ServerConfig | None = None, *, ndi_out: str | None = None
 ) -> web.Application:
     """An app serving ``engine`` (already started by the caller) with ``config``; with
-    ``ndi_out``, each websocket session is also published as the NDI source ``"<ndi_out> <id>"``
+    ``ndi_out``, each session (websocket or WebRTC) is also published as the NDI source ``"<ndi_out> <id>"``
     (the NDI binding is loaded here, so a missing one stops the start)."""
     config = config or ServerConfig()
     static = Path(config.static_dir) if config.static_dir else web_client_dir()

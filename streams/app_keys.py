@@ -17,4 +17,4 @@ PEERS = web.AppKey("peers", PeerRegistry)
 WEBSOCKETS = web.AppKey("websockets", set)  # open web.WebSocketResponse objects
 METRICS = web.AppKey("metrics", TransportMetrics)
 DECODE_POOL = web.AppKey("decode_pool", ThreadPoolExecutor)  # websocket JPEG decoding
-NDI_OUT = web.AppKey("ndi_out", str)  # each websocket session's NDI source: "<this> <session>"
+NDI_OUT = web.AppKey("ndi_out", str)  # each session's NDI source: "<this> <session>"

@@ -3,8 +3,8 @@
 Pure data: nothing here imports the NDI binding. In a TOML file::
 
     [ndi]
-    out = "livediff"   # camera: the source "livediff"; serve: one source per websocket
-                       # session, "livediff <session id>"
+    out = "livediff"   # camera: the source "livediff"; serve: one source per session
+                       # (websocket or WebRTC), "livediff <session id>"
 
 The sources themselves are :mod:`livediff.streams.ndi_io`.
 """
@@ -22,7 +22,7 @@ class NdiConfig:
 
     out: str | None = setting(
         None,
-        doc="publish the output as the NDI source NAME (serve: each websocket session as "
+        doc="publish the output as the NDI source NAME (serve: each session as "
         "'NAME <session id>'), with the input's frame rate and timestamps; needs "
         "pip install 'livediff[creative]'",
         special={None: "no NDI output"},

@@ -82,19 +82,26 @@ class NdiSender(ClosesOnExit):
         log.info("NDI source %r %dx%d @ %s fps", name, width, height, self.frame_rate)
 
     def send(self, image: np.ndarray, time: MediaTime | None = None) -> None:
-        """Publish one uint8 ``[H, W, 3]`` RGB frame; ``time`` (its input's) is its timecode."""
+        """Publish one uint8 ``[H, W, 3]`` RGB frame (or a packed I420 one of this size);
+        ``time`` (its input's) is its timecode."""
         if self._closed:
             raise MediaError(f"NDI source {self.name!r} is closed")
-        if image.shape != (self.height, self.width, 3):
+        i420 = (self.width * self.height + 2 * ((self.width + 1) // 2) * ((self.height + 1) // 2),)
+        if image.shape != (self.height, self.width, 3) and image.shape != i420:
             raise MediaError(
                 f"NDI source {self.name!r} is {self.width}x{self.height}; got a frame of shape "
                 f"{image.shape}"
             )
         ndi = self._ndi
-        self._rgbx[..., :3] = image
         frame = ndi.VideoFrameV2()
-        frame.data = self._rgbx
-        frame.FourCC = ndi.FOURCC_VIDEO_TYPE_RGBX
+        if image.ndim == 1:  # packed I420 (WebRTC sessions' outputs): NDI takes it as it is
+            frame.data = image.reshape(self.height * 3 // 2, self.width)
+            frame.FourCC = ndi.FOURCC_VIDEO_TYPE_I420
+            frame.xres, frame.yres, frame.line_stride_in_bytes = self.width, self.height, self.width
+        else:
+            self._rgbx[..., :3] = image
+            frame.data = self._rgbx
+            frame.FourCC = ndi.FOURCC_VIDEO_TYPE_RGBX
         frame.frame_rate_N = self.frame_rate.numerator
         frame.frame_rate_D = self.frame_rate.denominator
         frame.timecode = (
@@ -272,8 +279,14 @@ class SessionNdiOut(ClosesOnExit):
         self._frame_rate = frame_rate
         self._sender: NdiSender | None = None
 
-    def send(self, image: np.ndarray, time: MediaTime | None = None) -> None:
-        height, width = image.shape[:2]
+    def send(
+        self,
+        image: np.ndarray,
+        time: MediaTime | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """One output: RGB ``[H, W, 3]``, or packed I420 of ``size`` = (width, height)."""
+        width, height = size if image.ndim == 1 and size else (image.shape[1], image.shape[0])
         if self._sender is None:
             self._sender = NdiSender(self.name, width, height, frame_rate=self._frame_rate)
         self._sender.send(image, time)

@@ -38,6 +38,7 @@ from helpers.streams_testing import (
     pattern,
     read_video,
     reference_output,
+    running_server,
     write_y4m,
 )
 from livediff.models.bundle import ModelBundle
@@ -338,3 +339,30 @@ async def test_serve_publishes_each_websocket_session_as_an_ndi_source(
         assert distance(frame.image, whale) * 2 < distance(frame.image, fox)
     ticks = [frame.timecode for frame in frames]
     assert ticks == sorted(set(ticks))  # the inputs' arrival times, in order
+
+
+@NEEDS_NETNS
+async def test_serve_publishes_each_webrtc_session_as_an_ndi_source(bundle: ModelBundle) -> None:
+    from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
+    from livediff.streams.server_config import ServerConfig
+
+    image = pattern(160, 120, seed=9)
+    config = ServerConfig(host_addresses=("127.0.0.1",))
+    async with running_server(bundle, config, ndi_out="livediff") as (base, _, _):
+        client = WebRTCClient(base, params=FOX)
+        await client.connect(ImageTrack(image, fps=30))
+        try:
+            receiving = asyncio.ensure_future(
+                asyncio.to_thread(receive, f"livediff {client.session}", 3)
+            )
+            while not receiving.done():  # the client keeps reading its own answers meanwhile
+                await client.recv_frame()
+            frames = receiving.result()
+        finally:
+            await client.close()
+    fox, whale = reference_output(bundle, image, **FOX), reference_output(bundle, image, **WHALE)
+    for frame in frames:
+        assert frame.image.shape == (128, 128, 3)  # I420 from the engine, RGB at the receiver
+        assert distance(frame.image, fox) * 2 < distance(frame.image, whale)
+    ticks = [frame.timecode for frame in frames]
+    assert ticks == sorted(set(ticks))  # the RTP timestamps of the inputs, in order
