@@ -228,6 +228,14 @@ class Engine:
     def sessions(self) -> Mapping[str, Session]:
         return dict(self._sessions)
 
+    def update_defaults(self, **changes: Any) -> GenerationParams:
+        """Change the live parameters later sessions start from (open ones keep theirs).
+
+        Checked as :meth:`Session.update` checks them: ``ParameterError`` and nothing changed.
+        """
+        self.default_params = self.default_params.updated(**changes)
+        return self.default_params
+
     async def open_session(
         self,
         params: Mapping[str, Any] | None = None,

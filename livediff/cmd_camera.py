@@ -4,10 +4,13 @@
     livediff camera --input clip.mp4 --loop --vcam --vcam-device /dev/video10
     livediff camera --input clip.mp4 --output styled.mp4
     livediff camera --input clip.mp4 --vcam --vcam-backend y4m --vcam-device out.y4m   # test backend
+    livediff camera --input ndi:"STUDIO (Camera 1)" --ndi-out livediff --osc-port 9000  # NDI + OSC
 
 The virtual camera is v4l2loopback on Linux and OBS's camera on Windows and macOS; other
-applications (OBS, video calls, browsers) pick it up like any webcam. Without ``--output``
-the virtual camera is the output; with both, frames go to both.
+applications (OBS, video calls, browsers) pick it up like any webcam. ``--ndi-out NAME``
+publishes the output as an NDI source instead (TouchDesigner, Resolume, OBS with DistroAV), and
+``--input ndi:NAME`` takes an NDI source as the camera. Without ``--output`` or ``--ndi-out``
+the virtual camera is the output; with several, frames go to each.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
+    from livediff.cmd_serve import add_osc_options
+
     parser = subparsers.add_parser(
         "camera",
         help="run a camera or file through the model into a virtual camera",
@@ -39,8 +44,9 @@ def add_parser(subparsers: Any) -> None:
     source.add_argument(
         "--input",
         required=True,
-        metavar="DEVICE|FILE",
-        help="/dev/videoN, an FFmpeg device name, or a media file",
+        metavar="DEVICE|FILE|ndi:NAME",
+        help="/dev/videoN, an FFmpeg device name, a media file, or ndi:NAME (an NDI source: "
+        "its full 'HOST (NAME)' or just NAME)",
     )
     source.add_argument(
         "--input-format",
@@ -80,6 +86,11 @@ def add_parser(subparsers: Any) -> None:
     sink.add_argument(
         "--output", help="also (or only) write the output to this file (.mp4, .mkv, .webm, .y4m …)"
     )
+    from livediff.settings.flags import add_flags
+    from livediff.streams.ndi_config import NdiConfig
+
+    add_flags(sink, NdiConfig)
+    add_osc_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
@@ -97,14 +108,70 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from livediff.cmd_serve import engine_from_args, run_event_loop
-    from livediff.streams.camera_source import CameraSource
+    from livediff.cli_options import settings_from
+    from livediff.cmd_serve import engine_from_args, osc_config_from_args, run_event_loop
+    from livediff.streams.ndi_config import NdiConfig
+    from livediff.streams.server_config import ServerConfig
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ParameterError("--max-frames must be at least 1")
     width, height = _size(args.input_size)
     config = load_toml(args.config)
-    source = CameraSource(
+    osc_config = osc_config_from_args(args, config)
+    ndi_config = settings_from(NdiConfig, config, "ndi", args)
+    limits = ServerConfig.from_table(config.get("server"))  # the control-message rate limit
+    source = open_source(args, width, height)
+    try:
+        sinks = open_sinks(
+            args, model_resolution(args, config), source.frame_rate, ndi_config.out
+        )  # before the slow model load
+        try:
+            engine = engine_from_args(args, config)
+            return run_event_loop(_camera(engine, source, sinks, osc_config, limits))
+        finally:
+            for sink in sinks:
+                sink.close()
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+NDI_PREFIX = "ndi:"
+
+
+def open_source(args: argparse.Namespace, width: int | None, height: int | None) -> Any:
+    """The camera, file or (``ndi:NAME``) NDI source ``--input`` names."""
+    from livediff.streams.camera_source import CameraSource
+
+    if args.input.startswith(NDI_PREFIX):
+        from livediff.streams.ndi_io import NdiSource
+
+        camera_only = [
+            flag
+            for flag, given in (
+                ("--input-format", args.input_format),
+                ("--input-size", args.input_size),
+                ("--input-fps", args.input_fps),
+                ("--loop", args.loop),
+                ("--no-realtime", args.no_realtime),
+            )
+            if given
+        ]
+        if camera_only:
+            raise ParameterError(
+                f"{', '.join(camera_only)}: for cameras and files, not an NDI input "
+                "(it sends at its own size and rate)"
+            )
+        name = args.input[len(NDI_PREFIX) :]
+        if not name:
+            raise ParameterError("--input ndi:NAME needs the NDI source's name")
+        source = NdiSource(name, max_frames=args.max_frames)
+        print(
+            f"livediff camera: NDI input {source.source!r} at {source.frame_rate} fps", flush=True
+        )
+        return source
+    return CameraSource(
         args.input,
         width=width,
         height=height,
@@ -114,26 +181,20 @@ def run(args: argparse.Namespace) -> int:
         realtime=False if args.no_realtime else None,
         max_frames=args.max_frames,
     )
-    sinks = open_sinks(
-        args, model_resolution(args, config), source.frame_rate
-    )  # before the slow model load
-    try:
-        engine = engine_from_args(args, config)
-        return run_event_loop(_camera(engine, source, sinks))
-    finally:
-        for sink in sinks:
-            sink.close()
 
 
-def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any) -> list[Any]:
-    """The virtual camera (``--vcam``, or no ``--output``) and the ``--output`` file."""
+def open_sinks(
+    args: argparse.Namespace, size: tuple[int, int], frame_rate: Any, ndi_out: str | None = None
+) -> list[Any]:
+    """The virtual camera (``--vcam``, or neither ``--output`` nor ``--ndi-out``), the
+    ``--output`` file and the ``--ndi-out`` NDI source."""
     from livediff.streams.file_sink import FileSink
     from livediff.streams.vcam import VirtualCamera
 
     width, height = size
     sinks: list[Any] = []
     try:
-        if args.vcam or not args.output:
+        if args.vcam or not (args.output or ndi_out):
             camera = VirtualCamera(
                 width, height, fps=args.vcam_fps, backend=args.vcam_backend, device=args.vcam_device
             )
@@ -148,6 +209,12 @@ def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any)
                 args.output, width=width, height=height, frame_rate=frame_rate, time_base=time_base
             )
             sinks.append(_FileOutput(file_sink, time_base))
+        if ndi_out:
+            from livediff.streams.ndi_io import NdiSender
+
+            sender = NdiSender(ndi_out, width, height, frame_rate=frame_rate)
+            sinks.append(sender)
+            print(f"livediff camera: NDI source {sender.name!r} {width}x{height}", flush=True)
     except BaseException:
         for sink in sinks:
             sink.close()
@@ -155,13 +222,17 @@ def open_sinks(args: argparse.Namespace, size: tuple[int, int], frame_rate: Any)
     return sinks
 
 
-async def _camera(engine: Any, source: Any, sinks: list[Any]) -> int:
+async def _camera(
+    engine: Any, source: Any, sinks: list[Any], osc_config: Any = None, limits: Any = None
+) -> int:
+    from livediff.cmd_serve import osc_control
     from livediff.streams.local_pipeline import describe, run_local_pipeline
 
     started = time.monotonic()
     await engine.start()
     try:
-        result = await run_local_pipeline(engine, source, sinks)
+        async with osc_control(engine, osc_config, "127.0.0.1", limits, "camera"):
+            result = await run_local_pipeline(engine, source, sinks)
     finally:
         await engine.stop()
     print(f"livediff camera: {describe(result, started)}", flush=True)
@@ -186,7 +257,7 @@ class _FileOutput:
         self._time_base = time_base
         self._index = 0
 
-    def send(self, image: Any) -> None:
+    def send(self, image: Any, time: Any = None) -> None:  # numbered at its rate, not by time
         from livediff.streams.media import MediaTime, VideoFrame
 
         self._sink.write(VideoFrame(image, MediaTime(self._index, self._time_base), self._index))

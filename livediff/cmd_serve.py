@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -61,10 +63,34 @@ def add_parser(subparsers: Any) -> None:
     group = parser.add_argument_group("server")
     add_flags(group, ServerConfig)
     add_ray_options(group)
+    add_osc_options(parser)
+    add_ndi_options(parser)
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
+
+
+def add_ndi_options(parser: argparse.ArgumentParser) -> None:
+    """``--ndi-out`` (``[ndi]``): outputs as NDI sources."""
+    from livediff.streams.ndi_config import NdiConfig
+
+    add_flags(parser.add_argument_group("NDI"), NdiConfig)
+
+
+def add_osc_options(parser: argparse.ArgumentParser) -> None:
+    """``--osc-port`` and its companions (``[osc]``): OSC control of the live parameters."""
+    from livediff.streams.osc_config import OscConfig
+
+    add_flags(
+        parser.add_argument_group("OSC control (no authentication: keep it on loopback)"), OscConfig
+    )
+
+
+def osc_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from livediff.streams.osc_config import OscConfig
+
+    return settings_from(OscConfig, config, "osc", args)
 
 
 def server_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
@@ -148,15 +174,27 @@ def runtime_config_from_args(args: argparse.Namespace, config: dict[str, Any]) -
 
 def run(args: argparse.Namespace) -> int:
     config = load_toml(args.config)
+    from livediff.streams.ndi_config import NdiConfig
+
+    osc_config = osc_config_from_args(args, config)
+    ndi_config = settings_from(NdiConfig, config, "ndi", args)
     if getattr(args, "ray", None) is not None:
         from livediff.cmd_serve_ray import run as run_ray
 
+        for given, what in (
+            (osc_config.enabled, "--osc-port ([osc] port)"),
+            (ndi_config.out, "--ndi-out ([ndi] out)"),
+        ):
+            if given:
+                raise ParameterError(
+                    f"{what} is for one server: it cannot be used with --ray", field="port"
+                )
         return run_ray(args, config)
     if getattr(args, "replicas", None) is not None:
         raise ParameterError("--replicas needs --ray (one server on one machine has no replicas)")
     server_config = server_config_from_args(args, config)
     engine = engine_from_args(args, config)
-    return run_event_loop(serve(engine, server_config))
+    return run_event_loop(serve(engine, server_config, osc_config, ndi_config))
 
 
 def run_event_loop(main: Any) -> int:
@@ -169,8 +207,12 @@ def run_event_loop(main: Any) -> int:
     return int(uvloop.run(main) or 0)
 
 
-async def serve(engine: Any, server_config: Any) -> int:
-    """Start ``engine`` and the app; serve until SIGINT/SIGTERM; then close everything."""
+async def serve(
+    engine: Any, server_config: Any, osc_config: Any = None, ndi_config: Any = None
+) -> int:
+    """Start ``engine`` and the app (and OSC control, if ``osc_config`` enables it; NDI outputs
+    if ``ndi_config`` names one); serve until SIGINT/SIGTERM; then close everything.
+    """
     from aiohttp import web
 
     from livediff.streams.app import create_app, drain_app
@@ -181,7 +223,7 @@ async def serve(engine: Any, server_config: Any) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
-    app = create_app(engine, server_config)
+    app = create_app(engine, server_config, ndi_out=None if ndi_config is None else ndi_config.out)
     runner: web.AppRunner | None = None
     try:
         runner = await start_runner(app, server_config, handle_signals=False, access_log=None)
@@ -189,7 +231,8 @@ async def serve(engine: Any, server_config: Any) -> int:
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"livediff serve: listening on http://{_url_host(host)}:{port}/", flush=True)
-        await stop.wait()
+        async with osc_control(engine, osc_config, server_config.host, server_config, "serve"):
+            await stop.wait()
         print(
             f"livediff serve: shutting down (up to {server_config.shutdown_timeout_s:g} s to "
             "finish the frames in flight)",
@@ -205,6 +248,35 @@ async def serve(engine: Any, server_config: Any) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
+
+
+@contextlib.asynccontextmanager
+async def osc_control(
+    engine: Any, osc_config: Any, host: str, server_config: Any, command: str
+) -> AsyncIterator[None]:
+    """OSC control of ``engine``'s sessions while the block runs, if ``osc_config`` enables it
+    (rate limit: ``server_config``'s control messages')."""
+    if osc_config is None or not osc_config.enabled:
+        yield
+        return
+    from livediff.streams.osc_control import OscControl
+
+    async with OscControl(
+        engine,
+        osc_config,
+        host=host,
+        rate_per_s=server_config.control_rate_per_s,
+        burst=server_config.control_burst,
+    ) as control:
+        assert control.address is not None
+        osc_host, osc_port = control.address
+        print(
+            f"livediff {command}: OSC control on udp {_url_host(osc_host)}:{osc_port} "
+            "(no authentication)",
+            file=sys.stderr,
+            flush=True,
+        )
+        yield
 
 
 def _url_host(host: str) -> str:

@@ -76,7 +76,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 livediff_env
-scripts/install.sh webrtc,dev,ray  # ray: the two-node Ray Serve tests (tests/scale)
+scripts/install.sh webrtc,dev,ray,creative  # ray: the two-node Ray Serve tests (tests/scale); creative: OSC and NDI
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$PY" -c "import triton" >/dev/null 2>&1; then
   # Triton's CPU interpreter runs the GPU kernels' parity tests here (TRITON_INTERPRET=1).
   # 3.6.0 is the version the GPU machines' torch uses; on a GPU machine torch brings its own.

@@ -73,8 +73,12 @@ def web_client_dir() -> Path:
     return Path(str(importlib.resources.files("livediff.clients").joinpath("web")))
 
 
-def create_app(engine: EngineLike, config: ServerConfig | None = None) -> web.Application:
-    """An app serving ``engine`` (already started by the caller) with ``config``."""
+def create_app(
+    engine: EngineLike, config: ServerConfig | None = None, *, ndi_out: str | None = None
+) -> web.Application:
+    """An app serving ``engine`` (already started by the caller) with ``config``; with
+    ``ndi_out``, each session (websocket or WebRTC) is also published as the NDI source ``"<ndi_out> <id>"``
+    (the NDI binding is loaded here, so a missing one stops the start)."""
     config = config or ServerConfig()
     static = Path(config.static_dir) if config.static_dir else web_client_dir()
     if not (static / "index.html").is_file():
@@ -84,6 +88,11 @@ def create_app(engine: EngineLike, config: ServerConfig | None = None) -> web.Ap
     )
     app[app_keys.ENGINE] = engine
     app[app_keys.CONFIG] = config
+    if ndi_out:
+        from livediff.streams.ndi_io import load_ndi
+
+        load_ndi()
+        app[app_keys.NDI_OUT] = ndi_out
     app[app_keys.PEERS] = PeerRegistry()
     app[app_keys.WEBSOCKETS] = set()
     app[ACCESS] = AccessPolicy(config)

@@ -17,3 +17,4 @@ PEERS = web.AppKey("peers", PeerRegistry)
 WEBSOCKETS = web.AppKey("websockets", set)  # open web.WebSocketResponse objects
 METRICS = web.AppKey("metrics", TransportMetrics)
 DECODE_POOL = web.AppKey("decode_pool", ThreadPoolExecutor)  # websocket JPEG decoding
+NDI_OUT = web.AppKey("ndi_out", str)  # each session's NDI source: "<this> <session>"

@@ -3,7 +3,8 @@
 >>> result = await run_local_pipeline(engine, CameraSource("/dev/video0"), [VirtualCamera(512, 512)])
 
 The source is read on a thread and submitted as fast as it delivers (latest frame wins in the
-engine). Each output goes to every sink (``send(image)``, called in the executor). When the
+engine). Each output goes to every sink (``send(image, time)``, called in the executor; ``time``
+is the :class:`~livediff.streams.media.MediaTime` of the input it answers). When the
 source ends the pipeline waits for the engine to go idle (every frame answered or dropped),
 closes the session and writes the outputs still queued; the last ``steps − 1`` frames inside
 the Stream Batch pipeline are not answered. The engine should serve this session alone.
@@ -14,19 +15,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol
 
 from livediff.exceptions import InvalidFrameError, SessionClosedError
-from livediff.streams.camera_source import CameraSource, iterate_in_thread
+from livediff.streams.camera_source import iterate_in_thread
 from livediff.streams.engine_protocol import EngineLike
+from livediff.streams.media import MediaTime, VideoFrame
 
 log = logging.getLogger(__name__)
 
 
 class FrameSink(Protocol):
-    def send(self, image: Any) -> None: ...
+    def send(self, image: Any, time: MediaTime | None = None) -> None: ...
+
+
+class FrameSource(Protocol):
+    """A camera, a file or an NDI source (:class:`CameraSource`, ``ndi_io.NdiSource``)."""
+
+    def frames(self) -> Iterator[VideoFrame]: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class PipelineResult:
 
 async def run_local_pipeline(
     engine: EngineLike,
-    source: CameraSource,
+    source: FrameSource,
     sinks: Sequence[FrameSink],
     *,
     params: dict[str, Any] | None = None,
@@ -67,8 +78,9 @@ async def run_local_pipeline(
                 if closing:
                     return  # every queued output was written
                 raise
+            time = None if out.pts is None else MediaTime(out.pts, out.time_base or Fraction(1))
             for sink in sinks:
-                await loop.run_in_executor(None, sink.send, out.image)
+                await loop.run_in_executor(None, sink.send, out.image, time)
             counts["out"] += 1
 
     closing = False

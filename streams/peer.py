@@ -47,6 +47,7 @@ from livediff.streams.limits import (
     TokenBucket,
     too_many_pixels,
 )
+from livediff.streams.ndi_io import SessionNdiOut
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
@@ -75,8 +76,10 @@ class LivePeer:
         *,
         metrics: TransportMetrics | None = None,
         on_closed: Callable[[LivePeer], None] | None = None,
+        ndi_name: str | None = None,
     ) -> None:
         self.session = session
+        self._ndi_name = ndi_name  # publish the output as this NDI source too
         self.id: str = session.id
         self.config = config
         self.log = SessionLogger(logger, {"session": self.id})
@@ -138,7 +141,11 @@ class LivePeer:
             self._spawn(drain(track))
             return
         output = SessionVideoTrack(
-            self.session, self.flow, markers=self._markers, on_output=self._count_output
+            self.session,
+            self.flow,
+            markers=self._markers,
+            on_output=self._count_output,
+            ndi=SessionNdiOut(self._ndi_name) if self._ndi_name else None,
         )
         self._outputs.append(output)
         self.pc.addTrack(output)

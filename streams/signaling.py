@@ -122,7 +122,14 @@ async def handle_offer(request: web.Request) -> web.Response:
     except CapacityError as exc:
         return busy("capacity", str(exc), exc.retry_after)
     try:
-        peer = LivePeer(session, config, metrics=metrics, on_closed=peers.discard)
+        ndi_out = app.get(app_keys.NDI_OUT)
+        peer = LivePeer(
+            session,
+            config,
+            metrics=metrics,
+            on_closed=peers.discard,
+            ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
+        )
     except BaseException:
         await session.close()
         raise

@@ -136,8 +136,9 @@ class VirtualCamera(ClosesOnExit):
     def backend(self) -> str:
         return str(self._camera.backend)
 
-    def send(self, image: np.ndarray) -> None:
-        """Send one uint8 ``[H, W, 3]`` RGB frame of the camera's size (blocking: call it off the event loop)."""
+    def send(self, image: np.ndarray, time: Any = None) -> None:
+        """Send one uint8 ``[H, W, 3]`` RGB frame of the camera's size (blocking: call it off the
+        event loop). A virtual camera has no timestamps: ``time`` is not used."""
         if image.shape != (self.height, self.width, 3):
             raise MediaError(
                 f"virtual camera is {self.width}x{self.height}; got a frame of shape {image.shape}"

@@ -21,18 +21,22 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from livediff.engine.frames import YuvFrame
-from livediff.exceptions import InvalidFrameError, SessionClosedError
+from livediff.exceptions import InvalidFrameError, MediaError, SessionClosedError
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import read_marker, stamp_marker
-from livediff.streams.media import yuv_frame_of
+from livediff.streams.media import MediaTime, yuv_frame_of
+from livediff.streams.ndi_io import SessionNdiOut
 
+log = logging.getLogger(__name__)
 MarkerMap = OrderedDict  # pts -> latency-marker value, bounded by the writer
 _MARKER_LIMIT = 256
 OutputCallback = Callable[[float | None], None]
@@ -50,8 +54,10 @@ class SessionVideoTrack(MediaStreamTrack):
         *,
         markers: MarkerMap | None = None,
         on_output: OutputCallback | None = None,
+        ndi: SessionNdiOut | None = None,
     ) -> None:
         super().__init__()
+        self._ndi = ndi  # the session's NDI source too, if the server publishes them
         self._session = session
         self._flow = flow
         self._markers = markers
@@ -71,10 +77,29 @@ class SessionVideoTrack(MediaStreamTrack):
         size = (int(config.width or 0), int(config.height or 0))
         frame = await loop.run_in_executor(None, _to_video_frame, out.image, marker, size)
         frame.pts, frame.time_base = out.pts, out.time_base
+        if self._ndi is not None:
+            await self._publish(out, size)
         latency = self._flow.frame_out(out.pts)
         if self._on_output is not None:
             self._on_output(latency)
         return frame
+
+    async def _publish(self, out: Any, size: tuple[int, int]) -> None:
+        """The output to the session's NDI source too; a failure ends the NDI output only."""
+        assert self._ndi is not None
+        time = None if out.pts is None else MediaTime(out.pts, out.time_base or Fraction(1))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._ndi.send, out.image, time, size)
+        except MediaError as exc:
+            log.error("[%s] NDI output %r stopped: %s", self._session.id, self._ndi.name, exc)
+            self._ndi.close()
+            self._ndi = None
+
+    def stop(self) -> None:
+        super().stop()
+        if self._ndi is not None:
+            self._ndi.close()
 
 
 def _to_video_frame(image: np.ndarray, marker: int | None, size: tuple[int, int]) -> av.VideoFrame:

@@ -21,13 +21,20 @@ import logging
 import time
 from collections.abc import Awaitable
 from concurrent.futures import Executor
+from fractions import Fraction
 from functools import partial
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from livediff.engine.session import DroppedFrame
-from livediff.exceptions import CapacityError, InvalidFrameError, ParameterError, SessionClosedError
+from livediff.exceptions import (
+    CapacityError,
+    InvalidFrameError,
+    MediaError,
+    ParameterError,
+    SessionClosedError,
+)
 from livediff.streams import app_keys, ws_protocol
 from livediff.streams.auth import ACCESS, TOKEN_QUERY, UNAUTHORIZED
 from livediff.streams.control_messages import (
@@ -46,6 +53,8 @@ from livediff.streams.limits import (
     jpeg_refusal,
     read_jpeg_header,
 )
+from livediff.streams.media import MediaTime
+from livediff.streams.ndi_io import SessionNdiOut
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
 from livediff.streams.transport_metrics import TransportMetrics
@@ -87,7 +96,15 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         return await refuse(ws_protocol.CLOSE_POLICY, "params", str(exc))
     except CapacityError as exc:
         return await refuse(ws_protocol.CLOSE_TRY_AGAIN, "capacity", str(exc))
-    connection = WsConnection(ws, session, config, metrics, app[app_keys.DECODE_POOL])
+    ndi_out = app.get(app_keys.NDI_OUT)
+    connection = WsConnection(
+        ws,
+        session,
+        config,
+        metrics,
+        app[app_keys.DECODE_POOL],
+        ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
+    )
     sockets.add(ws)
     app[DRAIN].websockets.add(connection)
     try:
@@ -109,6 +126,8 @@ class WsConnection:
         config: ServerConfig,
         metrics: TransportMetrics,
         decode_pool: Executor | None = None,
+        *,
+        ndi_name: str | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
@@ -134,6 +153,7 @@ class WsConnection:
         self._finisher: asyncio.Task[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self.ended = asyncio.Event()  # set by the handler once the connection is over
+        self._ndi = SessionNdiOut(ndi_name) if ndi_name else None
 
     async def run(self) -> None:
         self.log.info("websocket session open")
@@ -152,6 +172,8 @@ class WsConnection:
                 await self._reap(watchdog)
             with contextlib.suppress(SessionClosedError):
                 await self.session.close()
+            if self._ndi is not None:
+                self._ndi.close()
             if not self.ws.closed:
                 await self.ws.close()
             self.log.info(
@@ -309,10 +331,24 @@ class WsConnection:
                 )
             previous = data
             await self._send(data)
+            if self._ndi is not None:
+                await self._publish(out)
             latency = self.flow.frame_out(out.pts)
             self.metrics.frames.labels(TRANSPORT, "out").inc()
             if latency is not None:
                 self.metrics.latency.labels(TRANSPORT).observe(latency / 1000.0)
+
+    async def _publish(self, out: Any) -> None:
+        """The output to this session's NDI source too; a failure ends the NDI output only."""
+        assert self._ndi is not None
+        time = None if out.pts is None else MediaTime(out.pts, out.time_base or Fraction(1))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._ndi.send, out.image, time)
+        except MediaError as exc:
+            self.log.error("NDI output %r stopped: %s", self._ndi.name, exc)
+            self._ndi.close()
+            self._ndi = None
 
     async def _fail(self, message: str) -> None:
         """The session ended under us: tell the client and close."""

@@ -330,10 +330,11 @@ def test_ci_tests_and_lints_with_one_interpreter(sandbox: dict[str, object], man
 def test_the_test_command_installs_ray_serve_and_says_how_big(sandbox: dict[str, object]) -> None:
     done = run(sandbox, "scripts/test.sh", "-k", "nothing")
     assert done.returncode == 0, done.stderr
-    assert any(c[1] == "pip" and c[-1] == ".[webrtc,dev,ray]" for c in calls(sandbox))
+    assert any(c[1] == "pip" and c[-1] == ".[webrtc,dev,ray,creative]" for c in calls(sandbox))
     assert (
         "Ray Serve (the ray extra) about 105 MB more to download, 300 MB installed" in done.stderr
     )
+    assert "OSC and NDI (the creative extra, with the NDI runtime) about 11 MB" in done.stderr
 
 
 def test_apt_step_says_what_and_how_big_and_shows_progress(sandbox: dict[str, object]) -> None:

@@ -59,6 +59,8 @@ READ_BY = {
     "runtime.degrade": {"serve", "camera"},
     "ray": {"serve"},
     "ray.autoscaling": {"serve"},
+    "osc": {"serve", "camera"},
+    "ndi": {"serve", "camera"},
 }
 # Values picked by hand, for settings whose check= takes shapes the type alone does not say or
 # whose range depends on another setting: (value, flag/query text, checked).

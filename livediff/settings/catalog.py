@@ -17,6 +17,8 @@ TABLES = (
     ("server", "livediff.streams.server_config", "ServerConfig", "the server of livediff serve"),
     ("runtime", "livediff.engine.runtime_config", "RuntimeConfig", "the multi-session engine"),
     ("ray", "livediff.streams.ray_config", "RayConfig", "livediff serve --ray (Ray Serve)"),
+    ("osc", "livediff.streams.osc_config", "OscConfig", "OSC control (livediff serve and camera)"),
+    ("ndi", "livediff.streams.ndi_config", "NdiConfig", "NDI output (livediff camera and serve)"),
 )
 
 

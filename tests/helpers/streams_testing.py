@@ -121,13 +121,17 @@ def read_video(path: Path) -> list[np.ndarray]:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    bundle: ModelBundle, config: ServerConfig | None = None, runtime: RuntimeConfig = TEST_RUNTIME
+    bundle: ModelBundle,
+    config: ServerConfig | None = None,
+    runtime: RuntimeConfig = TEST_RUNTIME,
+    *,
+    ndi_out: str | None = None,
 ) -> AsyncIterator[tuple[str, web.Application, Engine]]:
     """An engine and the app on ``127.0.0.1:<free port>``; yields (base URL, app, engine)."""
     engine = Engine(bundle, None, runtime, None)
     await engine.start()
     config = config or ServerConfig()
-    app = create_app(engine, config)
+    app = create_app(engine, config, ndi_out=ndi_out)
     runner = await start_runner(app, config, access_log=None)
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
