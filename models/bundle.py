@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import AutoencoderTiny
 
+from livediff.exceptions import BatchCompositionError
 from livediff.models.controlnet import LoadedControlNet, control_residuals
 from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
@@ -17,6 +19,7 @@ from livediff.models.unet_batch import UNetBatch
 
 if TYPE_CHECKING:
     from livediff.models.control_images import PreprocessorNetworks
+    from livediff.models.lora_library import LoraLibrary
 
 VAE_SCALE_FACTOR = 8  # every supported VAE downsamples by 8
 
@@ -39,6 +42,8 @@ class ModelBundle:
     controlnets: tuple[LoadedControlNet, ...] = ()
     # The networks the depth / soft edge preprocessors run (None: none loaded).
     control_networks: PreprocessorNetworks | None = None
+    # Per-session LoRAs: the UNet's rewritten layers and packed buffers (UNetBatch.lora_*).
+    loras: LoraLibrary | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -88,6 +93,13 @@ class ModelBundle:
             control_networks=networks if networks is not None else self.control_networks,
         )
 
+    def with_loras(self, library: LoraLibrary | None) -> ModelBundle:
+        """The same networks with ``library`` (attached to this bundle's UNet) for per-session
+        LoRAs (a shallow copy)."""
+        if library is not None and library.unet is not self.unet:
+            raise BatchCompositionError("a LoRA library belongs to the UNet it was attached to")
+        return replace(self, loras=library)
+
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)
 
@@ -129,11 +141,23 @@ class ModelBundle:
                 "down_block_additional_residuals": down,
                 "mid_block_additional_residual": mid,
             }
-        return self.unet(
-            batch.latents,
-            batch.timesteps,
-            encoder_hidden_states=batch.embeds,
-            added_cond_kwargs=added,
-            return_dict=False,
-            **residuals,
-        )[0]
+        with self._lora_rows(batch):
+            return self.unet(
+                batch.latents,
+                batch.timesteps,
+                encoder_hidden_states=batch.embeds,
+                added_cond_kwargs=added,
+                return_dict=False,
+                **residuals,
+            )[0]
+
+    def _lora_rows(self, batch: UNetBatch) -> Any:
+        """The rows' per-session LoRAs applied for one call (none: a no-op context)."""
+        if self.loras is not None:
+            return self.loras.rows(batch.lora_indices, batch.lora_scales)
+        if batch.lora_indices is not None:
+            raise BatchCompositionError(
+                "a batch with per-session LoRA rows reached a model without a LoRA library",
+                field="lora_indices",
+            )
+        return contextlib.nullcontext()

@@ -162,6 +162,10 @@ class GraphedBundle(ModelBundle):
             slots = len(self.controlnets)
             unet["control_images"] = torch.zeros(1, slots, 3, h * factor, w * factor, **opts)
             unet["control_scales"] = torch.zeros(1, slots, **opts)
+        if self.loras is not None:  # every row carries its LoRA slots (none: scale 0)
+            slots = self.loras.capacity.slots_per_row
+            unet["lora_indices"] = torch.full((1, slots), -1, dtype=torch.int32, device=self.device)
+            unet["lora_scales"] = torch.zeros(1, slots, dtype=torch.float32, device=self.device)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},
