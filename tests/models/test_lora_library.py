@@ -353,3 +353,18 @@ def test_fused_qkv_projections_are_refused(base: Any) -> None:
     unet.fuse_qkv_projections()
     with pytest.raises(ModelLoadError, match="fuse_qkv"):
         LoraLibrary.attach(unet)
+
+
+def test_backends_that_would_drop_the_loras_refuse(base: Any) -> None:
+    from livediff.exceptions import BackendError
+    from livediff.models.recipe import Recipe, apply_recipe
+    from livediff.models.tensorrt_engine import load_tensorrt_bundle
+
+    unet = copy.deepcopy(base)
+    bundle = _bundle(unet).with_loras(LoraLibrary.attach(unet))
+    with pytest.raises(BackendError, match="fuse_qkv off"):
+        apply_recipe(bundle, Recipe(fuse_qkv=True, compile=False))
+    with pytest.raises(BackendError, match="does not run per-session LoRAs"):
+        load_tensorrt_bundle(bundle)
+    with pytest.raises(BatchCompositionError, match="belongs to the UNet"):
+        _bundle(base).with_loras(bundle.loras)
