@@ -34,6 +34,7 @@ from livediff.engine.frames import (
     frame_size,
 )
 from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
+from livediff.engine.lora_plan import resolve_loras
 from livediff.engine.similarity import SimilarityFilter, similarity_signal
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError
@@ -80,6 +81,7 @@ class PreparedUpdate:
     uncond: Conditioning | None = None
     coefficients: StepCoefficients | None = None
     control: ControlPlan | None = None
+    loras: tuple[torch.Tensor, torch.Tensor] | None = None  # the rows' LoRA slots and scales
 
 
 class Stream:
@@ -123,11 +125,12 @@ class Stream:
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
         self._control: ControlPlan | None = None
+        self._loras: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
             self._prepare(
                 self.params,
-                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets")),
+                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets", "loras")),
             )
         )
 
@@ -164,6 +167,7 @@ class Stream:
                 if self.bundle.controlnets
                 else None
             ),
+            lora_slots=self.bundle.loras.capacity.slots_per_row if self.bundle.loras else None,
         )
 
     def _noise(self, seed: int) -> torch.Tensor:
@@ -200,7 +204,8 @@ class Stream:
                 self.bundle,
                 has_input_frames=self.config.mode is not GenerationMode.TXT2IMG,
             )
-        return PreparedUpdate(params, changed, cond, uncond, coefficients, control)
+        loras = resolve_loras(params.loras, self.bundle) if "loras" in changed else None
+        return PreparedUpdate(params, changed, cond, uncond, coefficients, control, loras)
 
     def apply_update(self, update: PreparedUpdate) -> None:
         """Swap a prepared update in between two frames (only copies into existing buffers)."""
@@ -234,6 +239,10 @@ class Stream:
             self._control = update.control
         if (update.control is not None or rebuilt) and self._control is not None:
             self.batch.set_control_scales(self._control.scales())
+        if update.loras is not None:
+            self._loras = update.loras
+        if (update.loras is not None or rebuilt) and self._loras is not None:
+            self.batch.set_loras(*self._loras)
         self.params = params
 
     def update(self, **changes: Any) -> None:

@@ -57,6 +57,7 @@ class StreamBatch:
         device: torch.device,
         dtype: torch.dtype,
         control_shape: tuple[int, int, int] | None = None,
+        lora_slots: int | None = None,
     ) -> None:
         self.steps = coefficients.steps
         self.frame_buffer_size = frame_buffer_size
@@ -105,6 +106,17 @@ class StreamBatch:
             self._control_images = torch.zeros(self.unet_rows, slots, 3, height, width, **opts)
             self._control_scales = torch.zeros(self.unet_rows, slots, **opts)
             self._scales_next = torch.zeros(slots, **opts)
+        # Per-session LoRAs: the packed slot and scale of each of the session's LoRAs, the
+        # same in every row (index -1 / scale 0: none). ``lora_slots`` is the library's width.
+        self._lora_indices: torch.Tensor | None = None
+        self._lora_scales: torch.Tensor | None = None
+        if lora_slots is not None:
+            self._lora_indices = torch.full(
+                (self.unet_rows, lora_slots), -1, dtype=torch.int32, device=device
+            )
+            self._lora_scales = torch.zeros(
+                self.unet_rows, lora_slots, dtype=torch.float32, device=device
+            )
         self.set_coefficients(coefficients)
 
     # ------------------------------------------------------------------ live updates
@@ -169,6 +181,13 @@ class StreamBatch:
         from now on (frames in flight keep theirs, as they keep their control images)."""
         assert self._scales_next is not None
         self._scales_next.copy_(scales.to(self._scales_next))
+
+    def set_loras(self, indices: torch.Tensor, scales: torch.Tensor) -> None:
+        """The session's LoRA slots and scales ``[slots]``, for every row from the next call
+        on (as a new prompt applies to every row)."""
+        assert self._lora_indices is not None and self._lora_scales is not None
+        self._lora_indices.copy_(indices.expand_as(self._lora_indices))
+        self._lora_scales.copy_(scales.expand_as(self._lora_scales))
 
     def push_control(self, images: torch.Tensor) -> None:
         """The new frame group's control images ``[F, K, 3, H, W]`` in [0, 1], with the scales
@@ -254,6 +273,8 @@ class StreamBatch:
             self._time_ids,
             self._control_images,
             self._control_scales,
+            self._lora_indices,
+            self._lora_scales,
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:

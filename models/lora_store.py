@@ -23,8 +23,9 @@ import torch
 
 from livediff.exceptions import ModelLoadError, ParameterError
 from livediff.models.lora_files import LoraFile, target_layers
+from livediff.models.lora_uses import MAX_LORA_USES
 
-MAX_SLOTS_PER_ROW = 8
+MAX_SLOTS_PER_ROW = MAX_LORA_USES
 MAX_RANK = 256  # the Triton kernel's limit (kernels/lora_rows.py TRITON_MAX_RANK)
 
 

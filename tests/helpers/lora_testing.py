@@ -50,7 +50,7 @@ def linear_targets(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 def random_lora(
-    unet: torch.nn.Module, rank: int, seed: int, *, every: int = 1
+    unet: torch.nn.Module, rank: int, seed: int, *, every: int = 1, strength: float = 0.3
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (down [rank, in], up [out, rank])}`` on every ``every``-th target layer; up is
     not zero (trained LoRAs' are not), so each layer's update shows."""
@@ -60,7 +60,7 @@ def random_lora(
         if index % every:
             continue
         down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
-        up = torch.randn(module.out_features, rank, generator=gen) * 0.3 / rank**0.5
+        up = torch.randn(module.out_features, rank, generator=gen) * strength / rank**0.5
         layers[name] = (down, up)
     return layers
 
