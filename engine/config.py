@@ -24,6 +24,7 @@ from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
 from livediff.models.control_uses import ControlUse, control_uses
 from livediff.models.feature_bank import MAX_BANK_FRAMES
+from livediff.models.lora_uses import LoraUse, lora_uses
 from livediff.settings import (
     check_settings,
     check_text,
@@ -332,6 +333,14 @@ class GenerationParams:
         max=1,
         live=True,
         flag="--scene-cut",
+    )
+    loras: tuple[LoraUse, ...] = setting(
+        (),
+        doc="the per-session LoRAs this session uses: {name, scale} each (scale in [-10, 10]), "
+        "up to the server's slots per row (at most 8), by the names the server loaded them under",
+        check=lora_uses,
+        expected="a list of {name, scale} objects, or NAME[:SCALE] texts",
+        live=True,
     )
 
     def __post_init__(self) -> None:

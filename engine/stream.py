@@ -35,6 +35,7 @@ from livediff.engine.frames import (
     frame_size,
 )
 from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
+from livediff.engine.lora_plan import resolve_loras
 from livediff.engine.similarity import SimilarityFilter, similarity_signal
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError
@@ -86,6 +87,7 @@ class PreparedUpdate:
     coefficients: StepCoefficients | None = None
     control: ControlPlan | None = None
     bank_lease: SlotLease | None = None  # new feature bank slots for this session's rows
+    loras: tuple[torch.Tensor, torch.Tensor] | None = None  # the rows' LoRA slots and scales
 
 
 class Stream:
@@ -132,11 +134,12 @@ class Stream:
         self._bank = BankState(self.params.feature_bank, self.params.bank_interval)
         self._bank_lease: SlotLease | None = None
         self._cuts = SceneCuts(self.params.scene_cut)
+        self._loras: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
             self._prepare(
                 self.params,
-                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets"))
+                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets", "loras"))
                 | _CONSISTENCY_FIELDS,
             )
         )
@@ -175,6 +178,7 @@ class Stream:
                 else None
             ),
             bank_frames=self.bundle.feature_bank.frames if self.bundle.feature_bank else None,
+            lora_slots=self.bundle.loras.capacity.slots_per_row if self.bundle.loras else None,
         )
 
     def _noise(self, seed: int) -> torch.Tensor:
@@ -211,8 +215,11 @@ class Stream:
                 self.bundle,
                 has_input_frames=self.config.mode is not GenerationMode.TXT2IMG,
             )
+        loras = resolve_loras(params.loras, self.bundle) if "loras" in changed else None
         lease = self._lease_for(params, changed, coefficients)
-        return PreparedUpdate(params, changed, cond, uncond, coefficients, control, lease)
+        return PreparedUpdate(
+            params, changed, cond, uncond, coefficients, control, loras=loras, bank_lease=lease
+        )
 
     def _lease_for(
         self,
@@ -286,6 +293,10 @@ class Stream:
         if (update.control is not None or rebuilt) and self._control is not None:
             self.batch.set_control_scales(self._control.scales())
         self._apply_consistency(update, rebuilt)
+        if update.loras is not None:
+            self._loras = update.loras
+        if (update.loras is not None or rebuilt) and self._loras is not None:
+            self.batch.set_loras(*self._loras)
         self.params = params
 
     def _apply_consistency(self, update: PreparedUpdate, rebuilt: bool) -> None:

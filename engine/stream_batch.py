@@ -58,6 +58,7 @@ class StreamBatch:
         dtype: torch.dtype,
         control_shape: tuple[int, int, int] | None = None,
         bank_frames: int | None = None,
+        lora_slots: int | None = None,
     ) -> None:
         self.steps = coefficients.steps
         self.frame_buffer_size = frame_buffer_size
@@ -129,6 +130,17 @@ class StreamBatch:
         self._feedback_weight = 0.0
         self._feedback: torch.Tensor | None = None
         self._has_feedback = False
+        # Per-session LoRAs: the packed slot and scale of each of the session's LoRAs, the
+        # same in every row (index -1 / scale 0: none). ``lora_slots`` is the library's width.
+        self._lora_indices: torch.Tensor | None = None
+        self._lora_scales: torch.Tensor | None = None
+        if lora_slots is not None:
+            self._lora_indices = torch.full(
+                (self.unet_rows, lora_slots), -1, dtype=torch.int32, device=device
+            )
+            self._lora_scales = torch.zeros(
+                self.unet_rows, lora_slots, dtype=torch.float32, device=device
+            )
         self.set_coefficients(coefficients)
 
     @staticmethod
@@ -262,6 +274,13 @@ class StreamBatch:
         assert self._scales_next is not None
         self._scales_next.copy_(scales.to(self._scales_next))
 
+    def set_loras(self, indices: torch.Tensor, scales: torch.Tensor) -> None:
+        """The session's LoRA slots and scales ``[slots]``, for every row from the next call
+        on (as a new prompt applies to every row)."""
+        assert self._lora_indices is not None and self._lora_scales is not None
+        self._lora_indices.copy_(indices.expand_as(self._lora_indices))
+        self._lora_scales.copy_(scales.expand_as(self._lora_scales))
+
     def push_control(self, images: torch.Tensor) -> None:
         """The new frame group's control images ``[F, K, 3, H, W]`` in [0, 1], with the scales
         of :meth:`set_control_scales`.
@@ -341,17 +360,19 @@ class StreamBatch:
     def _batch(self) -> UNetBatch:
         bank = self._bank
         return UNetBatch(
-            self._unet_latents,
-            self._timesteps,
-            self._embeds,
-            self._text_embeds,
-            self._time_ids,
-            self._control_images,
-            self._control_scales,
-            bank.get("slots"),
-            bank.get("frames"),
-            bank.get("write"),
-            bank.get("fusion"),
+            latents=self._unet_latents,
+            timesteps=self._timesteps,
+            embeds=self._embeds,
+            text_embeds=self._text_embeds,
+            time_ids=self._time_ids,
+            control_images=self._control_images,
+            control_scales=self._control_scales,
+            lora_indices=self._lora_indices,
+            lora_scales=self._lora_scales,
+            bank_slots=bank.get("slots"),
+            bank_frames=bank.get("frames"),
+            bank_write=bank.get("write"),
+            bank_fusion=bank.get("fusion"),
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:

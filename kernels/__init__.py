@@ -5,6 +5,8 @@ for CUDA and a plain-PyTorch reference for every other case.
 - :mod:`.postprocess`: model output → uint8 RGB or packed I420.
 - :mod:`.similarity`: cosine similarity of two frames, as a device tensor.
 - :mod:`.fused_step`: one Stream Batch step (RCFG, LCM step, shift, re-noise, stock noise).
+- :mod:`.lora_rows`: each row of a shared batch adds its own LoRAs' ``scale·(x·A)·B``
+  (Punica's segmented low-rank update) over LoRA weights packed in fixed device buffers.
 - :mod:`.yuv`: the BT.601 limited-range conversions and plane layouts.
 - :mod:`.canny`: Canny edges with per-row thresholds (the canny ControlNets' input). Plain
   PyTorch on every device, no Triton kernel: nothing to fall back from, so it is not in

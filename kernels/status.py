@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from livediff.kernels import fused_step, postprocess, preprocess, similarity  # noqa: F401  (registers the ops)
+from livediff.kernels import (  # noqa: F401  (registers the ops)
+    fused_step,
+    lora_rows,
+    postprocess,
+    preprocess,
+    similarity,
+)
 from livediff.kernels._dispatch import (
     FALLBACKS,
     INT32_LIMIT,
@@ -31,6 +37,7 @@ _GUARDS = {
     "livediff::postprocess_i420": f"input {_FLOATS}, contiguous",
     "livediff::cosine_similarity": f"inputs {_FLOATS} or uint8, contiguous",
     "livediff::stream_batch_step": f"latents {_FLOATS}, every tensor contiguous",
+    "livediff::lora_rows_add": f"x {_FLOATS}, rank <= 256, every tensor contiguous",
 }
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import AutoencoderTiny
 
+from livediff.exceptions import BatchCompositionError
 from livediff.models.controlnet import LoadedControlNet, control_residuals
 from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
 from livediff.models.presets import ModelPreset
@@ -20,6 +21,7 @@ from livediff.models.unet_batch import UNetBatch
 
 if TYPE_CHECKING:
     from livediff.models.control_images import PreprocessorNetworks
+    from livediff.models.lora_library import LoraLibrary
 
 VAE_SCALE_FACTOR = 8  # every supported VAE downsamples by 8
 
@@ -44,6 +46,8 @@ class ModelBundle:
     control_networks: PreprocessorNetworks | None = None
     # StreamV2V's feature bank on the UNet's self-attentions (None: not installed).
     feature_bank: FeatureBank | None = None
+    # Per-session LoRAs: the UNet's rewritten layers and packed buffers (UNetBatch.lora_*).
+    loras: LoraLibrary | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -98,6 +102,13 @@ class ModelBundle:
         frames installed on the UNet (in place: the UNet is shared with ``self``)."""
         return replace(self, feature_bank=attach_feature_bank(self.unet, rows=rows, frames=frames))
 
+    def with_loras(self, library: LoraLibrary | None) -> ModelBundle:
+        """The same networks with ``library`` (attached to this bundle's UNet) for per-session
+        LoRAs (a shallow copy)."""
+        if library is not None and library.unet is not self.unet:
+            raise BatchCompositionError("a LoRA library belongs to the UNet it was attached to")
+        return replace(self, loras=library)
+
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)
 
@@ -139,7 +150,7 @@ class ModelBundle:
                 "down_block_additional_residuals": down,
                 "mid_block_additional_residual": mid,
             }
-        with self._bank_rows(batch):
+        with self._bank_rows(batch), self._lora_rows(batch):
             return self.unet(
                 batch.latents,
                 batch.timesteps,
@@ -158,3 +169,14 @@ class ModelBundle:
         return self.feature_bank.serving(
             BankRows(batch.bank_slots, batch.bank_frames, batch.bank_write, batch.bank_fusion)
         )
+
+    def _lora_rows(self, batch: UNetBatch) -> Any:
+        """The rows' per-session LoRAs applied for one call (none: a no-op context)."""
+        if self.loras is not None:
+            return self.loras.rows(batch.lora_indices, batch.lora_scales)
+        if batch.lora_indices is not None:
+            raise BatchCompositionError(
+                "a batch with per-session LoRA rows reached a model without a LoRA library",
+                field="lora_indices",
+            )
+        return contextlib.nullcontext()

@@ -176,6 +176,10 @@ class GraphedBundle(ModelBundle):
             unet["bank_frames"] = torch.zeros(1, frames, **opts)
             unet["bank_write"] = torch.zeros(1, dtype=torch.long, device=self.device)
             unet["bank_fusion"] = torch.zeros(1, 2, **opts)
+        if self.loras is not None:  # every row carries its LoRA slots (none: scale 0)
+            slots = self.loras.capacity.slots_per_row
+            unet["lora_indices"] = torch.full((1, slots), -1, dtype=torch.int32, device=self.device)
+            unet["lora_scales"] = torch.zeros(1, slots, dtype=torch.float32, device=self.device)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},

@@ -163,6 +163,11 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
         raise BackendError(
             f"the compile backend needs a CUDA device; this model is on {bundle.device}. Use --backend eager on CPU."
         )
+    if recipe.fuse_qkv and bundle.loras is not None:
+        raise BackendError(
+            "per-session LoRAs add to the separate q/k/v projections: use the recipe with "
+            "fuse_qkv off (Recipe(fuse_qkv=False))"
+        )
     vae = bundle.vae
     denoisers = [bundle.unet, *(c.net for c in bundle.controlnets)]  # UNet and its ControlNets
     for net in denoisers:

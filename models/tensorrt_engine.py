@@ -381,6 +381,11 @@ def load_tensorrt_bundle(
             f"the tensorrt backend does not export ControlNets yet ({names}); "
             "use --backend compile, which captures them with the UNet"
         )
+    if bundle.loras is not None:
+        raise BackendError(
+            "the tensorrt backend does not run per-session LoRAs; use --backend compile, or "
+            "fuse the LoRAs at load (--lora)"
+        )
     trt = import_tensorrt()
     if bundle.device.type != "cuda":
         raise BackendError(

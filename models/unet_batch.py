@@ -81,6 +81,21 @@ class UNetBatch:
             "ControlNet off for the row (the net still runs: its residuals are zeroed)",
         ),
     )
+    lora_indices: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="per-session LoRAs [rows, slots] int32: the packed slot of each of the row's "
+            "LoRAs (ModelBundle.loras; -1: none)",
+        ),
+    )
+    lora_scales: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="per-session LoRA scales [rows, slots] float32; 0 turns that slot off",
+        ),
+    )
 
     bank_slots: torch.Tensor | None = field(
         default=None,

@@ -112,6 +112,7 @@ def wire_params(params: GenerationParams) -> dict[str, Any]:
         blend=params.blend.value,
         t_index_list=None if params.t_index_list is None else list(params.t_index_list),
         controlnets=[use.as_json() for use in params.controlnets],
+        loras=[use.as_json() for use in params.loras],
     )
     return values
 

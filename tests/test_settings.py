@@ -21,6 +21,7 @@ from livediff.cli import build_parser
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec, ControlUse
+from livediff.models.lora_uses import LoraUse
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
     Declared,
@@ -93,7 +94,11 @@ SHAPED_BY_ITEM: dict[Any, tuple[Any, str | None, Any]] = {
         (ControlNetSpec("random", name="edges"),),
     ),
 }
-SHAPED_BAD_BY_ITEM: dict[Any, Any] = {ControlNetSpec: [{"source": "random", "scale": 2}]}
+SHAPED_BY_ITEM[LoraUse] = ([{"name": "ink", "scale": 0.5}], "ink:0.5", (LoraUse("ink", 0.5),))
+SHAPED_BAD_BY_ITEM: dict[Any, Any] = {
+    ControlNetSpec: [{"source": "random", "scale": 2}],
+    LoraUse: [{"name": "ink", "scale": 99}],
+}
 SHAPED_BAD = {
     "prompt": 42,
     "host_addresses": ["not-an-ip"],

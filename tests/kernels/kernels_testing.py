@@ -117,3 +117,65 @@ def fused_inputs(
         "guidance_scale": torch.tensor(1.6, dtype=dtype, device=device),
         "delta": torch.tensor(0.7, dtype=dtype, device=device),
     }
+
+
+def naive_lora_rows(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    indices: torch.Tensor,
+    scales: torch.Tensor,
+) -> torch.Tensor:
+    """``out[r] + Σ scale·(x[r]·A)·B`` in float64, one row and slot at a time."""
+    total = out.to(torch.float64).clone()
+    for row in range(x.shape[0]):
+        for slot in range(indices.shape[1]):
+            index, scale = int(indices[row, slot]), float(scales[row, slot])
+            if not 0 <= index < a.shape[0] or scale == 0:
+                continue
+            down = x[row].to(torch.float64) @ a[index].to(torch.float64)
+            total[row] += scale * down @ b[index].to(torch.float64)
+    return total
+
+
+def lora_rows_inputs(
+    rank: int,
+    *,
+    tokens: int = 13,
+    width: int = 40,
+    features: int = 72,
+    loras: int = 3,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Six rows: none, one LoRA, two, the same LoRA twice, an index out of range, scale 0.
+
+    Each packed LoRA uses only part of the padded rank (the rest is zero, as the store pads),
+    and weights are scaled so ``x·A·B`` is of the order of ``x``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(loras, width, rank, generator=gen) / width**0.5
+    b = torch.randn(loras, rank, features, generator=gen) / rank**0.5
+    for lora in range(loras):  # ranks rank, rank - 1, … padded with zeros
+        used = max(1, rank - lora)
+        a[lora, :, used:] = 0
+        b[lora, used:] = 0
+    indices = torch.tensor(
+        [[-1, -1], [0, -1], [1, 2], [2, 2], [loras, 0], [1, -1]], dtype=torch.int32
+    )
+    scales = torch.tensor([[0.0, 0.0], [0.8, 0.0], [1.0, -0.5], [0.3, 0.7], [1.0, 1.0], [0.0, 0]])
+    rows = indices.shape[0]
+
+    def on(t: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
+        return t.to(device=device, dtype=kind)
+
+    return {
+        "out": on(torch.randn(rows, tokens, features, generator=gen), dtype),
+        "x": on(torch.randn(rows, tokens, width, generator=gen), dtype),
+        "a": on(a, dtype),
+        "b": on(b, dtype),
+        "indices": indices.to(device),
+        "scales": on(scales, torch.float32),
+    }

@@ -19,12 +19,19 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from kernels_testing import RCFG_MODES, fused_inputs
+from kernels_testing import RCFG_MODES, fused_inputs, lora_rows_inputs, naive_lora_rows
 
 from livediff.kernels import postprocess, preprocess, similarity, yuv
 from livediff.kernels.fused_step import fused_step
+from livediff.kernels.lora_rows import reference as lora_reference
 
-MODULES = ("_triton_preprocess", "_triton_postprocess", "_triton_similarity", "_triton_fused_step")
+MODULES = (
+    "_triton_preprocess",
+    "_triton_postprocess",
+    "_triton_similarity",
+    "_triton_fused_step",
+    "_triton_lora_rows",
+)
 
 
 def _drop_modules() -> None:
@@ -209,3 +216,24 @@ def test_fused_step_half(triton_cpu: SimpleNamespace, mode: str) -> None:
     torch.testing.assert_close(s["x_t"], state["x_t"], rtol=2e-3, atol=2e-3)
     if state["stock"] is not None:
         torch.testing.assert_close(s["stock"], state["stock"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rank", [4, 16, 40, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_rows(triton_cpu: SimpleNamespace, rank: int, dtype: torch.dtype) -> None:
+    inputs = lora_rows_inputs(rank, tokens=37, width=70, features=90, dtype=dtype, seed=rank)
+    expected = inputs["out"].clone()
+    lora_reference(expected, **{k: v for k, v in inputs.items() if k != "out"})
+    out = inputs["out"].clone()
+    triton_cpu.lora_rows.lora_rows_add(
+        out, *(inputs[k] for k in ("x", "a", "b", "indices", "scales"))
+    )
+    # Same rounding points; float32 sums in another order; fp16: 1 ulp of x·A or of out.
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    yardstick = naive_lora_rows(**inputs)
+    torch.testing.assert_close(
+        out.to(torch.float64), yardstick, rtol=4 * tolerance, atol=4 * tolerance
+    )
+    for row in (0, 5):  # no LoRA, scale 0: the kernel never writes them
+        assert torch.equal(out[row], inputs["out"][row])

@@ -1,0 +1,212 @@
+"""Packed LoRA buffers: one pair of fixed device tensors per target layer, one slot per LoRA.
+
+For every target layer (``Linear(in → out)``) the store holds ``a`` ``[max_loras, in,
+max_rank]`` and ``b`` ``[max_loras, max_rank, out]`` in the model's dtype, zero where no LoRA
+is loaded and past each LoRA's own rank. Loading a LoRA writes its weights into a free slot
+(``a = down.T``, ``b = up.T · alpha/rank``; zeros in the layers it does not touch), unloading
+zeroes the slot and frees it. The shapes never change, so a compiled or CUDA-graphed UNet that
+reads these buffers (:mod:`livediff.models.lora_layers`) sees new LoRAs without recompiling or
+re-capturing: :func:`livediff.kernels.lora_rows.lora_rows` picks each row's slots by index.
+
+Writes are ``copy_`` on the current CUDA stream: call :meth:`LoraStore.load` and
+:meth:`LoraStore.unload` from the thread that runs the UNet, between calls (the GPU worker),
+so a call never reads a half-written slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from livediff.exceptions import ModelLoadError, ParameterError
+from livediff.models.lora_files import LoraFile, target_layers
+from livediff.models.lora_uses import MAX_LORA_USES
+
+MAX_SLOTS_PER_ROW = MAX_LORA_USES
+MAX_RANK = 256  # the Triton kernel's limit (kernels/lora_rows.py TRITON_MAX_RANK)
+
+
+@dataclass(frozen=True)
+class LoraCapacity:
+    """The static sizes of the packed buffers: fixed at start, so nothing recompiles later.
+
+    ``max_loras``: LoRAs loaded at once; ``max_rank``: the largest rank a LoRA may have;
+    ``slots_per_row``: how many LoRAs one session (one row) may combine.
+    """
+
+    max_loras: int = 8
+    max_rank: int = 64
+    slots_per_row: int = 2
+
+    def __post_init__(self) -> None:
+        for name, value, top in (
+            ("max_loras", self.max_loras, 1024),
+            ("max_rank", self.max_rank, MAX_RANK),
+            ("slots_per_row", self.slots_per_row, MAX_SLOTS_PER_ROW),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise ParameterError(
+                    f"{name}={value!r} is out of range: expected an integer in [1, {top}]",
+                    field=name,
+                    limit=top,
+                )
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A LoRA in the store: its slot, rank, layers, and what it takes on the device."""
+
+    name: str
+    source: str
+    slot: int
+    rank: int
+    layers: int
+    bytes: int  # its own weights in the store's dtype (unpadded)
+    slot_bytes: int  # what its slot reserves (every target layer at max_rank)
+    ignored_text_encoder_keys: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "slot": self.slot,
+            "rank": self.rank,
+            "layers": self.layers,
+            "bytes": self.bytes,
+            "slot_bytes": self.slot_bytes,
+            "ignored_text_encoder_keys": self.ignored_text_encoder_keys,
+        }
+
+
+class LoraStore:
+    """The packed buffers of every target layer of one UNet, and which LoRA holds which slot."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        capacity: LoraCapacity,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.capacity = capacity
+        self.device = device
+        self.dtype = dtype
+        layers = target_layers(unet)
+        if not layers:
+            raise ModelLoadError("this UNet has no linear layers that LoRAs apply to")
+        n, r = capacity.max_loras, capacity.max_rank
+        opts: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
+            name: (
+                torch.zeros(n, layer.in_features, r, **opts),
+                torch.zeros(n, r, layer.out_features, **opts),
+            )
+            for name, layer in layers.items()
+        }
+        self._loaded: dict[str, LoadedLora] = {}
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device memory one slot reserves (all target layers at ``max_rank``)."""
+        total = sum(a[0].numel() + b[0].numel() for a, b in self.buffers.values())
+        return total * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.slot_bytes * self.capacity.max_loras
+
+    def loaded(self) -> tuple[LoadedLora, ...]:
+        return tuple(sorted(self._loaded.values(), key=lambda lora: lora.slot))
+
+    def get(self, name: str) -> LoadedLora:
+        entry = self._loaded.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._loaded)) or "none"
+            raise ParameterError(f"unknown LoRA {name!r}; loaded: {known}", field="loras")
+        return entry
+
+    def load(self, lora: LoraFile) -> LoadedLora:
+        """Write ``lora`` into a free slot; a loaded name or a full store is refused."""
+        if lora.name in self._loaded:
+            raise ParameterError(
+                f"a LoRA named {lora.name!r} is loaded already: unload it first", field="loras"
+            )
+        if lora.rank > self.capacity.max_rank:
+            raise ModelLoadError(
+                f"LoRA {lora.name!r} has rank {lora.rank}; this server's LoRA buffers hold "
+                f"ranks up to max_rank={self.capacity.max_rank}",
+                field="loras",
+                limit=self.capacity.max_rank,
+            )
+        unknown = sorted(set(lora.layers) - set(self.buffers))
+        if unknown:
+            raise ModelLoadError(
+                f"LoRA {lora.name!r} targets {unknown[0]}, which is not a LoRA layer of this UNet",
+                field="loras",
+            )
+        used = {entry.slot for entry in self._loaded.values()}
+        free = [slot for slot in range(self.capacity.max_loras) if slot not in used]
+        if not free:
+            raise ModelLoadError(
+                f"all {self.capacity.max_loras} LoRA slots are in use: unload one first",
+                field="loras",
+                limit=self.capacity.max_loras,
+            )
+        slot = free[0]
+        self._write(slot, lora)
+        entry = LoadedLora(
+            name=lora.name,
+            source=lora.source,
+            slot=slot,
+            rank=lora.rank,
+            layers=len(lora.layers),
+            bytes=lora.bytes_at(self.dtype),
+            slot_bytes=self.slot_bytes,
+            ignored_text_encoder_keys=lora.ignored_text_encoder_keys,
+        )
+        self._loaded[lora.name] = entry
+        return entry
+
+    def unload(self, name: str) -> LoadedLora:
+        """Zero the LoRA's slot and free it; rows still pointing there add nothing."""
+        entry = self.get(name)
+        for a, b in self.buffers.values():
+            a[entry.slot].zero_()
+            b[entry.slot].zero_()
+        del self._loaded[name]
+        return entry
+
+    def _write(self, slot: int, lora: LoraFile) -> None:
+        for name, (a, b) in self.buffers.items():
+            a[slot].zero_()
+            b[slot].zero_()
+            pair = lora.layers.get(name)
+            if pair is None:
+                continue
+            rank = pair.rank
+            a[slot, :, :rank].copy_(pair.down.t().to(a))
+            b[slot, :rank].copy_((pair.up.t() * pair.scale).to(b))
+
+    def row_inputs(
+        self, rows: Sequence[Sequence[tuple[str, float]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``indices`` ``[rows, slots_per_row]`` int32 and ``scales`` (float32) for rows that
+        each use a list of ``(name, scale)``; unused slots are index -1, scale 0."""
+        width = self.capacity.slots_per_row
+        indices = torch.full((len(rows), width), -1, dtype=torch.int32)
+        scales = torch.zeros((len(rows), width), dtype=torch.float32)
+        for row, uses in enumerate(rows):
+            if len(uses) > width:
+                raise ParameterError(
+                    f"{len(uses)} LoRAs for one session; this server combines up to {width}",
+                    field="loras",
+                    limit=width,
+                )
+            for slot, (name, scale) in enumerate(uses):
+                indices[row, slot] = self.get(name).slot
+                scales[row, slot] = float(scale)
+        return indices.to(self.device), scales.to(self.device)

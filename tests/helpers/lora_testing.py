@@ -1,0 +1,132 @@
+"""Tiny UNets with linear projections and LoRA files written by hand in both key formats.
+
+The files are real ``.safetensors`` files, laid out as diffusers / PEFT and as kohya / A1111
+write them; nothing here uses livediff's LoRA code, so tests can compare against them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+# SD 2.1-like: linear proj_in / proj_out, cross attention, two levels.
+TINY_LINEAR_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 24,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+}
+TARGETS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+)  # fmt: skip
+
+
+def tiny_unet(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config({**TINY_LINEAR_UNET, **overrides})
+    return unet.eval().requires_grad_(False)
+
+
+def linear_targets(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every linear layer a LoRA of these tests touches, found independently of livediff."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in TARGETS)
+    }
+
+
+def random_lora(
+    unet: torch.nn.Module, rank: int, seed: int, *, every: int = 1, strength: float = 0.3
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (down [rank, in], up [out, rank])}`` on every ``every``-th target layer; up is
+    not zero (trained LoRAs' are not), so each layer's update shows."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index, (name, module) in enumerate(sorted(linear_targets(unet).items())):
+        if index % every:
+            continue
+        down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+        up = torch.randn(module.out_features, rank, generator=gen) * strength / rank**0.5
+        layers[name] = (down, up)
+    return layers
+
+
+def save_peft(
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, alpha: float | None = None
+) -> Path:
+    """diffusers' layout: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``; ``alpha`` goes
+    into ``lora_adapter_metadata`` as diffusers' ``save_lora_weights`` writes it."""
+    tensors = {}
+    for name, (down, up) in layers.items():
+        tensors[f"unet.{name}.lora_A.weight"] = down.contiguous()
+        tensors[f"unet.{name}.lora_B.weight"] = up.contiguous()
+    metadata = {"format": "pt"}
+    if alpha is not None:
+        rank = next(iter(layers.values()))[0].shape[0]
+        config = {
+            "unet.r": rank,
+            "unet.lora_alpha": alpha,
+            "unet.target_modules": sorted(layers),
+        }
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def save_kohya(
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    path: Path,
+    alpha: float | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """kohya / A1111's layout: ``lora_unet_<module_with_underscores>.lora_down.weight`` …"""
+    tensors = dict(extra or {})
+    for name, (down, up) in layers.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path))
+    return path
+
+
+def fused_copy(
+    unet: UNet2DConditionModel,
+    loras: list[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]],
+) -> UNet2DConditionModel:
+    """A copy of ``unet`` with ``W += scale · up @ down`` for each (layers, scale): the LoRA
+    equation written out, as the oracle."""
+    import copy
+
+    fused = copy.deepcopy(unet)
+    modules = dict(fused.named_modules())
+    with torch.no_grad():
+        for layers, scale in loras:
+            for name, (down, up) in layers.items():
+                modules[name].weight += scale * (up.double() @ down.double()).float()
+    return fused
+
+
+def unet_inputs(rows: int, seed: int = 0, unet: Any = None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    width = 24 if unet is None else int(unet.config.cross_attention_dim)
+    return {
+        "sample": torch.randn(rows, 4, 8, 8, generator=gen),
+        "timestep": torch.randint(0, 1000, (rows,), generator=gen),
+        "encoder_hidden_states": torch.randn(rows, 7, width, generator=gen),
+    }
