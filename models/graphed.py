@@ -162,6 +162,9 @@ class GraphedBundle(ModelBundle):
             slots = len(self.controlnets)
             unet["control_images"] = torch.zeros(1, slots, 3, h * factor, w * factor, **opts)
             unet["control_scales"] = torch.zeros(1, slots, **opts)
+        if self.ip_adapter is not None:  # every session sends them (zeros and scale 0: off)
+            unet["ip_tokens"] = torch.zeros(1, *self.ip_adapter.token_shape, **opts)
+            unet["ip_scales"] = torch.zeros(1, **opts)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},

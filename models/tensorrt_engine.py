@@ -381,6 +381,11 @@ def load_tensorrt_bundle(
             f"the tensorrt backend does not export ControlNets yet ({names}); "
             "use --backend compile, which captures them with the UNet"
         )
+    if bundle.ip_adapter is not None:
+        raise BackendError(
+            f"the tensorrt backend does not export IP-Adapters yet ({bundle.ip_adapter.name}); "
+            "use --backend compile, which captures them with the UNet"
+        )
     trt = import_tensorrt()
     if bundle.device.type != "cuda":
         raise BackendError(

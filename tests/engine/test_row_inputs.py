@@ -68,6 +68,8 @@ def test_a_new_per_row_field_is_packed_padded_and_split_without_batching_code() 
         "time_ids",
         "control_images",
         "control_scales",
+        "ip_tokens",
+        "ip_scales",
         "scale",
         "tag",
     )
