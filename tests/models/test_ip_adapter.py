@@ -415,3 +415,57 @@ def test_bad_images_are_refused(plain_adapter: LoadedIPAdapter) -> None:
     with pytest.raises(InvalidFrameError, match=r"uint8 \[H, W, 3\]"):
         encoder.encode_array(np.zeros((8, 8), dtype=np.uint8))
     assert len(encoder) == 0
+
+
+def test_the_defaults_the_readme_names(plain_adapter: LoadedIPAdapter) -> None:
+    encoder = ImagePromptEncoder(plain_adapter)
+    assert (encoder.cache_entries, encoder.max_image_bytes, encoder.max_pixels) == (
+        64,
+        16 * 1024 * 1024,
+        4096 * 4096,
+    )
+
+
+def test_other_files_encoders_and_unsupported_kinds(
+    tiny_bundle: ModelBundle, sd_folder: Path, tmp_path: Path
+) -> None:
+    # weight_name picks another file of the folder
+    light = sd_folder / "models" / "ip-adapter_sd15_light.safetensors"
+    light.write_bytes((sd_folder / "models" / "ip-adapter_sd15.safetensors").read_bytes())
+    spec = IPAdapterSpec(source=str(sd_folder), weight_name=light.name)
+    assert load_ip_adapter(spec, _copy(tiny_bundle)).source == str(light)
+    # a lone file needs image_encoder=
+    parts = plain_state_dict(tiny_bundle.unet, TINY_ENCODER["projection_dim"], seed=3)
+    lone = save_adapter(parts, tmp_path / "lone" / "style.safetensors")
+    with pytest.raises(ModelLoadError, match="pass image_encoder"):
+        load_ip_adapter(IPAdapterSpec(source=str(lone)), tiny_bundle)
+    encoder = sd_folder / "models" / "image_encoder"
+    adapter = load_ip_adapter(
+        IPAdapterSpec(source=str(lone), image_encoder=str(encoder)), tiny_bundle
+    )
+    assert adapter.token_shape == (4, 32)
+    # full-face adapters are another kind
+    full = {"proj.0.weight": torch.zeros(32, 32), "proj.3.weight": torch.zeros(32, 32)}
+    face = save_adapter({"image_proj": full, "ip_adapter": parts["ip_adapter"]}, tmp_path / "f.bin")
+    with pytest.raises(ModelLoadError, match="full-face adapter, which livediff does not run"):
+        load_ip_adapter(IPAdapterSpec(source=str(face), image_encoder=str(encoder)), tiny_bundle)
+
+
+def test_an_hf_repository_is_read_from_the_cache(
+    tiny_bundle: ModelBundle, sd_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h94's repository id, offline, from an HF cache that holds it (snapshot + refs/main)."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--h94--IP-Adapter"
+    shutil.copytree(sd_folder, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    adapter = load_ip_adapter(IPAdapterSpec(local_files_only=True), _copy(tiny_bundle))
+    assert "0123abcd" in adapter.source
+    _, local = _loaded(tiny_bundle, sd_folder, "plain")
+    image = _png(30)
+    got = ImagePromptEncoder(adapter).encode_bytes(image).tokens
+    assert torch.equal(got, ImagePromptEncoder(local).encode_bytes(image).tokens)
