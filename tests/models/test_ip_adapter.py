@@ -469,3 +469,25 @@ def test_an_hf_repository_is_read_from_the_cache(
     image = _png(30)
     got = ImagePromptEncoder(adapter).encode_bytes(image).tokens
     assert torch.equal(got, ImagePromptEncoder(local).encode_bytes(image).tokens)
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_with_fused_qkv_and_no_recompile(
+    tiny_bundle: ModelBundle, sd_folder: Path
+) -> None:
+    """What ``--backend compile`` needs: ``fullgraph=True`` tracing (here with the aot_eager
+    backend, which needs no compiler), and new token and scale values reuse the graph."""
+    bundle, adapter = _loaded(tiny_bundle, sd_folder, "plus")
+    apply_recipe(bundle, Recipe(fuse_qkv=True, channels_last=False, compile=False))
+    prompt = ImagePromptEncoder(adapter).encode_bytes(_png(31))
+    inputs = _inputs(bundle, 2, seed=32)
+    tokens, scales = row_inputs([prompt, None], [0.7, 0.0], adapter)
+    eager = bundle.predict_noise(_batch(inputs, tokens, scales))
+    bundle.unet.forward = torch.compile(
+        bundle.unet.forward, fullgraph=True, dynamic=False, backend="aot_eager"
+    )
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = bundle.predict_noise(_batch(inputs, tokens, scales))
+        other = bundle.predict_noise(_batch(inputs, tokens * 2, scales + 0.1))
+    torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+    assert (other - compiled).abs().max() > 100 * ATOL
