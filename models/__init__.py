@@ -9,6 +9,9 @@ weights (:mod:`.loading`, giving a :class:`~.bundle.ModelBundle`), prompt encodi
 :mod:`.tensorrt_engine`). ControlNets: :mod:`.controlnet` (spec, per-row residuals),
 :mod:`.controlnet_loading`, :mod:`.controlnet_catalog` (the nets per preset), and their
 control images (:mod:`.control_images`, with the :mod:`.depth` and :mod:`.soft_edge` networks).
+IP-Adapters (style images): :mod:`.ip_adapter_spec` (spec, h94's files), :mod:`.ip_adapter`
+(per-row attention processors), :mod:`.ip_adapter_loading`, and :mod:`.image_prompts` (the
+image encoder with its content-hash cache).
 
 Entry points: :func:`~.loading.load_model` with a :class:`~.loading.ModelSpec`, then
 :func:`~.backends.prepare_backend`.

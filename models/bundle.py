@@ -14,6 +14,7 @@ from diffusers import AutoencoderTiny
 from livediff.exceptions import BatchCompositionError
 from livediff.models.controlnet import LoadedControlNet, control_residuals
 from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
+from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.spec import WeightsMode
@@ -48,6 +49,8 @@ class ModelBundle:
     feature_bank: FeatureBank | None = None
     # Per-session LoRAs: the UNet's rewritten layers and packed buffers (UNetBatch.lora_*).
     loras: LoraLibrary | None = None
+    # The IP-Adapter a batch's ip_tokens / ip_scales feed (its processors are on the UNet).
+    ip_adapter: LoadedIPAdapter | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -109,6 +112,15 @@ class ModelBundle:
             raise BatchCompositionError("a LoRA library belongs to the UNet it was attached to")
         return replace(self, loras=library)
 
+    def with_ip_adapter(self, adapter: LoadedIPAdapter) -> ModelBundle:
+        """The same networks with ``adapter`` for the image-prompt inputs (a shallow copy).
+
+        Its processors go onto the shared UNet; calls without ``ip_tokens`` give what they gave
+        before (:mod:`livediff.models.ip_adapter`), so the original bundle is unaffected.
+        """
+        adapter.install(self.unet)
+        return replace(self, ip_adapter=adapter)
+
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)
 
@@ -131,7 +143,8 @@ class ModelBundle:
     @torch.inference_mode()
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
         """One UNet call over every row of ``batch``, with its ControlNets' residuals if it has
-        control inputs (:func:`~livediff.models.controlnet.control_residuals`)."""
+        control inputs (:func:`~livediff.models.controlnet.control_residuals`) and its image
+        prompts if it has IP-Adapter inputs (:mod:`livediff.models.ip_adapter`)."""
         added = None
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
@@ -150,11 +163,17 @@ class ModelBundle:
                 "down_block_additional_residuals": down,
                 "mid_block_additional_residual": mid,
             }
+        context: Any = batch.embeds
+        if batch.ip_tokens is not None or batch.ip_scales is not None:
+            tokens, scales = check_ip_inputs(
+                self.ip_adapter, batch.latents, batch.ip_tokens, batch.ip_scales
+            )
+            context = (batch.embeds, tokens, scales)  # read by RowIPAdapterAttnProcessor
         with self._bank_rows(batch), self._lora_rows(batch):
             return self.unet(
                 batch.latents,
                 batch.timesteps,
-                encoder_hidden_states=batch.embeds,
+                encoder_hidden_states=context,
                 added_cond_kwargs=added,
                 return_dict=False,
                 **residuals,

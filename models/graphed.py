@@ -180,6 +180,9 @@ class GraphedBundle(ModelBundle):
             slots = self.loras.capacity.slots_per_row
             unet["lora_indices"] = torch.full((1, slots), -1, dtype=torch.int32, device=self.device)
             unet["lora_scales"] = torch.zeros(1, slots, dtype=torch.float32, device=self.device)
+        if self.ip_adapter is not None:  # every session sends them (zeros and scale 0: off)
+            unet["ip_tokens"] = torch.zeros(1, *self.ip_adapter.token_shape, **opts)
+            unet["ip_scales"] = torch.zeros(1, **opts)
         return {
             "unet": unet,
             "encode": {"x": torch.zeros(1, 3, h * factor, w * factor, **opts)},

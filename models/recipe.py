@@ -172,6 +172,8 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
     denoisers = [bundle.unet, *(c.net for c in bundle.controlnets)]  # UNet and its ControlNets
     for net in denoisers:
         _speed_up_denoiser(net, recipe)
+    if bundle.ip_adapter is not None:  # step 2 reset the UNet's processors: put its own back
+        bundle.ip_adapter.install(bundle.unet)
     if recipe.sdpa_backend != "auto":
         _select_sdpa(recipe.sdpa_backend)
     if recipe.channels_last:  # 4.

@@ -386,6 +386,11 @@ def load_tensorrt_bundle(
             "the tensorrt backend does not run per-session LoRAs; use --backend compile, or "
             "fuse the LoRAs at load (--lora)"
         )
+    if bundle.ip_adapter is not None:
+        raise BackendError(
+            f"the tensorrt backend does not export IP-Adapters yet ({bundle.ip_adapter.name}); "
+            "use --backend compile, which captures them with the UNet"
+        )
     trt = import_tensorrt()
     if bundle.device.type != "cuda":
         raise BackendError(

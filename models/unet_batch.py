@@ -126,6 +126,21 @@ class UNetBatch:
             doc="feature fusion strength (0: off) and cosine threshold per row [rows, 2]",
         ),
     )
+    ip_tokens: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="IP-Adapter image-prompt tokens [rows, T, D] (the adapter's projection of the "
+            "row's image; T and D are the loaded adapter's: ModelBundle.ip_adapter)",
+        ),
+    )
+    ip_scales: torch.Tensor | None = field(
+        default=None,
+        metadata=row_input(
+            absent=Absent.ZEROS,
+            doc="IP-Adapter scale [rows]; 0 gives the row exactly the UNet without the adapter",
+        ),
+    )
 
     @property
     def rows(self) -> int:

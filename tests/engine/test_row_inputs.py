@@ -74,6 +74,8 @@ def test_a_new_per_row_field_is_packed_padded_and_split_without_batching_code() 
         "bank_frames",
         "bank_write",
         "bank_fusion",
+        "ip_tokens",
+        "ip_scales",
         "scale",
         "tag",
     )
