@@ -362,3 +362,17 @@ def test_every_other_option_of_a_command_is_a_declared_flag() -> None:
             command,
             options - NOT_SETTINGS - declared_flags,
         )
+
+
+def test_the_readme_protocol_section_names_every_live_setting() -> None:
+    """The data channel's list of JSON updates in the README is the declared live settings."""
+    import re
+
+    from livediff.engine.config import LIVE_PARAMETER_NAMES
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("carries JSON updates")
+    listed = set(
+        re.findall(r"`([a-z_]+)`", text[start : text.index("(optional `id` echoed)", start)])
+    )
+    assert listed == set(LIVE_PARAMETER_NAMES)
