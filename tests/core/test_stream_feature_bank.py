@@ -231,3 +231,12 @@ def test_a_dropped_stream_gives_its_rows_back(exact: ModelBundle) -> None:
     del stream
     gc.collect()
     assert model.feature_bank.free_rows() == 4
+
+
+def test_models_with_per_frame_inputs_are_not_captured_as_one_step(exact: ModelBundle) -> None:
+    """The whole-step graph would freeze the bank's per-frame choices (and a ControlNet's
+    control image): such models run call by call, their UNet and VAE calls graphed."""
+    from livediff.engine.backend_fit import whole_step_blockers
+
+    assert whole_step_blockers(exact) == []
+    assert whole_step_blockers(banked(exact)) == ["a feature bank"]
