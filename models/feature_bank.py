@@ -294,6 +294,10 @@ class FeatureBank:
     def bytes(self) -> int:
         return bank_bytes(self.unet)
 
+    def row_bytes(self) -> int:
+        """Device memory one session row's bank takes (0 until the first call made the pools)."""
+        return self.bytes() // self.context.slots
+
 
 def attach_feature_bank(unet: Any, *, rows: int, frames: int) -> FeatureBank:
     """Install a feature bank for ``rows`` session rows of up to ``frames`` frames on ``unet``."""
