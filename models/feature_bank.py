@@ -19,7 +19,8 @@ the masked keys. The engine owns which slot and frame a session's row uses
 (``engine/feature_banks.py``); this module only computes.
 
 A pool for a token count is made on the first call that has it (warm-up, before graph capture);
-another resolution makes its own pools.
+another resolution makes its own pools. Under ``torch.compile`` the call after that compiles
+once more (the pools are now inputs); a graph bundle's warm-up makes both calls.
 """
 
 from __future__ import annotations
