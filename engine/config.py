@@ -24,7 +24,7 @@ from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
 from livediff.models.control_uses import ControlUse, control_uses
 from livediff.models.feature_bank import MAX_BANK_FRAMES
-from livediff.models.lora_uses import LoraUse, lora_uses, use_from_text
+from livediff.models.lora_uses import LoraUse, lora_uses
 from livediff.settings import (
     check_settings,
     check_text,
@@ -344,7 +344,6 @@ class GenerationParams:
         flag="--session-lora",
         metavar="NAME[:SCALE]",
         repeat=True,
-        from_flag=use_from_text,
     )
 
     def __post_init__(self) -> None:

@@ -10,7 +10,8 @@ Refusals (all from :mod:`livediff.exceptions`, each with ``field``):
 
 - no library on this server, a name in use, a LoRA still used, a full store: ``ConflictError``;
 - an unknown name on unload: ``NotFoundError``;
-- a bad name: ``ParameterError``; a file the loader refuses: ``ModelLoadError`` (its message).
+- a bad name: ``ParameterError``; a file the loader refuses: ``ModelLoadError`` (its message,
+  ``field="source"``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
-from livediff.exceptions import ConflictError, NotFoundError, ParameterError
+from livediff.exceptions import ConflictError, ModelLoadError, NotFoundError, ParameterError
 from livediff.models.lora_library import LoraLibrary
 from livediff.models.lora_store import LoadedLora
 
@@ -91,7 +92,9 @@ class LoraAdmin:
         loaded = library.loaded()
         capacity = library.capacity
         return {
-            "loras": [{**lora.describe(), "sessions": len(self.users(lora.name))} for lora in loaded],
+            "loras": [
+                {**lora.describe(), "sessions": len(self.users(lora.name))} for lora in loaded
+            ],
             "capacity": {
                 "max_loras": capacity.max_loras,
                 "max_rank": capacity.max_rank,
@@ -109,7 +112,9 @@ class LoraAdmin:
         if not isinstance(source, str) or not source.strip():
             raise ParameterError("source: a file, folder or HF id of a LoRA", field="source")
         if weight_name is not None and not isinstance(weight_name, str):
-            raise ParameterError("weight_name: a file name in the folder or repo", field="weight_name")
+            raise ParameterError(
+                "weight_name: a file name in the folder or repo", field="weight_name"
+            )
         if name in library.names() or name in self._pending:
             raise ConflictError(
                 f"a LoRA named {name!r} is loaded already: unload it first", field="name"
@@ -124,19 +129,27 @@ class LoraAdmin:
             )
         self._pending.add(name)
         try:
-            lora = await asyncio.to_thread(library.read, name, source, weight_name=weight_name)
-            entries: list[LoadedLora] = []
-            try:
-                for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True):
-                    job = partial(device_library.add, lora)
-                    entries.append(await asyncio.wrap_future(on_worker(job)))
-            except BaseException:
-                for device_library, on_worker in zip(self.libraries, self.on_workers):
-                    if name in device_library.names():
-                        await asyncio.wrap_future(on_worker(partial(device_library.unload, name)))
-                raise
+            return await self._load(library, name, source, weight_name)
+        except ModelLoadError as exc:  # what the loader refuses is the source's fault
+            raise ModelLoadError(str(exc), field="source", limit=exc.limit) from exc
         finally:
             self._pending.discard(name)
+
+    async def _load(
+        self, library: LoraLibrary, name: str, source: str, weight_name: str | None
+    ) -> LoadedLora:
+        lora = await asyncio.to_thread(library.read, name, source, weight_name=weight_name)
+        entries: list[LoadedLora] = []
+        try:
+            for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True):
+                entries.append(
+                    await asyncio.wrap_future(on_worker(partial(device_library.add, lora)))
+                )
+        except BaseException:
+            for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True):
+                if name in device_library.names():
+                    await asyncio.wrap_future(on_worker(partial(device_library.unload, name)))
+            raise
         return entries[0]
 
     async def unload(self, name: str) -> LoadedLora:

@@ -129,7 +129,10 @@ def runtime_bundle(
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
     key = artifact_key(
-        bundle, recipe=(recipe or recipe_for(bundle)).label, buckets=buckets, latent_size=latent_size
+        bundle,
+        recipe=(recipe or recipe_for(bundle)).label,
+        buckets=buckets,
+        latent_size=latent_size,
     )
     with (
         packaged_compile(key) as report,

@@ -125,7 +125,9 @@ def _entries_in_toml(path: Path) -> tuple[LoraEntry, ...]:
         with open(path, "rb") as handle:
             table = tomllib.load(handle).get("loras")
     except tomllib.TOMLDecodeError as exc:
-        raise ParameterError(f"--lora-library {path} is not valid TOML: {exc}", field=FIELD) from None
+        raise ParameterError(
+            f"--lora-library {path} is not valid TOML: {exc}", field=FIELD
+        ) from None
     if not isinstance(table, dict) or not table:
         raise ParameterError(
             f"--lora-library {path}: expected a [loras] table of name = source", field=FIELD
