@@ -63,9 +63,11 @@ def test_a_session_lora_from_the_library_changes_the_frames(
 
 
 def test_a_toml_library_names_its_loras(clip: Path, library: Path, tmp_path: Path) -> None:
+    (tmp_path / "near.safetensors").write_bytes((library / "ink.safetensors").read_bytes())
     toml = tmp_path / "loras.toml"
     toml.write_text(
         f'[loras]\nsumi = {{ source = "{library}", weight_name = "ink.safetensors" }}\n'
+        'near = "near.safetensors"\n'  # beside the TOML file
     )
     from_folder = run(
         clip, tmp_path / "a.mp4", "--lora-library", str(library), "--session-lora", "ink:0.8"
@@ -73,7 +75,8 @@ def test_a_toml_library_names_its_loras(clip: Path, library: Path, tmp_path: Pat
     from_toml = run(
         clip, tmp_path / "b.mp4", "--lora-library", str(toml), "--session-lora", "sumi:0.8"
     )
-    assert gap(from_folder, from_toml) == 0
+    near = run(clip, tmp_path / "c.mp4", "--lora-library", str(toml), "--session-lora", "near:0.8")
+    assert gap(from_folder, from_toml) == 0 and gap(from_folder, near) == 0
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,7 @@ def test_a_toml_library_names_its_loras(clip: Path, library: Path, tmp_path: Pat
         (["--lora-library", "LIBRARY", "--lora-slots", "1"], "names 2 LoRAs"),
         (["--lora-library", "LIBRARY", "--lora-max-rank", "4"], "rank 8"),
         (["--session-lora", "ink:99"], "scale=99.0 is out of range"),
+        (["--lora-library", "LIBRARY", "--backend", "tensorrt"], "runs no per-session LoRAs"),
     ],
 )
 def test_bad_lora_flags_exit_2_with_one_line(
@@ -100,3 +104,11 @@ def test_bad_lora_flags_exit_2_with_one_line(
     stderr = capsys.readouterr().err
     assert stderr.startswith("livediff run: error: ") and message in stderr, stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_serve_with_ray_refuses_a_library(
+    library: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--ray", *TINY, "--lora-library", str(library)]) == 2
+    stderr = capsys.readouterr().err
+    assert "--lora-library ([lora_library]) is for one server" in stderr, stderr

@@ -109,6 +109,10 @@ async def test_every_lora_call_needs_the_token(server: Any, files: dict[str, Any
             status, _ = await call(http, method, base + path, body, auth=False)
             assert status == 401, (method, path)
         assert (await call(http, "GET", base + "/loras"))[1]["loras"] == []  # nothing was loaded
+        foreign = {**AUTH, "Origin": "http://elsewhere.example"}
+        for method, path in (("POST", "/loras"), ("DELETE", "/loras/ink")):
+            async with http.request(method, base + path, json=load, headers=foreign) as answer:
+                assert answer.status == 403, (method, path)  # a foreign page may not change them
         assert (await call(http, "POST", base + "/loras", load))[0] == 201
         assert (await call(http, "DELETE", base + "/loras/ink"))[0] == 200
 
