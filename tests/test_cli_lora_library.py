@@ -112,3 +112,19 @@ def test_serve_with_ray_refuses_a_library(
     assert main(["serve", "--ray", *TINY, "--lora-library", str(library)]) == 2
     stderr = capsys.readouterr().err
     assert "--lora-library ([lora_library]) is for one server" in stderr, stderr
+
+
+def test_serve_flags_give_the_engine_the_library_and_its_sizes(library: Path) -> None:
+    from livediff.cli import build_parser
+    from livediff.cmd_serve import engine_from_args
+
+    argv = ["serve", *TINY, "--device", "cpu", "--lora-library", str(library)]
+    args = build_parser().parse_args([*argv, "--lora-slots", "3", "--lora-max-rank", "16"])
+    listing = engine_from_args(args, {}).loras()
+    assert [(lora["name"], lora["rank"]) for lora in listing["loras"]] == [
+        ("ink", 8),
+        ("pastel", 4),
+    ]
+    capacity = listing["capacity"]
+    assert (capacity["max_loras"], capacity["max_rank"], capacity["free_slots"]) == (3, 16, 1)
+    assert capacity["slots_per_row"] == 2
