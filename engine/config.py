@@ -341,6 +341,9 @@ class GenerationParams:
         check=lora_uses,
         expected="a list of {name, scale} objects, or NAME[:SCALE] texts",
         live=True,
+        flag="--session-lora",
+        metavar="NAME[:SCALE]",
+        repeat=True,
     )
 
     def __post_init__(self) -> None:

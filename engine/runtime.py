@@ -41,6 +41,7 @@ from livediff.engine.degrade import DegradeLevel, DegradePolicy
 from livediff.engine.devices import Device, device_labels
 from livediff.engine.faults import FaultMetrics
 from livediff.engine.frames import OutputFormat
+from livediff.engine.lora_admin import LoraAdmin
 from livediff.engine.metrics import EngineMetrics, FrameCounts
 from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
@@ -124,6 +125,11 @@ class Engine:
         ]
         self._placement = Placement(labels, self.runtime.max_sessions_per_device)
         devices = self._devices
+        self._loras = LoraAdmin(
+            [getattr(d.bundle, "loras", None) for d in devices],
+            [d.worker.between_batches for d in devices],
+            self._lora_uses,
+        )
         self._metrics.degrade_pressure.set_function(
             lambda: max(d.worker.degrade.pressure for d in devices)
         )
@@ -450,6 +456,32 @@ class Engine:
         from livediff.engine.control_plan import control_options
 
         return control_options(self.bundles[0])
+
+    # ------------------------------------------------------------------ per-session LoRAs
+    def loras(self) -> dict[str, Any]:
+        """The loaded per-session LoRAs (``GET /loras``): each one's slot, rank, bytes and how
+        many sessions use it, and the store's capacity (``None`` without a library)."""
+        return self._loras.describe()
+
+    async def load_lora(
+        self, name: str, source: str, *, weight_name: str | None = None
+    ) -> dict[str, Any]:
+        """Load a LoRA as ``name`` from a file, folder or HF id while sessions stream: the file
+        is read in a thread, the device buffers are written on each worker between batches.
+        Refusals: :mod:`livediff.engine.lora_admin`."""
+        self._bind_loop()
+        return (await self._loras.load(name, source, weight_name)).describe()
+
+    async def unload_lora(self, name: str) -> dict[str, Any]:
+        """Unload ``name``; ``ConflictError`` while a session uses it, ``NotFoundError`` if unknown."""
+        self._bind_loop()
+        return (await self._loras.unload(name)).describe()
+
+    def _lora_uses(self) -> dict[str, set[str]]:
+        return {
+            sid: {use.name for use in (*s.params.loras, *s.core.plan.requested.loras)}
+            for sid, s in self._sessions.items()
+        }
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports: sessions against the cap, how long every slot has been

@@ -35,9 +35,10 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,6 +59,7 @@ from livediff.engine.overlap import InFlight, OverlapClock
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.session import Session
 from livediff.engine.session_plans import SwapStream
+from livediff.exceptions import SessionError
 
 if TYPE_CHECKING:
     from livediff.engine.runtime_config import RuntimeConfig
@@ -122,6 +124,7 @@ class Worker:
         self._sessions: dict[str, tuple[int, Session]] = {}
         self._opened = 0
         self._idle_waiters: list[Callable[[], None]] = []
+        self._between_batches: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._thread: threading.Thread | None = None
         overlap = runtime.overlap
         self.overlap = overlap is BatchOverlap.ON or (overlap is BatchOverlap.AUTO and self.cuda)
@@ -190,6 +193,30 @@ class Worker:
             self._signalled = True
             self._cond.notify()
 
+    def between_batches(self, job: Callable[[], Any]) -> Future[Any]:
+        """Run ``job`` on this thread before the next batch is gathered (device buffer writes,
+        e.g. loading a LoRA into its slot), ordered on the worker's CUDA stream after every
+        batch launched before it; the future holds its result or its exception. Without a
+        running thread (not started yet, or stopped) the job runs in the caller's thread.
+        """
+        future: Future[Any] = Future()
+        with self._cond:
+            running = self._thread is not None and not self._stopping and not self.failed
+            if running:
+                self._between_batches.append((job, future))
+                self._signalled = True
+                self._cond.notify()
+        if not running:
+            _run_job(job, future)
+        return future
+
+    def _run_between_batches(self) -> bool:
+        with self._cond:
+            jobs, self._between_batches = self._between_batches, []
+        for job, future in jobs:
+            _run_job(job, future)
+        return bool(jobs)
+
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         log.info("[engine] worker started on %s", self.label)
@@ -205,6 +232,7 @@ class Worker:
         except BaseException as exc:
             self._crashed(exc)
             return
+        self._run_between_batches()  # asked for while stopping: answer, don't leave waiting
         log.info("[engine] worker stopped")
 
     def _crashed(self, exc: BaseException) -> None:
@@ -219,6 +247,12 @@ class Worker:
                 self._start_thread()
             elif not self._stopping:
                 self.failed = True
+            orphans = [] if restart else self._between_batches
+            if not restart:
+                self._between_batches = []
+        for _, future in orphans:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(SessionError("the engine worker is down"))
         reason = f"engine worker failed ({type(exc).__name__}; see the server log)"
         for session in sessions:
             session.core.close(reason)
@@ -267,8 +301,8 @@ class Worker:
         if stopping:
             self._land()
             return False
+        worked = self._run_between_batches()
         t_gather = self.clock()
-        worked = False
         candidates: list[Candidate[Session]] = []
         for order, session in sessions:
             core = session.core
@@ -430,3 +464,12 @@ class Worker:
         for delivery in done.deliveries:  # after the bookkeeping, so a receiver sees it done
             self.post(delivery)
         self.timing.landed(done_at)
+
+
+def _run_job(job: Callable[[], Any], future: Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(job())
+    except BaseException as exc:  # handed to the caller, who answers its client
+        future.set_exception(exc)

@@ -81,6 +81,20 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     add_flags(parser.add_argument_group("runtime"), RuntimeConfig)
 
 
+def add_lora_library_options(parser: argparse.ArgumentParser) -> None:
+    """``--lora-library`` and its sizes (``[lora_library]``): per-session LoRAs."""
+    from livediff.models.lora_library_config import LoraLibraryConfig
+
+    add_flags(parser.add_argument_group("per-session LoRAs"), LoraLibraryConfig)
+
+
+def lora_library_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """The ``LoraLibraryConfig`` of ``[lora_library]`` and the flags (``None``-library: off)."""
+    from livediff.models.lora_library_config import LoraLibraryConfig
+
+    return settings_from(LoraLibraryConfig, config, "lora_library", args)
+
+
 def load_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -127,10 +141,15 @@ def stream_settings_from_args(
 
 
 def load_for_backend(
-    spec: Any, args: argparse.Namespace, controlnets: Sequence[Any] = ()
+    spec: Any,
+    args: argparse.Namespace,
+    controlnets: Sequence[Any] = (),
+    lora_library: Any = None,
 ) -> tuple[Any, Any]:
     """Load the model for ``--device``/``--dtype``, with the ControlNets ``spec`` and the default
-    ControlNet uses ``controlnets`` need, and make it ready for ``--backend``.
+    ControlNet uses ``controlnets`` need, and make it ready for ``--backend``. With an enabled
+    ``lora_library`` (``LoraLibraryConfig``) the UNet gets its per-session LoRA library first,
+    and the compile recipe keeps q/k/v unfused (:func:`~livediff.models.backends.recipe_for`).
 
     Returns ``(bundle, backend)``; a backend that cannot start raises ``BackendError`` here,
     before anything else runs.
@@ -153,4 +172,13 @@ def load_for_backend(
         bundle = bundle.with_feature_bank(
             frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
         )
+    if lora_library is not None and lora_library.enabled:
+        if backend is Backend.TENSORRT:
+            raise BackendError(
+                "the tensorrt backend runs no per-session LoRAs: use --backend compile (or eager) "
+                "with --lora-library, or fuse a LoRA with --lora"
+            )
+        from livediff.models.lora_setup import attach_lora_library
+
+        bundle = attach_lora_library(bundle, lora_library)
     return prepare_backend(bundle, backend), backend

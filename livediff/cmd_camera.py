@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from livediff.cli_options import (
+    add_lora_library_options,
     add_model_options,
     add_runtime_options,
     add_stream_options,
@@ -94,6 +95,7 @@ def add_parser(subparsers: Any) -> None:
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
+    add_lora_library_options(parser)
     parser.set_defaults(handler=run)
 
 

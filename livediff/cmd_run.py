@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from livediff.cli_options import (
+    add_lora_library_options,
     add_model_options,
     add_stream_options,
     load_toml,
@@ -95,11 +96,12 @@ def add_parser(subparsers: Any) -> None:
     )
     add_model_options(parser)
     add_stream_options(parser)
+    add_lora_library_options(parser)
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from livediff.cli_options import load_for_backend
+    from livediff.cli_options import load_for_backend, lora_library_from_args
     from livediff.engine.backend_fit import make_stream
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
@@ -109,6 +111,8 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_toml(args.config)
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
+    lora_library = lora_library_from_args(args, config)
+    lora_library.entries()  # a missing or empty library is refused before the model loads
     output_format = output_format_for(args.output)
     _check_paths(Path(args.input), Path(args.output))
     mode = AudioMode(args.audio)
@@ -122,7 +126,7 @@ def run_command(args: argparse.Namespace) -> int:
         audio = plan_audio(output_format, source.audio_stream, mode)
         if args.prompt is None and "prompt" not in config.get("params", {}):
             log.warning("no --prompt given: generating with an empty prompt")
-        bundle, backend = load_for_backend(spec, args, params.controlnets)
+        bundle, backend = load_for_backend(spec, args, params.controlnets, lora_library)
         stream = make_stream(bundle, backend, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
         if frame_rate is None:

@@ -35,10 +35,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from livediff.cli_options import (
+    add_lora_library_options,
     add_model_options,
     add_runtime_options,
     add_stream_options,
     load_toml,
+    lora_library_from_args,
     model_spec_from_args,
     settings_from,
     stream_settings_from_args,
@@ -68,6 +70,7 @@ def add_parser(subparsers: Any) -> None:
     add_model_options(parser)
     add_stream_options(parser)
     add_runtime_options(parser)
+    add_lora_library_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -123,9 +126,11 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     runtime_config = runtime_config_from_args(args, config)
     devices = resolve_devices(runtime_config.devices, str(resolve_device(args.device)))
 
+    lora_library = lora_library_from_args(args, config)
+
     def load(device: str) -> tuple[Any, Any]:
         device_args = argparse.Namespace(**{**vars(args), "device": device})
-        return load_for_backend(spec, device_args, params.controlnets)
+        return load_for_backend(spec, device_args, params.controlnets, lora_library)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(len(devices), thread_name_prefix="livediff-load") as pool:
@@ -189,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ParameterError(
                     f"{what} is for one server: it cannot be used with --ray", field="port"
                 )
+        if lora_library_from_args(args, config).enabled:
+            raise ParameterError(
+                "--lora-library ([lora_library]) is for one server: it cannot be used with --ray",
+                field="library",
+            )
         return run_ray(args, config)
     if getattr(args, "replicas", None) is not None:
         raise ParameterError("--replicas needs --ray (one server on one machine has no replicas)")

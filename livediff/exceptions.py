@@ -28,6 +28,9 @@ already catch a built-in, the class subclasses it (``except ValueError`` still w
 - :class:`SessionError` — a streaming session that was refused or has failed.
   - :class:`CapacityError` — the engine refuses a new session because it is overloaded.
   - :class:`SessionClosedError` — an operation on a session that has already ended.
+- :class:`ConflictError` — a request the server's current state refuses: a name already in
+  use, a LoRA that sessions still use, a full LoRA store (HTTP 409).
+- :class:`NotFoundError` — a request naming something the server does not hold (HTTP 404).
 - :class:`BatchCompositionError` — sessions packed into one call that cannot share it (a bug).
 - :class:`MediaError` — an input or output file that PyAV cannot open, decode or encode.
 
@@ -145,6 +148,15 @@ class CapacityError(SessionError):
 
 class SessionClosedError(SessionError):
     """The session has ended; no more frames or updates are accepted."""
+
+
+class ConflictError(LivediffError):
+    """A request that the server's current state refuses (a name in use, a LoRA in use, a full
+    store); trying again after the conflict is resolved may succeed."""
+
+
+class NotFoundError(LivediffError):
+    """A request named something the server does not hold (an unknown LoRA)."""
 
 
 class BatchCompositionError(LivediffError, RuntimeError):

@@ -53,7 +53,9 @@ def prepare_backend(
 ) -> ModelBundle:
     """Make ``bundle`` ready for ``backend``, or raise :class:`BackendError` saying why it can't."""
     backend = Backend(backend)
-    recipe = recipe or Recipe()
+    if recipe is None and bundle.loras is not None and backend is Backend.COMPILE:
+        log.info("per-session LoRAs: the compile recipe keeps q/k/v separate (fuse_qkv off)")
+    recipe = recipe or recipe_for(bundle)
     _report_kernels(bundle, needs_triton=backend is Backend.COMPILE and recipe.compile)
     if backend is Backend.EAGER:
         return apply_recipe(bundle, Recipe(fuse_qkv=False, channels_last=False, compile=False))
@@ -67,6 +69,12 @@ def prepare_backend(
             f"(import failed: {exc}). Use --backend compile meanwhile."
         ) from exc
     return load_tensorrt_bundle(bundle)
+
+
+def recipe_for(bundle: ModelBundle) -> Recipe:
+    """The default speed recipe for ``bundle``: per-session LoRAs add to the separate q/k/v
+    projections, so a bundle with a LoRA library keeps them unfused."""
+    return Recipe(fuse_qkv=False) if bundle.loras is not None else Recipe()
 
 
 def _report_kernels(bundle: ModelBundle, *, needs_triton: bool) -> None:
@@ -121,7 +129,10 @@ def runtime_bundle(
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
     key = artifact_key(
-        bundle, recipe=(recipe or Recipe()).label, buckets=buckets, latent_size=latent_size
+        bundle,
+        recipe=(recipe or recipe_for(bundle)).label,
+        buckets=buckets,
+        latent_size=latent_size,
     )
     with (
         packaged_compile(key) as report,

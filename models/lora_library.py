@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from livediff.exceptions import ParameterError
-from livediff.models.lora_files import read_lora, resolve_file
+from livediff.models.lora_files import LoraFile, read_lora, resolve_file
 from livediff.models.lora_layers import RowSelection, attach
 from livediff.models.lora_store import LoadedLora, LoraCapacity, LoraStore
 
@@ -92,19 +92,36 @@ class LoraLibrary:
         or missing file, a convolution LoRA, a layer or shape of another family, a rank above
         ``max_rank``, a full store; a name in use is a :class:`ParameterError`.
         """
+        return self.add(
+            self.read(name, source, weight_name=weight_name, local_files_only=local_files_only)
+        )
+
+    def read(
+        self,
+        name: str,
+        source: str,
+        *,
+        weight_name: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> LoraFile:
+        """The file part of :meth:`load`: read and check ``source``, write no buffer (any thread)."""
         if not name or not name.strip():
             raise ParameterError("a LoRA needs a name", field="name")
-        if name in {lora.name for lora in self.store.loaded()}:
+        if name in self.names():
             raise ParameterError(
                 f"a LoRA named {name!r} is loaded already: unload it first", field="name"
             )
         path = resolve_file(source, weight_name=weight_name, local_files_only=local_files_only)
-        lora = read_lora(path, self.unet, name=name, source=source)
+        return read_lora(path, self.unet, name=name, source=source)
+
+    def add(self, lora: LoraFile) -> LoadedLora:
+        """The buffer part of :meth:`load`: pack a read LoRA into a free slot (the thread that
+        runs the UNet, between calls)."""
         entry = self.store.load(lora)
         log.info(
             "loaded LoRA %r from %s into slot %d: rank %d, %d layers, %.2f MB",
-            name,
-            source,
+            lora.name,
+            lora.source,
             entry.slot,
             entry.rank,
             entry.layers,

@@ -18,12 +18,16 @@ Routes:
   load or every session slot has been taken for ``[server] health_full_after_s``; ``failed``
   (with status 503) once the worker is down for good.
 - ``GET /favicon.ico`` — the page's icon.
+- ``GET /controlnets`` — the ControlNets sessions may use.
+- ``GET /loras``, ``POST /loras``, ``DELETE /loras/{name}`` — the per-session LoRA library
+  (:mod:`livediff.streams.lora_routes`).
 - ``GET /stats`` — every WebRTC peer's counters and ``engine.metrics()``, as JSON
   (``?samples=1`` adds each peer's recent server-added latencies, for benchmarks).
 
-Access: with a token configured, ``/offer``, ``/ws``, ``/stats`` (and ``/metrics`` if asked)
-need it, and browsers from other origins are refused (:mod:`livediff.streams.auth`). Every
-answer carries the security headers of :mod:`livediff.streams.security_headers`.
+Access: with a token configured, ``/offer``, ``/ws``, ``/stats``, ``/controlnets``, ``/loras``
+(and ``/metrics`` if asked) need it, and browsers from other origins are refused
+(:mod:`livediff.streams.auth`). Every answer carries the security headers of
+:mod:`livediff.streams.security_headers`.
 
 All state lives on the app (:mod:`livediff.streams.app_keys`, plus the access policy and the
 drain state), and so do the pool that decodes websocket frames and the filter that keeps
@@ -57,6 +61,7 @@ from livediff.streams.drain import DRAIN, Drain, drain_connections
 from livediff.streams.engine_protocol import EngineLike
 from livediff.streams.http_errors import json_errors
 from livediff.streams.log_redaction import tokens_redacted
+from livediff.streams.lora_routes import add_lora_routes
 from livediff.streams.peer_registry import PeerRegistry
 from livediff.streams.security_headers import add_security_headers
 from livediff.streams.server_config import ServerConfig
@@ -123,6 +128,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/stats", _stats)
     app.router.add_get("/controlnets", _controlnets)
+    add_lora_routes(app)
     return app
 
 

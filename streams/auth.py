@@ -7,7 +7,7 @@ Token
     Without a token the server is open (bind it to loopback or a trusted network).
 
     With a token, these need it: ``POST /offer``, ``GET /ws``, ``GET /stats``,
-    ``GET /controlnets``, and
+    ``GET /controlnets``, ``GET``/``POST /loras``, ``DELETE /loras/{name}``, and
     ``GET /metrics`` when ``[server] metrics_require_token = true``. The page (``/``,
     ``/static/``) and ``/healthz`` stay open: the page carries no secret and asks for nothing
     by itself. The WebRTC data channel needs nothing more: it exists only on a peer that an
@@ -26,7 +26,8 @@ Token
     and closed with code 1008 (policy violation).
 
 Origin policy
-    Browsers send ``Origin`` with cross-site requests. ``/offer`` and ``/ws`` accept a request
+    Browsers send ``Origin`` with cross-site requests. ``/offer``, ``/ws`` and the calls that
+    change LoRAs (``POST /loras``, ``DELETE /loras/{name}``) accept a request
     without ``Origin`` (not a browser), from the server's own origin (``Origin``'s host and port
     equal ``Host``), from a loopback origin (``localhost``, ``127.0.0.0/8``, ``[::1]``), or from
     an origin listed in ``[server] allowed_origins`` (``"*"`` allows any). Others get HTTP
@@ -102,7 +103,7 @@ class AccessPolicy:
 
     def guards(self, path: str) -> bool:
         """Whether ``path`` needs the token (``/ws`` answers for itself, after the upgrade)."""
-        if path in ("/offer", "/stats", "/controlnets"):
+        if path in ("/offer", "/stats", "/controlnets", "/loras") or path.startswith("/loras/"):
             return True
         return path == "/metrics" and self.metrics_require_token
 
@@ -158,10 +159,11 @@ def forbidden_origin_response(request: web.BaseRequest) -> web.Response:
 async def access_control(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Origin policy for ``/offer`` and ``/ws``; the token for the guarded HTTP routes."""
+    """Origin policy for ``/offer``, ``/ws`` and LoRA changes; the token for the guarded HTTP routes."""
     policy = request.app[ACCESS]
     path = request.path
-    if path in ("/offer", "/ws") and not policy.origin_allowed(request):
+    changes_loras = path.startswith("/loras") and request.method != "GET"
+    if (path in ("/offer", "/ws") or changes_loras) and not policy.origin_allowed(request):
         _refused(request, "origin")
         return forbidden_origin_response(request)
     if policy.guards(path) and not policy.authorized(request):

@@ -88,6 +88,14 @@ class EngineLike(Protocol):
 
     def control_options(self) -> list[dict[str, Any]]: ...
 
+    def loras(self) -> dict[str, Any]: ...
+
+    async def load_lora(
+        self, name: str, source: str, *, weight_name: str | None = None
+    ) -> dict[str, Any]: ...
+
+    async def unload_lora(self, name: str) -> dict[str, Any]: ...
+
 
 if TYPE_CHECKING:
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-JSON_ROUTES = ("/offer", "/stats")
+JSON_ROUTES = ("/offer", "/stats", "/loras")
 
 
 def json_error(status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:

@@ -62,6 +62,7 @@ READ_BY = {
     "ray.autoscaling": {"serve"},
     "osc": {"serve", "camera"},
     "ndi": {"serve", "camera"},
+    "lora_library": {"run", "serve", "camera"},
 }
 # Values picked by hand, for settings whose check= takes shapes the type alone does not say or
 # whose range depends on another setting: (value, flag/query text, checked).

@@ -19,6 +19,12 @@ TABLES = (
     ("ray", "livediff.streams.ray_config", "RayConfig", "livediff serve --ray (Ray Serve)"),
     ("osc", "livediff.streams.osc_config", "OscConfig", "OSC control (livediff serve and camera)"),
     ("ndi", "livediff.streams.ndi_config", "NdiConfig", "NDI output (livediff camera and serve)"),
+    (
+        "lora_library",
+        "livediff.models.lora_library_config",
+        "LoraLibraryConfig",
+        "per-session LoRAs (livediff serve, run and camera)",
+    ),
 )
 
 
