@@ -88,6 +88,8 @@ class EngineLike(Protocol):
 
     def control_options(self) -> list[dict[str, Any]]: ...
 
+    def feature_bank_frames(self) -> int: ...
+
 
 if TYPE_CHECKING:
 
