@@ -56,9 +56,10 @@ LISTED = "window.livediff.controlnets !== null || document.querySelector('#contr
 CONFIG = ServerConfig(host_addresses=("127.0.0.1",), stats_interval_s=0.25)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def banked_server() -> Iterator[ThreadedServer]:
-    """A server whose sessions may keep up to 2 frames in a feature bank."""
+    """A server whose sessions may keep up to 2 frames in a feature bank (one per test: two
+    servers restricted to loopback ICE cannot run at once, and the last test runs another)."""
     bundle = visible_tiny_bundle()
     banked = dataclasses.replace(bundle, unet=copy.deepcopy(bundle.unet)).with_feature_bank(
         frames=2, rows=16
