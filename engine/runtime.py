@@ -483,6 +483,12 @@ class Engine:
             for sid, s in self._sessions.items()
         }
 
+    def feature_bank_frames(self) -> int:
+        """The most past frames a session's feature bank may keep here (``feature_bank`` up
+        to it), 0 when the server runs no bank (``--feature-bank-frames``)."""
+        bank = self.bundles[0].feature_bank
+        return bank.frames if bank is not None else 0
+
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports: sessions against the cap, how long every slot has been
         taken (``None`` when one is free), the degrade level (the worst device's) and its

@@ -226,8 +226,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _controlnets(request: web.Request) -> web.Response:
-    """The ControlNets sessions may use here, with the preprocessors each takes."""
-    return web.json_response({"controlnets": request.app[app_keys.ENGINE].control_options()})
+    """The ControlNets sessions may use here, with the preprocessors each takes, and the
+    feature bank's capacity (``feature_bank`` up to it; 0: none), which the page reads too."""
+    engine = request.app[app_keys.ENGINE]
+    return web.json_response(
+        {
+            "controlnets": engine.control_options(),
+            "feature_bank_frames": engine.feature_bank_frames(),
+        }
+    )
 
 
 async def _stats(request: web.Request) -> web.Response:

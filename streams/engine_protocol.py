@@ -96,6 +96,8 @@ class EngineLike(Protocol):
 
     async def unload_lora(self, name: str) -> dict[str, Any]: ...
 
+    def feature_bank_frames(self) -> int: ...
+
 
 if TYPE_CHECKING:
 

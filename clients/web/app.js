@@ -6,6 +6,8 @@
 //   state ('idle'|'starting'|'connecting'|'connected'|'retrying'|'stopped'|'error'), session, codec,
 //   errors[] (each error once), fieldErrors {key: message}, params (what the server runs),
 //   controlnets (GET /controlnets' list: [{name, preprocessors, default}], [] for none, null before),
+//   featureBankFrames (GET /controlnets' "feature_bank_frames": the server's bank capacity,
+//   0 for none, null before or when unknown),
 //   serverStats (last data-channel stats, null once stopped), notice (the degrade notice or null),
 //   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
 //   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
@@ -16,8 +18,10 @@
 
 const query = new URLSearchParams(location.search);
 const TOKEN = query.get('token');
-const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale'];
-const NUMERIC = new Set(['strength', 'seed', 'guidance_scale']);
+const consistency = createConsistencyPanel(  // consistency_panel.js
+  document.getElementById('consistency'), document.getElementById('params'));
+const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale', ...consistency.keys];
+const NUMERIC = new Set(['strength', 'seed', 'guidance_scale', ...consistency.keys]);
 const PANEL = 'controlnets';  // the ControlNet panel's parameter (controlnet_panel.js)
 const FIELD_KEYS = [...PARAM_KEYS, PANEL];  // what an error can be shown beside
 const RETRY_STATUSES = new Set([502, 503, 504]);  // busy, overloaded, shutting down: try again later
@@ -108,11 +112,17 @@ function setField(key, value) {
   const el = form.elements[key];
   el.value = toField(key, value);
   shown[key] = el.value;
-  if (key === 'strength') showStrength();
+  showValue(key);
 }
 
-function showStrength() {
-  $('strength-value').textContent = form.elements.strength.value;
+function showValue(key) {  // a slider's number beside its label
+  const output = $(`${key}-value`);
+  if (output) output.textContent = form.elements[key].value;
+}
+
+function defaultOf(el) {  // what the page shows before it knows the server's value
+  if (el.tagName !== 'SELECT') return el.defaultValue;
+  return ([...el.options].find((option) => option.defaultSelected) || el.options[0]).value;
 }
 
 function valueOf(key) {
@@ -355,6 +365,8 @@ async function postOffer(description) {
     // The offer's errors name no field: a ControlNet's ("controlnet 'x' is not loaded …",
     // "canny low=… must be below high=…") is told by its words.
     else if (PANEL in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = PANEL;
+    else if ('feature_bank' in params && /feature bank/i.test(error.message)) error.field = 'feature_bank';
+    else if ('latent_feedback' in params && /^latent_feedback\b/.test(error.message)) error.field = 'latent_feedback';
   }
   throw error;
 }
@@ -589,6 +601,9 @@ async function listControlNets() {
     const answer = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
     L.controlnets = answer.controlnets;
+    // Older servers leave the bank's capacity out: the page then learns it from a refusal.
+    L.featureBankFrames = Number.isInteger(answer.feature_bank_frames) ? answer.feature_bank_frames : null;
+    consistency.capacity(L.featureBankFrames);
     panel.build(answer.controlnets);
     panel.show(queryUses === null ? server[PANEL] : queryUses);
   } catch (error) {
@@ -599,19 +614,20 @@ async function listControlNets() {
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const key of PARAM_KEYS) {
-    server[key] = fromField(key, form.elements[key].defaultValue);
+    server[key] = fromField(key, defaultOf(form.elements[key]));
     if (query.has(key)) { form.elements[key].value = query.get(key); touched.add(key); }
     shown[key] = form.elements[key].value;
   }
   server[PANEL] = [];
   if (queryUses !== null) touched.add(PANEL);
   form.elements.codec.value = (query.get('codec') || '').toLowerCase();
-  showStrength();
-  form.elements.strength.addEventListener('input', showStrength);
   form.addEventListener('submit', (event) => event.preventDefault());
   for (const key of PARAM_KEYS) {
     const el = form.elements[key];
-    el.addEventListener('change', () => apply(key));
+    showValue(key);
+    el.addEventListener('input', () => showValue(key));
+    if (consistency.keys.includes(key)) el.addEventListener('change', () => consistency.settle(key, () => apply(key)));
+    else el.addEventListener('change', () => apply(key));
     el.addEventListener('keydown', (event) => {
       // Enter applies the field; in the prompt, Shift+Enter is a new line.
       if (event.key !== 'Enter' || event.isComposing || (event.shiftKey && el.tagName === 'TEXTAREA')) return;
@@ -626,7 +642,7 @@ function init() {
   $('stop').addEventListener('click', stop);
   $('banner-cancel').addEventListener('click', stop);
   if (query.get('controls') === '0') document.body.classList.add('output-only');
-  Object.assign(L, {start, stop, update, snapshot, controlnets: null});
+  Object.assign(L, {start, stop, update, snapshot, controlnets: null, featureBankFrames: null});
   listControlNets();
   if (query.get('autostart') === '1') start();
 }

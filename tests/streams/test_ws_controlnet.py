@@ -136,5 +136,6 @@ async def test_the_server_lists_its_controlnets_behind_the_token(controlled: Mod
                 "preprocessors": ["canny", "passthrough", "previous_output"],
                 "default": "canny",
             }
-        ]
+        ],
+        "feature_bank_frames": 0,  # this server runs no feature bank
     }
