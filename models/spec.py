@@ -114,6 +114,15 @@ def ip_adapter_from_text(text: str) -> IPAdapterSpec:
 
 def _ip_adapter_spec(value: Any, name: str) -> IPAdapterSpec:
     """An IP-Adapter to load: a spec, a ``{ source, variant, … }`` table, or SOURCE[:VARIANT]."""
+    try:
+        return _ip_adapter_spec_of(value, name)
+    except ParameterError as exc:
+        if exc.field == name:
+            raise
+        raise ParameterError(f"{name}: {exc}", field=name) from None
+
+
+def _ip_adapter_spec_of(value: Any, name: str) -> IPAdapterSpec:
     if isinstance(value, IPAdapterSpec):
         return value
     if isinstance(value, str):

@@ -22,6 +22,7 @@ from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec, ControlUse
 from livediff.models.lora_uses import LoraUse
+from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
     Declared,
@@ -85,7 +86,15 @@ SHAPED = {
         "canny-net:0.5",
         (ControlUse("canny-net", 0.5),),
     ),
+    "ip_adapter": (
+        {"source": "random", "variant": "plus"},
+        "random:plus",
+        IPAdapterSpec("random", variant=IPAdapterVariant.PLUS),
+    ),
+    "ip_image": ("AB" * 32, "AB" * 32, "ab" * 32),
 }
+# Other settings a value needs in its table (SD 2.1, the default model, has no IP-Adapter).
+NEEDS: dict[str, dict[str, Any]] = {"ip_adapter": {"preset": "sd15-lcm"}}
 # The same, for settings named like another's: by the type of their items.
 SHAPED_BY_ITEM: dict[Any, tuple[Any, str | None, Any]] = {
     ControlNetSpec: (
@@ -108,6 +117,8 @@ SHAPED_BAD = {
     "loras": [42],
     "devices": ["gpu7"],
     "controlnets": [{"controlnet": "canny-net", "scale": 9}],
+    "ip_adapter": {"source": "random", "variant": "full-face"},
+    "ip_image": "not-a-key",
 }
 
 
@@ -216,7 +227,7 @@ def test_its_toml_key_is_accepted_coerced_and_checked(
     owner = next(c for name, c, _ in TABLES if name == parent)
 
     def from_file(item: Any) -> Any:
-        body = {sub: {decl.name: item}} if sub else {decl.name: item}
+        body = {sub: {decl.name: item}} if sub else {**NEEDS.get(decl.name, {}), decl.name: item}
         built = build(owner, table_values(owner, body, parent))
         return getattr(getattr(built, sub) if sub else built, decl.name)
 
