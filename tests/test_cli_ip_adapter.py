@@ -51,7 +51,10 @@ def test_a_loaded_adapter_without_an_image_leaves_the_frames_exactly_as_they_wer
     assert main(["run", str(clip), str(tmp_path / "plain.mp4"), *base]) == 0
     with_adapter = [*base, "--ip-adapter", "random:plus", "--ip-scale", "1.5"]
     assert main(["run", str(clip), str(tmp_path / "adapter.mp4"), *with_adapter]) == 0
-    plain, styled = video_frames(tmp_path / "plain.mp4")[0], video_frames(tmp_path / "adapter.mp4")[0]
+    plain, styled = (
+        video_frames(tmp_path / "plain.mp4")[0],
+        video_frames(tmp_path / "adapter.mp4")[0],
+    )
     assert len(plain) == len(styled) > 0
     for a, b in zip(plain, styled, strict=True):  # no image: every row has scale 0
         np.testing.assert_array_equal(a, b)

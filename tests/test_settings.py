@@ -21,8 +21,8 @@ from livediff.cli import build_parser
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec, ControlUse
-from livediff.models.lora_uses import LoraUse
 from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant
+from livediff.models.lora_uses import LoraUse
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
     Declared,
