@@ -84,7 +84,7 @@ class WsClient:
                 waiter = (
                     self._replies.pop(request_id, None) if isinstance(request_id, int) else None
                 )
-                if waiter is None and self._style_replies and _answers_style_image(reply):
+                if waiter is None and self._style_replies and wire.answers_style_image(reply):
                     waiter = self._style_replies.popleft()
                 if waiter is not None:
                     waiter.set_result(reply)
@@ -156,13 +156,6 @@ class WsClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-def _answers_style_image(reply: dict[str, Any]) -> bool:
-    """A style image's answer: ok with its key, or an error about ``ip_image`` with no id."""
-    if "ok" in reply:
-        return "ip_image" in reply
-    return reply.get("field") == "ip_image" and "id" not in reply
 
 
 async def stream_file(args: argparse.Namespace) -> dict[str, Any]:

@@ -217,6 +217,14 @@ def kind_of(message: Mapping[str, Any]) -> MessageKind:
     return MessageKind.UNKNOWN
 
 
+def answers_style_image(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` answers a style image: ok with its key, or an error about
+    ``ip_image`` without an ``id`` (an upload has none to echo)."""
+    if "ok" in message:
+        return "ip_image" in message
+    return message.get("field") == "ip_image" and "id" not in message
+
+
 def close_meaning(code: int | None) -> str:
     """A websocket close code in words, for messages (``None``: the connection just ended)."""
     if code is None:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from fractions import Fraction
 from functools import partial
@@ -57,6 +57,7 @@ from livediff.streams.media import MediaTime
 from livediff.streams.ndi_io import SessionNdiOut
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
+from livediff.streams.style_uploads import StyleImages, use_style_image
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.wire import (
     decode_jpeg,
@@ -136,7 +137,7 @@ class WsConnection:
         decode_pool: Executor | None = None,
         *,
         ndi_name: str | None = None,
-        style_images: Callable[[bytes], str] | None = None,
+        style_images: StyleImages | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
@@ -324,11 +325,9 @@ class WsConnection:
             await self._send(error_reply(self._bucket.refusal(), field="ip_image"))
             return
         try:
-            if self._style_images is None:
-                raise ParameterError("this server takes no style images", field="ip_image")
-            loop = asyncio.get_running_loop()
-            key = await loop.run_in_executor(self._decode_pool, self._style_images, image_file)
-            await self.session.update(ip_image=key)
+            key = await use_style_image(
+                self.session, self._style_images, image_file, self._decode_pool
+            )
         except (ParameterError, InvalidFrameError) as exc:
             self._reject("style_image", str(exc))
             await self._send(error_reply(str(exc), field="ip_image"))
