@@ -393,6 +393,9 @@ def record(
         "batch_rows_p50": tally.batch_rows,
         "input_fps": args.fps,
         "frame_size": args.frame_size,
+        "feature_bank": params.feature_bank,
+        "feature_fusion": params.feature_fusion if params.feature_bank else None,
+        "latent_feedback": params.latent_feedback,
         "seconds": args.seconds,
         "backend": args.backend,
         "dtype": str(bundle.dtype).removeprefix("torch."),
@@ -505,6 +508,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-skip-frames", type=int, default=10)
     parser.add_argument(
+        "--feature-bank", type=int, default=0, help="every session's feature bank frames (0: none)"
+    )
+    parser.add_argument("--feature-fusion", type=float, default=0.8)
+    parser.add_argument("--latent-feedback", type=float, default=0.0)
+    parser.add_argument(
         "--width", type=int, default=None, help="model resolution (default: the preset's)"
     )
     parser.add_argument("--height", type=int, default=None)
@@ -539,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = load_model(
         ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=dtype
     )
+    if args.feature_bank:  # rows for the largest session count: steps rows per session
+        most = max(int(v) for v in args.sessions.split(","))
+        rows = most * args.steps * (2 if "independent" in args.systems else 1)
+        bundle = bundle.with_feature_bank(frames=args.feature_bank, rows=rows)
     backend = Backend(args.backend)
     bundle = prepare_backend(bundle, backend)
     config = StreamConfig(
@@ -556,7 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             buckets=args.buckets,
         )
     base = GenerationParams.for_preset(
-        bundle.preset, steps=args.steps, max_skip_frames=args.max_skip_frames
+        bundle.preset,
+        steps=args.steps,
+        max_skip_frames=args.max_skip_frames,
+        feature_bank=args.feature_bank,
+        bank_interval=1,
+        feature_fusion=args.feature_fusion,
+        latent_feedback=args.latent_feedback,
     )
     records: list[dict[str, Any]] = []
     with record_sinks(args.out) as outputs:

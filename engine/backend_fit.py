@@ -23,10 +23,31 @@ log = logging.getLogger(__name__)
 
 
 def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwargs: Any) -> Stream:
-    """A :class:`Stream` for ``backend``: whole-step CUDA graph when compiled on CUDA."""
+    """A :class:`Stream` for ``backend``: whole-step CUDA graph when compiled on CUDA, for a
+    model whose step is only the Stream Batch buffers (see :func:`whole_step_blockers`)."""
     if Backend(backend) is Backend.COMPILE and bundle.device.type == "cuda":
-        return CapturedStream(bundle, *args, **kwargs)
+        blockers = whole_step_blockers(bundle)
+        if not blockers:
+            return CapturedStream(bundle, *args, **kwargs)
+        log.info(
+            "the frame step is not one CUDA graph: this model has %s, whose per-frame inputs "
+            "are set between the calls; the UNet and VAE calls still replay their graphs",
+            " and ".join(blockers),
+        )
     return Stream(bundle, *args, **kwargs)
+
+
+def whole_step_blockers(bundle: ModelBundle) -> list[str]:
+    """What keeps ``bundle``'s frame step out of one captured graph: ControlNets (a control
+    image per frame), a feature bank (which frames to keep), per-session LoRAs or an
+    IP-Adapter (inputs written per frame on the host)."""
+    found = [
+        ("ControlNets", bool(bundle.controlnets)),
+        ("a feature bank", bundle.feature_bank is not None),
+        ("per-session LoRAs", bundle.loras is not None),
+        ("an IP-Adapter", bundle.ip_adapter is not None),
+    ]
+    return [name for name, present in found if present]
 
 
 def fit_degrade_to_bundle(policy: DegradePolicy, bundle: ModelBundle) -> DegradePolicy:

@@ -106,6 +106,7 @@ class CapturedStream(Stream):
         if not self.config.use_denoising_batch:
             raise BackendError("the captured frame step needs use_denoising_batch=True")
         self._graphs: dict[tuple[int, int, bool], _FrameGraph] = {}
+        self._said_feedback = False
 
     def graph_for(self, height: int, width: int, yuv: bool = False) -> _FrameGraph:
         """The captured step for this input size and kind, capturing it on first use."""
@@ -126,6 +127,14 @@ class CapturedStream(Stream):
         return captured
 
     def run(self, group: FrameGroup) -> list[StreamOutput]:
+        if self.params.latent_feedback:  # the blend needs the host between two frames
+            if not self._said_feedback:
+                log.info(
+                    "[%s] latent feedback: frames run call by call, not as one graph",
+                    self.session_id,
+                )
+                self._said_feedback = True
+            return super().run(group)
         skipped = self.skip_outputs(group)
         if skipped is not None:
             return skipped

@@ -514,6 +514,7 @@ class Session:
             "delay_frames": stream.delay,
             "device": self.device,
             "degrade": self._degrade_state() if self._degrade_state else None,
+            "feature_bank": stream.bank_usage(),
         }
 
     async def close(self) -> None:

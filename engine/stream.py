@@ -363,6 +363,14 @@ class Stream:
         if rebuilt or update.cond is not None or "feature_bank" in changed:
             self.start_over()
 
+    def bank_usage(self) -> dict[str, float] | None:
+        """The rows this session's feature bank holds and their device memory (None: no bank)."""
+        bank, lease = self.bundle.feature_bank, self._bank_lease
+        if bank is None or lease is None:
+            return None
+        rows = len(lease.slots)
+        return {"rows": rows, "mb": round(rows * bank.row_bytes() / 2**20, 1)}
+
     def start_over(self) -> None:
         """Forget the feature bank's frames and the fed-back latent (new prompt, scene cut)."""
         self._bank.reset()

@@ -25,6 +25,7 @@ SUITES = {
     "profile": "livediff.bench.kernel_profile",
     "startup": "livediff.bench.startup",
     "ray": "livediff.bench.ray_ingress",
+    "consistency": "livediff.bench.consistency",
 }
 
 

@@ -19,7 +19,8 @@ the masked keys. The engine owns which slot and frame a session's row uses
 (``engine/feature_banks.py``); this module only computes.
 
 A pool for a token count is made on the first call that has it (warm-up, before graph capture);
-another resolution makes its own pools.
+another resolution makes its own pools. Under ``torch.compile`` the call after that compiles
+once more (the pools are now inputs); a graph bundle's warm-up makes both calls.
 """
 
 from __future__ import annotations
@@ -293,6 +294,10 @@ class FeatureBank:
 
     def bytes(self) -> int:
         return bank_bytes(self.unet)
+
+    def row_bytes(self) -> int:
+        """Device memory one session row's bank takes (0 until the first call made the pools)."""
+        return self.bytes() // self.context.slots
 
 
 def attach_feature_bank(unet: Any, *, rows: int, frames: int) -> FeatureBank:

@@ -11,6 +11,7 @@ same as a single server's (:mod:`livediff.streams.app`):
 - ``GET /ws``: placed the same way, then relayed message by message, both ways, with close
   codes passed through (the upgrade answer carries ``X-Livediff-Replica``).
 - ``GET /healthz``, ``/stats``, ``/metrics``: over every replica (:mod:`.ray_directory`);
+  ``GET /controlnets``: one replica's answer (they all run the same model);
   ``/metrics`` adds ``livediff_ray_replicas`` and ``livediff_ray_sessions_placed_total`` /
   ``livediff_ray_refused_total`` of the ingress itself.
 
@@ -164,6 +165,7 @@ class LivediffIngress:
                 WebSocketRoute("/ws", self.websocket),
                 Route("/healthz", self.healthz),
                 Route("/stats", self.stats),
+                Route("/controlnets", self.controlnets),
                 Route("/metrics", self.metrics),
             ],
             middleware=[Middleware(_SecurityHeaders)],
@@ -301,6 +303,16 @@ class LivediffIngress:
         suffix = "?samples=1" if request.query_params.get("samples") == "1" else ""
         stats = await gather_by_replica(live, lambda r: self._fetch_json(r, "/stats" + suffix))
         return JSONResponse(aggregate_stats(live, stats))
+
+    async def controlnets(self, request: Request) -> Response:
+        """The ControlNets sessions may pick: every replica runs the same model, so one answers."""
+        refusal = self._guard(request, "http")
+        if refusal is not None:
+            return JSONResponse({"error": UNAUTHORIZED}, 401, {"WWW-Authenticate": "Bearer"})
+        live = [r for r in self.directory.live() if r.healthy]
+        if not live:
+            return JSONResponse({"error": _full_message([])}, 503, {"Retry-After": "5"})
+        return JSONResponse(await self._fetch_json(live[0], "/controlnets"))
 
     async def metrics(self, request: Request) -> Response:
         if self.config.metrics_require_token and not self.access.authorized(_view(request)):

@@ -231,3 +231,24 @@ def test_a_dropped_stream_gives_its_rows_back(exact: ModelBundle) -> None:
     del stream
     gc.collect()
     assert model.feature_bank.free_rows() == 4
+
+
+def test_models_with_per_frame_inputs_are_not_captured_as_one_step(exact: ModelBundle) -> None:
+    """The whole-step graph would freeze the bank's per-frame choices (and a ControlNet's
+    control image): such models run call by call, their UNet and VAE calls graphed."""
+    from livediff.engine.backend_fit import whole_step_blockers
+
+    assert whole_step_blockers(exact) == []
+    assert whole_step_blockers(banked(exact)) == ["a feature bank"]
+
+
+def test_a_session_reports_its_bank_rows_and_memory(exact: ModelBundle) -> None:
+    model = banked(exact, rows=4)
+    config = StreamConfig(width=SIZE, height=SIZE)
+    stream = Stream(model, config, BASE.updated(steps=2, **BANK))
+    assert Stream(model, config, BASE).bank_usage() is None
+    assert stream.bank_usage() == {"rows": 2, "mb": 0.0}  # no call yet: no pools
+    outputs(stream, drifting(2))
+    assert model.feature_bank is not None
+    per_row = model.feature_bank.row_bytes()
+    assert per_row > 0 and stream.bank_usage() == {"rows": 2, "mb": round(2 * per_row / 2**20, 1)}

@@ -77,6 +77,23 @@ def test_static_scene_with_the_similarity_filter_skips_and_records_it(
     assert filtered["skip_rate"] > 0.5
 
 
+@pytest.mark.slow
+def test_sessions_with_feature_banks_record_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        *("--model", "tiny", "--weights", "random", "--sessions", "2", "--seconds", "1"),
+        *("--systems", "livediff,independent", "--frame-size", "64", "--feature-bank", "2"),
+        *("--latent-feedback", "0.2", "--plot", str(tmp_path / "m.png")),
+    ]
+    assert multi.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["system"] for r in records] == ["livediff", "independent"]
+    for r in records:
+        assert (r["feature_bank"], r["feature_fusion"], r["latent_feedback"]) == (2, 0.8, 0.2)
+        assert r["fps"] > 0
+
+
 def test_similarity_thresholds_parse_and_are_checked() -> None:
     assert multi.parse_thresholds("off,0.98, 0.5") == [None, 0.98, 0.5]
     with pytest.raises(argparse.ArgumentTypeError, match="not in"):

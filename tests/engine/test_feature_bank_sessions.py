@@ -73,5 +73,7 @@ async def test_sessions_with_and_without_banks_share_calls_and_equal_alone(
                 difference = np.abs(out.image.astype(np.int16) - expected[out.index])
                 assert difference.max() <= TOLERANCE, (k, out.index, difference.max())
         assert engine.metrics()["batch_sessions"]["max"] == 3
+        usage = [engine.metrics()["per_session"][s.id]["feature_bank"] for s in sessions]
+        assert [u and u["rows"] for u in usage] == [2, 2, None]
     finally:
         await engine.stop()

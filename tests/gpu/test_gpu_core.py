@@ -192,3 +192,35 @@ def test_graphed_bundle_runs_controlnets_per_row(cuda_tiny_bundle: ModelBundle) 
         with torch._dynamo.config.patch(error_on_recompile=True):
             got = graphed.predict_noise(batch).clone()
         torch.testing.assert_close(got, eager.predict_noise(batch), atol=2e-2, rtol=2e-2)
+
+
+def test_graphed_bundle_runs_the_feature_bank_per_row() -> None:
+    """Captured per-bucket UNet calls keep each row's bank: a graphed Stream with a bank gives
+    the eager one's frames (fusion off: fp16 ties would pick other neighbours), without a
+    recompile as the bank fills and frames are kept."""
+    import copy
+    from dataclasses import replace
+
+    from livediff.engine.config import GenerationParams
+
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
+
+    def banked() -> ModelBundle:
+        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
+        return fresh.with_feature_bank(frames=2, rows=8)
+
+    eager = banked()
+    graphed = GraphedBundle.wrap(prepare_backend(banked(), Backend.COMPILE))
+    graphed.setup_graphs(unet_buckets=(2, 4), frame_buckets=(1, 2), latent_size=(16, 16))
+    graphed.warm_up()
+    config = StreamConfig(width=128, height=128)
+    params = GenerationParams(
+        prompt="a fox", steps=2, feature_bank=2, bank_interval=1, feature_fusion=0.0
+    )
+    streams = [Stream(m, config, params) for m in (eager, graphed)]
+    frames = _frames(5, (128, 128))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = [[o.image for f in frames for o in s.process(f)] for s in streams]
+    assert len(outs[0]) == len(outs[1]) == 4
+    for a, b in zip(*outs, strict=True):
+        assert _max_diff(a, b) <= 8

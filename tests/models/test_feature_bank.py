@@ -181,3 +181,30 @@ def test_bad_pool_sizes_are_refused(
 ) -> None:
     with pytest.raises(ParameterError, match=message):
         install_feature_bank(copy.deepcopy(tiny_bundle.unet), slots=slots, frames=frames)
+
+
+def test_the_banked_unet_compiles_as_one_graph_without_recompiles(
+    tiny_bundle: ModelBundle,
+) -> None:
+    """``torch.compile(fullgraph=True)`` (the compile backend's recipe) traces the processors,
+    pools included, and new row values (which frames are held, where the call writes) reuse
+    the graph: once the pools exist (the first call at a size makes them, so the second
+    compiles once more, within a graph bundle's warm-up), the bank fills and wraps with no
+    recompile, and matches the eager bank."""
+    eager, compiled = (copy.deepcopy(tiny_bundle.unet) for _ in range(2))
+    contexts = [install_feature_bank(u, slots=3, frames=2) for u in (eager, compiled)]
+    forward = torch.compile(compiled.forward, backend="aot_eager", fullgraph=True, dynamic=False)
+    plans = [Session(slot=1, size=2, interval=1), Session(slot=2, size=1, interval=1)]
+    twins = [copy.deepcopy(plans) for _ in range(2)]
+    with torch.inference_mode():
+        for frame in range(5):
+            latents, t, embeds = inputs(eager, 2, seed=frame)
+            results = []
+            for context, unet_call, sessions in zip(contexts, (eager, forward), twins, strict=True):
+                context.rows = bank_rows(sessions, context.frames)
+                if frame > 1:  # call 0 makes the pools, call 1 compiles with them: then none
+                    with torch._dynamo.config.patch(error_on_recompile=True):
+                        results.append(unet_call(latents, t, encoder_hidden_states=embeds)[0])
+                else:
+                    results.append(unet_call(latents, t, encoder_hidden_states=embeds)[0])
+            torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)

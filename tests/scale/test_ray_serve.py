@@ -316,6 +316,10 @@ async def test_the_token_is_enforced_at_the_ingress_and_the_replicas(base: str) 
                 assert r.status == 401
         async with http.get(f"{base}/stats?token={TOKEN}") as r:
             assert r.status == 200
+        async with http.get(base + "/controlnets") as r:
+            assert r.status == 401
+        async with http.get(base + "/controlnets", headers=AUTH) as r:  # a replica's answer
+            assert r.status == 200 and await r.json() == {"controlnets": []}
         async with http.get(rows[0]["url"] + "/stats") as r:  # a replica's own port, directly
             assert r.status == 401
         async with http.get(base + "/") as r:  # the page and /healthz stay open

@@ -120,6 +120,13 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "similarity_threshold": (0.9, 0.9),
     "max_skip_frames": (5, 5),
     "controlnets": ([], ()),  # the tiny model loads none: an empty list is the valid value
+    "loras": ([], ()),  # nor a LoRA library
+    "feature_bank": (0, 0),  # nor a feature bank: 0 (off) is the valid value
+    "bank_interval": (2, 2),
+    "feature_fusion": (0.5, 0.5),  # values a 32-bit float holds exactly
+    "fusion_threshold": (0.875, 0.875),
+    "latent_feedback": (0.25, 0.25),
+    "scene_cut": (0.375, 0.375),
 }
 
 

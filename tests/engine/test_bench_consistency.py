@@ -1,0 +1,45 @@
+"""The ``consistency`` suite on CPU (tiny model): records of every case and a plot; no timing asserts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from livediff.bench import consistency
+from livediff.bench.records import REQUIRED_KEYS
+from livediff.cli import main
+from livediff.exceptions import UsageError
+
+
+def test_consistency_records_each_case_and_draws_them(tmp_path: Path) -> None:
+    out, plot = tmp_path / "consistency.jsonl", tmp_path / "consistency.png"
+    argv = ["--model", "tiny", "--size", "64", "--frames", "5", "--warmup", "2"]
+    assert (
+        main(["bench", "--suite", "consistency", *argv, "--out", str(out), "--plot", str(plot)])
+        == 0
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    cases = [(r["feature_bank"], r["feature_fusion"], r["latent_feedback"]) for r in records]
+    assert cases == [(0, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.8, 0.0), (0, 0.0, 0.3), (2, 0.8, 0.3)]
+    for r in records:
+        assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
+        assert r["suite"] == "consistency" and r["frames"] == 5 and r["flicker"] >= 0
+        assert r["bank_mb"] > 0  # the pools exist once a case with a bank ran
+    assert plot.stat().st_size > 0
+
+
+def test_flicker_is_output_change_over_input_change() -> None:
+    still = [np.zeros((4, 4, 3), np.uint8)] * 3
+    moving = [np.full((4, 4, 3), 10 * i, np.uint8) for i in range(3)]
+    assert consistency.flicker(still, moving) == 0.0
+    assert consistency.flicker(moving, moving) == pytest.approx(1.0)
+    halved = [np.full((4, 4, 3), 5 * i, np.uint8) for i in range(3)]
+    assert consistency.flicker(halved, moving) == pytest.approx(0.5)
+
+
+def test_a_bad_case_is_refused() -> None:
+    with pytest.raises(UsageError, match="BANK:FUSION:FEEDBACK"):
+        consistency.Case.parse("2:0.8")
