@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import fractions
 import itertools
@@ -135,6 +136,9 @@ class WebRTCClient:
         self._stats_event = asyncio.Event()
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
+        self._style_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
+            collections.deque()
+        )  # answered in the order sent, without an id
         self.channel.on("open", self._open.set)
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
@@ -152,6 +156,8 @@ class WebRTCClient:
             return
         request_id = data.get("id")
         waiter = self._replies.pop(request_id, None) if isinstance(request_id, int) else None
+        if waiter is None and self._style_replies and wire.answers_style_image(data):
+            waiter = self._style_replies.popleft()
         if waiter is not None and not waiter.done():
             waiter.set_result(data)
 
@@ -212,6 +218,16 @@ class WebRTCClient:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = waiter
         self.channel.send(wire.control_message(params, request_id))
+        return await waiter
+
+    async def send_style_image(self, image_file: bytes) -> dict[str, Any]:
+        """Send a style image (an image file's bytes) over the data channel; returns
+        ``{"ok": true, "ip_image": key}`` or ``{"error": ..., "field": "ip_image"}``. The
+        message must fit the channel's message size (64 KiB is safe everywhere)."""
+        await self._open.wait()
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._style_replies.append(waiter)
+        self.channel.send(wire.style_image_message(image_file))
         return await waiter
 
     async def next_stats(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ As a library::
         await client.send_frame(rgb_uint8_hwc)           # JPEG-encoded off the event loop
         image = await client.recv_frame()                # the next processed frame, uint8 RGB
         reply = await client.update(strength=0.7)        # {"ok": true} or {"error": ...}
+        reply = await client.send_style_image(open("painting.png", "rb").read())
+        # {"ok": true, "ip_image": "<key>"} (the session now uses it) or {"error": ...}
 
 As a command::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -50,6 +53,9 @@ class WsClient:
         self._outputs: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
+        self._style_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
+            collections.deque()
+        )  # answered in the order sent, without an id
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -78,6 +84,8 @@ class WsClient:
                 waiter = (
                     self._replies.pop(request_id, None) if isinstance(request_id, int) else None
                 )
+                if waiter is None and self._style_replies and wire.answers_style_image(reply):
+                    waiter = self._style_replies.popleft()
                 if waiter is not None:
                     waiter.set_result(reply)
                 elif kind is wire.MessageKind.DROPPED:  # a frame that gets no output, and why
@@ -86,7 +94,7 @@ class WsClient:
                     self.errors.append(str(reply["error"]))
         finally:
             self._outputs.put_nowait(None)
-            for waiter in self._replies.values():
+            for waiter in [*self._replies.values(), *self._style_replies]:
                 if not waiter.done():
                     waiter.set_exception(
                         SessionClosedError("the connection closed before the reply")
@@ -122,6 +130,15 @@ class WsClient:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = waiter
         await self.connection.send(wire.control_message(params, request_id))
+        return await waiter
+
+    async def send_style_image(self, image_file: bytes) -> dict[str, Any]:
+        """Send a style image (an image file's bytes: PNG, JPEG, WebP …) for the IP-Adapter and
+        return the server's answer: ``{"ok": true, "ip_image": key}`` (the session uses it from
+        the next frame on) or ``{"error": ..., "field": "ip_image"}``."""
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._style_replies.append(waiter)
+        await self.connection.send(wire.style_image_message(image_file))
         return await waiter
 
     async def close(self) -> None:

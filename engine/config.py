@@ -24,6 +24,7 @@ from livediff.exceptions import ParameterError
 from livediff.models.blend_method import BlendMethod
 from livediff.models.control_uses import ControlUse, control_uses
 from livediff.models.feature_bank import MAX_BANK_FRAMES
+from livediff.models.ip_adapter_spec import MAX_IP_SCALE
 from livediff.models.lora_uses import LoraUse, lora_uses
 from livediff.settings import (
     check_settings,
@@ -190,6 +191,18 @@ def prompt_from_text(text: str) -> str | list[tuple[str, float]]:
     return parts
 
 
+def image_key(value: Any, name: str) -> str:
+    """A style image's key: the lower-case hex SHA-256 the server answered its upload with."""
+    text = check_text(value, name).lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ParameterError(
+            f"{name}={shown(value)} is not an uploaded image's key (64 hex digits, as the "
+            "upload's answer gives it)",
+            field=name,
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Live parameters of a stream; every field may change between two frames.
@@ -344,6 +357,23 @@ class GenerationParams:
         flag="--session-lora",
         metavar="NAME[:SCALE]",
         repeat=True,
+    )
+    ip_image: str | None = setting(
+        None,
+        doc="the style image (IP-Adapter): the key an upload was answered with; null: none "
+        "(the server needs --ip-adapter)",
+        special={None: "none"},
+        check=image_key,
+        expected="the 64-hex-digit key of an uploaded image",
+        live=True,
+    )
+    ip_scale: float = setting(
+        1.0,
+        doc="how strongly the style image steers the output, 0: not at all",
+        min=0,
+        max=MAX_IP_SCALE,
+        live=True,
+        flag="--ip-scale",
     )
 
     def __post_init__(self) -> None:

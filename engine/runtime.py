@@ -450,6 +450,13 @@ class Engine:
         worker = device.snapshot()
         return {"level": worker.level.label, "reason": worker.reason}
 
+    def encode_style_image(self, image_file: bytes) -> str:
+        """An uploaded style image → the key ``ip_image`` names it by (blocking: run it in a
+        thread; see :mod:`livediff.engine.style_images`)."""
+        from livediff.engine.style_images import encode_style_image
+
+        return encode_style_image(self.bundles, image_file)
+
     def control_options(self) -> list[dict[str, Any]]:
         """The loaded ControlNets, for clients (``GET /controlnets``): each one's name, the
         preprocessors it takes here and the one it gets by default."""

@@ -44,6 +44,7 @@ from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
 from livediff.kernels.yuv import i420_to_rgb_float, split_i420
 from livediff.models.bundle import ModelBundle
 from livediff.models.feature_bank import SlotLease
+from livediff.models.image_prompts import ImagePrompt
 from livediff.models.prompts import PromptEncoder
 from livediff.models.unet_batch import Conditioning, UNetBatch
 
@@ -53,6 +54,9 @@ _SCHEDULE_FIELDS = ("steps", "strength", "t_index_list")
 _CONSISTENCY_FIELDS = frozenset(
     ("feature_bank", "bank_interval", "feature_fusion", "fusion_threshold", "latent_feedback")
 )
+
+
+_IMAGE_PROMPT_FIELDS = ("ip_image", "ip_scale")
 
 
 _TXT2IMG_PLACEHOLDER = torch.zeros(1, 1, 3, dtype=torch.uint8)
@@ -88,6 +92,7 @@ class PreparedUpdate:
     control: ControlPlan | None = None
     bank_lease: SlotLease | None = None  # new feature bank slots for this session's rows
     loras: tuple[torch.Tensor, torch.Tensor] | None = None  # the rows' LoRA slots and scales
+    image_prompt: ImagePrompt | None = None  # the new style image's tokens ("ip_image" changed)
 
 
 class Stream:
@@ -135,11 +140,13 @@ class Stream:
         self._bank_lease: SlotLease | None = None
         self._cuts = SceneCuts(self.params.scene_cut)
         self._loras: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._image_prompt: ImagePrompt | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
             self._prepare(
                 self.params,
-                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets", "loras"))
+                frozenset(("prompt", "seed", "strength", "guidance_scale", "controlnets"))
+                | {"loras", *_IMAGE_PROMPT_FIELDS}
                 | _CONSISTENCY_FIELDS,
             )
         )
@@ -179,6 +186,7 @@ class Stream:
             ),
             bank_frames=self.bundle.feature_bank.frames if self.bundle.feature_bank else None,
             lora_slots=self.bundle.loras.capacity.slots_per_row if self.bundle.loras else None,
+            ip_token_shape=self.bundle.ip_adapter.token_shape if self.bundle.ip_adapter else None,
         )
 
     def _noise(self, seed: int) -> torch.Tensor:
@@ -217,9 +225,38 @@ class Stream:
             )
         loras = resolve_loras(params.loras, self.bundle) if "loras" in changed else None
         lease = self._lease_for(params, changed, coefficients)
+        image_prompt = self._image_prompt_for(params) if "ip_image" in changed else None
         return PreparedUpdate(
-            params, changed, cond, uncond, coefficients, control, loras=loras, bank_lease=lease
+            params,
+            changed,
+            cond,
+            uncond,
+            coefficients,
+            control,
+            loras=loras,
+            bank_lease=lease,
+            image_prompt=image_prompt,
         )
+
+    def _image_prompt_for(self, params: GenerationParams) -> ImagePrompt | None:
+        """The uploaded style image ``ip_image`` names (``None``: no image)."""
+        if params.ip_image is None:
+            return None
+        prompts = self.bundle.image_prompts
+        if prompts is None:
+            raise ParameterError(
+                "this server runs no IP-Adapter: start it with --ip-adapter SOURCE[:VARIANT] "
+                "([model.ip_adapter]) to use style images",
+                field="ip_image",
+            )
+        prompt = prompts.lookup(params.ip_image)
+        if prompt is None:
+            raise ParameterError(
+                f"no uploaded style image has the key {params.ip_image}: upload it first "
+                f"(it may have left the cache of the last {prompts.cache_entries} images)",
+                field="ip_image",
+            )
+        return prompt
 
     def _lease_for(
         self,
@@ -297,6 +334,10 @@ class Stream:
             self._loras = update.loras
         if (update.loras is not None or rebuilt) and self._loras is not None:
             self.batch.set_loras(*self._loras)
+        if "ip_image" in changed:
+            self._image_prompt = update.image_prompt
+        if (rebuilt or changed & set(_IMAGE_PROMPT_FIELDS)) and self.bundle.ip_adapter is not None:
+            self.batch.set_image_prompt(self._image_prompt, params.ip_scale)
         self.params = params
 
     def _apply_consistency(self, update: PreparedUpdate, rebuilt: bool) -> None:

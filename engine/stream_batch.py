@@ -35,6 +35,7 @@ from livediff.engine.rcfg import (
 )
 from livediff.exceptions import ParameterError
 from livediff.kernels.fused_step import fused_step
+from livediff.models.image_prompts import ImagePrompt
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
 
 LATENT_CHANNELS = 4
@@ -59,6 +60,7 @@ class StreamBatch:
         control_shape: tuple[int, int, int] | None = None,
         bank_frames: int | None = None,
         lora_slots: int | None = None,
+        ip_token_shape: tuple[int, int] | None = None,
     ) -> None:
         self.steps = coefficients.steps
         self.frame_buffer_size = frame_buffer_size
@@ -141,6 +143,13 @@ class StreamBatch:
             self._lora_scales = torch.zeros(
                 self.unet_rows, lora_slots, dtype=torch.float32, device=device
             )
+        # IP-Adapter inputs (the model has an adapter with ``ip_token_shape`` (T, D) tokens):
+        # every row's image-prompt tokens and scale. Zeros and scale 0 until set: no image.
+        self._ip_tokens: torch.Tensor | None = None
+        self._ip_scales: torch.Tensor | None = None
+        if ip_token_shape is not None:
+            self._ip_tokens = torch.zeros(self.unet_rows, *ip_token_shape, **opts)
+            self._ip_scales = torch.zeros(self.unet_rows, **opts)
         self.set_coefficients(coefficients)
 
     @staticmethod
@@ -281,6 +290,20 @@ class StreamBatch:
         self._lora_indices.copy_(indices.expand_as(self._lora_indices))
         self._lora_scales.copy_(scales.expand_as(self._lora_scales))
 
+    def set_image_prompt(self, prompt: ImagePrompt | None, scale: float) -> None:
+        """The session's style image for every row from the next call on (as a new prompt
+        applies to every row): conditioned rows get its tokens, negative rows (RCFG full and
+        initialize) its unconditional tokens; ``None`` (or scale 0) turns it off."""
+        assert self._ip_tokens is not None and self._ip_scales is not None
+        if prompt is None:
+            self._ip_tokens.zero_()
+            self._ip_scales.zero_()
+            return
+        cond, uncond = self._ip_tokens[self.uncond_rows :], self._ip_tokens[: self.uncond_rows]
+        cond.copy_(prompt.tokens.expand_as(cond))
+        uncond.copy_(prompt.uncond_tokens.expand_as(uncond))
+        self._ip_scales.fill_(scale)
+
     def push_control(self, images: torch.Tensor) -> None:
         """The new frame group's control images ``[F, K, 3, H, W]`` in [0, 1], with the scales
         of :meth:`set_control_scales`.
@@ -373,6 +396,8 @@ class StreamBatch:
             bank_frames=bank.get("frames"),
             bank_write=bank.get("write"),
             bank_fusion=bank.get("fusion"),
+            ip_tokens=self._ip_tokens,
+            ip_scales=self._ip_scales,
         )
 
     def finish(self, eps: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,14 @@ def load_for_backend(
             "with --controlnet"
         )
     bundle = attach_controlnets(bundle, spec, controlnets)
+    if spec.ip_adapter is not None:
+        if backend is Backend.TENSORRT:
+            raise BackendError(
+                "the tensorrt backend runs no IP-Adapter: use --backend compile with --ip-adapter"
+            )
+        from livediff.models.ip_adapter_loading import load_ip_adapter
+
+        bundle = bundle.with_ip_adapter(load_ip_adapter(spec.ip_adapter, bundle))
     if spec.feature_bank_frames:
         if backend is Backend.TENSORRT:
             raise BackendError("the tensorrt backend runs no feature bank: use --backend compile")

@@ -11,13 +11,20 @@ channel) and :mod:`livediff.streams.control_messages` (live parameters).
 
 Websocket (``GET /ws``)
     Binary messages are frames: one JPEG image each, both ways (:func:`encode_jpeg`,
-    :func:`decode_jpeg`). Text messages are one JSON object each (UTF-8). Session parameters
+    :func:`decode_jpeg`). A binary message to the server that starts with the four bytes
+    :data:`STYLE_IMAGE_MAGIC` (``b"LDIM"``) is no frame but a style image for the IP-Adapter:
+    an image file (PNG, JPEG, WebP …) after the prefix (:func:`style_image_message`). It is not
+    counted as a frame; the server answers ``{"ok": true, "ip_image": "<key>"}``
+    (:func:`style_image_reply`) and the session's ``ip_image`` becomes that key from the next
+    frame on, or ``{"error": …, "field": "ip_image"}``. Text messages are one JSON object each (UTF-8). Session parameters
     travel in the URL's query (:func:`query_string`); the server stamps every input with its
     arrival time in :data:`PTS_TIME_BASE` ticks.
 
 Messages from the server (text, JSON objects; :func:`kind_of` tells them apart)
     - ``{"session": "<id>"}`` — the first message of an accepted websocket (:func:`hello`).
     - ``{"ok": true, "id": …}`` — a control message took effect (:func:`ok_reply`).
+    - ``{"ok": true, "ip_image": "<key>"}`` — a style image was taken; ``ip_image`` may name
+      it in later control messages (:func:`style_image_reply`).
     - ``{"error": "<why>", "id": …, "field": "<key>", "current": {…}}`` — a refused request
       (:func:`error_reply`): ``id`` echoes the request's, ``field`` names the key to blame and
       ``current`` holds the values the session keeps; each only when known. Without an ``id``
@@ -85,6 +92,7 @@ MAX_CLOSE_REASON = 120  # bytes: the websocket limit is 123
 DROP_REASONS = ("replaced", "deadline", "reconfigure", "outbox")
 
 MAX_JPEG_SIDE = 4096
+STYLE_IMAGE_MAGIC = b"LDIM"  # a binary message with this prefix is a style image, not a frame
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
@@ -130,6 +138,11 @@ def error_reply(
     return json.dumps(reply)
 
 
+def style_image_reply(key: str) -> str:
+    """The answer to a style image: the key of its encoding, now the session's ``ip_image``."""
+    return json.dumps({"ok": True, "ip_image": key})
+
+
 def dropped(index: int, reason: str) -> str:
     """The answer to a frame the server dropped: its index on the connection and why."""
     return json.dumps({"dropped": index, "reason": reason})
@@ -152,6 +165,16 @@ def control_message(params: Mapping[str, Any], request_id: str | int | None = No
     if request_id is not None:
         message["id"] = request_id
     return json.dumps(message)
+
+
+def style_image_message(image_file: bytes) -> bytes:
+    """A style image (an image file's bytes) as a websocket binary message."""
+    return STYLE_IMAGE_MAGIC + image_file
+
+
+def style_image_of(message: bytes) -> bytes | None:
+    """The image file a binary message carries when it is a style image, else ``None`` (a frame)."""
+    return message[len(STYLE_IMAGE_MAGIC) :] if message[:4] == STYLE_IMAGE_MAGIC else None
 
 
 def query_string(params: Mapping[str, Any]) -> str:
@@ -192,6 +215,14 @@ def kind_of(message: Mapping[str, Any]) -> MessageKind:
         if kind.value in message:
             return kind
     return MessageKind.UNKNOWN
+
+
+def answers_style_image(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` answers a style image: ok with its key, or an error about
+    ``ip_image`` without an ``id`` (an upload has none to echo)."""
+    if "ok" in message:
+        return "ip_image" in message
+    return message.get("field") == "ip_image" and "id" not in message
 
 
 def close_meaning(code: int | None) -> str:

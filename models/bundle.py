@@ -14,6 +14,7 @@ from diffusers import AutoencoderTiny
 from livediff.exceptions import BatchCompositionError
 from livediff.models.controlnet import LoadedControlNet, control_residuals
 from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
+from livediff.models.image_prompts import ImagePromptEncoder
 from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
@@ -51,6 +52,8 @@ class ModelBundle:
     loras: LoraLibrary | None = None
     # The IP-Adapter a batch's ip_tokens / ip_scales feed (its processors are on the UNet).
     ip_adapter: LoadedIPAdapter | None = None
+    # Its style images → prompt tokens, cached by content (one per model: sessions share it).
+    image_prompts: ImagePromptEncoder | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -119,7 +122,7 @@ class ModelBundle:
         before (:mod:`livediff.models.ip_adapter`), so the original bundle is unaffected.
         """
         adapter.install(self.unet)
-        return replace(self, ip_adapter=adapter)
+        return replace(self, ip_adapter=adapter, image_prompts=ImagePromptEncoder(adapter))
 
     def controlnet_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.controlnets)

@@ -81,6 +81,11 @@ class ImagePromptEncoder:
         digest.update(data)
         return digest.hexdigest()
 
+    def lookup(self, key: str) -> ImagePrompt | None:
+        """The prompt of an image encoded before, by its :attr:`ImagePrompt.key` (``None``:
+        never encoded here, or left the cache)."""
+        return self._cached(key)
+
     def encode_bytes(self, data: bytes) -> ImagePrompt:
         """An encoded image file (PNG, JPEG, WebP …) → its prompt, from the cache when seen."""
         if len(data) > self.max_image_bytes:

@@ -13,6 +13,7 @@ from typing import Any
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec
 from livediff.models.feature_bank import MAX_BANK_FRAMES
+from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant, published_adapter
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import as_tuple, check_settings, setting
 
@@ -102,6 +103,43 @@ def _controlnet_specs(value: Any, name: str) -> tuple[ControlNetSpec, ...]:
     return tuple(items)
 
 
+def ip_adapter_from_text(text: str) -> IPAdapterSpec:
+    """``"h94/IP-Adapter"``, ``"random:plus"`` or ``"/adapters:plain"`` (a variant after the
+    last colon, when it names one)."""
+    source, separator, variant = text.rpartition(":")
+    if separator and source and variant in {v.value for v in IPAdapterVariant}:
+        return IPAdapterSpec(source=source, variant=IPAdapterVariant(variant))
+    return IPAdapterSpec(source=text)
+
+
+def _ip_adapter_spec(value: Any, name: str) -> IPAdapterSpec:
+    """An IP-Adapter to load: a spec, a ``{ source, variant, … }`` table, or SOURCE[:VARIANT]."""
+    try:
+        return _ip_adapter_spec_of(value, name)
+    except ParameterError as exc:
+        if exc.field == name:
+            raise
+        raise ParameterError(f"{name}: {exc}", field=name) from None
+
+
+def _ip_adapter_spec_of(value: Any, name: str) -> IPAdapterSpec:
+    if isinstance(value, IPAdapterSpec):
+        return value
+    if isinstance(value, str):
+        return ip_adapter_from_text(value)
+    if isinstance(value, Mapping):
+        known = set(IPAdapterSpec.__dataclass_fields__)
+        unknown = sorted(set(value) - known, key=str)
+        if unknown:
+            raise ParameterError(
+                f"{name}: an IP-Adapter table takes {', '.join(sorted(known))}; "
+                f"unknown: {', '.join(map(str, unknown))}",
+                field=name,
+            )
+        return IPAdapterSpec(**value)
+    raise ParameterError(f"{name}: expected an IP-Adapter source or table", field=name)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to load. ``loras=None`` takes the preset's own LoRAs (LCM-LoRA for ``sd15-lcm``)."""
@@ -151,6 +189,18 @@ class ModelSpec:
         expected="a list of { source, name, family, union, control_type, config_source, "
         "guess_mode, seed, variant, local_files_only } tables, or sources",
     )
+    ip_adapter: IPAdapterSpec | None = setting(
+        None,
+        doc="IP-Adapter for style images (SD 1.5, SDXL): h94/IP-Adapter, a folder, a file or "
+        "random, with :plain or :plus",
+        special={None: "none"},
+        check=_ip_adapter_spec,
+        expected="a { source, variant, weight_name, image_encoder, name, seed, "
+        "local_files_only } table, or SOURCE[:VARIANT]",
+        flag="--ip-adapter",
+        metavar="SOURCE[:VARIANT]",
+        from_flag=ip_adapter_from_text,
+    )
     depth_source: str | None = setting(
         None,
         doc="Depth Anything V2 Small for the depth preprocessor: HF id, folder or random",
@@ -187,3 +237,5 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.ip_adapter is not None:  # SD 2.1 has none: refused before anything loads
+            published_adapter(PRESETS[self.preset].family, self.ip_adapter.variant, self.preset)

@@ -8,7 +8,9 @@ the session ends; :meth:`close` is idempotent and safe to call from anywhere.
 
 Data channel (any label, opened by the client; the first one is used): the client sends
 control messages (:mod:`livediff.streams.control_messages`), each answered with ``{"ok": true}`` or
-``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``); the
+``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``), and
+binary style images (``b"LDIM"`` + an image file, as on the websocket), each answered
+``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``; the
 server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
 large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
 ``{"closing": "<reason>"}`` before it closes the peer on purpose (server shutdown, idle timeout).
@@ -35,7 +37,12 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from livediff.exceptions import OfferError, ParameterError, SessionClosedError
+from livediff.exceptions import (
+    InvalidFrameError,
+    OfferError,
+    ParameterError,
+    SessionClosedError,
+)
 from livediff.ice import rtc_configuration
 from livediff.streams.control_messages import parse_control, refusal_reply, session_params
 from livediff.streams.engine_protocol import SessionLike
@@ -49,9 +56,10 @@ from livediff.streams.limits import (
 )
 from livediff.streams.ndi_io import SessionNdiOut
 from livediff.streams.server_config import ServerConfig
+from livediff.streams.style_uploads import StyleImages, use_style_image
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
-from livediff.wire import error_reply, ok_reply
+from livediff.wire import error_reply, ok_reply, style_image_of, style_image_reply
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "webrtc"
@@ -77,8 +85,10 @@ class LivePeer:
         metrics: TransportMetrics | None = None,
         on_closed: Callable[[LivePeer], None] | None = None,
         ndi_name: str | None = None,
+        style_images: StyleImages | None = None,
     ) -> None:
         self.session = session
+        self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
         self._ndi_name = ndi_name  # publish the output as this NDI source too
         self.id: str = session.id
         self.config = config
@@ -221,7 +231,13 @@ class LivePeer:
 
     async def _on_control(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
-            self._reply(error_reply("binary messages are not accepted on the control channel"))
+            image_file = style_image_of(message)
+            if image_file is None:
+                self._reply(
+                    error_reply("binary messages on the control channel must be style images")
+                )
+            else:
+                await self._on_style_image(image_file)
             return
         try:
             request = parse_control(message, max_bytes=self.config.ws_max_control_bytes)
@@ -249,6 +265,19 @@ class LivePeer:
                 return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         self._reply(ok_reply(request.id))
+
+    async def _on_style_image(self, image_file: bytes) -> None:
+        async with self._update_lock:  # in order with the control messages around it
+            try:
+                key = await use_style_image(self.session, self._style_images, image_file)
+            except (ParameterError, InvalidFrameError) as exc:
+                self._reply(error_reply(str(exc), field="ip_image"))
+                return
+            except SessionClosedError as exc:
+                self._reply(error_reply(str(exc)))
+                return
+        self.log.info("style image %s… (%d bytes) in use", key[:12], len(image_file))
+        self._reply(style_image_reply(key))
 
     def _reply(self, text: str) -> None:
         if self._channel is not None and self._channel.readyState == "open":

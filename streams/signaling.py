@@ -129,6 +129,7 @@ async def handle_offer(request: web.Request) -> web.Response:
             metrics=metrics,
             on_closed=peers.discard,
             ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
+            style_images=getattr(engine, "encode_style_image", None),
         )
     except BaseException:
         await session.close()

@@ -57,8 +57,16 @@ from livediff.streams.media import MediaTime
 from livediff.streams.ndi_io import SessionNdiOut
 from livediff.streams.peer import SessionLogger
 from livediff.streams.server_config import ServerConfig
+from livediff.streams.style_uploads import StyleImages, use_style_image
 from livediff.streams.transport_metrics import TransportMetrics
-from livediff.wire import decode_jpeg, encode_jpeg, error_reply, ok_reply
+from livediff.wire import (
+    decode_jpeg,
+    encode_jpeg,
+    error_reply,
+    ok_reply,
+    style_image_of,
+    style_image_reply,
+)
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "websocket"
@@ -104,6 +112,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         metrics,
         app[app_keys.DECODE_POOL],
         ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
+        style_images=getattr(app[app_keys.ENGINE], "encode_style_image", None),
     )
     sockets.add(ws)
     app[DRAIN].websockets.add(connection)
@@ -128,6 +137,7 @@ class WsConnection:
         decode_pool: Executor | None = None,
         *,
         ndi_name: str | None = None,
+        style_images: StyleImages | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
@@ -154,6 +164,7 @@ class WsConnection:
         self._writer: asyncio.Task[None] | None = None
         self.ended = asyncio.Event()  # set by the handler once the connection is over
         self._ndi = SessionNdiOut(ndi_name) if ndi_name else None
+        self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
 
     async def run(self) -> None:
         self.log.info("websocket session open")
@@ -199,7 +210,10 @@ class WsConnection:
 
     async def _read(self) -> None:
         async for message in self.ws:
-            if message.type is WSMsgType.BINARY:
+            style_image = style_image_of(message.data) if message.type is WSMsgType.BINARY else None
+            if style_image is not None:
+                await self._guarded(self._on_style_image(style_image), "style image")
+            elif message.type is WSMsgType.BINARY:
                 if self._input_stopped:
                     continue  # shutting down: frames already received are finished, not new ones
                 self._no_frame_in_hand.clear()
@@ -303,6 +317,26 @@ class WsConnection:
             return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         await self._send(ok_reply(request.id))
+
+    async def _on_style_image(self, image_file: bytes) -> None:
+        """Encode a style image off the event loop and make it the session's ``ip_image``."""
+        if not self._bucket.take():  # an encode costs a CLIP pass: rated like control messages
+            self._reject("rate", self._bucket.refusal())
+            await self._send(error_reply(self._bucket.refusal(), field="ip_image"))
+            return
+        try:
+            key = await use_style_image(
+                self.session, self._style_images, image_file, self._decode_pool
+            )
+        except (ParameterError, InvalidFrameError) as exc:
+            self._reject("style_image", str(exc))
+            await self._send(error_reply(str(exc), field="ip_image"))
+            return
+        except SessionClosedError as exc:
+            await self._fail(str(exc))
+            return
+        self.log.info("style image %s… (%d bytes) in use", key[:12], len(image_file))
+        await self._send(style_image_reply(key))
 
     def _reject(self, reason: str, message: str) -> None:
         self.flow.errors += 1

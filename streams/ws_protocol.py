@@ -32,6 +32,17 @@ Frames (binary messages)
       *i + n − 1* goes in: the first *n − 1* frames get their answers late, not never; at the
       end of a stream the last *n − 1* frames stay in flight.
 
+Style images (binary messages starting with ``b"LDIM"``)
+    Client → server: ``b"LDIM"`` + an image file (PNG, JPEG, WebP …, at most 4096×4096
+    pixels; the message within ``ws_max_message_bytes``, else the connection closes 1009) is the session's new style image for the IP-Adapter (``--ip-adapter``),
+    not a frame: it is not counted among the frame indices and gets no ``dropped`` message.
+    It is decoded and encoded off the event loop and cached by content; the answer is
+    ``{"ok": true, "ip_image": "<key>"}`` once the session's ``ip_image`` is that key (from
+    the next frame on; another session may send the same key in a control message), or
+    ``{"error": "<why>", "field": "ip_image"}`` for an image that does not decode, is too
+    large, or a server without IP-Adapter; the session goes on either way. Uploads share the
+    control messages' rate limit.
+
 Control (text messages)
     Client → server: one JSON object of live parameters, see :mod:`livediff.streams.control_messages`
     (``prompt``, ``negative_prompt``, ``seed``, ``strength``, ``guidance_scale``, ``delta`` …

@@ -21,6 +21,7 @@ from livediff.cli import build_parser
 from livediff.engine.config import LIVE_PARAMETER_NAMES, GenerationParams
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec, ControlUse
+from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant
 from livediff.models.lora_uses import LoraUse
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import (
@@ -86,7 +87,15 @@ SHAPED = {
         "canny-net:0.5",
         (ControlUse("canny-net", 0.5),),
     ),
+    "ip_adapter": (
+        {"source": "random", "variant": "plus"},
+        "random:plus",
+        IPAdapterSpec("random", variant=IPAdapterVariant.PLUS),
+    ),
+    "ip_image": ("AB" * 32, "AB" * 32, "ab" * 32),
 }
+# Other settings a value needs in its table (SD 2.1, the default model, has no IP-Adapter).
+NEEDS: dict[str, dict[str, Any]] = {"ip_adapter": {"preset": "sd15-lcm"}}
 # The same, for settings named like another's: by the type of their items.
 SHAPED_BY_ITEM: dict[Any, tuple[Any, str | None, Any]] = {
     ControlNetSpec: (
@@ -109,6 +118,8 @@ SHAPED_BAD = {
     "loras": [42],
     "devices": ["gpu7"],
     "controlnets": [{"controlnet": "canny-net", "scale": 9}],
+    "ip_adapter": {"source": "random", "variant": "full-face"},
+    "ip_image": "not-a-key",
 }
 
 
@@ -217,7 +228,7 @@ def test_its_toml_key_is_accepted_coerced_and_checked(
     owner = next(c for name, c, _ in TABLES if name == parent)
 
     def from_file(item: Any) -> Any:
-        body = {sub: {decl.name: item}} if sub else {decl.name: item}
+        body = {sub: {decl.name: item}} if sub else {**NEEDS.get(decl.name, {}), decl.name: item}
         built = build(owner, table_values(owner, body, parent))
         return getattr(getattr(built, sub) if sub else built, decl.name)
 

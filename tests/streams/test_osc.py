@@ -127,6 +127,8 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "fusion_threshold": (0.875, 0.875),
     "latent_feedback": (0.25, 0.25),
     "scene_cut": (0.375, 0.375),
+    "ip_image": ([None], None),  # nil; the tiny model loads no IP-Adapter: none is the valid value
+    "ip_scale": (0.5, 0.5),
 }
 
 

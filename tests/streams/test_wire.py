@@ -115,3 +115,16 @@ def test_client_media_errors_are_media_errors(tmp_path: Path) -> None:
         FrameSource(str(tmp_path / "missing.mp4"))
     with pytest.raises(MediaError, match="not one of"):
         FrameWriter(tmp_path / "out.gif", width=8, height=8, frame_rate=Fraction(30))
+
+
+def test_a_style_image_message_is_told_apart_from_a_frame() -> None:
+    image_file = b"\x89PNG\r\n\x1a\n rest of the file"
+    message = wire.style_image_message(image_file)
+    assert message[:4] == wire.STYLE_IMAGE_MAGIC == b"LDIM"
+    assert wire.style_image_of(message) == image_file
+    assert wire.style_image_of(wire.STYLE_IMAGE_MAGIC) == b""  # an empty upload: refused later
+    jpeg = wire.encode_jpeg(pattern(16, 16, seed=1))
+    assert wire.style_image_of(jpeg) is None and wire.style_image_of(b"LDI") is None
+    reply = wire.parse_message(wire.style_image_reply("ab" * 32))
+    assert reply == {"ok": True, "ip_image": "ab" * 32}
+    assert wire.kind_of(reply) is wire.MessageKind.REPLY
