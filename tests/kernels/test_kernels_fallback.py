@@ -133,7 +133,7 @@ def test_the_compile_backend_on_cuda_without_triton_refuses_to_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: NO_TRITON)
-    cuda_bundle: Any = SimpleNamespace(device=torch.device("cuda", 0))
+    cuda_bundle: Any = SimpleNamespace(device=torch.device("cuda", 0), loras=None)
     with pytest.raises(
         BackendError, match=r"compile backend on CUDA needs Triton.*--backend eager"
     ):

@@ -193,6 +193,7 @@ def test_the_banked_unet_compiles_as_one_graph_without_recompiles(
     recompile, and matches the eager bank."""
     eager, compiled = (copy.deepcopy(tiny_bundle.unet) for _ in range(2))
     contexts = [install_feature_bank(u, slots=3, frames=2) for u in (eager, compiled)]
+    torch._dynamo.reset()  # dynamo caches per code object: diffusers' forward is shared
     forward = torch.compile(compiled.forward, backend="aot_eager", fullgraph=True, dynamic=False)
     plans = [Session(slot=1, size=2, interval=1), Session(slot=2, size=1, interval=1)]
     twins = [copy.deepcopy(plans) for _ in range(2)]
@@ -208,3 +209,4 @@ def test_the_banked_unet_compiles_as_one_graph_without_recompiles(
                 else:
                     results.append(unet_call(latents, t, encoder_hidden_states=embeds)[0])
             torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()  # leave no compiled entries for the tests after this one

@@ -477,6 +477,7 @@ def test_compiles_as_one_graph_with_fused_qkv_and_no_recompile(
 ) -> None:
     """What ``--backend compile`` needs: ``fullgraph=True`` tracing (here with the aot_eager
     backend, which needs no compiler), and new token and scale values reuse the graph."""
+    torch._dynamo.reset()  # dynamo caches per code object: other tests compile this forward too
     bundle, adapter = _loaded(tiny_bundle, sd_folder, "plus")
     apply_recipe(bundle, Recipe(fuse_qkv=True, channels_last=False, compile=False))
     prompt = ImagePromptEncoder(adapter).encode_bytes(_png(31))
