@@ -232,24 +232,24 @@ def hysteresis(strong: torch.Tensor, candidate: torch.Tensor, iterations: int) -
     """
     rows, _, height, width = strong.shape
     pixels = height * width
-    dump = pixels  # masked writes land in one extra slot
     pairs = _neighbour_pairs(height, width, strong.device)
     first, second = (p.expand(rows, -1) for p in pairs)
     flat_candidate = candidate.reshape(rows, pixels)
     linked = flat_candidate.gather(1, first) & flat_candidate.gather(1, second)
-    own = torch.arange(pixels + 1, device=strong.device).expand(rows, -1)
-    labels = own.clone()
+    labels = torch.arange(pixels, device=strong.device).expand(rows, -1).clone()
     for _ in range(iterations):
         a, b = labels.gather(1, first), labels.gather(1, second)
-        low, high = torch.minimum(a, b), torch.maximum(a, b)
-        labels = labels.scatter_reduce(1, torch.where(linked, high, dump), low, reduce="amin")
+        # A linked pair hooks its larger label onto the smaller; an unlinked one rewrites its
+        # first pixel's own label (a no-op), so the writes spread over the image instead of
+        # piling onto one slot (atomics on one address serialise on a GPU).
+        target = torch.where(linked, torch.maximum(a, b), first)
+        value = torch.where(linked, torch.minimum(a, b), a)
+        labels = labels.scatter_reduce(1, target, value, reduce="amin")
         for _ in range(2):
             labels = labels.gather(1, labels)
-    flags = torch.zeros(rows, pixels + 1, device=strong.device)
-    flags[:, :pixels] = strong.reshape(rows, pixels).to(torch.float32)
-    roots = labels[:, :pixels]
-    flags = flags.scatter_reduce(1, roots, flags[:, :pixels], reduce="amax")
-    reached = flags.gather(1, roots).view(rows, 1, height, width) > 0
+    strong_flags = strong.reshape(rows, pixels).to(torch.float32)
+    flags = strong_flags.scatter_reduce(1, labels, strong_flags, reduce="amax")
+    reached = flags.gather(1, labels).view(rows, 1, height, width) > 0
     return reached & candidate
 
 
