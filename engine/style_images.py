@@ -17,8 +17,12 @@ from livediff.models.bundle import ModelBundle
 from livediff.models.image_prompts import FIELD
 
 
-def encode_style_image(bundles: Sequence[ModelBundle], image_file: bytes) -> str:
+def encode_style_image(
+    bundles: Sequence[ModelBundle], image_file: bytes, *, pin: bool = False
+) -> str:
     """Encode ``image_file`` (PNG, JPEG, WebP …) for every model; returns its key.
+
+    ``pin``: keep it in every cache for good (``--style-image``, the sessions' default).
 
     Refuses a model without IP-Adapter (``ParameterError``) and an image that does not
     decode or is too large (``InvalidFrameError``), each with ``field="ip_image"``.
@@ -33,7 +37,7 @@ def encode_style_image(bundles: Sequence[ModelBundle], image_file: bytes) -> str
     keys = set()
     for encoder in encoders:
         assert encoder is not None
-        prompt = encoder.encode_bytes(image_file)
+        prompt = encoder.encode_bytes(image_file, pin=pin)
         if prompt.tokens.is_cuda:  # the GPU worker reads the tokens on its own stream
             torch.cuda.current_stream(prompt.tokens.device).synchronize()
         keys.add(prompt.key)

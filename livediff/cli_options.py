@@ -88,6 +88,40 @@ def add_lora_library_options(parser: argparse.ArgumentParser) -> None:
     add_flags(parser.add_argument_group("per-session LoRAs"), LoraLibraryConfig)
 
 
+def add_style_image_option(parser: argparse.ArgumentParser) -> None:
+    """``--style-image FILE``: the IP-Adapter style image the stream (or every session) starts with."""
+    parser.add_argument(
+        "--style-image",
+        type=Path,
+        metavar="FILE",
+        help="a style image (PNG, JPEG, WebP …) for the IP-Adapter, used from the first frame "
+        "(needs --ip-adapter; --ip-scale sets its weight; sessions may change it live)",
+    )
+
+
+def style_image_from_args(args: argparse.Namespace, spec: Any) -> bytes | None:
+    """The bytes of ``--style-image``, read before the model loads (``None``: not given).
+
+    Refused here, with the flag named: a missing or unreadable file, and a model without
+    an IP-Adapter. Whether the bytes are an image is decided when they are encoded.
+    """
+    path = getattr(args, "style_image", None)
+    if path is None:
+        return None
+    if spec.ip_adapter is None:
+        raise ParameterError(
+            "--style-image needs an IP-Adapter: add --ip-adapter SOURCE[:VARIANT] "
+            "([model.ip_adapter])",
+            field="ip_image",
+        )
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ParameterError(
+            f"--style-image {path}: cannot read it ({exc.strerror or exc})", field="ip_image"
+        ) from exc
+
+
 def lora_library_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     """The ``LoraLibraryConfig`` of ``[lora_library]`` and the flags (``None``-library: off)."""
     from livediff.models.lora_library_config import LoraLibraryConfig

@@ -25,6 +25,7 @@ from livediff.cli_options import (
     add_model_options,
     add_runtime_options,
     add_stream_options,
+    add_style_image_option,
     load_toml,
 )
 from livediff.exceptions import ParameterError
@@ -96,6 +97,7 @@ def add_parser(subparsers: Any) -> None:
     add_stream_options(parser)
     add_runtime_options(parser)
     add_lora_library_options(parser)
+    add_style_image_option(parser)
     parser.set_defaults(handler=run)
 
 

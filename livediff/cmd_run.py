@@ -30,6 +30,7 @@ from livediff.cli_options import (
     add_lora_library_options,
     add_model_options,
     add_stream_options,
+    add_style_image_option,
     load_toml,
     model_spec_from_args,
     stream_settings_from_args,
@@ -97,11 +98,12 @@ def add_parser(subparsers: Any) -> None:
     add_model_options(parser)
     add_stream_options(parser)
     add_lora_library_options(parser)
+    add_style_image_option(parser)
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from livediff.cli_options import load_for_backend, lora_library_from_args
+    from livediff.cli_options import load_for_backend, lora_library_from_args, style_image_from_args
     from livediff.engine.backend_fit import make_stream
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
@@ -113,6 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     lora_library = lora_library_from_args(args, config)
     lora_library.entries()  # a missing or empty library is refused before the model loads
+    style_image = style_image_from_args(args, spec)
     output_format = output_format_for(args.output)
     _check_paths(Path(args.input), Path(args.output))
     mode = AudioMode(args.audio)
@@ -127,6 +130,10 @@ def run_command(args: argparse.Namespace) -> int:
         if args.prompt is None and "prompt" not in config.get("params", {}):
             log.warning("no --prompt given: generating with an empty prompt")
         bundle, backend = load_for_backend(spec, args, params.controlnets, lora_library)
+        if style_image is not None:
+            from livediff.engine.style_images import encode_style_image
+
+            params = params.updated(ip_image=encode_style_image([bundle], style_image, pin=True))
         stream = make_stream(bundle, backend, stream_config, params, session_id=source.path.name)
         frame_rate = source.video.frame_rate
         if frame_rate is None:

@@ -39,6 +39,7 @@ from livediff.cli_options import (
     add_model_options,
     add_runtime_options,
     add_stream_options,
+    add_style_image_option,
     load_toml,
     lora_library_from_args,
     model_spec_from_args,
@@ -71,6 +72,7 @@ def add_parser(subparsers: Any) -> None:
     add_stream_options(parser)
     add_runtime_options(parser)
     add_lora_library_options(parser)
+    add_style_image_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -113,7 +115,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     and capturing then runs one device after another (``torch.compile`` must not run from two
     threads at once), the later ones reusing the first one's kernels from Inductor's cache.
     """
-    from livediff.cli_options import load_for_backend
+    from livediff.cli_options import load_for_backend, style_image_from_args
     from livediff.engine.backend_fit import fit_degrade_to_bundle
     from livediff.engine.devices import resolve_devices
     from livediff.engine.runtime import Engine
@@ -127,6 +129,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     devices = resolve_devices(runtime_config.devices, str(resolve_device(args.device)))
 
     lora_library = lora_library_from_args(args, config)
+    style_image = style_image_from_args(args, spec)
 
     def load(device: str) -> tuple[Any, Any]:
         device_args = argparse.Namespace(**{**vars(args), "device": device})
@@ -156,6 +159,10 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
             devices[k],
         )
         loaded = time.perf_counter()
+    if style_image is not None:  # every session starts with it; pinned in the image cache
+        from livediff.engine.style_images import encode_style_image
+
+        params = params.updated(ip_image=encode_style_image(bundles, style_image, pin=True))
     degrade = fit_degrade_to_bundle(runtime_config.degrade, bundles[0])
     runtime_config = dataclasses.replace(runtime_config, degrade=degrade)
     return Engine(bundles, stream_config, runtime_config, params)

@@ -69,6 +69,7 @@ class ImagePromptEncoder:
         size = adapter.image_size
         self._processor = CLIPImageProcessor(size=size, crop_size=size)  # as diffusers builds it
         self._cache: OrderedDict[str, ImagePrompt] = OrderedDict()
+        self._pinned: set[str] = set()  # kept however many others arrive (a start-up image)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -86,8 +87,12 @@ class ImagePromptEncoder:
         never encoded here, or left the cache)."""
         return self._cached(key)
 
-    def encode_bytes(self, data: bytes) -> ImagePrompt:
-        """An encoded image file (PNG, JPEG, WebP …) → its prompt, from the cache when seen."""
+    def encode_bytes(self, data: bytes, *, pin: bool = False) -> ImagePrompt:
+        """An encoded image file (PNG, JPEG, WebP …) → its prompt, from the cache when seen.
+
+        ``pin``: the prompt never leaves the cache (the image a server or a file job starts
+        with, which sessions name by its key however many uploads follow).
+        """
         if len(data) > self.max_image_bytes:
             raise FrameTooLargeError(
                 f"the style image is {len(data)} bytes; at most {self.max_image_bytes} bytes are accepted",
@@ -95,7 +100,11 @@ class ImagePromptEncoder:
                 limit=self.max_image_bytes,
             )
         key = self.cache_key(data)
-        return self._cached(key) or self._store(key, self.encode(self._decode(data)))
+        prompt = self._cached(key) or self._store(key, self.encode(self._decode(data)))
+        if pin:
+            with self._lock:
+                self._pinned.add(key)
+        return prompt
 
     def encode_array(self, image: np.ndarray) -> ImagePrompt:
         """A uint8 RGB ``[H, W, 3]`` array → its prompt (cached by its bytes and shape)."""
@@ -162,8 +171,9 @@ class ImagePromptEncoder:
             self.misses += 1
             self._cache[key] = prompt
             self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_entries:
-                self._cache.popitem(last=False)
+            evictable = [k for k in self._cache if k not in self._pinned and k != key]
+            for old in evictable[: max(0, len(self._cache) - self.cache_entries)]:
+                del self._cache[old]
         return prompt
 
 

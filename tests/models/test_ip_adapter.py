@@ -389,6 +389,16 @@ def test_cache_by_content_is_bounded(plain_adapter: LoadedIPAdapter) -> None:
     assert ImagePromptEncoder(other).cache_key(_png(20)) != encoder.cache_key(_png(20))
 
 
+def test_a_pinned_image_outlives_any_number_of_uploads(plain_adapter: LoadedIPAdapter) -> None:
+    encoder = ImagePromptEncoder(plain_adapter, cache_entries=2)
+    pinned = encoder.encode_bytes(_png(30), pin=True)
+    for seed in range(31, 36):  # five more images through a cache of two
+        encoder.encode_bytes(_png(seed))
+    assert encoder.lookup(pinned.key) is pinned
+    assert encoder.lookup(encoder.cache_key(_png(33))) is None  # the others still cycle
+    assert len(encoder) == 2
+
+
 def test_arrays_and_files_of_the_same_pixels_give_the_same_tokens(
     plain_adapter: LoadedIPAdapter,
 ) -> None:
