@@ -10,8 +10,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_ROUTES = ("/offer", "/stats", "/loras")
 
 
-def json_error(status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def json_error(
+    status: int,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    field: str | None = None,
+) -> web.Response:
+    """``{"error": message}``, with the ``field`` to blame when one is known."""
+    body = {"error": message} if field is None else {"error": message, "field": field}
+    return web.json_response(body, status=status, headers=headers)
 
 
 @web.middleware

@@ -11,7 +11,8 @@ The offer must carry every ICE candidate (wait for gathering to complete: the se
 trickled candidates) and a ``sendrecv`` video transceiver: its video goes into the session
 and the processed video comes back on the same transceiver. Codec choice is the offerer's
 (``setCodecPreferences``); VP8 and H.264 are supported. Errors are JSON
-``{"error": "<what was wrong>"}``:
+``{"error": "<what was wrong>"}``, with ``"field"`` naming the body field or session parameter
+to blame when there is one (``sdp``, ``type``, ``params``, ``strength`` …):
 
 - ``400`` body not JSON (or nested more than 32 levels deep), not an object, missing/invalid
   ``sdp`` or ``type``, ``params`` that are unknown or out of range, SDP the server cannot use
@@ -55,18 +56,21 @@ def parse_offer(body: Any) -> tuple[str, dict[str, Any]]:
     unknown = sorted(set(body) - {"sdp", "type", "params"})
     if unknown:
         raise OfferError(
-            f"unknown field(s): {', '.join(unknown)}; expected sdp, type and optionally params"
+            f"unknown field(s): {', '.join(unknown)}; expected sdp, type and optionally params",
+            field=unknown[0],
         )
     sdp, kind = body.get("sdp"), body.get("type")
     if not isinstance(sdp, str) or not sdp.strip():
-        raise OfferError("missing field: sdp (the offer's session description, a string)")
+        raise OfferError(
+            "missing field: sdp (the offer's session description, a string)", field="sdp"
+        )
     if kind != "offer":
-        raise OfferError(f'type must be "offer", got {kind!r}')
+        raise OfferError(f'type must be "offer", got {kind!r}', field="type")
     params = body.get("params", {})
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise OfferError("params must be a JSON object of session parameters")
+        raise OfferError("params must be a JSON object of session parameters", field="params")
     try:
         params = session_params(params)
     except ParameterError as exc:
@@ -109,16 +113,16 @@ async def handle_offer(request: web.Request) -> web.Response:
     try:
         sdp, params = parse_offer(loads_bounded(text, what="the body"))
     except OfferError as exc:
-        return reject(400, "fields", str(exc))
+        return reject(400, "fields", str(exc), field=exc.field)
     except ProtocolError as exc:
-        return reject(400, "json", str(exc))
+        return reject(400, "json", str(exc), field=exc.field)
     if len(peers) + len(app[app_keys.WEBSOCKETS]) >= config.max_connections:
         return busy("capacity", f"the server has {config.max_connections} connections, its limit")
     engine = app[app_keys.ENGINE]
     try:
         session = await engine.open_session(params, output=OutputFormat.I420)  # for the encoder
     except ParameterError as exc:
-        return reject(400, "params", str(exc))
+        return reject(400, "params", str(exc), field=exc.field)
     except CapacityError as exc:
         return busy("capacity", str(exc), exc.retry_after)
     try:
@@ -138,7 +142,7 @@ async def handle_offer(request: web.Request) -> web.Response:
         answer = await peer.answer(sdp)
     except OfferError as exc:
         await peer.close()
-        return reject(400, "sdp", str(exc))
+        return reject(400, "sdp", str(exc), field=exc.field or "sdp")
     except BaseException:
         await peer.close()  # releases the session whatever the connection's teardown does
         raise

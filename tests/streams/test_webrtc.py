@@ -138,63 +138,79 @@ async def test_offer_errors_are_json_4xx_and_the_server_keeps_serving(
 ) -> None:
     base, app, engine = server
     good_sdp = await _offer_sdp()
-    cases: list[tuple[dict[str, Any], int, str]] = [
+    cases: list[tuple[dict[str, Any], int, str, str | None]] = [  # …, the field to blame
         (
             {"data": "sdp=v=0", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
             415,
             "Content-Type: application/json",
+            None,
         ),
         (
             {"data": "{not json", "headers": {"Content-Type": "application/json"}},
             400,
             "not valid JSON",
+            None,
         ),
-        ({"json": ["an", "array"]}, 400, "must be a JSON object"),
-        ({"json": {"type": "offer"}}, 400, "missing field: sdp"),
-        ({"json": {"sdp": good_sdp}}, 400, 'type must be "offer"'),
-        ({"json": {"sdp": good_sdp, "type": "answer"}}, 400, 'type must be "offer"'),
-        ({"json": {"sdp": good_sdp, "type": "offer", "extra": 1}}, 400, "unknown field(s): extra"),
+        ({"json": ["an", "array"]}, 400, "must be a JSON object", None),
+        ({"json": {"type": "offer"}}, 400, "missing field: sdp", "sdp"),
+        ({"json": {"sdp": good_sdp}}, 400, 'type must be "offer"', "type"),
+        ({"json": {"sdp": good_sdp, "type": "answer"}}, 400, 'type must be "offer"', "type"),
+        (
+            {"json": {"sdp": good_sdp, "type": "offer", "extra": 1}},
+            400,
+            "unknown field(s): extra",
+            "extra",
+        ),
         (
             {"json": {"sdp": good_sdp, "type": "offer", "params": "fox"}},
             400,
             "params must be a JSON object",
+            "params",
         ),
         (
             {"json": {"sdp": good_sdp, "type": "offer", "params": {"colour": "red"}}},
             400,
             "unknown parameter(s): colour",
+            "colour",
         ),
         (
             {"json": {"sdp": good_sdp, "type": "offer", "params": {"strength": 2}}},
             400,
             "strength=2 is out of range",
+            "strength",
         ),
         (
             {"json": {"sdp": "this is not SDP", "type": "offer"}},
             400,
             "the SDP must start with 'v=0' (line 1 is 'this is not SDP')",
+            "sdp",
         ),
         (
             {"json": {"sdp": "v=0\r\nm=video port UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}},
             400,
             "SDP line 2 ('m=video port UDP/TLS/RTP/SAVPF 96'): a media line must be",
+            "sdp",
         ),
         (
             {"json": {"sdp": good_sdp.replace("a=ice-ufrag", "a=x-removed"), "type": "offer"}},
             400,
             "the SDP has no ICE credentials",
+            "sdp",
         ),
         (
             {"json": {"sdp": await _offer_sdp(video=False), "type": "offer"}},
             400,
             "the offer has no video section (audio)",
+            "sdp",
         ),
-        ({"json": {"sdp": "v=0\r\n" + "a=x\r\n" * 40_000, "type": "offer"}}, 413, ""),
+        ({"json": {"sdp": "v=0\r\n" + "a=x\r\n" * 40_000, "type": "offer"}}, 413, "", None),
     ]
-    for kwargs, status, message in cases:
+    for kwargs, status, message, field in cases:
         got_status, body = await _post(base, **kwargs)
-        assert (got_status, set(body)) == (status, {"error"}), (kwargs, got_status, body)
+        keys = {"error"} if field is None else {"error", "field"}
+        assert (got_status, set(body)) == (status, keys), (kwargs, got_status, body)
         assert message in body["error"], (message, body)
+        assert body.get("field") == field, (field, body)
     async with aiohttp.ClientSession() as http, http.get(base + "/offer") as response:
         assert response.status == 405 and "error" in await response.json()
     assert len(engine.sessions) == 0 and len(app[app_keys.PEERS]) == 0  # nothing leaked
