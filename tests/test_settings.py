@@ -363,6 +363,7 @@ NOT_SETTINGS |= {"--no-preset-lora", "--overwrite", "--output", "--loop", "--no-
 NOT_SETTINGS |= {"--input", "--input-format", "--input-size", "--input-fps", "--max-frames"}
 NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps"}
 NOT_SETTINGS |= {"--ray"}  # a mode and a cluster address, not a setting of a table
+NOT_SETTINGS |= {"--style-image"}  # a file read at start; the setting is its key, ip_image
 
 
 def test_every_other_option_of_a_command_is_a_declared_flag() -> None:
@@ -388,3 +389,16 @@ def test_the_readme_protocol_section_names_every_live_setting() -> None:
         re.findall(r"`([a-z_]+)`", text[start : text.index("(optional `id` echoed)", start)])
     )
     assert listed == set(LIVE_PARAMETER_NAMES)
+
+
+def test_a_flag_value_livediff_refuses_is_told_in_livediffs_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse says "invalid <function> value" for any ValueError; ours carry the reason."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--lora", "style/lora:inf"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("argument --lora: LoRA scale=inf is out of range: expected [-10, 10]"), (
+        error
+    )

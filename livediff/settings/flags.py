@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from livediff.exceptions import LivediffError
 from livediff.settings.checks import describe
 from livediff.settings.declaration import Declared, declared, find
 from livediff.settings.docs import default_text
@@ -48,7 +49,7 @@ def flag_options(decl: Declared, *, dest: str | None = None) -> dict[str, Any]:
         options["choices"] = list(meta.choices)
     parse = meta.from_flag or (text_parser(decl) if not meta.repeat else _item_parser(decl))
     if parse is not None:
-        options["type"] = parse
+        options["type"] = _saying_why(parse)
     if meta.repeat:
         options["action"] = "append"
     if meta.metavar:
@@ -74,6 +75,20 @@ def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
             if value is not None:
                 values[decl.name] = tuple(value) if decl.setting.repeat else value
     return values
+
+
+def _saying_why(parse: Any) -> Any:
+    """``parse`` for argparse: livediff's own refusal is the message (argparse would print
+    "invalid <function> value" for any ``ValueError``)."""
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except LivediffError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    parse_flag.__name__ = getattr(parse, "__name__", "value")  # argparse names plain ones
+    return parse_flag
 
 
 def _item_parser(decl: Declared) -> Any:
