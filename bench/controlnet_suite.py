@@ -22,7 +22,8 @@ minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) 
   random weights, TAESD, precomputed prompt embeddings, 1 step, the control image made by
   livediff's own canny (so only the pipeline differs), the UNet, the ControlNet and TAESD's
   halves under ``torch.compile(mode="reduce-overhead", fullgraph=True)`` with
-  ``--backend compile`` (``variant``). ``livediff_speedup`` = its ms_median ÷ livediff's for
+  ``--backend compile`` (``variant``; it runs after livediff's cases, with dynamo's cache
+reset, since both compile diffusers' forwards). ``livediff_speedup`` = its ms_median ÷ livediff's for
   the same case;
 - **sessions** (``--sessions``, default 8, × ``--fps`` 30 each): the real
   :class:`~livediff.engine.runtime.Engine` (cross-session batching, deadline drops, no
@@ -37,8 +38,10 @@ Every record has ``suite: "controlnet"``, ``case`` (``single``/``sessions``), ``
 ``latency_ms_p99`` is ``ms_p99``),
 ``gpu_mem_peak_mb`` (peak device memory during the case), ``controlnet_mb`` (one loaded
 ControlNet's parameter bytes), ``controlnet_peak_mb`` (peak device memory its loading
-allocated; ``null`` on CPU), ``depth_net_mb``, and device, torch, commit, date, command. A
-summary of the issue's targets goes to stderr.
+allocated; ``null`` on CPU), ``depth_net_mb``, ``compile_s`` (livediff: compiling and
+capturing the bundle the case runs on, shared by the cases with as many nets), ``warmup_s``
+(single: the warm-up frames, where diffusers compiles), and device, torch, commit, date,
+command. A summary of the issue's targets goes to stderr.
 
 The kernel and network microbenchmark (canny, depth, soft edge, the UNet with 0/1/2 nets,
 eager vs CUDA graph) is ``livediff bench --suite controlnet --micro [its options]``
@@ -133,18 +136,21 @@ def _reset_memory(device: torch.device) -> None:
 
 def closed_loop(
     runner: Runner, frames: Sequence[torch.Tensor], warmup: int, count: int, device: torch.device
-) -> list[float]:
-    """Milliseconds per frame of ``count`` frames after ``warmup``, one sync per frame."""
+) -> dict[str, Any]:
+    """:func:`~livediff.bench.records.summarize` of ``count`` frames after ``warmup`` (one sync
+    per frame), with ``warmup_s``: the warm-up frames' seconds (first calls compile)."""
+    began = time.perf_counter()
     for i in range(warmup):
         runner(frames[i % len(frames)])
     _sync(device)
+    warmup_s = time.perf_counter() - began
     times = []
     for i in range(count):
         began = time.perf_counter()
         runner(frames[(warmup + i) % len(frames)])
         _sync(device)
         times.append((time.perf_counter() - began) * 1000.0)
-    return times
+    return {**summarize_ms(times), "warmup_s": round(warmup_s, 2)}
 
 
 def param_mb(module: torch.nn.Module) -> float:
@@ -343,6 +349,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
     for count in counts:
         in_sessions = [c for c in sessions if c.controlnets == count]
         buckets = tuple(args.buckets) if in_sessions else (1,)
+        began = time.perf_counter()
         bundle = runtime_bundle(
             full.with_controlnets(nets[:count]),
             run.backend,
@@ -350,13 +357,13 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
             buckets=buckets,
             show_progress=False,
         )
+        compile_s = round(time.perf_counter() - began, 1)  # compile + capture of its buckets
         base = GenerationParams.for_preset(bundle.preset, steps=1, strength=STRENGTH)
         for case in (c for c in single if c.controlnets == count):
             _reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
             runner = livediff_runner(bundle, run.backend, run.config, params)
-            times = closed_loop(runner, run.frames, args.warmup, args.frames, run.device)
-            summary = summarize_ms(times)
+            summary = closed_loop(runner, run.frames, args.warmup, args.frames, run.device)
             if not case.preprocessors:
                 plain_ms = summary["ms_median"]
             run.emit(
@@ -364,6 +371,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     **run.base(bundle, "livediff", case, 1),
                     "case": "single",
                     **summary,
+                    "compile_s": compile_s,
                     "latency_ms_p99": summary["ms_p99"],
                     "drop_rate": None,
                     "ratio_to_plain": (
@@ -394,6 +402,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     **run.base(bundle, "livediff", case, args.sessions),
                     "case": "sessions",
                     "overlap": "on" if on else "off",
+                    "compile_s": compile_s,
                 }
             )
         del bundle
@@ -410,6 +419,8 @@ def run_diffusers(run: Run, peer: list[Case]) -> None:
         ModelSpec(preset=args.model, weights=WeightsMode.RANDOM), device=run.device, dtype=run.dtype
     )
     compiled = run.backend is Backend.COMPILE and run.device.type == "cuda"
+    if compiled:  # diffusers' forwards are livediff's code objects: drop livediff's compiled code
+        torch._dynamo.reset()
     for case in peer:
         _reset_memory(run.device)
         net = (
@@ -418,8 +429,7 @@ def run_diffusers(run: Run, peer: list[Case]) -> None:
             else None
         )
         runner = diffusers_runner(bundle, net, args.size, compiled)
-        times = closed_loop(runner, run.frames, args.warmup, args.frames, run.device)
-        summary = summarize_ms(times)
+        summary = closed_loop(runner, run.frames, args.warmup, args.frames, run.device)
         ours = find_record(run.records, "livediff", "single", 1, case.label)
         run.emit(
             {
@@ -552,7 +562,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--single",
         type=cases,
         default=cases("none,canny,depth,canny+depth"),
-        help="livediff single-stream cases: none or preprocessors joined by '+' ('' for none)",
+        help="livediff single-stream cases: none or preprocessors joined by '+' ('': skip them)",
     )
     parser.add_argument(
         "--peer", type=cases, default=cases("none,canny"), help="diffusers cases: none, canny"

@@ -79,7 +79,10 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
     )
     peers = [r for r in records if r["system"] == "diffusers"]
     assert all(r["variant"] == "eager" and r["livediff_speedup"] > 0 for r in peers)
-    assert all(r["depth_net_mb"] > 0 for r in records)
+    assert all(
+        r["depth_net_mb"] > 0 and r["warmup_s"] >= 0 for r in records if r["case"] == "single"
+    )
+    assert all(r["compile_s"] >= 0 for r in records if r["system"] == "livediff")
     assert plot.stat().st_size > 0
 
     again = tmp_path / "again.png"
@@ -109,3 +112,20 @@ def test_the_microbenchmark_stays_reachable(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["case"] == "canny" and record["suite"] == "controlnet"
     assert math.isfinite(record["eager_ms"])
+
+
+@pytest.mark.gpu
+def test_the_compiled_suite_runs_on_cuda(tmp_path: Path) -> None:
+    """The compile backend: livediff's graphed bundles and diffusers under torch.compile."""
+    out = tmp_path / "controlnet.jsonl"
+    argv = [
+        *("--model", "tiny", "--size", "64", "--frames", "3", "--warmup", "3"),
+        *("--sessions", "2", "--seconds", "1", "--session-warmup", "0.5", "--buckets", "1,2"),
+        *("--backend", "compile", "--single", "none,canny,canny+depth", "--out", str(out)),
+    ]
+    assert main(["bench", "--suite", "controlnet", *argv]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["system"] for r in records} == {"livediff", "diffusers"}
+    assert all(r["backend"] == "compile" and r["ms_median"] > 0 for r in records)
+    assert all(r["variant"] == "compile" for r in records if r["system"] == "diffusers")
+    assert all(r["gpu_mem_peak_mb"] > 0 and r["controlnet_peak_mb"] > 0 for r in records)
