@@ -12,8 +12,11 @@ real architecture with seeded random weights (``cn0``, ``cn1`` at scale 0.8), th
 preprocessor is Depth Anything V2 Small with random weights. The default run (about five
 minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) has:
 
-- **single** (``sessions: 1``): one :class:`~livediff.engine.stream.Stream` as
-  ``livediff run`` builds it, closed loop, one sync per frame, frame in and out on the device:
+- **single** (``sessions: 1``): one stream, closed loop, one sync per frame, frame in and
+  out on the device; compiled, the fastest way livediff runs it (``stream``): without
+  ControlNets the whole step as one CUDA graph (``CapturedStream``, as ``livediff run``),
+  with them (per-frame control images keep the step out of one graph) a ``Stream`` whose
+  UNet and VAE calls replay the per-bucket graphs the server uses:
   ControlNets ``none`` (0), ``canny`` (1), ``depth`` (1), ``canny+depth`` (2; the default
   ``--single``). ``ratio_to_plain`` = ms_median ÷ the plain (0-net) stream's of this run;
   ``preprocess_ms`` = the case's preprocessors alone (device time, median);
@@ -67,9 +70,10 @@ from livediff.bench.consistency import panning_clip
 from livediff.bench.plots import _figure, draw_or_explain, replot, save_figure
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, int_list, record_sinks
 from livediff.bench.records import summarize as summarize_ms
-from livediff.engine.backend_fit import make_stream
+from livediff.engine.backend_fit import make_stream, whole_step_blockers
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.runtime_config import BatchOverlap
+from livediff.engine.stream import Stream
 from livediff.exceptions import UsageError
 from livediff.models.backends import Backend, prepare_backend, resolve_backend, runtime_bundle
 from livediff.models.bundle import ModelBundle, WeightsMode
@@ -159,11 +163,19 @@ def param_mb(module: torch.nn.Module) -> float:
 
 
 # ---------------------------------------------------------------------- livediff
-def livediff_runner(
-    bundle: ModelBundle, backend: Backend, config: StreamConfig, params: GenerationParams
-) -> Runner:
-    stream = make_stream(bundle, backend, config, params)
-    return stream.process
+def single_stream(
+    prepared: ModelBundle,
+    graphed: ModelBundle,
+    backend: Backend,
+    config: StreamConfig,
+    params: GenerationParams,
+) -> Stream:
+    """The single stream :func:`make_stream` builds: the whole step as one CUDA graph over the
+    ``prepared`` model where it can (no per-frame inputs), else call by call over ``graphed``
+    (the UNet and VAE calls replay the per-bucket graphs of :func:`runtime_bundle`)."""
+    if whole_step_blockers(prepared):
+        return make_stream(graphed, backend, config, params)
+    return make_stream(prepared, backend, config, params)
 
 
 def preprocess_ms(
@@ -350,8 +362,9 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
         in_sessions = [c for c in sessions if c.controlnets == count]
         buckets = tuple(args.buckets) if in_sessions else (1,)
         began = time.perf_counter()
+        prepared = full.with_controlnets(nets[:count])
         bundle = runtime_bundle(
-            full.with_controlnets(nets[:count]),
+            prepared,
             run.backend,
             latent_size=latent,
             buckets=buckets,
@@ -362,14 +375,15 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
         for case in (c for c in single if c.controlnets == count):
             _reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
-            runner = livediff_runner(bundle, run.backend, run.config, params)
-            summary = closed_loop(runner, run.frames, args.warmup, args.frames, run.device)
+            stream = single_stream(prepared, bundle, run.backend, run.config, params)
+            summary = closed_loop(stream.process, run.frames, args.warmup, args.frames, run.device)
             if not case.preprocessors:
                 plain_ms = summary["ms_median"]
             run.emit(
                 {
                     **run.base(bundle, "livediff", case, 1),
                     "case": "single",
+                    "stream": type(stream).__name__,
                     **summary,
                     "compile_s": compile_s,
                     "latency_ms_p99": summary["ms_p99"],
@@ -381,7 +395,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     "gpu_mem_peak_mb": gpu_memory_peak_mb(run.device),
                 }
             )
-            del runner
+            del stream
         for case in in_sessions:
             _reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
@@ -405,7 +419,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     "compile_s": compile_s,
                 }
             )
-        del bundle
+        del bundle, prepared
         _reset_memory(run.device)
     del full, nets
     _reset_memory(run.device)

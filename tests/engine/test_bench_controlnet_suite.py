@@ -72,6 +72,7 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
     single = {
         r["preprocessor"]: r for r in records if r["system"] == "livediff" and r["sessions"] == 1
     }
+    assert {r["stream"] for r in single.values()} == {"Stream"}  # CapturedStream: CUDA only
     assert single[None]["ratio_to_plain"] == 1.0 and single[None]["preprocess_ms"] == 0.0
     assert all(
         single[p]["ratio_to_plain"] > 0 and single[p]["preprocess_ms"] > 0
@@ -128,4 +129,6 @@ def test_the_compiled_suite_runs_on_cuda(tmp_path: Path) -> None:
     assert {r["system"] for r in records} == {"livediff", "diffusers"}
     assert all(r["backend"] == "compile" and r["ms_median"] > 0 for r in records)
     assert all(r["variant"] == "compile" for r in records if r["system"] == "diffusers")
+    streams = {r["preprocessor"]: r["stream"] for r in records if r.get("stream")}
+    assert streams == {None: "CapturedStream", "canny": "Stream", "canny+depth": "Stream"}
     assert all(r["gpu_mem_peak_mb"] > 0 and r["controlnet_peak_mb"] > 0 for r in records)
