@@ -26,8 +26,8 @@ minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) 
   livediff's own canny (so only the pipeline differs), the UNet, the ControlNet and TAESD's
   halves under ``torch.compile(mode="reduce-overhead", fullgraph=True)`` with
   ``--backend compile`` (``variant``; it runs after livediff's cases, with dynamo's cache
-reset, since both compile diffusers' forwards). ``livediff_speedup`` = its ms_median ÷ livediff's for
-  the same case;
+  reset, since both compile diffusers' forwards). ``livediff_speedup`` = its ms_median ÷
+  livediff's for the same case;
 - **sessions** (``--sessions``, default 8, × ``--fps`` 30 each): the real
   :class:`~livediff.engine.runtime.Engine` (cross-session batching, deadline drops, no
   degrading) with one canny ControlNet per session, and none for comparison (``--multi``),
@@ -38,8 +38,7 @@ Every record has ``suite: "controlnet"``, ``case`` (``single``/``sessions``), ``
 ``controlnets`` (0, 1, 2), ``preprocessor`` (``null``, ``canny``, ``depth``,
 ``canny+depth``), ``sessions``, ``ms_median``, ``ms_p99``, ``fps``, ``latency_ms_p99``,
 ``drop_rate`` (single cases: ``null``, nothing arrives on a clock in a closed loop, and
-``latency_ms_p99`` is ``ms_p99``),
-``gpu_mem_peak_mb`` (peak device memory during the case), ``controlnet_mb`` (one loaded
+``latency_ms_p99`` is ``ms_p99``), ``gpu_mem_peak_mb`` (peak device memory during the case), ``controlnet_mb`` (one loaded
 ControlNet's parameter bytes), ``controlnet_peak_mb`` (peak device memory its loading
 allocated; ``null`` on CPU), ``depth_net_mb``, ``compile_s`` (livediff: compiling and
 capturing the bundle the case runs on, shared by the cases with as many nets), ``warmup_s``
