@@ -4,7 +4,8 @@ Suites: ``single`` and ``stages`` (one stream), ``peers`` (StreamDiffusion and d
 same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``kernels``
 (Triton kernels vs their references), ``soak`` (hours of live sessions), ``profile`` (kernel time by
 category per network), ``startup`` (process start to a first frame, by compile-cache state),
-``ray`` (what the Ray ingress adds to ``/offer`` and the websocket).
+``ray`` (what the Ray ingress adds to ``/offer`` and the websocket), ``consistency`` (feature
+bank and latent feedback), ``lora`` (per-session LoRAs vs none and fused, loading at runtime).
 ``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
@@ -26,6 +27,7 @@ SUITES = {
     "startup": "livediff.bench.startup",
     "ray": "livediff.bench.ray_ingress",
     "consistency": "livediff.bench.consistency",
+    "lora": "livediff.bench.lora",
 }
 
 
