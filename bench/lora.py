@@ -4,8 +4,12 @@ and a LoRA fused at load, and what loading a LoRA at runtime does to live sessio
     livediff bench --suite lora --backend compile \\
         --out bench/results/lora-h200.jsonl --plot bench/results/lora-h200.png
 
-(sd-turbo architecture, random weights, 512², 1 step; about 4 minutes on an H200 with cold
-compiles: four model loads, 2 batch buckets each.) CPU smoke:
+(sd-turbo architecture, random weights, 512², 1 step, compile backend.) On a fresh H200
+most of the run is compiling: five UNet graphs of ~40–55 s each cold (none: batch 1 and 16;
+fused reuses them from Inductor's cache; per-session rank 16: 1 and 16; rank 64: 16 only) plus
+12 cases of ``--warmup`` 2 + ``--seconds`` 3 s, about 5–6 minutes in all, less with a warm
+cache. ``--systems``, ``--ranks``, ``--sessions`` narrow it (several runs may append to one
+``--out``; ``--replot`` draws the PNG from it). CPU smoke:
 ``livediff bench --suite lora --model tiny --sessions 1,2 --loras 0,1,2 --seconds 1``.
 
 Random LoRA files (diffusers / PEFT ``.safetensors``, every layer per-session LoRAs take:
@@ -16,7 +20,8 @@ one folder per ``--ranks`` value, and used as a user would:
 - ``fused``: the first LoRA fused at load (``--lora FILE``; ``loras`` 1, every session);
 - ``per-session``: the folder as ``--lora-library`` (buffers of ``max_rank`` = the rank), and
   session ``k`` of N asks for LoRA ``k mod L`` (``loras`` L distinct in the batch; 0: the
-  library is there, no session uses it).
+  library is there, no session uses it). The first rank runs at every session count, the
+  others at the most sessions only.
 
 Every case runs N sessions through the real engine (:func:`livediff.bench.multi.run_livediff`),
 each source delivering a frame every 1/``--fps`` s; with more frames than the device answers,
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -49,7 +55,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from livediff.bench.multi import Scene, _reset_memory, run_livediff
-from livediff.bench.plots import _figure, draw_or_explain, save_figure
+from livediff.bench.plots import _figure, draw_or_explain, replot, save_figure
 from livediff.bench.records import emit, environment, gpu_memory_peak_mb, percentile, record_sinks
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.runtime import Engine, RuntimeConfig
@@ -58,10 +64,10 @@ from livediff.engine.session import SessionOutput
 from livediff.exceptions import UsageError
 from livediff.models.backends import Backend, prepare_backend, recipe_for, runtime_bundle
 from livediff.models.bundle import ModelBundle
+from livediff.models.loading import ModelSpec, load_model
 from livediff.models.lora_files import target_layers
 from livediff.models.lora_library_config import LoraLibraryConfig
 from livediff.models.lora_setup import attach_lora_library
-from livediff.models.loading import ModelSpec, load_model
 from livediff.models.presets import LoraRef, get_preset
 from livediff.settings.flags import add_setting_flag
 
@@ -129,9 +135,12 @@ def plan(args: argparse.Namespace) -> list[Case]:
             cases += [Case("fused", args.ranks[0], n, 1) for n in args.sessions]
         else:
             for position, rank in enumerate(args.ranks):
-                counts = [c for c in args.loras if c or position == 0]  # 0 LoRAs: rank-free
+                # The first rank at every point; the others (a compile each) at the most
+                # sessions only, and not without LoRAs (that costs the same at every rank).
+                counts = [c for c in args.loras if c or position == 0]
+                counts_of = args.sessions if position == 0 else [max(args.sessions)]
                 cases += [
-                    Case("per-session", rank, n, c) for n in args.sessions for c in counts if c <= n
+                    Case("per-session", rank, n, c) for n in counts_of for c in counts if c <= n
                 ]
                 if position == 0 and args.load:
                     most = max(args.sessions)
@@ -161,9 +170,10 @@ class Seen:
 
     def gaps(self) -> tuple[list[float], list[float]]:
         """Gaps between a session's consecutive outputs (ms): across the load, and the others."""
-        across, others = [], []
+        across: list[float] = []
+        others: list[float] = []
         for times in self.done.values():
-            for a, b in zip(times, times[1:], strict=False):
+            for a, b in itertools.pairwise(times):
                 gap = (b - a) * 1000.0
                 span = self.load_span
                 (across if span and b >= span[0] and a <= span[1] else others).append(gap)
@@ -292,6 +302,7 @@ def record(
         "frame_interval_ms": round(1000.0 / fps, 2),
         "input_fps": fps,
         "seconds": args.seconds,
+        "buckets": list(args.buckets),
         "slots_per_row": args.slots_per_row if case.system == "per-session" else None,
         "compile_s": compile_s,
         "recipe": recipe,
@@ -321,7 +332,9 @@ def draw(records: Sequence[dict[str, Any]], path: Path) -> None:
     cost.set(xlabel="device ms per batch", title=records[0]["device"])
     cost.legend()
     plain = {r["sessions"]: r["ms_median"] for r in records if r["system"] == "none"}
-    ratios = [r["ms_median"] / plain[r["sessions"]] if plain.get(r["sessions"]) else 0 for r in records]
+    ratios = [
+        r["ms_median"] / plain[r["sessions"]] if plain.get(r["sessions"]) else 0 for r in records
+    ]
     ratio.barh(rows, ratios, color="#10ac84")
     ratio.axvline(1.0, color="black", linewidth=0.8)
     ratio.set(xlabel="ms per batch ÷ no LoRA, same sessions")
@@ -356,33 +369,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="livediff bench --suite lora", description=__doc__)
     parser.add_argument("--model", default="sd-turbo")
     parser.add_argument("--weights", default="random", choices=("random", "pretrained"))
-    parser.add_argument("--backend", type=Backend, choices=list(Backend), default=None,
-                        help="default: compile on CUDA, eager on CPU")  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=None,
+        help="default: compile on CUDA, eager on CPU",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--systems", type=_systems, default=list(SYSTEMS))
     parser.add_argument("--sessions", type=_ints, default=[1, 16], help="session counts")
-    parser.add_argument("--loras", type=_ints, default=[0, 1, 4],
-                        help="distinct per-session LoRAs in the batch")  # fmt: skip
+    parser.add_argument(
+        "--loras", type=_ints, default=[0, 1, 4], help="distinct per-session LoRAs in the batch"
+    )
     parser.add_argument("--ranks", type=_ints, default=[16, 64])
     parser.add_argument("--slots-per-row", type=int, default=2)
     parser.add_argument("--fps", type=float, default=30.0, help="frames per second per source")
-    parser.add_argument("--load-fps", type=float, default=15.0,
-                        help="per source, in the runtime-load case")  # fmt: skip
-    parser.add_argument("--no-load", dest="load", action="store_false",
-                        help="skip the runtime-load case")  # fmt: skip
+    parser.add_argument(
+        "--load-fps", type=float, default=15.0, help="per source, in the runtime-load case"
+    )
+    parser.add_argument(
+        "--no-load", dest="load", action="store_false", help="skip the runtime-load case"
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per case")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="unmeasured seconds first (default 2 on CUDA, 0.5 on CPU)")  # fmt: skip
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="unmeasured seconds first (default 2 on CUDA, 0.5 on CPU)",
+    )
     parser.add_argument("--frame-size", type=int, default=None, help="default: --size")
     parser.add_argument("--deadline-ms", type=float, default=100.0)
-    parser.add_argument("--overlap", type=BatchOverlap, choices=list(BatchOverlap),
-                        default=BatchOverlap.OFF)  # fmt: skip
+    parser.add_argument(
+        "--overlap", type=BatchOverlap, choices=list(BatchOverlap), default=BatchOverlap.OFF
+    )
     add_setting_flag(parser, RuntimeConfig, "batch_buckets", flag="--buckets")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the records")
+    parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
     args = parser.parse_args(argv)
     if 0 in args.ranks:
         parser.error("--ranks: a LoRA's rank is at least 1")
@@ -394,13 +421,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot, draw)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     args.backend = args.backend or (Backend.COMPILE if device.type == "cuda" else Backend.EAGER)
     if args.warmup is None:
         args.warmup = 2.0 if device.type == "cuda" else 0.5
-    if args.buckets == RuntimeConfig().batch_buckets:  # only the rows the cases batch
-        args.buckets = tuple(sorted({n * args.steps for n in args.sessions}))
+    chosen_buckets = args.buckets != RuntimeConfig().batch_buckets
     cases = plan(args)
     if not cases:
         raise UsageError("--systems/--sessions/--loras leave no case to run")
@@ -419,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for case in cases:
                 groups.setdefault((case.system, case.rank), []).append(case)
             for (system, rank), group in groups.items():
+                if not chosen_buckets:  # compile only the rows this model's cases batch
+                    args.buckets = tuple(sorted({c.sessions * args.steps for c in group}))
                 bundle, compile_s, recipe = system_bundle(args, system, rank, files, device)
                 params = GenerationParams.for_preset(bundle.preset, steps=args.steps)
                 for case in group:
@@ -426,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tally, seen = asyncio.run(measure(bundle, config, params, args, case, files))
                     records.append(record(case, tally, seen, bundle, args, compile_s, recipe))
                     emit(records[-1], sinks)
-                    if case.load:
-                        bundle.loras.unload(LATE)  # type: ignore[union-attr]
+                    if case.load and bundle.loras is not None:  # the next case starts as before
+                        bundle.loras.unload(LATE)
                 del bundle
                 gc.collect()
                 if args.backend is Backend.COMPILE:
