@@ -62,7 +62,13 @@ from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.session import SessionOutput
 from livediff.exceptions import UsageError
-from livediff.models.backends import Backend, prepare_backend, recipe_for, runtime_bundle
+from livediff.models.backends import (
+    Backend,
+    default_backend,
+    prepare_backend,
+    recipe_for,
+    runtime_bundle,
+)
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.lora_files import target_layers
@@ -366,13 +372,16 @@ def _systems(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="livediff bench --suite lora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="livediff bench --suite lora",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="sd-turbo")
     parser.add_argument("--weights", default="random", choices=("random", "pretrained"))
     parser.add_argument(
         "--backend",
-        type=Backend,
-        choices=list(Backend),
+        choices=[b.value for b in Backend],
         default=None,
         help="default: compile on CUDA, eager on CPU",
     )
@@ -404,7 +413,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frame-size", type=int, default=None, help="default: --size")
     parser.add_argument("--deadline-ms", type=float, default=100.0)
     parser.add_argument(
-        "--overlap", type=BatchOverlap, choices=list(BatchOverlap), default=BatchOverlap.OFF
+        "--overlap", choices=[o.value for o in BatchOverlap], default=BatchOverlap.OFF.value
     )
     add_setting_flag(parser, RuntimeConfig, "batch_buckets", flag="--buckets")
     parser.add_argument("--out", type=Path, default=None)
@@ -415,6 +424,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--ranks: a LoRA's rank is at least 1")
     if 0 in args.sessions:
         parser.error("--sessions: at least 1")
+    args.overlap = BatchOverlap(args.overlap)
     args.degrade, args.scene, args.noise = False, Scene.MOVING, 2  # what run_livediff reads
     return args
 
@@ -425,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replot(args.replot, args.plot, draw)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    args.backend = args.backend or (Backend.COMPILE if device.type == "cuda" else Backend.EAGER)
+    args.backend = Backend(args.backend) if args.backend else default_backend(device)
     if args.warmup is None:
         args.warmup = 2.0 if device.type == "cuda" else 0.5
     chosen_buckets = args.buckets != RuntimeConfig().batch_buckets
