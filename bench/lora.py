@@ -205,6 +205,7 @@ async def measure(
 ) -> tuple[Any, Seen]:
     seen = Seen()
     window_of: dict[str, tuple[float, float]] = {}
+    outputs: list[tuple[int, SessionOutput]] = []
 
     async def during(engine: Engine, window: tuple[float, float]) -> None:
         window_of["w"] = window
@@ -218,7 +219,7 @@ async def measure(
         seen.load_span, seen.load_ms = (began, ended), (ended - began) * 1000.0
 
     def on_output(k: int, out: SessionOutput) -> None:
-        seen.add(k, out, window_of["w"])
+        outputs.append((k, out))
 
     run_args = argparse.Namespace(**vars(args))
     if case.load:
@@ -234,6 +235,8 @@ async def measure(
         on_output=on_output,
         during=during,
     )
+    for k, out in outputs:
+        seen.add(k, out, window_of["w"])
     return tally, seen
 
 
