@@ -54,7 +54,7 @@ import gc
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -76,6 +76,7 @@ from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.engine.runtime_config import BatchOverlap
+from livediff.engine.session import SessionOutput
 from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
 from livediff.models.bundle import ModelBundle
@@ -168,7 +169,14 @@ async def run_livediff(
     args: argparse.Namespace,
     sessions: int,
     overlap: BatchOverlap = BatchOverlap.OFF,
+    *,
+    open_params: Callable[[int], dict[str, Any]] | None = None,
+    on_output: Callable[[int, SessionOutput], None] | None = None,
+    during: Callable[[Engine, tuple[float, float]], Awaitable[None]] | None = None,
 ) -> Tally:
+    """``sessions`` sessions streaming at ``args.fps``. ``open_params(k)``: session ``k``'s
+    settings (default ``{"seed": k}``); ``on_output(k, out)``: sees every output; ``during``:
+    runs alongside the sources (given the engine and the measured window)."""
     runtime = RuntimeConfig(
         overlap=overlap,
         deadline_ms=args.deadline_ms,
@@ -183,7 +191,8 @@ async def run_livediff(
     # workspaces once per process, which are not any session's state.
     await (await engine.open_session({"seed": sessions})).close()
     before = torch.cuda.memory_allocated(bundle.device) if cuda else 0
-    handles = [await engine.open_session({"seed": k}) for k in range(sessions)]
+    settings = open_params or (lambda k: {"seed": k})
+    handles = [await engine.open_session(settings(k)) for k in range(sessions)]
     loop = asyncio.get_running_loop()
     period = 1.0 / args.fps
     start = loop.time() + 0.2
@@ -207,12 +216,15 @@ async def run_livediff(
         try:
             while True:
                 out = await handles[k].recv()
+                if on_output is not None:
+                    on_output(k, out)
                 tally.record(out.t_arrival, out.t_done, out.compute_ms, window, out.skipped)
         except SessionClosedError:
             pass
 
     consumers = [asyncio.create_task(consume(k)) for k in range(sessions)]
-    await asyncio.gather(*(produce(k) for k in range(sessions)))
+    side = [during(engine, window)] if during is not None else []
+    await asyncio.gather(*(produce(k) for k in range(sessions)), *side)
     await engine.wait_idle()
     snapshot = engine.metrics()  # its windows hold the latest batches, i.e. the measured ones
     tally.batch_stage_ms = {

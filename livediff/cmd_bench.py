@@ -5,7 +5,8 @@ same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``ke
 (Triton kernels vs their references), ``soak`` (hours of live sessions), ``profile`` (kernel time by
 category per network), ``startup`` (process start to a first frame, by compile-cache state),
 ``ray`` (what the Ray ingress adds to ``/offer`` and the websocket), ``consistency`` (feature
-bank and latent feedback), ``controlnet`` (ControlNets end to end, vs diffusers, many sessions).
+bank and latent feedback), ``controlnet`` (ControlNets end to end, vs diffusers, many sessions),
+``lora`` (per-session LoRAs vs none and fused, loading at runtime).
 ``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
@@ -28,6 +29,7 @@ SUITES = {
     "ray": "livediff.bench.ray_ingress",
     "consistency": "livediff.bench.consistency",
     "controlnet": "livediff.bench.controlnet_suite",
+    "lora": "livediff.bench.lora",
 }
 
 
