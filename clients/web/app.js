@@ -666,7 +666,7 @@ async function sendStyleImage(image) {
   // b"LDIM" + the file as one binary message; a file over the channel's message size goes as a
   // smaller JPEG the browser makes of it (the server's encoder sees 224×224 anyway).
   const ch = channel;
-  const most = ((pc && pc.sctp && pc.sctp.maxMessageSize) || 65536) - 4;
+  const most = ((pc && pc.sctp && pc.sctp.maxMessageSize) || 65536) - 4;  // aiortc's: 256 KiB
   let bytes = image.bytes;
   style.sending(image, true);
   if (bytes.length > most) {

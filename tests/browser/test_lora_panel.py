@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -47,20 +47,29 @@ LISTED = "window.livediff.loras !== null || document.querySelector('#lora-note')
 
 
 @pytest.fixture(scope="module")
-def library_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+def bundle() -> ModelBundle:
+    return visible_tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def lora_files(bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("loras")
+    unet = bundle.unet
+    return {
+        "ink": str(save_peft(random_lora(unet, 8, 11), folder / "ink.safetensors", alpha=8.0)),
+        "pastel": str(save_kohya(random_lora(unet, 4, 12, every=2), folder / "pastel.safetensors")),
+        "moss": str(save_peft(random_lora(unet, 4, 13), folder / "moss.safetensors", alpha=4.0)),
+    }
+
+
+@pytest.fixture(scope="module")
+def library_bundle(bundle: ModelBundle, lora_files: dict[str, str]) -> ModelBundle:
     """The visible tiny model on its own UNet copy, with ink, pastel and moss loaded; a session
     combines up to 2."""
-    bundle = visible_tiny_bundle()
     own = dataclasses.replace(bundle, unet=copy.deepcopy(bundle.unet))
-    folder = tmp_path_factory.mktemp("loras")
-    files = {
-        "ink": save_peft(random_lora(own.unet, 8, 11), folder / "ink.safetensors", alpha=8.0),
-        "pastel": save_kohya(random_lora(own.unet, 4, 12, every=2), folder / "pastel.safetensors"),
-        "moss": save_peft(random_lora(own.unet, 4, 13), folder / "moss.safetensors", alpha=4.0),
-    }
     library = LoraLibrary.attach(own.unet, LoraCapacity(max_loras=4, max_rank=16, slots_per_row=2))
     for name in NAMES:
-        library.load(name, str(files[name]))
+        library.load(name, lora_files[name])
     return own.with_loras(library)
 
 
@@ -89,6 +98,11 @@ def server_uses(server: ThreadedServer, session: str) -> list[dict[str, Any]]:
 def wait_for_server_value(page: Page, condition: str) -> None:
     """Until the page's mirror of the server's ``loras`` meets ``condition`` (``uses``)."""
     page.wait_for_function(f"(uses => {condition})(window.livediff.params.loras)", timeout=30_000)
+
+
+def on_server(server: ThreadedServer, call: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``call`` on the server's loop (a LoRA load or unload, as POST/DELETE /loras do)."""
+    return asyncio.run_coroutine_threadsafe(call, server.loop).result(timeout=60)
 
 
 def row(page: Page, name: str) -> Locator:
@@ -151,7 +165,7 @@ def test_the_panel_lists_the_library_and_its_changes_reach_the_session(
 
 @NEEDS_NETNS
 def test_a_refused_choice_is_shown_beside_the_panel_and_reverts(
-    browser: Browser, library_server: ThreadedServer
+    browser: Browser, library_server: ThreadedServer, lora_files: dict[str, str]
 ) -> None:
     page = open_listed(browser, f"{library_server.base}/?autostart=1&{FOX_QUERY}&loras=ink:0.5")
     wait_for_frames(page, 1)
@@ -178,13 +192,14 @@ def test_a_refused_choice_is_shown_beside_the_panel_and_reverts(
     # a LoRA unloaded from the server after the page listed it
     use_box(page, "pastel").uncheck()
     wait_for_server_value(page, "uses.length === 1")
-    asyncio.run_coroutine_threadsafe(
-        library_server.engine.unload_lora("moss"), library_server.loop
-    ).result(timeout=60)
-    use_box(page, "moss").check()
-    page.wait_for_function(
-        "(window.livediff.fieldErrors.loras || '').includes('moss')", timeout=30_000
-    )
+    on_server(library_server, library_server.engine.unload_lora("moss"))
+    try:
+        use_box(page, "moss").check()
+        page.wait_for_function(
+            "(window.livediff.fieldErrors.loras || '').includes('moss')", timeout=30_000
+        )
+    finally:  # the library is the module's: the next tests list moss again
+        on_server(library_server, library_server.engine.load_lora("moss", lora_files["moss"]))
     assert "unknown LoRA 'moss'" in page.locator("#error-loras").text_content()
     assert not use_box(page, "moss").is_checked()
     assert server_uses(library_server, session) == running
