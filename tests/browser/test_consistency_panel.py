@@ -37,13 +37,23 @@ if TYPE_CHECKING:
 pytestmark = BROWSER_MARKS
 test_in_loopback_netns = netns_module_runner(__file__)
 
-KEYS = ("feature_bank", "feature_fusion", "fusion_threshold", "latent_feedback")
+KEYS = (
+    "feature_bank",
+    "bank_interval",
+    "feature_fusion",
+    "fusion_threshold",
+    "latent_feedback",
+    "scene_cut",
+)
 DEFAULTS = {
     "feature_bank": 0,
+    "bank_interval": 4,
     "feature_fusion": 0.8,
     "fusion_threshold": 0.98,
     "latent_feedback": 0,
+    "scene_cut": 0.5,
 }
+SLIDERS = ("feature_fusion", "fusion_threshold", "latent_feedback", "scene_cut")
 NO_BANK = "this server runs no feature bank (start it with --feature-bank-frames N)"
 CONFIG = ServerConfig(host_addresses=("127.0.0.1",), stats_interval_s=0.25)
 
@@ -103,11 +113,20 @@ def test_the_group_explains_itself_and_its_changes_reach_the_session(
         ["feature_fusion", "0", "1", "0.05", False],
         ["fusion_threshold", "0.8", "1", "0.005", False],
         ["latent_feedback", "0", "0.95", "0.05", False],
+        ["scene_cut", "0", "1", "0.05", False],
+    ]
+    interval = field(page, "bank_interval")
+    assert [interval.get_attribute(a) for a in ("type", "min", "max", "step")] == [
+        "number",
+        "1",
+        "60",
+        "1",
     ]
     wait_for_frames(page, 1)
     session = page.evaluate("window.livediff.session")
     assert server_values(banked_server, session) == DEFAULTS
-    assert [shown_value(page, k) for k in KEYS[1:]] == ["0.8", "0.98", "0"]
+    assert [shown_value(page, k) for k in SLIDERS] == ["0.8", "0.98", "0", "0.5"]
+    assert interval.input_value() == "4"
 
     bank.select_option("2")
     wait_for_server_value(page, "feature_bank", 2)
@@ -123,11 +142,19 @@ def test_the_group_explains_itself_and_its_changes_reach_the_session(
     press(field(page, "latent_feedback"), "ArrowRight", 6)
     wait_for_server_value(page, "latent_feedback", 0.3)
     assert shown_value(page, "latent_feedback") == "0.3"
+    interval.fill("2")
+    interval.press("Enter")
+    wait_for_server_value(page, "bank_interval", 2)
+    press(field(page, "scene_cut"), "ArrowLeft", 2)
+    wait_for_server_value(page, "scene_cut", 0.4)
+    assert shown_value(page, "scene_cut") == "0.4"
     chosen = {
         "feature_bank": 2,
+        "bank_interval": 2,
         "feature_fusion": 0.6,
         "fusion_threshold": 0.99,
         "latent_feedback": 0.3,
+        "scene_cut": 0.4,
     }
     assert server_values(banked_server, session) == chosen
     wait_for_frames(page, page.evaluate("window.livediff.framesDecoded") + 2)  # it still runs
@@ -171,6 +198,19 @@ def test_a_refused_value_is_shown_in_the_group_and_reverts(
     bank.select_option("2")
     wait_for_server_value(page, "feature_bank", 2)
     assert error.text_content() == ""
+
+    # a bank interval out of range (at most 60), sent as typed: refused, the field goes back
+    interval = field(page, "bank_interval")
+    interval.fill("99")
+    interval.press("Enter")
+    page.wait_for_function("window.livediff.fieldErrors.bank_interval", timeout=30_000)
+    text = page.locator("#consistency #error-bank_interval").text_content() or ""
+    assert text.startswith("bank_interval=99")
+    assert interval.input_value() == "4" and page.locator("#banner").is_hidden()
+    assert server_values(banked_server, session)["bank_interval"] == 4
+    interval.fill("8")
+    interval.press("Enter")
+    wait_for_server_value(page, "bank_interval", 8)
     assert page.evaluate("window.livediff.fieldErrors") == {}
     assert server_values(banked_server, session)["feature_bank"] == 2
     assert page.evaluate("window.livediff.state") == "connected"
@@ -199,8 +239,9 @@ def test_without_a_bank_the_group_says_so_and_feedback_still_works(browser: Brow
         assert page.evaluate("window.livediff.featureBankFrames") == 0
         note = page.locator("#consistency-note")
         assert note.is_visible() and note.text_content() == NO_BANK
-        for key in ("feature_bank", "feature_fusion", "fusion_threshold"):
+        for key in ("feature_bank", "bank_interval", "feature_fusion", "fusion_threshold"):
             assert field(page, key).is_disabled(), key
+        assert field(page, "scene_cut").is_enabled()  # it restarts latent feedback too
         feedback = field(page, "latent_feedback")
         assert feedback.is_enabled() and no_horizontal_scroll(page)
         wait_for_frames(page, 1)
