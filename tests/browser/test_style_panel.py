@@ -234,7 +234,7 @@ def test_a_server_without_an_ip_adapter_refuses_the_image(
     browser: Browser, plain_server: ThreadedServer
 ) -> None:
     page = open_listed_page(
-        browser, f"{plain_server.base}/?autostart=1&{FOX_QUERY}", viewport=PHONE
+        browser, f"{plain_server.base}/?autostart=1&{FOX_QUERY}&ip_scale=0.6", viewport=PHONE
     )
     wait_for_frames(page, 1)
     session = page.evaluate("window.livediff.session")
@@ -243,5 +243,6 @@ def test_a_server_without_an_ip_adapter_refuses_the_image(
     assert "runs no IP-Adapter" in error and "--ip-adapter" in error
     assert thumbnail(page) is None and page.locator("#banner").is_hidden()
     assert no_horizontal_scroll(page)
-    assert session_values(plain_server, session) == (None, 1.0)
+    assert session_values(plain_server, session) == (None, 0.6)  # from ?ip_scale=
+    assert page.locator("#style [name=ip_scale]").input_value() == "0.6"
     assert page.evaluate("window.livediff.state") == "connected"
