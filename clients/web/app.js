@@ -13,7 +13,8 @@
 //   serverStats (last data-channel stats, null once stopped), notice (the degrade notice or null),
 //   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
 //   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
-//   closing (the server's reason when it ended the session), replies[] (data-channel replies),
+//   closing (the server's reason when it ended the session), replies[] (data-channel replies,
+//   the style images' answers {ok, ip_image} / {error, field: 'ip_image'} among them),
 //   update(params) → Promise(reply),
 //   snapshot('input'|'output') → {width, height, data: RGBA array}, start(), stop().
 'use strict';
@@ -379,7 +380,7 @@ async function postOffer(description) {
     const blamed = /^(\w+)=/.exec(error.message);  // "guidance_scale=99 is out of range: …"
     if (blamed && FIELD_KEYS.includes(blamed[1])) error.field = blamed[1];
     // The offer's errors name no field: a ControlNet's ("controlnet 'x' is not loaded …",
-    // "canny low=… must be below high=…") is told by its words.
+    // "canny low=… must be below high=…") or a LoRA's ("unknown LoRA 'x' …") is told by its words.
     else if ('controlnets' in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = 'controlnets';
     else if ('loras' in params && /\blora/i.test(error.message)) error.field = 'loras';
     else if ('feature_bank' in params && /feature bank/i.test(error.message)) error.field = 'feature_bank';
