@@ -6,12 +6,15 @@
 //   state ('idle'|'starting'|'connecting'|'connected'|'retrying'|'stopped'|'error'), session, codec,
 //   errors[] (each error once), fieldErrors {key: message}, params (what the server runs),
 //   controlnets (GET /controlnets' list: [{name, preprocessors, default}], [] for none, null before),
+//   loras (GET /loras' list: [{name, rank, …}], [] for none, null before), loraCapacity (its
+//   capacity: {slots_per_row, …}, null without a library or before),
 //   featureBankFrames (GET /controlnets' "feature_bank_frames": the server's bank capacity,
 //   0 for none, null before or when unknown),
 //   serverStats (last data-channel stats, null once stopped), notice (the degrade notice or null),
 //   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
 //   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
-//   closing (the server's reason when it ended the session), replies[] (data-channel replies),
+//   closing (the server's reason when it ended the session), replies[] (data-channel replies,
+//   the style images' answers {ok, ip_image} / {error, field: 'ip_image'} among them),
 //   update(params) → Promise(reply),
 //   snapshot('input'|'output') → {width, height, data: RGBA array}, start(), stop().
 'use strict';
@@ -20,17 +23,23 @@ const query = new URLSearchParams(location.search);
 const TOKEN = query.get('token');
 const consistency = createConsistencyPanel(  // consistency_panel.js
   document.getElementById('consistency'), document.getElementById('params'));
-const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale', ...consistency.keys];
-const NUMERIC = new Set(['strength', 'seed', 'guidance_scale', ...consistency.keys]);
-const PANEL = 'controlnets';  // the ControlNet panel's parameter (controlnet_panel.js)
-const FIELD_KEYS = [...PARAM_KEYS, PANEL];  // what an error can be shown beside
+const style = createStylePanel(document.getElementById('style'), (image) => onStyleImage(image));  // style_panel.js
+const SETTLED = [...consistency.keys, ...style.keys];  // sliders whose bursts become one message
+const PARAM_KEYS = ['prompt', 'negative_prompt', 'strength', 'seed', 'guidance_scale', ...SETTLED];
+const NUMERIC = new Set(['strength', 'seed', 'guidance_scale', ...SETTLED]);
+const STYLE = 'ip_image';  // the style image's parameter: set by uploads (style_panel.js)
 const RETRY_STATUSES = new Set([502, 503, 504]);  // busy, overloaded, shutting down: try again later
 const MAX_BACKOFF_S = 30;
 const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // streams/frame_marker.py
 
 const $ = (id) => document.getElementById(id);
 const form = $('params');
-const panel = createControlNetPanel($('controlnets'), () => applyControlNets());
+const panels = {  // the panels' parameters: lists of uses, each panel its own (see show/uses)
+  controlnets: createControlNetPanel($('controlnets'), () => applyPanel('controlnets')),  // controlnet_panel.js
+  loras: createLoraPanel($('loras'), () => applyPanel('loras')),  // lora_panel.js
+};
+const PANEL_KEYS = Object.keys(panels);
+const FIELD_KEYS = [...PARAM_KEYS, ...PANEL_KEYS, STYLE];  // what an error can be shown beside
 const server = {};  // the values the server runs (before a session: the form's defaults)
 const L = window.livediff = {
   state: 'idle', session: null, codec: null, errors: [], fieldErrors: {}, params: server,
@@ -42,11 +51,13 @@ let retryTimer = null, countdownTimer = null, attempts = 0;
 let run = 0;  // bumped by stop(): a start() still awaiting something sees it and gives up
 let requestId = 0;
 const pending = new Map();  // request id → {resolve, params}
+const uploads = [];         // style images sent, oldest first: their replies carry no id
 const touched = new Set();  // only parameters set in the URL or by the user override the server's defaults
 const unsent = new Set();   // changed while the session was being set up: sent once the channel opens
 const shown = {};           // each field's text when last applied or filled: Enter then blur applies once
 let lastError = null;
-let queryUses = query.get(PANEL);  // ?controlnets=…: sent as given until the panel is used
+// ?controlnets=…, ?loras=…: sent as given until the panel is used
+const queryUses = Object.fromEntries(PANEL_KEYS.map((key) => [key, query.get(key)]));
 
 // ---------------------------------------------------------------- state, errors, notices
 function setState(state) {
@@ -126,20 +137,20 @@ function defaultOf(el) {  // what the page shows before it knows the server's va
 }
 
 function valueOf(key) {
-  if (key !== PANEL) return fromField(key, form.elements[key].value);
-  return queryUses === null ? panel.uses() : queryUses;
+  if (!(key in panels)) return fromField(key, form.elements[key].value);
+  return queryUses[key] === null ? panels[key].uses() : queryUses[key];
 }
 
 function revert(key) {
-  // A field, or the panel, shows what the server runs again.
-  if (key === PANEL) panel.show(server[PANEL]);
-  else setField(key, server[key]);
+  // A field, or a panel, shows what the server runs again (the style image: style.refused).
+  if (key in panels) panels[key].show(server[key]);
+  else if (key !== STYLE) setField(key, server[key]);
 }
 
 function formParams() {
   const params = {};
   for (const key of touched) {
-    if (key === PANEL || form.elements[key].value !== '' || !NUMERIC.has(key)) params[key] = valueOf(key);
+    if (key in panels || form.elements[key].value !== '' || !NUMERIC.has(key)) params[key] = valueOf(key);
   }
   return params;
 }
@@ -150,7 +161,9 @@ function fillForm(params) {
   for (const key of PARAM_KEYS) {
     if (key in params && !touched.has(key)) setField(key, params[key]);
   }
-  if (PANEL in params && !touched.has(PANEL)) panel.show(params[PANEL]);
+  for (const key of PANEL_KEYS) {
+    if (key in params && !touched.has(key)) panels[key].show(params[key]);
+  }
 }
 
 const connected = () => Boolean(channel && channel.readyState === 'open');
@@ -179,10 +192,11 @@ async function apply(key) {
 
 function acknowledged(params) {
   for (const [key, value] of Object.entries(params)) {
-    server[key] = key === PANEL ? panel.usesFrom(value) : value;
+    server[key] = key in panels ? panels[key].usesFrom(value) : value;
     if (!FIELD_KEYS.includes(key)) continue;
     fieldError(key, '');
-    if (key === PANEL) { if (!panel.editing()) panel.show(value); continue; }  // e.g. from update()
+    if (key in panels) { if (!panels[key].editing()) panels[key].show(value); continue; }  // e.g. from update()
+    if (key === STYLE) { style.acknowledged(value === null ? null : style.image(), value); continue; }
     if (document.activeElement !== form.elements[key]) setField(key, value);
   }
   const keys = Object.keys(params);
@@ -309,7 +323,9 @@ function waitForIceGathering(connection) {
 function openChannel(connection) {
   const ch = channel = connection.createDataChannel('control');
   ch.onopen = () => {
-    if (ch !== channel || !unsent.size) return;
+    if (ch !== channel) return;
+    if (style.image()) sendStyleImage(style.image());  // the chosen style image, for this session too
+    if (!unsent.size) return;
     const params = {};
     for (const key of unsent) params[key] = valueOf(key);
     unsent.clear();
@@ -322,6 +338,7 @@ function openChannel(connection) {
     if (message.stats) { L.serverStats = message.stats; renderServerStats(message.stats); return; }
     if (message.closing) { L.closing = message.closing; return; }
     L.replies.push(message);
+    if (isUploadReply(message)) { uploaded(message); return; }
     const request = pending.get(message.id);
     if (request) pending.delete(message.id);
     const params = request ? request.params : {};
@@ -363,8 +380,9 @@ async function postOffer(description) {
     const blamed = /^(\w+)=/.exec(error.message);  // "guidance_scale=99 is out of range: …"
     if (blamed && FIELD_KEYS.includes(blamed[1])) error.field = blamed[1];
     // The offer's errors name no field: a ControlNet's ("controlnet 'x' is not loaded …",
-    // "canny low=… must be below high=…") is told by its words.
-    else if (PANEL in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = PANEL;
+    // "canny low=… must be below high=…") or a LoRA's ("unknown LoRA 'x' …") is told by its words.
+    else if ('controlnets' in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = 'controlnets';
+    else if ('loras' in params && /\blora/i.test(error.message)) error.field = 'loras';
     else if ('feature_bank' in params && /feature bank/i.test(error.message)) error.field = 'feature_bank';
     else if ('latent_feedback' in params && /^latent_feedback\b/.test(error.message)) error.field = 'latent_feedback';
   }
@@ -463,7 +481,7 @@ function fail(message, field) {
   setState('error');
   if (field) {  // a value the server refused at Start: the field goes back to the server's default
     touched.delete(field);
-    if (field === PANEL) queryUses = null;
+    if (field in panels) queryUses[field] = null;
     revert(field);
     fieldError(field, message);
   } else {
@@ -478,6 +496,8 @@ function closePeer() {
   for (const request of pending.values()) request.resolve({error: 'stopped'});
   pending.clear();
   unsent.clear();
+  uploads.length = 0;
+  style.stopped();
   showVideo('output', null);
   clearStats();
 }
@@ -581,33 +601,106 @@ function snapshot(which) {
   return {width: canvas.width, height: canvas.height, data: Array.from(g.getImageData(0, 0, canvas.width, canvas.height).data)};
 }
 
-// ---------------------------------------------------------------- ControlNet panel
-async function applyControlNets() {
-  // The panel's settled changes: sent live, or kept for the next offer (like apply(key)).
-  queryUses = null;
-  touched.add(PANEL);
+// ---------------------------------------------------------------- panels: ControlNets, LoRAs
+async function applyPanel(key) {
+  // A panel's settled changes: sent live, or kept for the next offer (like apply(key)).
+  queryUses[key] = null;
+  touched.add(key);
   if (!connected()) {
-    fieldError(PANEL, '');
-    if (pc) unsent.add(PANEL);
+    fieldError(key, '');
+    if (pc) unsent.add(key);
     return;
   }
-  await update({[PANEL]: panel.uses()});
+  await update({[key]: panels[key].uses()});
+}
+
+async function getJson(path) {
+  const headers = TOKEN ? {Authorization: `Bearer ${TOKEN}`} : {};
+  const response = await fetch(path, {headers});
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+  return answer;
 }
 
 async function listControlNets() {
-  const headers = TOKEN ? {Authorization: `Bearer ${TOKEN}`} : {};
+  const panel = panels.controlnets;
   try {
-    const response = await fetch('controlnets', {headers});
-    const answer = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+    const answer = await getJson('controlnets');
     L.controlnets = answer.controlnets;
     // Older servers leave the bank's capacity out: the page then learns it from a refusal.
     L.featureBankFrames = Number.isInteger(answer.feature_bank_frames) ? answer.feature_bank_frames : null;
     consistency.capacity(L.featureBankFrames);
     panel.build(answer.controlnets);
-    panel.show(queryUses === null ? server[PANEL] : queryUses);
+    panel.show(queryUses.controlnets === null ? server.controlnets : queryUses.controlnets);
   } catch (error) {
     panel.unavailable(String(error.message || error));
+  }
+}
+
+async function listLoras() {
+  // GET /loras (streams/lora_routes.py): the library's LoRAs and capacity (null: no library).
+  const panel = panels.loras;
+  try {
+    const answer = await getJson('loras');
+    L.loraCapacity = answer.capacity || null;
+    L.loras = answer.loras || [];
+    panel.build(answer);
+    panel.show(queryUses.loras === null ? server.loras : queryUses.loras);
+  } catch (error) {
+    panel.unavailable(String(error.message || error));
+  }
+}
+
+// ---------------------------------------------------------------- style image (IP-Adapter)
+function onStyleImage(image) {
+  // The user picked a style image (or removed it): sent now, or once the session's channel opens.
+  fieldError(STYLE, '');
+  if (image) {
+    if (connected()) sendStyleImage(image);
+    else style.sending(image, false);
+  } else if (connected() && server[STYLE]) {
+    update({[STYLE]: null});
+  }
+}
+
+async function sendStyleImage(image) {
+  // b"LDIM" + the file as one binary message; a file over the channel's message size goes as a
+  // smaller JPEG the browser makes of it (the server's encoder sees 224×224 anyway).
+  const ch = channel;
+  const most = ((pc && pc.sctp && pc.sctp.maxMessageSize) || 65536) - 4;  // aiortc's: 256 KiB
+  let bytes = image.bytes;
+  style.sending(image, true);
+  if (bytes.length > most) {
+    bytes = await style.shrink(new Blob([image.bytes]), most);
+    if (ch !== channel) return;
+    if (!bytes) {
+      style.refused(image);
+      const kib = (n) => Math.ceil(n / 1024);
+      fieldError(STYLE, `${image.name} (${kib(image.bytes.length)} KiB) is more than the connection takes `
+        + `(${kib(most)} KiB) and the browser cannot read it as an image to send a smaller copy`);
+      return;
+    }
+  }
+  uploads.push(image);
+  ch.send(style.message(bytes));
+}
+
+function isUploadReply(message) {
+  // A style image's answer: {ok, ip_image: key} or {error, field: "ip_image"}, with no id.
+  if (message.id !== undefined || !uploads.length) return false;
+  return 'ip_image' in message || message.field === STYLE || /^rate limit/.test(message.error || '');
+}
+
+function uploaded(message) {
+  const image = uploads.shift();
+  if (message.ok) {
+    server[STYLE] = message.ip_image;
+    fieldError(STYLE, '');
+    style.acknowledged(image, message.ip_image);
+    showMessage(`applied: ${STYLE}`);
+  } else {
+    style.refused(image);  // the session keeps the style image it had
+    fieldError(STYLE, message.error);
   }
 }
 
@@ -618,8 +711,11 @@ function init() {
     if (query.has(key)) { form.elements[key].value = query.get(key); touched.add(key); }
     shown[key] = form.elements[key].value;
   }
-  server[PANEL] = [];
-  if (queryUses !== null) touched.add(PANEL);
+  for (const key of PANEL_KEYS) {
+    server[key] = [];
+    if (queryUses[key] !== null) touched.add(key);
+  }
+  server[STYLE] = null;
   form.elements.codec.value = (query.get('codec') || '').toLowerCase();
   form.addEventListener('submit', (event) => event.preventDefault());
   for (const key of PARAM_KEYS) {
@@ -627,6 +723,7 @@ function init() {
     showValue(key);
     el.addEventListener('input', () => showValue(key));
     if (consistency.keys.includes(key)) el.addEventListener('change', () => consistency.settle(key, () => apply(key)));
+    else if (style.keys.includes(key)) el.addEventListener('change', () => style.settle(key, () => apply(key)));
     else el.addEventListener('change', () => apply(key));
     el.addEventListener('keydown', (event) => {
       // Enter applies the field; in the prompt, Shift+Enter is a new line.
@@ -642,8 +739,9 @@ function init() {
   $('stop').addEventListener('click', stop);
   $('banner-cancel').addEventListener('click', stop);
   if (query.get('controls') === '0') document.body.classList.add('output-only');
-  Object.assign(L, {start, stop, update, snapshot, controlnets: null, featureBankFrames: null});
+  Object.assign(L, {start, stop, update, snapshot, controlnets: null, featureBankFrames: null, loras: null, loraCapacity: null});
   listControlNets();
+  listLoras();
   if (query.get('autostart') === '1') start();
 }
 

@@ -1,13 +1,14 @@
-// The Consistency group of the livediff page: the feature bank (feature_bank, 0–4 frames), its
-// fusion strength and threshold, and latent feedback (engine/config.py GenerationParams; the
+// The Consistency group of the livediff page: the feature bank (feature_bank, 0–4 frames, every
+// bank_interval-th frame kept), its fusion strength and threshold, latent feedback, and the scene
+// cut that starts both over (engine/config.py GenerationParams; the
 // README's "Temporal consistency"). Its fields are plain live parameters of app.js (sent,
 // acknowledged, refused and reverted like strength); this module adds what is its own:
 // the server's bank capacity (GET /controlnets' "feature_bank_frames") and the settling of
 // slider bursts into one message.
 'use strict';
 
-const BANK_KEYS = ['feature_bank', 'feature_fusion', 'fusion_threshold'];  // useless without a bank
-const CONSISTENCY_KEYS = [...BANK_KEYS, 'latent_feedback'];
+const BANK_KEYS = ['feature_bank', 'bank_interval', 'feature_fusion', 'fusion_threshold'];  // useless without a bank
+const CONSISTENCY_KEYS = [...BANK_KEYS, 'latent_feedback', 'scene_cut'];
 const CONSISTENCY_SETTLE_MS = 150;  // a burst of changes (arrow keys on a slider) becomes one message
 const NO_BANK_NOTE = 'this server runs no feature bank (start it with --feature-bank-frames N)';
 

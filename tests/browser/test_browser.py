@@ -9,17 +9,25 @@ network namespace (run directly, the module contributes one test that re-runs it
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from browser_testing import (
+    BROWSER_MARKS,
+    PHONE,
+    in_first_screen,
+    no_horizontal_scroll,
+    open_page,
+    snapshot,
+    wait_for_frames,
+)
 
 from helpers.streams_testing import (
     FOX,
@@ -29,45 +37,18 @@ from helpers.streams_testing import (
     distance,
     export_visible_tiny,
     netns_module_runner,
-    pattern,
     read_video,
     reference_output,
-    write_y4m,
 )
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-try:
-    from playwright.sync_api import Browser, Page, sync_playwright
-except ImportError:  # pragma: no cover
-    sync_playwright = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install -y chromium"
-    ),
-    pytest.mark.skipif(
-        sync_playwright is None, reason="needs the playwright package (pip install playwright)"
-    ),
-]
+pytestmark = BROWSER_MARKS
 test_in_loopback_netns = netns_module_runner(__file__)
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
 CONFIG_TOML = """
 [params]
 prompt = "a red fox"
@@ -105,11 +86,6 @@ def config_file(workdir: Path) -> Path:
     path = workdir / "livediff.toml"
     path.write_text(CONFIG_TOML)
     return path
-
-
-@pytest.fixture(scope="module")
-def camera_clip(workdir: Path) -> Path:
-    return write_y4m(workdir / "camera.y4m", [pattern(320, 240, seed=5)] * 15)
 
 
 @contextlib.contextmanager
@@ -155,50 +131,6 @@ def server_with(
     return running_server(model_dir, config, folder / "serve.log")
 
 
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Any]:
-    """``launch(camera_y4m)`` → a headless Chromium whose camera plays that clip."""
-    assert sync_playwright is not None
-    with sync_playwright() as playwright:
-        browsers: list[Browser] = []
-
-        def start(clip: Path) -> Browser:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM,
-                headless=True,
-                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={clip}"],
-            )
-            browsers.append(browser)
-            return browser
-
-        yield start
-        for browser in browsers:
-            browser.close()
-
-
-def open_page(browser: Browser, url: str, **options: Any) -> Page:
-    page = browser.new_page(**options)
-    page.on("console", lambda message: print("console:", message.text))
-    page.goto(url)
-    return page
-
-
-def wait_for_frames(page: Page, count: int) -> None:
-    page.wait_for_function(
-        f"window.livediff.framesDecoded > {count} || window.livediff.state === 'error'",
-        polling=100,
-        timeout=180_000,
-    )
-    state = page.evaluate("[window.livediff.state, window.livediff.errors]")
-    assert state[0] == "connected", f"page state {state}"
-
-
-def snapshot(page: Page, which: str) -> np.ndarray:
-    shot = page.evaluate(f"window.livediff.snapshot('{which}')")
-    rgba = np.asarray(shot["data"], dtype=np.uint8).reshape(shot["height"], shot["width"], 4)
-    return rgba[..., :3]
-
-
 def next_output(page: Page) -> np.ndarray:
     """The output once at least one more frame has been decoded."""
     decoded = page.evaluate("window.livediff.framesDecoded")
@@ -217,29 +149,7 @@ def wait_for_prompt(page: Page, references: dict[str, np.ndarray], wanted: str) 
     raise AssertionError(f"the output never settled on {wanted}: {seen}")
 
 
-def in_first_screen(page: Page, selector: str) -> bool:
-    """``selector`` is visible within the viewport as loaded (no scrolling)."""
-    box = page.locator(selector).bounding_box()
-    viewport = page.viewport_size
-    assert viewport is not None
-    return (
-        page.locator(selector).is_visible()
-        and box is not None
-        and box["y"] >= 0
-        and box["y"] + box["height"] <= viewport["height"]
-    )
-
-
-def no_horizontal_scroll(page: Page) -> bool:
-    return bool(
-        page.evaluate(
-            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
-        )
-    )
-
-
 STAT_CELLS = "[...document.querySelectorAll('#stats td')].map((td) => td.textContent)"
-PHONE = {"width": 390, "height": 844}
 
 
 @NEEDS_NETNS

@@ -10,49 +10,51 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from browser_testing import (
+    BROWSER_MARKS,
+    FOX_QUERY,
+    PHONE,
+    no_horizontal_scroll,
+    open_listed_page,
+    press,
+    wait_for_frames,
+)
 from reliability.reliability_testing import ThreadedServer
-from test_browser import CHROMIUM, CHROMIUM_FLAGS, PHONE, no_horizontal_scroll, wait_for_frames
 
 from helpers.streams_testing import (
     NEEDS_NETNS,
     netns_module_runner,
-    pattern,
     visible_tiny_bundle,
-    write_y4m,
 )
 from livediff.streams.server_config import ServerConfig
 
-try:
-    from playwright.sync_api import Browser, Locator, Page, sync_playwright
-except ImportError:  # pragma: no cover
-    sync_playwright = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install -y chromium"
-    ),
-    pytest.mark.skipif(
-        sync_playwright is None, reason="needs the playwright package (pip install playwright)"
-    ),
-]
+pytestmark = BROWSER_MARKS
 test_in_loopback_netns = netns_module_runner(__file__)
 
-FOX_QUERY = "prompt=a+red+fox&seed=11"
-KEYS = ("feature_bank", "feature_fusion", "fusion_threshold", "latent_feedback")
+KEYS = (
+    "feature_bank",
+    "bank_interval",
+    "feature_fusion",
+    "fusion_threshold",
+    "latent_feedback",
+    "scene_cut",
+)
 DEFAULTS = {
     "feature_bank": 0,
+    "bank_interval": 4,
     "feature_fusion": 0.8,
     "fusion_threshold": 0.98,
     "latent_feedback": 0,
+    "scene_cut": 0.5,
 }
+SLIDERS = ("feature_fusion", "fusion_threshold", "latent_feedback", "scene_cut")
 NO_BANK = "this server runs no feature bank (start it with --feature-bank-frames N)"
-# the page has the server's capacity, or has said why it could not ask
-LISTED = "window.livediff.controlnets !== null || document.querySelector('#controlnet-note').textContent.includes('could not')"
 CONFIG = ServerConfig(host_addresses=("127.0.0.1",), stats_interval_s=0.25)
 
 
@@ -66,34 +68,6 @@ def banked_server() -> Iterator[ThreadedServer]:
     )
     with ThreadedServer(banked, CONFIG) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def camera_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("consistency-page")
-    return write_y4m(folder / "camera.y4m", [pattern(320, 240, seed=5)] * 15)
-
-
-@pytest.fixture
-def browser(camera_clip: Path) -> Iterator[Browser]:
-    """A headless Chromium whose camera plays ``camera_clip`` (test_browser.py's flags)."""
-    assert sync_playwright is not None
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={camera_clip}"],
-        )
-        yield chromium
-        chromium.close()
-
-
-def open_page(browser: Browser, url: str, **options: Any) -> Page:
-    page = browser.new_page(**options)
-    page.on("console", lambda message: print("console:", message.text))
-    page.goto(url)
-    page.wait_for_function(LISTED, timeout=30_000)
-    return page
 
 
 def server_values(server: ThreadedServer, session: str) -> dict[str, Any]:
@@ -116,17 +90,11 @@ def shown_value(page: Page, key: str) -> str:
     return page.locator(f"#{key}-value").text_content() or ""
 
 
-def press(control: Locator, key: str, times: int = 1) -> None:
-    control.focus()
-    for _ in range(times):
-        control.press(key)
-
-
 @NEEDS_NETNS
 def test_the_group_explains_itself_and_its_changes_reach_the_session(
     browser: Browser, banked_server: ThreadedServer
 ) -> None:
-    page = open_page(browser, f"{banked_server.base}/?autostart=1&{FOX_QUERY}")
+    page = open_listed_page(browser, f"{banked_server.base}/?autostart=1&{FOX_QUERY}")
     assert page.evaluate("window.livediff.featureBankFrames") == 2
     group = page.locator("#consistency")
     assert group.locator("legend").text_content() == "Consistency"
@@ -145,11 +113,20 @@ def test_the_group_explains_itself_and_its_changes_reach_the_session(
         ["feature_fusion", "0", "1", "0.05", False],
         ["fusion_threshold", "0.8", "1", "0.005", False],
         ["latent_feedback", "0", "0.95", "0.05", False],
+        ["scene_cut", "0", "1", "0.05", False],
+    ]
+    interval = field(page, "bank_interval")
+    assert [interval.get_attribute(a) for a in ("type", "min", "max", "step")] == [
+        "number",
+        "1",
+        "60",
+        "1",
     ]
     wait_for_frames(page, 1)
     session = page.evaluate("window.livediff.session")
     assert server_values(banked_server, session) == DEFAULTS
-    assert [shown_value(page, k) for k in KEYS[1:]] == ["0.8", "0.98", "0"]
+    assert [shown_value(page, k) for k in SLIDERS] == ["0.8", "0.98", "0", "0.5"]
+    assert interval.input_value() == "4"
 
     bank.select_option("2")
     wait_for_server_value(page, "feature_bank", 2)
@@ -165,11 +142,19 @@ def test_the_group_explains_itself_and_its_changes_reach_the_session(
     press(field(page, "latent_feedback"), "ArrowRight", 6)
     wait_for_server_value(page, "latent_feedback", 0.3)
     assert shown_value(page, "latent_feedback") == "0.3"
+    interval.fill("2")
+    interval.press("Enter")
+    wait_for_server_value(page, "bank_interval", 2)
+    press(field(page, "scene_cut"), "ArrowLeft", 2)
+    wait_for_server_value(page, "scene_cut", 0.4)
+    assert shown_value(page, "scene_cut") == "0.4"
     chosen = {
         "feature_bank": 2,
+        "bank_interval": 2,
         "feature_fusion": 0.6,
         "fusion_threshold": 0.99,
         "latent_feedback": 0.3,
+        "scene_cut": 0.4,
     }
     assert server_values(banked_server, session) == chosen
     wait_for_frames(page, page.evaluate("window.livediff.framesDecoded") + 2)  # it still runs
@@ -187,7 +172,9 @@ def test_the_group_explains_itself_and_its_changes_reach_the_session(
 def test_a_refused_value_is_shown_in_the_group_and_reverts(
     browser: Browser, banked_server: ThreadedServer
 ) -> None:
-    page = open_page(browser, f"{banked_server.base}/?autostart=1&{FOX_QUERY}&feature_bank=1")
+    page = open_listed_page(
+        browser, f"{banked_server.base}/?autostart=1&{FOX_QUERY}&feature_bank=1"
+    )
     wait_for_frames(page, 1)
     session = page.evaluate("window.livediff.session")
     assert server_values(banked_server, session)["feature_bank"] == 1  # from ?feature_bank=
@@ -211,6 +198,19 @@ def test_a_refused_value_is_shown_in_the_group_and_reverts(
     bank.select_option("2")
     wait_for_server_value(page, "feature_bank", 2)
     assert error.text_content() == ""
+
+    # a bank interval out of range (at most 60), sent as typed: refused, the field goes back
+    interval = field(page, "bank_interval")
+    interval.fill("99")
+    interval.press("Enter")
+    page.wait_for_function("window.livediff.fieldErrors.bank_interval", timeout=30_000)
+    text = page.locator("#consistency #error-bank_interval").text_content() or ""
+    assert text.startswith("bank_interval=99")
+    assert interval.input_value() == "4" and page.locator("#banner").is_hidden()
+    assert server_values(banked_server, session)["bank_interval"] == 4
+    interval.fill("8")
+    interval.press("Enter")
+    wait_for_server_value(page, "bank_interval", 8)
     assert page.evaluate("window.livediff.fieldErrors") == {}
     assert server_values(banked_server, session)["feature_bank"] == 2
     assert page.evaluate("window.livediff.state") == "connected"
@@ -220,7 +220,7 @@ def test_a_refused_value_is_shown_in_the_group_and_reverts(
 def test_a_value_refused_at_start_is_shown_in_the_group(
     browser: Browser, banked_server: ThreadedServer
 ) -> None:
-    page = open_page(browser, f"{banked_server.base}/?autostart=1&feature_bank=4")
+    page = open_listed_page(browser, f"{banked_server.base}/?autostart=1&feature_bank=4")
     page.wait_for_function("window.livediff.state === 'error'", timeout=60_000)
     error = page.locator("#consistency #error-feature_bank").text_content() or ""
     assert "keeps at most 2 frames" in error
@@ -235,12 +235,13 @@ def test_a_value_refused_at_start_is_shown_in_the_group(
 @NEEDS_NETNS
 def test_without_a_bank_the_group_says_so_and_feedback_still_works(browser: Browser) -> None:
     with ThreadedServer(visible_tiny_bundle(), CONFIG) as server:
-        page = open_page(browser, f"{server.base}/?autostart=1&{FOX_QUERY}", viewport=PHONE)
+        page = open_listed_page(browser, f"{server.base}/?autostart=1&{FOX_QUERY}", viewport=PHONE)
         assert page.evaluate("window.livediff.featureBankFrames") == 0
         note = page.locator("#consistency-note")
         assert note.is_visible() and note.text_content() == NO_BANK
-        for key in ("feature_bank", "feature_fusion", "fusion_threshold"):
+        for key in ("feature_bank", "bank_interval", "feature_fusion", "fusion_threshold"):
             assert field(page, key).is_disabled(), key
+        assert field(page, "scene_cut").is_enabled()  # it restarts latent feedback too
         feedback = field(page, "latent_feedback")
         assert feedback.is_enabled() and no_horizontal_scroll(page)
         wait_for_frames(page, 1)

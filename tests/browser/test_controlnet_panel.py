@@ -8,46 +8,34 @@ loop in a thread, so the test reads what each session runs from the engine itsel
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from reliability.reliability_testing import ThreadedServer
-from test_browser import CHROMIUM, CHROMIUM_FLAGS, PHONE, no_horizontal_scroll, wait_for_frames
-
-from helpers.streams_testing import (
-    NEEDS_NETNS,
-    netns_module_runner,
-    pattern,
-    visible_tiny_bundle,
-    write_y4m,
+from browser_testing import (
+    BROWSER_MARKS,
+    FOX_QUERY,
+    PHONE,
+    no_horizontal_scroll,
+    open_listed_page,
+    press,
+    wait_for_frames,
 )
+from reliability.reliability_testing import ThreadedServer
+
+from helpers.streams_testing import NEEDS_NETNS, netns_module_runner, visible_tiny_bundle
 from livediff.models.bundle import ModelBundle
 from livediff.models.control_uses import ControlNetSpec
 from livediff.models.controlnet_loading import load_controlnet
 from livediff.streams.server_config import ServerConfig
 
-try:
-    from playwright.sync_api import Browser, Locator, Page, sync_playwright
-except ImportError:  # pragma: no cover
-    sync_playwright = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install -y chromium"
-    ),
-    pytest.mark.skipif(
-        sync_playwright is None, reason="needs the playwright package (pip install playwright)"
-    ),
-]
+pytestmark = BROWSER_MARKS
 test_in_loopback_netns = netns_module_runner(__file__)
 
 TOKEN = "a-token-of-32-characters-0123456"
-FOX_QUERY = "prompt=a+red+fox&seed=11"
 CANNY_DEFAULTS = {"low": 100, "high": 200, "sigma": 1}
-# the page has the server's list, or has said why not
-LISTED = "window.livediff.controlnets !== null || document.querySelector('#controlnet-note').textContent.includes('could not')"
 EDGES_LISTED = {
     "name": "edges",
     "preprocessors": ["canny", "passthrough", "previous_output"],
@@ -68,34 +56,6 @@ def controlled_server(bundle: ModelBundle) -> Iterator[ThreadedServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def camera_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("controlnet-page")
-    return write_y4m(folder / "camera.y4m", [pattern(320, 240, seed=5)] * 15)
-
-
-@pytest.fixture
-def browser(camera_clip: Path) -> Iterator[Browser]:
-    """A headless Chromium whose camera plays ``camera_clip`` (test_browser.py's flags)."""
-    assert sync_playwright is not None
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={camera_clip}"],
-        )
-        yield chromium
-        chromium.close()
-
-
-def open_page(browser: Browser, url: str, **options: Any) -> Page:
-    page = browser.new_page(**options)
-    page.on("console", lambda message: print("console:", message.text))
-    page.goto(url)
-    page.wait_for_function(LISTED, timeout=30_000)
-    return page
-
-
 def server_uses(server: ThreadedServer, session: str) -> list[dict[str, Any]]:
     """What the engine's session ``session`` runs, as the protocol writes it."""
     return server.call(
@@ -114,17 +74,11 @@ def edges_row(page: Page) -> Locator:
     return page.locator(".controlnet[data-net=edges]")
 
 
-def press(control: Locator, key: str, times: int = 1) -> None:
-    control.focus()
-    for _ in range(times):
-        control.press(key)
-
-
 @NEEDS_NETNS
 def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
     browser: Browser, controlled_server: ThreadedServer
 ) -> None:
-    page = open_page(browser, f"{controlled_server.base}/?autostart=1&{FOX_QUERY}")
+    page = open_listed_page(browser, f"{controlled_server.base}/?autostart=1&{FOX_QUERY}")
     assert page.evaluate("window.livediff.controlnets") == [EDGES_LISTED]
     assert "ControlNet" in page.locator("#controlnets legend").text_content()
     assert "camera" in page.locator("#controlnets .panel-hint").text_content()
@@ -199,7 +153,7 @@ def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
 def test_a_refused_choice_is_shown_beside_the_panel_and_reverts(
     browser: Browser, controlled_server: ThreadedServer
 ) -> None:
-    page = open_page(
+    page = open_listed_page(
         browser, f"{controlled_server.base}/?autostart=1&{FOX_QUERY}&controlnets=edges:0.5"
     )
     wait_for_frames(page, 1)
@@ -246,7 +200,9 @@ def test_a_refused_choice_is_shown_beside_the_panel_and_reverts(
 def test_a_choice_refused_at_start_is_shown_beside_the_panel(
     browser: Browser, controlled_server: ThreadedServer
 ) -> None:
-    page = open_page(browser, f"{controlled_server.base}/?autostart=1&controlnets=edges:1:depth")
+    page = open_listed_page(
+        browser, f"{controlled_server.base}/?autostart=1&controlnets=edges:1:depth"
+    )
     page.wait_for_function("window.livediff.state === 'error'", timeout=60_000)
     assert "depth preprocessor" in page.locator("#error-controlnets").text_content()
     assert page.locator("#banner").is_hidden()
@@ -259,12 +215,12 @@ def test_a_choice_refused_at_start_is_shown_beside_the_panel(
 @NEEDS_NETNS
 def test_without_controlnets_the_panel_says_so(browser: Browser) -> None:
     with ThreadedServer(visible_tiny_bundle(), ServerConfig(token=TOKEN)) as server:
-        page = open_page(browser, f"{server.base}/?token={TOKEN}", viewport=PHONE)
+        page = open_listed_page(browser, f"{server.base}/?token={TOKEN}", viewport=PHONE)
         assert page.evaluate("window.livediff.controlnets") == []
         note = page.locator("#controlnet-note")
         assert note.is_visible() and "no ControlNets loaded" in note.text_content()
         assert page.locator(".controlnet").count() == 0 and no_horizontal_scroll(page)
         # without the token the list is refused, and the panel says why
-        refused = open_page(browser, f"{server.base}/")
+        refused = open_listed_page(browser, f"{server.base}/")
         assert "could not be listed" in refused.locator("#controlnet-note").text_content()
         assert refused.evaluate("window.livediff.controlnets") is None
