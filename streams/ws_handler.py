@@ -1,6 +1,7 @@
 """``GET /ws``: one websocket client, one engine session (protocol: :mod:`livediff.streams.ws_protocol`).
 
-Two tasks per connection: the reader decodes JPEGs (in the executor) and submits them, and
+Two tasks per connection: the reader decodes JPEGs (in the executor, straight into the
+session's frame buffers: :mod:`livediff.streams.frame_buffers`) and hands them over, and
 applies control messages in order; the writer awaits the session's outputs, encodes them (in
 the executor) and sends them. Sends are serialised by a lock. Whatever ends first — the client
 closing, a close sent by the server, the session ending — ends both, and the session is closed.
@@ -46,6 +47,7 @@ from livediff.streams.control_messages import (
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
+from livediff.streams.frame_buffers import FrameBuffers, decode_frame
 from livediff.streams.limits import (
     DecodeLimits,
     Inactivity,
@@ -146,6 +148,8 @@ class WsConnection:
             config.max_frame_pixels, config.max_jpeg_scans, config.max_jpeg_pixel_scans
         )
         session.report_drops()
+        # frames decode into the session's own (pinned, on CUDA) buffers: no host copy
+        self._buffers = FrameBuffers(pinned=bool(getattr(session, "pin_inputs", False)))
         self.config = config
         self.metrics = metrics
         self.flow = FlowStats()
@@ -237,7 +241,13 @@ class WsConnection:
             await self._refuse_frame(f"frame {index}: {refusal}")
             return
         loop = asyncio.get_running_loop()
-        decode = partial(decode_jpeg, data, max_pixels=self.config.max_frame_pixels)
+        decode = partial(
+            decode_frame,
+            data,
+            self._buffers,
+            max_pixels=self.config.max_frame_pixels,
+            decode=decode_jpeg,
+        )
         try:
             image = await loop.run_in_executor(self._decode_pool, decode)
         except InvalidFrameError as exc:
