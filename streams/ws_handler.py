@@ -152,7 +152,7 @@ class WsConnection:
         self._buffers = FrameBuffers(pinned=bool(getattr(session, "pin_inputs", False)))
         self.config = config
         self.metrics = metrics
-        self.flow = FlowStats()
+        self.flow = FlowStats(transport=TRANSPORT, metrics=metrics)  # counts /metrics too
         self.log = SessionLogger(logger, {"session": session.id})
         self._send_lock = asyncio.Lock()
         self._frames = 0
@@ -272,7 +272,6 @@ class WsConnection:
         if self._activity is not None:
             self._activity.touch()
         self.flow.frame_in(pts, arrived)
-        self.metrics.frames.labels(TRANSPORT, "in").inc()
 
     async def _guarded(self, handling: Awaitable[None], what: str) -> None:
         """Handle one message; an error nobody foresaw is answered, logged, and the reader goes on."""
@@ -365,7 +364,7 @@ class WsConnection:
                 return
             if isinstance(out, DroppedFrame):
                 await self._send(ws_protocol.dropped(out.index, out.reason.value))
-                self.metrics.frames.labels(TRANSPORT, "dropped").inc()
+                self.flow.frame_dropped()
                 continue
             if out.skipped and previous is not None:
                 data = previous
@@ -377,10 +376,7 @@ class WsConnection:
             await self._send(data)
             if self._ndi is not None:
                 await self._publish(out)
-            latency = self.flow.frame_out(out.pts)
-            self.metrics.frames.labels(TRANSPORT, "out").inc()
-            if latency is not None:
-                self.metrics.latency.labels(TRANSPORT).observe(latency / 1000.0)
+            self.flow.frame_out(out.pts)
 
     async def _publish(self, out: Any) -> None:
         """The output to this session's NDI source too; a failure ends the NDI output only."""
