@@ -162,9 +162,15 @@ async def test_the_websocket_hands_the_session_the_buffer_it_decoded_into(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_the_buffers_are_pinned_so_admission_does_not_copy() -> None:
-    frame = decode_frame(_jpeg(48, 64), FrameBuffers(pinned=True), max_pixels=None)
-    assert frame.is_pinned()
+def test_on_cuda_the_buffers_are_pinned_and_reused_once_uploaded() -> None:
+    buffers = FrameBuffers(pinned=True)
+    frame = decode_frame(_jpeg(48, 64), buffers, max_pixels=None)
+    assert frame.is_pinned()  # so the engine's admission does not pin (copy) it again
     on_device = upload_frame(frame, torch.device("cuda"))
     torch.cuda.synchronize()
     np.testing.assert_array_equal(on_device.cpu().numpy(), frame.numpy())
+    block = frame.untyped_storage().data_ptr()
+    del frame
+    torch.cuda.synchronize()  # the upload that read the block is done: it may be handed out
+    again = decode_frame(_jpeg(48, 64), buffers, max_pixels=None)
+    assert again.untyped_storage().data_ptr() == block  # the same page-locked memory again
