@@ -145,10 +145,7 @@ class BatchStep:
         render: tuple[int, int],
         compute_s: float | None,
     ) -> SessionOutput:
-        latency = t_done - frame.t_arrival
-        skipped = compute_s is None
-        late = t_done > frame.deadline
-        self.metrics.output(session.id, skipped=skipped, late=late, latency_s=latency)
+        skipped = compute_s is None  # counted with core.answered, for all of a group at once
         compute_ms = None if compute_s is None else compute_s * 1000.0
         return SessionOutput(
             image,

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode
-from livediff.engine.frames import InputImage, StreamOutput, YuvFrame, fit_crop, frame_size
+from livediff.engine.frames import (
+    InputImage,
+    StreamOutput,
+    YuvFrame,
+    fit_crop,
+    frame_size,
+    upload_frame,
+)
 from livediff.engine.stream import FrameGroup, Stream
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import BackendError
@@ -89,6 +96,8 @@ class _FrameGraph:
         for k, image in enumerate(images):
             planes = image.planes() if isinstance(image, YuvFrame) else (image,)
             for static, plane in zip(self.frames_in, planes, strict=True):
+                if not plane.is_contiguous():  # a padded decode buffer: up whole, no host pack
+                    plane = upload_frame(plane, static.device)
                 static[k].copy_(plane, non_blocking=True)
         self.graph.replay()
         return self.frames_out

@@ -148,6 +148,33 @@ def as_uint8_frame(frame: Any) -> torch.Tensor:
     )
 
 
+def upload_frame(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An RGB frame ``[H, W, 3]`` on ``device`` (``non_blocking``: pinned sources overlap).
+
+    A frame that is the ``[..., :3]`` view of a padded ``[H, W, 4]`` buffer (a JPEG decoded in
+    place, :mod:`livediff.streams.frame_buffers`) goes up whole and loses its padding on the
+    device: copying the view itself would make the host pack it first, a copy per frame.
+    """
+    host_to_device = image.device.type == "cpu" and device.type != "cpu"
+    padded = _padded_base(image) if host_to_device else None
+    if padded is None:
+        return image.to(device, non_blocking=True)
+    return padded.to(device, non_blocking=True)[..., :3].contiguous()
+
+
+def _padded_base(image: torch.Tensor) -> torch.Tensor | None:
+    """The ``[H, W, 4]`` buffer an ``[H, W, 3]`` view was cut from, or ``None``."""
+    if image.is_contiguous() or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if image.stride() != (4 * width, 4, 1):
+        return None
+    end = image.storage_offset() + height * width * 4  # in bytes: uint8
+    if image.dtype != torch.uint8 or end > image.untyped_storage().nbytes():
+        return None
+    return image.as_strided((height, width, 4), (4 * width, 4, 1))
+
+
 def fit_crop(source_h: int, source_w: int, target_h: int, target_w: int, mode: FitMode) -> Crop:
     """The source region (top, left, height, width) that is resized to the target."""
     if mode is FitMode.RESIZE:

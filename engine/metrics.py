@@ -122,15 +122,89 @@ class StageWindows:
         return {stage: window.summary() for stage, window in self.windows.items()}
 
 
-class SessionMetrics:
-    """One session's counts, rates and latency windows; guarded by the session's lock."""
+@dataclass(frozen=True)
+class SessionSeries:
+    """One session's Prometheus series (children bound to its ``session`` label) and the
+    engine-wide latency windows its frames also feed (:meth:`EngineMetrics.session_series`)."""
 
-    def __init__(self, window: int) -> None:
+    submitted: Any
+    processed: Any
+    skipped: Any
+    late: Any
+    dropped: dict[str, Any]  # by reason (DROP_REASONS)
+    inbox: Any
+    outbox: Any
+    latency: Any
+    stage: Callable[[str, float], None]  # the engine's stage windows and histogram
+
+
+class SessionMetrics:
+    """One session's frame ledger: every event of its frames is recorded here, once.
+
+    Each call updates the session's counts, rates and windows (what ``Session.stats()`` and
+    the engine's totals read) and, when bound to :class:`SessionSeries`, its Prometheus series
+    and the engine's stage windows (what ``/metrics`` and ``Engine.metrics()`` read) in the same
+    step, so the two views cannot disagree. Guarded by the session's lock.
+    """
+
+    def __init__(self, window: int, series: SessionSeries | None = None) -> None:
         self.counts = FrameCounts()
         self.stages = StageWindows(window)
         self.gpu_ms_per_frame = Window(window)
         self.input_rate = RateMeter()
         self.output_rate = RateMeter()
+        self._series = series
+
+    # ------------------------------------------------------------------ a frame's events
+    def submitted(self, now: float) -> None:
+        self.counts.submitted += 1
+        self.input_rate.tick(now)
+        if self._series is not None:
+            self._series.submitted.inc()
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        """``count`` frames got no output for ``reason`` (one of :data:`DROP_REASONS`)."""
+        if count <= 0:
+            return
+        field = f"dropped_{reason}"
+        setattr(self.counts, field, getattr(self.counts, field) + count)
+        if self._series is not None:
+            self._series.dropped[reason].inc(count)
+
+    def waited(self, seconds: float) -> None:
+        """A frame was taken by the worker after ``seconds`` in the inbox."""
+        self.stages.add("queue", seconds * 1000.0)
+        if self._series is not None:
+            self._series.stage("queue", seconds)
+
+    def answered(self, *, skipped: bool, late: bool, latency_s: float) -> None:
+        """One output (generated, or the previous one again for a skip)."""
+        counts = self.counts
+        if skipped:
+            counts.skipped += 1
+        else:
+            counts.processed += 1
+            counts.late += late
+        self.stages.add("total", latency_s * 1000.0)
+        if self._series is not None:
+            series = self._series
+            (series.skipped if skipped else series.processed).inc()
+            if late and not skipped:
+                series.late.inc()
+            series.latency.observe(latency_s)
+            series.stage("total", latency_s)
+
+    def received(self) -> None:
+        """The reader took one output."""
+        self.counts.received += 1
+
+    def inbox_depth(self, depth: int) -> None:
+        if self._series is not None:
+            self._series.inbox.set(depth)
+
+    def outbox_depth(self, depth: int) -> None:
+        if self._series is not None:
+            self._series.outbox.set(depth)
 
     def summary(self, now: float) -> dict[str, object]:
         counts = self.counts
@@ -264,19 +338,22 @@ class EngineMetrics:
         )
 
     # ------------------------------------------------------------------ sessions
+    def session_series(self, session_id: str) -> SessionSeries:
+        """The series a new session's :class:`SessionMetrics` records into (created at zero)."""
+        return SessionSeries(
+            submitted=self._submitted.labels(session_id),
+            processed=self._processed.labels(session_id),
+            skipped=self._skipped.labels(session_id),
+            late=self._late.labels(session_id),
+            dropped={reason: self._dropped.labels(session_id, reason) for reason in DROP_REASONS},
+            inbox=self._inbox.labels(session_id),
+            outbox=self._outbox.labels(session_id),
+            latency=self._latency.labels(session_id),
+            stage=self.stage,
+        )
+
     def session_opened(self, session_id: str, open_sessions: int) -> None:
         self._sessions_gauge.set(open_sessions)
-        for metric in (
-            self._submitted,
-            self._processed,
-            self._skipped,
-            self._late,
-            self._inbox,
-            self._outbox,
-        ):
-            metric.labels(session_id)
-        for reason in DROP_REASONS:
-            self._dropped.labels(session_id, reason)
 
     def session_closed(self, session_id: str, open_sessions: int, counts: FrameCounts) -> None:
         self._sessions_gauge.set(open_sessions)
@@ -307,27 +384,7 @@ class EngineMetrics:
         self._transitions.labels(label).inc()
 
     # ------------------------------------------------------------------ frames
-    def submitted(self, session_id: str, inbox_depth: int) -> None:
-        self._submitted.labels(session_id).inc()
-        self._inbox.labels(session_id).set(inbox_depth)
-
-    def dropped(self, session_id: str, reason: str, count: int = 1) -> None:
-        self._dropped.labels(session_id, reason).inc(count)
-
-    def outbox_depth(self, session_id: str, depth: int) -> None:
-        self._outbox.labels(session_id).set(depth)
-
-    def inbox_depth(self, session_id: str, depth: int) -> None:
-        self._inbox.labels(session_id).set(depth)
-
-    def output(self, session_id: str, *, skipped: bool, late: bool, latency_s: float) -> None:
-        """One output frame (generated or skipped) and its arrival-to-ready latency."""
-        (self._skipped if skipped else self._processed).labels(session_id).inc()
-        if late:
-            self._late.labels(session_id).inc()
-        self._latency.labels(session_id).observe(latency_s)
-        self.stage("total", latency_s)
-
+    # A frame's own events go through its session's SessionMetrics (bound to session_series).
     def stage(self, stage: str, seconds: float, count: int = 1) -> None:
         """``count`` frames spent ``seconds`` in ``stage`` (one of :data:`STAGES`)."""
         with self._lock:

@@ -292,13 +292,18 @@ class Engine:
             raise
         finally:
             self._opening -= 1
-        core = SessionCore(sid, plan, self.runtime.inbox_size, self.runtime.latency_window)
+        core = SessionCore(
+            sid,
+            plan,
+            self.runtime.inbox_size,
+            self.runtime.latency_window,
+            self._metrics.session_series(sid),
+        )
         session = Session(
             core,
             stream_config,
             runtime=self.runtime,
             clock=self._clock,
-            metrics=self._metrics,
             wake=device.worker.wake,
             request=self._request,
             on_close=self._closed,

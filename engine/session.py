@@ -37,7 +37,7 @@ import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.frames import InputImage, OutputFormat, YuvFrame, as_input_frame
-from livediff.engine.metrics import EngineMetrics, SessionMetrics
+from livediff.engine.metrics import SessionMetrics, SessionSeries
 from livediff.engine.session_plans import ControlItem, Plan
 from livediff.engine.stream import Stream
 from livediff.exceptions import SessionClosedError
@@ -109,14 +109,21 @@ class QueuedFrame:
 class SessionCore:
     """The state the worker shares with the event loop (lock) or owns alone (worker-only fields)."""
 
-    def __init__(self, session_id: str, plan: Plan, inbox_size: int, window: int) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        plan: Plan,
+        inbox_size: int,
+        window: int,
+        series: SessionSeries | None = None,
+    ) -> None:
         self.id = session_id
         self.lock = threading.Lock()
         self.inbox_size = inbox_size
         self.closed = False
         self.close_reason: str | None = None  # set with ``closed`` by whoever closed it
         # Under ``lock``:
-        self.metrics = SessionMetrics(window)
+        self.metrics = SessionMetrics(window, series)  # every frame event, counted once
         self._inbox: deque[QueuedFrame] = deque()
         self._waiting_since: float | None = None
         self._control: deque[ControlItem] = deque()
@@ -150,15 +157,14 @@ class SessionCore:
                 raise SessionClosedError(f"session {self.id} is closed")
             frame = QueuedFrame(image, self._next_index, pts, time_base, now, now + budget)
             self._next_index += 1
-            counts = self.metrics.counts
-            counts.submitted += 1
-            self.metrics.input_rate.tick(now)
+            self.metrics.submitted(now)
             dropped = 0
             while len(self._inbox) >= self.inbox_size:
                 self._drops.append(DroppedFrame(self._inbox.popleft().index, DropReason.REPLACED))
                 dropped += 1
-            counts.dropped_inbox += dropped
+            self.metrics.dropped("inbox", dropped)
             self._inbox.append(frame)
+            self.metrics.inbox_depth(len(self._inbox))
             if self._waiting_since is None:
                 self._waiting_since = frame.deadline
             return dropped, len(self._inbox)
@@ -222,6 +228,7 @@ class SessionCore:
             frame = self._inbox.popleft()
             self._waiting_since = self._inbox[0].deadline if self._inbox else None
             self._tracked[frame.index] = frame
+            self.metrics.inbox_depth(len(self._inbox))
             return frame, items
 
     def put_back(self, frame: QueuedFrame) -> None:
@@ -229,7 +236,7 @@ class SessionCore:
         with self.lock:
             self._tracked.pop(frame.index, None)
             if len(self._inbox) >= self.inbox_size:
-                self.metrics.counts.dropped_inbox += 1
+                self.metrics.dropped("inbox")
                 self._drops.append(DroppedFrame(frame.index, DropReason.REPLACED))
                 dropped = True
             else:
@@ -246,7 +253,7 @@ class SessionCore:
     def dropped_for_deadline(self, frame: QueuedFrame) -> None:
         with self.lock:
             self._tracked.pop(frame.index, None)
-            self.metrics.counts.dropped_deadline += 1
+            self.metrics.dropped("deadline")
             self._drops.append(DroppedFrame(frame.index, DropReason.DEADLINE))
         self._notify_drops()
 
@@ -266,7 +273,7 @@ class SessionCore:
                 del self._tracked[index]
             if including_pending:
                 self._pending.clear()
-            self.metrics.counts.dropped_reconfigure += len(lost)
+            self.metrics.dropped("reconfigure", len(lost))
             self._drops.extend(DroppedFrame(i, DropReason.RECONFIGURE) for i in sorted(lost))
         if lost:
             self._notify_drops()
@@ -275,7 +282,7 @@ class SessionCore:
     def waited(self, seconds: float) -> None:
         """A frame was taken by the worker after ``seconds`` in the inbox."""
         with self.lock:
-            self.metrics.stages.add("queue", seconds * 1000.0)
+            self.metrics.waited(seconds)
 
     def answered(
         self,
@@ -288,20 +295,16 @@ class SessionCore:
         """Record outputs for ``frames`` (``stages``: seconds per compute stage); returns how many were late."""
         late = 0
         with self.lock:
-            metrics, counts = self.metrics, self.metrics.counts
+            metrics = self.metrics
             for frame in frames:
                 self._tracked.pop(frame.index, None)
                 is_late = t_done > frame.deadline
-                if skipped:
-                    counts.skipped += 1
-                else:
+                if not skipped:
                     late += is_late
-                    counts.processed += 1
-                    counts.late += is_late
                     metrics.gpu_ms_per_frame.add(gpu_s * 1000.0)
                 for stage, seconds in stages.items():
                     metrics.stages.add(stage, seconds * 1000.0)
-                metrics.stages.add("total", (t_done - frame.t_arrival) * 1000.0)
+                metrics.answered(skipped=skipped, late=is_late, latency_s=t_done - frame.t_arrival)
             metrics.output_rate.tick(t_done, len(frames))
         return late
 
@@ -321,7 +324,6 @@ class Session:
         *,
         runtime: RuntimeConfig,
         clock: Callable[[], float],
-        metrics: EngineMetrics,
         wake: Callable[[], None],
         request: Callable[[SessionCore, GenerationParams], Future[None]],
         on_close: Callable[[Session], None],
@@ -340,7 +342,6 @@ class Session:
         self.core = core
         self._runtime = runtime
         self._clock = clock
-        self._metrics = metrics
         self._wake = wake
         self._request = request
         self._on_close = on_close
@@ -398,14 +399,12 @@ class Session:
                 frame = frame.clone()  # from_numpy shares the caller's memory
         now = self._clock()
         try:
-            dropped, depth = self.core.push(
+            dropped, _ = self.core.push(
                 frame, pts, time_base, now, self._runtime.deadline_ms / 1000.0
             )
         except SessionClosedError:
             raise self._closed_error() from None
-        self._metrics.submitted(self.id, depth)
         if dropped:
-            self._metrics.dropped(self.id, "inbox", dropped)
             self._collect_drops()
         self._wake()
 
@@ -451,15 +450,15 @@ class Session:
             await self._readable.wait()
         output = self._outbox.popleft()
         with self.core.lock:
-            self.core.metrics.counts.received += 1
-        self._metrics.outbox_depth(self.id, len(self._outbox))
+            self.core.metrics.received()
+            self.core.metrics.outbox_depth(len(self._outbox))
         return output
 
     def deliver(self, outputs: list[SessionOutput]) -> None:
         """Called on the event loop by the engine with this session's new outputs."""
         if self.closed:  # nobody will read them: counted like outputs a slow reader lost
             with self.core.lock:
-                self.core.metrics.counts.dropped_outbox += len(outputs)
+                self.core.metrics.dropped("outbox", len(outputs))
             return
         dropped = 0
         for output in outputs:
@@ -469,12 +468,11 @@ class Session:
                 if self._drops is not None:
                     self._drops.append(DroppedFrame(lost.index, DropReason.OUTBOX))
             self._outbox.append(output)
+        with self.core.lock:
+            self.core.metrics.dropped("outbox", dropped)
+            self.core.metrics.outbox_depth(len(self._outbox))
         if dropped:
-            with self.core.lock:
-                self.core.metrics.counts.dropped_outbox += dropped
-            self._metrics.dropped(self.id, "outbox", dropped)
             log.debug("[%s] consumer is behind: %d outputs discarded", self.id, dropped)
-        self._metrics.outbox_depth(self.id, len(self._outbox))
         self._readable.set()
 
     # ------------------------------------------------------------------ control

@@ -33,6 +33,7 @@ from livediff.engine.frames import (
     as_input_frame,
     fit_crop,
     frame_size,
+    upload_frame,
 )
 from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
 from livediff.engine.lora_plan import resolve_loras
@@ -471,7 +472,7 @@ class Stream:
                 y, u, v = (p.to(device, non_blocking=True).unsqueeze(0) for p in image.planes())
                 pixels.append(i420_to_model_input(y, u, v, *size))
             else:
-                frame = image.to(device, non_blocking=True).unsqueeze(0)
+                frame = upload_frame(image, device).unsqueeze(0)
                 pixels.append(rgb_to_model_input(frame, *size))
         return pixels[0] if len(pixels) == 1 else torch.cat(pixels)
 

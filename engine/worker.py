@@ -342,7 +342,7 @@ class Worker:
         for item in items:
             try:
                 if isinstance(item, SwapStream):
-                    lost = core.lost(including_pending=True)
+                    core.lost(including_pending=True)  # counted as dropped_reconfigure
                     core.stream = item.stream
                     core.suspended = False
                     size = (item.stream.width, item.stream.height)
@@ -350,14 +350,11 @@ class Worker:
                 else:
                     before = item.stream.batch
                     item.stream.apply_update(item.update)
-                    lost = (
-                        core.lost(including_pending=False) if item.stream.batch is not before else 0
-                    )
+                    if item.stream.batch is not before:
+                        core.lost(including_pending=False)
             except Exception as exc:
                 self.faults.fail(session, exc)
                 return True
-            if lost:
-                self.metrics.dropped(session.id, "reconfigure", lost)
         return True
 
     # ------------------------------------------------------------------ one batch
@@ -392,18 +389,15 @@ class Worker:
                     continue
             if frame is None:
                 continue
-            self.metrics.inbox_depth(session.id, core.inbox_depth())
             if should_drop(
                 start, frame.t_arrival, frame.deadline, answered_in, core.consecutive_drops, limit
             ):
                 core.consecutive_drops += 1
                 core.dropped_for_deadline(frame)
-                self.metrics.dropped(session.id, "deadline")
                 deadline_drops += 1
                 continue
             core.consecutive_drops = 0
             core.waited(now - frame.t_arrival)
-            self.metrics.stage("queue", now - frame.t_arrival)
             try:
                 entry = self.runner.admit(session, frame, hold_skips=session.id in held)
             except Exception as exc:

@@ -55,7 +55,7 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,7 @@ from livediff.exceptions import (
     FrameTooLargeError,
     InvalidFrameError,
     ProtocolError,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -234,12 +235,21 @@ def close_meaning(code: int | None) -> str:
 
 # ---------------------------------------------------------------------------- JPEG
 def decode_jpeg(
-    data: bytes, *, max_side: int = MAX_JPEG_SIDE, max_pixels: int | None = None
+    data: bytes,
+    *,
+    max_side: int = MAX_JPEG_SIDE,
+    max_pixels: int | None = None,
+    into: Callable[[int, int], np.ndarray] | None = None,
 ) -> np.ndarray:
     """One JPEG image → uint8 ``[H, W, 3]`` RGB. Anything else is an :class:`InvalidFrameError`.
 
     CPU work: run it off the event loop. The size is checked from the header Pillow read,
     before a pixel is decoded (:class:`FrameTooLargeError`, whose ``limit`` is the bound).
+
+    ``into(height, width)``, if given, returns a writable C-contiguous uint8 ``[H, W, 4]``
+    array (pinned memory, say): an RGB JPEG (nearly all) then decodes straight into it, no
+    copy at all, and the result is its ``[..., :3]`` view (the fourth byte is padding).
+    Greyscale and CMYK JPEGs are converted into a fresh array as without ``into``.
     """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -266,8 +276,13 @@ def decode_jpeg(
                     f"{max_pixels} ([server] max_frame_pixels)",
                     limit=max_pixels,
                 )
-            rgb = image.convert("RGB")
-    except InvalidFrameError:
+            target = None
+            if into is not None and image.mode == "RGB" and width and height:
+                target = _checked_target(into(height, width), height, width)
+                _decode_in_place(image, target)
+            else:
+                rgb = image.convert("RGB")
+    except (InvalidFrameError, UsageError):  # UsageError: a bad `into`, not bad data
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise FrameTooLargeError(
@@ -286,7 +301,31 @@ def decode_jpeg(
         ) from None
     if width == 0 or height == 0:
         raise EmptyFrameError("JPEG image has no pixels")
+    if target is not None:
+        return target[..., :3]
     return np.array(rgb)  # writable: the engine wraps it in a tensor
+
+
+def _checked_target(target: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``into``'s array, if a JPEG can decode into it (else the caller's bug: ``UsageError``)."""
+    if target.shape != (height, width, 4) or target.dtype.itemsize != 1:
+        raise UsageError(f"a {width}×{height} JPEG needs a uint8 [{height}, {width}, 4] target")
+    if not (target.flags.c_contiguous and target.flags.writeable):
+        raise UsageError("the target of a JPEG decode must be C-contiguous and writable")
+    return target
+
+
+def _decode_in_place(image: Any, target: np.ndarray) -> None:
+    """Let Pillow's JPEG decoder write ``image`` into ``target`` (``[H, W, 4]`` uint8).
+
+    Pillow keeps RGB as 4 bytes a pixel; ``load()`` decodes into the image's core if it has
+    one already (it allocates only when not), so a core mapped on ``target`` with that stride
+    receives the pixels themselves.
+    """
+    from PIL import Image
+
+    image.im = Image.core.map_buffer(target, image.size, "raw", 0, ("RGB", 4 * image.size[0], 1))
+    image.load()
 
 
 def _describe(exc: Exception) -> str:

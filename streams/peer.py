@@ -93,7 +93,7 @@ class LivePeer:
         self.id: str = session.id
         self.config = config
         self.log = SessionLogger(logger, {"session": self.id})
-        self.flow = FlowStats()
+        self.flow = FlowStats(transport=TRANSPORT, metrics=metrics)  # counts /metrics too
         self.codec: str | None = None
         self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
         self._metrics = metrics
@@ -154,7 +154,6 @@ class LivePeer:
             self.session,
             self.flow,
             markers=self._markers,
-            on_output=self._count_output,
             ndi=SessionNdiOut(self._ndi_name) if self._ndi_name else None,
         )
         self._outputs.append(output)
@@ -190,14 +189,6 @@ class LivePeer:
     def _count_input(self) -> None:
         if self._activity is not None:
             self._activity.touch()
-        if self._metrics is not None:
-            self._metrics.frames.labels(TRANSPORT, "in").inc()
-
-    def _count_output(self, latency_ms: float | None) -> None:
-        if self._metrics is not None:
-            self._metrics.frames.labels(TRANSPORT, "out").inc()
-            if latency_ms is not None:
-                self._metrics.latency.labels(TRANSPORT).observe(latency_ms / 1000.0)
 
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState

@@ -1,6 +1,7 @@
 """``GET /ws``: one websocket client, one engine session (protocol: :mod:`livediff.streams.ws_protocol`).
 
-Two tasks per connection: the reader decodes JPEGs (in the executor) and submits them, and
+Two tasks per connection: the reader decodes JPEGs (in the executor, straight into the
+session's frame buffers: :mod:`livediff.streams.frame_buffers`) and hands them over, and
 applies control messages in order; the writer awaits the session's outputs, encodes them (in
 the executor) and sends them. Sends are serialised by a lock. Whatever ends first — the client
 closing, a close sent by the server, the session ending — ends both, and the session is closed.
@@ -46,6 +47,7 @@ from livediff.streams.control_messages import (
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
+from livediff.streams.frame_buffers import FrameBuffers, decode_frame
 from livediff.streams.limits import (
     DecodeLimits,
     Inactivity,
@@ -146,9 +148,11 @@ class WsConnection:
             config.max_frame_pixels, config.max_jpeg_scans, config.max_jpeg_pixel_scans
         )
         session.report_drops()
+        # frames decode into the session's own (pinned, on CUDA) buffers: no host copy
+        self._buffers = FrameBuffers(pinned=bool(getattr(session, "pin_inputs", False)))
         self.config = config
         self.metrics = metrics
-        self.flow = FlowStats()
+        self.flow = FlowStats(transport=TRANSPORT, metrics=metrics)  # counts /metrics too
         self.log = SessionLogger(logger, {"session": session.id})
         self._send_lock = asyncio.Lock()
         self._frames = 0
@@ -237,7 +241,13 @@ class WsConnection:
             await self._refuse_frame(f"frame {index}: {refusal}")
             return
         loop = asyncio.get_running_loop()
-        decode = partial(decode_jpeg, data, max_pixels=self.config.max_frame_pixels)
+        decode = partial(
+            decode_frame,
+            data,
+            self._buffers,
+            max_pixels=self.config.max_frame_pixels,
+            decode=decode_jpeg,
+        )
         try:
             image = await loop.run_in_executor(self._decode_pool, decode)
         except InvalidFrameError as exc:
@@ -262,7 +272,6 @@ class WsConnection:
         if self._activity is not None:
             self._activity.touch()
         self.flow.frame_in(pts, arrived)
-        self.metrics.frames.labels(TRANSPORT, "in").inc()
 
     async def _guarded(self, handling: Awaitable[None], what: str) -> None:
         """Handle one message; an error nobody foresaw is answered, logged, and the reader goes on."""
@@ -355,7 +364,7 @@ class WsConnection:
                 return
             if isinstance(out, DroppedFrame):
                 await self._send(ws_protocol.dropped(out.index, out.reason.value))
-                self.metrics.frames.labels(TRANSPORT, "dropped").inc()
+                self.flow.frame_dropped()
                 continue
             if out.skipped and previous is not None:
                 data = previous
@@ -367,10 +376,7 @@ class WsConnection:
             await self._send(data)
             if self._ndi is not None:
                 await self._publish(out)
-            latency = self.flow.frame_out(out.pts)
-            self.metrics.frames.labels(TRANSPORT, "out").inc()
-            if latency is not None:
-                self.metrics.latency.labels(TRANSPORT).observe(latency / 1000.0)
+            self.flow.frame_out(out.pts)
 
     async def _publish(self, out: Any) -> None:
         """The output to this session's NDI source too; a failure ends the NDI output only."""

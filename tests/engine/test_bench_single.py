@@ -49,6 +49,7 @@ def test_suite_writes_records_and_a_plot_that_can_be_redrawn(
         host = {(r["path"], r["version"]): r for r in records if r.get("side") == "host"}
         assert host[("webrtc-in", "now")]["host_copies"] == 1
         assert host[("webrtc-in", "before")]["host_copies"] == 3
+        assert host[("websocket-in", "now")]["host_copies"] == 0  # decoded into the pinned buffer
         assert {path for path, _ in host} >= {"websocket-in", "webrtc-in", "webrtc-out"}
     assert png.read_bytes()[:8] == PNG
     for suite_main in (single.main, peers.main):  # peers draws the same way, also on CPU

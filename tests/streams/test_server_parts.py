@@ -7,6 +7,7 @@ import re
 import aioice.ice
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from livediff.cmd_serve import add_parser, server_config_from_args
 from livediff.exceptions import EmptyFrameError, InvalidFrameError, ParameterError
@@ -15,6 +16,7 @@ from livediff.streams.control_messages import params_from_query, parse_control, 
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.frame_marker import MARKER_MODULUS, read_marker, stamp_marker
 from livediff.streams.server_config import IceServer, ServerConfig
+from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.ws_protocol import close_reason
 from livediff.wire import decode_jpeg, encode_jpeg
 
@@ -144,6 +146,33 @@ def test_flow_stats_measure_server_latency_per_pts() -> None:
     snapshot = flow.snapshot(now=10.2)
     assert (snapshot["frames_in"], snapshot["frames_out"]) == (2, 2)
     assert snapshot["server_latency_ms_p50"] == pytest.approx(50.0)
+
+
+def test_flow_stats_are_the_one_path_for_a_transports_frame_counts() -> None:
+    registry = CollectorRegistry()
+    metrics = TransportMetrics(registry)
+    flow = FlowStats(transport="websocket", metrics=metrics)
+    other = FlowStats(transport="webrtc", metrics=metrics)
+    flow.frame_in(1, now=10.0)
+    flow.frame_in(2, now=10.1)
+    flow.frame_out(2, now=10.15)
+    flow.frame_dropped()
+    other.frame_in(1, now=10.0)
+
+    def frames(transport: str, direction: str) -> float | None:
+        labels = {"transport": transport, "direction": direction}
+        return registry.get_sample_value("livediff_transport_frames_total", labels)
+
+    snapshot = flow.snapshot(now=10.2)
+    assert frames("websocket", "in") == snapshot["frames_in"] == 2
+    assert frames("websocket", "out") == snapshot["frames_out"] == 1
+    assert frames("websocket", "dropped") == 1
+    assert (frames("webrtc", "in"), frames("webrtc", "out")) == (1, 0)
+    latency = registry.get_sample_value(
+        "livediff_transport_server_latency_seconds_sum", {"transport": "websocket"}
+    )
+    assert latency == pytest.approx(0.05)
+    assert FlowStats().frame_out(1, now=1.0) is None  # unbound: the connection's figures only
 
 
 def test_close_reasons_fit_a_close_frame() -> None:
