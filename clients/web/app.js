@@ -378,9 +378,12 @@ async function postOffer(description) {
     Object.assign(error, {retry: true, retryAfter: retryAfterSeconds(response.headers.get('Retry-After'))});
   } else if (response.status === 400) {
     const blamed = /^(\w+)=/.exec(error.message);  // "guidance_scale=99 is out of range: …"
-    if (blamed && FIELD_KEYS.includes(blamed[1])) error.field = blamed[1];
-    // The offer's errors name no field: a ControlNet's ("controlnet 'x' is not loaded …",
-    // "canny low=… must be below high=…") or a LoRA's ("unknown LoRA 'x' …") is told by its words.
+    const named = answer.field;  // the server names the field; a panel's nested one (a ControlNet's
+    // "preprocessor", "canny_low" …) is not a control of the page, so its words tell the panel
+    if (named && (FIELD_KEYS.includes(named) || named in params)) error.field = named;
+    else if (blamed && FIELD_KEYS.includes(blamed[1])) error.field = blamed[1];
+    // A ControlNet's ("controlnet 'x' is not loaded …", "canny low=… must be below high=…")
+    // or a LoRA's ("unknown LoRA 'x' …") error is told by its words.
     else if ('controlnets' in params && /controlnet|preprocessor|\bcanny\b/i.test(error.message)) error.field = 'controlnets';
     else if ('loras' in params && /\blora/i.test(error.message)) error.field = 'loras';
     else if ('feature_bank' in params && /feature bank/i.test(error.message)) error.field = 'feature_bank';
