@@ -12,7 +12,7 @@ a model with ControlNets shares one UNet call shape).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,11 +60,13 @@ class ControlPlan:
     slots: int
     uses: tuple[SlotUse, ...] = ()
 
-    def scales(self) -> torch.Tensor:
-        """``[K]``: each slot's scale (0 for nets this session does not use)."""
+    def scales(self, client: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[K]``: each slot's scale (0 for nets this session does not use, and for a
+        ``client`` use whose slot has no image in ``client`` yet)."""
         values = torch.zeros(self.slots, dtype=torch.float32)
         for use in self.uses:
-            values[use.slot] = use.scale
+            waiting = use.preprocessor is Preprocessor.CLIENT and use.slot not in (client or {})
+            values[use.slot] = 0.0 if waiting else use.scale
         return values
 
     def images(
@@ -76,17 +78,24 @@ class ControlPlan:
         rows: int,
         like: torch.Tensor,
         networks: object = None,
+        client: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s dtype/device.
 
         ``pixels`` are the group's model inputs ``[rows, 3, *size]`` in [-1, 1] (``None`` in
         txt2img), ``previous`` the session's previous output ``[1, 3, h, w]`` in [0, 1]
-        (``None`` before the first: the input frame stands in, or zeros in txt2img).
+        (``None`` before the first: the input frame stands in, or zeros in txt2img),
+        ``client`` the images the client sent, by slot (``[1, 3, H, W]`` in [0, 1]).
         """
         out = torch.zeros(rows, self.slots, 3, *size, dtype=like.dtype, device=like.device)
         frames = None if pixels is None else from_model_output(pixels)
         done: dict[tuple[Preprocessor, CannyParams | None], torch.Tensor] = {}
         for use in self.uses:
+            if use.preprocessor is Preprocessor.CLIENT:
+                image = (client or {}).get(use.slot)
+                if image is not None:  # else the slot stays zero, at scale 0 (see scales())
+                    out[:, use.slot].copy_(_fitted(image, size, like))
+                continue
             key = (use.preprocessor, use.params)
             if key not in done:
                 done[key] = self._run(use, frames, previous, size, rows, like, networks)
@@ -117,6 +126,14 @@ class ControlPlan:
             use.params,
             networks=networks,  # type: ignore[arg-type]
         )
+
+
+def _fitted(image: torch.Tensor, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A client image kept at the session's full size, at the size the Stream runs (smaller
+    while the engine is degraded: resized bilinearly, as frames are)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return preprocess(Preprocessor.PASSTHROUGH, image.to(like.device), size)
 
 
 def default_preprocessor(controlnet: LoadedControlNet, bundle: ModelBundle) -> Preprocessor:
@@ -177,8 +194,6 @@ def control_options(bundle: ModelBundle) -> list[dict[str, object]]:
 
 
 def _served(preprocessor: Preprocessor, bundle: ModelBundle) -> bool:
-    if preprocessor is Preprocessor.CLIENT:
-        return False
     network = NETWORKS.get(preprocessor)
     return network is None or getattr(bundle.control_networks, network, None) is not None
 
@@ -186,12 +201,6 @@ def _served(preprocessor: Preprocessor, bundle: ModelBundle) -> bool:
 def _check_available(
     preprocessor: Preprocessor, bundle: ModelBundle, has_input_frames: bool
 ) -> None:
-    if preprocessor is Preprocessor.CLIENT:
-        raise ParameterError(
-            "the client preprocessor (a control image the client sends) is not served yet: "
-            "use canny, depth, soft_edge, passthrough or previous_output",
-            field="preprocessor",
-        )
     if preprocessor in FRAME_PREPROCESSORS and not has_input_frames:
         raise ParameterError(
             f"the {preprocessor.value} preprocessor reads the input frame, and a txt2img "

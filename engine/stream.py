@@ -136,6 +136,7 @@ class Stream:
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
         self._control: ControlPlan | None = None
+        self._client_images: dict[int, torch.Tensor] = {}  # slot → [1, 3, H, W] the client sent
         self._bank = BankState(self.params.feature_bank, self.params.bank_interval)
         self._bank_lease: SlotLease | None = None
         self._cuts = SceneCuts(self.params.scene_cut)
@@ -328,7 +329,7 @@ class Stream:
         if update.control is not None:
             self._control = update.control
         if (update.control is not None or rebuilt) and self._control is not None:
-            self.batch.set_control_scales(self._control.scales())
+            self.batch.set_control_scales(self._control.scales(self._client_images))
         self._apply_consistency(update, rebuilt)
         if update.loras is not None:
             self._loras = update.loras
@@ -362,6 +363,19 @@ class Stream:
             self.batch.set_feedback(params.latent_feedback)
         if rebuilt or update.cond is not None or "feature_bank" in changed:
             self.start_over()
+
+    def set_client_image(self, slot: int, image: torch.Tensor) -> None:
+        """The control image the client sent for ControlNet ``slot`` (``[1, 3, H, W]`` in
+        [0, 1], :func:`~livediff.engine.client_control.fit_control_image`), for the frames
+        pushed from now on; it stays until the next one for that slot."""
+        self._client_images[slot] = image
+        if self._control is not None:  # a client use waiting for its first image starts now
+            self.batch.set_control_scales(self._control.scales(self._client_images))
+
+    @property
+    def client_images(self) -> dict[int, torch.Tensor]:
+        """The control images the client sent, by ControlNet slot (read-only view)."""
+        return dict(self._client_images)
 
     def bank_usage(self) -> dict[str, float] | None:
         """The rows this session's feature bank holds and their device memory (None: no bank)."""
@@ -512,6 +526,7 @@ class Stream:
             rows=len(group.images),
             like=like,
             networks=self.bundle.control_networks,
+            client=self._client_images,
         )
         self.batch.push_control(images)
 
