@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
 from livediff.exceptions import ParameterError
-from livediff.models.control_images import from_model_output, preprocess
 from livediff.models.control_uses import (
     UNION_CONTROL_TYPES,
-    CannyParams,
     ControlUse,
     Preprocessor,
 )
@@ -44,16 +43,6 @@ NETWORKS = {Preprocessor.DEPTH: "depth", Preprocessor.SOFT_EDGE: "soft_edge"}
 
 
 @dataclass(frozen=True)
-class SlotUse:
-    """One use, resolved: the slot of its net, its preprocessor, parameters and scale."""
-
-    slot: int
-    preprocessor: Preprocessor
-    params: CannyParams | None
-    scale: float
-
-
-@dataclass(frozen=True)
 class ControlPlan:
     """How a session feeds the model's ControlNets (see the module docstring)."""
 
@@ -69,6 +58,31 @@ class ControlPlan:
             values[use.slot] = 0.0 if waiting else use.scale
         return values
 
+    def request(
+        self,
+        size: tuple[int, int],
+        pixels: torch.Tensor | None,
+        previous: torch.Tensor | None,
+        *,
+        rows: int,
+        like: torch.Tensor,
+        client: Mapping[int, torch.Tensor] | None = None,
+    ) -> ControlRequest:
+        """What one frame group's control images need (:class:`ControlRequest` says what each
+        argument is), for :func:`~livediff.engine.control_batch.control_images`, which
+        answers a batch's sessions together."""
+        return ControlRequest(
+            self.slots,
+            self.uses,
+            size,
+            pixels,
+            previous,
+            rows,
+            like.dtype,
+            like.device,
+            dict(client or {}),
+        )
+
     def images(
         self,
         size: tuple[int, int],
@@ -80,60 +94,10 @@ class ControlPlan:
         networks: object = None,
         client: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s dtype/device.
-
-        ``pixels`` are the group's model inputs ``[rows, 3, *size]`` in [-1, 1] (``None`` in
-        txt2img), ``previous`` the session's previous output ``[1, 3, h, w]`` in [0, 1]
-        (``None`` before the first: the input frame stands in, or zeros in txt2img),
-        ``client`` the images the client sent, by slot (``[1, 3, H, W]`` in [0, 1]).
-        """
-        out = torch.zeros(rows, self.slots, 3, *size, dtype=like.dtype, device=like.device)
-        frames = None if pixels is None else from_model_output(pixels)
-        done: dict[tuple[Preprocessor, CannyParams | None], torch.Tensor] = {}
-        for use in self.uses:
-            if use.preprocessor is Preprocessor.CLIENT:
-                image = (client or {}).get(use.slot)
-                if image is not None:  # else the slot stays zero, at scale 0 (see scales())
-                    out[:, use.slot].copy_(_fitted(image, size, like))
-                continue
-            key = (use.preprocessor, use.params)
-            if key not in done:
-                done[key] = self._run(use, frames, previous, size, rows, like, networks)
-            out[:, use.slot].copy_(done[key])
-        return out
-
-    @staticmethod
-    def _run(
-        use: SlotUse,
-        frames: torch.Tensor | None,
-        previous: torch.Tensor | None,
-        size: tuple[int, int],
-        rows: int,
-        like: torch.Tensor,
-        networks: object,
-    ) -> torch.Tensor:
-        if use.preprocessor is Preprocessor.PREVIOUS_OUTPUT:
-            source = previous if previous is not None else frames
-            if source is None:
-                return torch.zeros(rows, 3, *size, dtype=like.dtype, device=like.device)
-            images = preprocess(Preprocessor.PASSTHROUGH, source.to(like.device), size)
-            return images.expand(rows, -1, -1, -1) if images.shape[0] != rows else images
-        assert frames is not None  # resolve_control refuses frame preprocessors in txt2img
-        return preprocess(
-            use.preprocessor,
-            frames,
-            size,
-            use.params,
-            networks=networks,  # type: ignore[arg-type]
-        )
-
-
-def _fitted(image: torch.Tensor, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """A client image kept at the session's full size, at the size the Stream runs (smaller
-    while the engine is degraded: resized bilinearly, as frames are)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return preprocess(Preprocessor.PASSTHROUGH, image.to(like.device), size)
+        """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s
+        dtype/device (this session alone; see :meth:`request`)."""
+        request = self.request(size, pixels, previous, rows=rows, like=like, client=client)
+        return control_images([request], networks)[0]
 
 
 def default_preprocessor(controlnet: LoadedControlNet, bundle: ModelBundle) -> Preprocessor:

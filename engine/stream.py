@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
+from livediff.engine.control_batch import ControlRequest
 from livediff.engine.control_plan import ControlPlan, resolve_control
 from livediff.engine.feature_banks import BankState, SceneCuts
 from livediff.engine.frames import (
@@ -501,12 +502,17 @@ class Stream:
         return zeros, fresh.to(device=self.bundle.device, dtype=self.bundle.dtype)
 
     def begin(
-        self, group: FrameGroup, x0: torch.Tensor | None, pixels: torch.Tensor | None = None
+        self,
+        group: FrameGroup,
+        x0: torch.Tensor | None,
+        pixels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
     ) -> UNetBatch:
         """Write the group's latents (and control images, from ``pixels``: the group's
-        :meth:`model_input`) into step 0 and return this stream's UNet rows."""
+        :meth:`model_input`; or ``control``, made for :meth:`control_request` with other
+        sessions') into step 0 and return this stream's UNet rows."""
         latents, first = self._latents(group, x0)
-        self._push_control(group, pixels, latents)
+        self._push_control(group, pixels, latents, control)
         held, write = self._consistency_step(group)
         if self._bank_lease is not None:
             self.batch.bank_call(0, held, write)
@@ -514,21 +520,42 @@ class Stream:
             latents = self.batch.feed_back(latents)
         return self.batch.begin(latents, first)
 
-    def _push_control(
-        self, group: FrameGroup, pixels: torch.Tensor | None, like: torch.Tensor
-    ) -> None:
+    def control_request(
+        self, group: FrameGroup, pixels: torch.Tensor | None
+    ) -> ControlRequest | None:
+        """What the group's control images need (``None``: this model has no ControlNet), for
+        :func:`~livediff.engine.control_batch.control_images` over a batch's sessions."""
         if self._control is None:
-            return
-        images = self._control.images(
+            return None
+        return self._control.request(
             (self.height, self.width),
             pixels,
             self._previous_output(),
             rows=len(group.images),
-            like=like,
-            networks=self.bundle.control_networks,
+            like=torch.empty(0, device=self.bundle.device, dtype=self.bundle.dtype),
             client=self._client_images,
         )
-        self.batch.push_control(images)
+
+    def _push_control(
+        self,
+        group: FrameGroup,
+        pixels: torch.Tensor | None,
+        like: torch.Tensor,
+        control: torch.Tensor | None = None,
+    ) -> None:
+        if self._control is None:
+            return
+        if control is None:
+            control = self._control.images(
+                (self.height, self.width),
+                pixels,
+                self._previous_output(),
+                rows=len(group.images),
+                like=like,
+                networks=self.bundle.control_networks,
+                client=self._client_images,
+            )
+        self.batch.push_control(control)
 
     def _previous_output(self) -> torch.Tensor | None:
         """The last output frame as uint8 ``[1, H, W, 3]`` (RGB or I420 outputs), or ``None``."""
