@@ -30,6 +30,10 @@ Messages from the server (text, JSON objects; :func:`kind_of` tells them apart)
     - ``{"ok": true, "id": …}`` — a control message took effect (:func:`ok_reply`).
     - ``{"ok": true, "ip_image": "<key>"}`` — a style image was taken; ``ip_image`` may name
       it in later control messages (:func:`style_image_reply`).
+    - ``{"ok": true, "control_image": "<net>"}`` — a control image was taken for that ControlNet
+      (:func:`control_image_reply`). This reply, the hello and the ``ok`` to a control message
+      that picks a ``client`` net may carry ``"awaiting_control_images": [<net> …]``: the
+      session's client-fed nets that have no image yet and run at scale 0 until theirs comes.
     - ``{"error": "<why>", "id": …, "field": "<key>", "current": {…}}`` — a refused request
       (:func:`error_reply`): ``id`` echoes the request's, ``field`` names the key to blame and
       ``current`` holds the values the session keeps; each only when known. Without an ``id``

@@ -50,7 +50,7 @@ CANNY_DEFAULTS = {"low": 100, "high": 200, "sigma": 1}
 LISTED = "window.livediff.controlnets !== null || document.querySelector('#controlnet-note').textContent.includes('could not')"
 EDGES_LISTED = {
     "name": "edges",
-    "preprocessors": ["canny", "passthrough", "previous_output"],
+    "preprocessors": ["canny", "passthrough", "previous_output", "client"],
     "default": "canny",
 }
 
@@ -136,6 +136,7 @@ def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
         "canny",
         "passthrough",
         "previous_output",
+        "client",
     ]
     assert select.input_value() == "canny"  # the server's default for this net
     scale = row.locator("[data-role=scale]")

@@ -13,11 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from livediff.engine.client_control import awaiting, place_control_image
+from livediff.engine.client_control import (
+    MAX_IMAGE_BYTES,
+    awaiting,
+    decode_control_image,
+    place_control_image,
+)
 from livediff.engine.config import GenerationMode, GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradeLevel, DegradePolicy
 from livediff.engine.session_plans import SwapStream, build_plan, carry_control_images, replan
-from livediff.exceptions import InvalidFrameError, ParameterError
+from livediff.exceptions import FrameTooLargeError, InvalidFrameError, ParameterError
 from livediff.models.bundle import ModelBundle
 from livediff.models.control_uses import ControlNetSpec
 from livediff.models.controlnet_loading import load_controlnet
@@ -90,3 +95,9 @@ def test_a_refused_image_changes_nothing(controlled: ModelBundle) -> None:
     with pytest.raises(ParameterError, match="does not feed controlnet 'edges'"):
         place_control_image(plan, controlled, "edges", skeleton())
     assert list(plan.control_images) == [1] and plan.control_images[1] is first.image
+
+
+def test_an_image_over_16_mib_is_refused_before_decoding() -> None:
+    with pytest.raises(FrameTooLargeError, match="at most 16777216") as refused:
+        decode_control_image(b"\x89PNG" + bytes(MAX_IMAGE_BYTES))
+    assert refused.value.field == "control_image" and refused.value.limit == MAX_IMAGE_BYTES
