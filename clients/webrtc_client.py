@@ -139,6 +139,11 @@ class WebRTCClient:
         self._style_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
             collections.deque()
         )  # answered in the order sent, without an id
+        self._control_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
+            collections.deque()
+        )  # the same, for control images
+        # The session's client-fed ControlNets that had no image when it opened (scale 0).
+        self.awaiting_control_images: list[str] = []
         self.channel.on("open", self._open.set)
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
@@ -158,6 +163,8 @@ class WebRTCClient:
         waiter = self._replies.pop(request_id, None) if isinstance(request_id, int) else None
         if waiter is None and self._style_replies and wire.answers_style_image(data):
             waiter = self._style_replies.popleft()
+        if waiter is None and self._control_replies and wire.answers_control_image(data):
+            waiter = self._control_replies.popleft()
         if waiter is not None and not waiter.done():
             waiter.set_result(data)
 
@@ -189,6 +196,7 @@ class WebRTCClient:
                 f"the server refused the offer ({response.status}): {answer.get('error')}"
             )
         self.session = answer["session"]
+        self.awaiting_control_images = list(answer.get(wire.AWAITING_CONTROL_IMAGES, []))
         await self.pc.setRemoteDescription(
             RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
         )
@@ -228,6 +236,18 @@ class WebRTCClient:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._style_replies.append(waiter)
         self.channel.send(wire.style_image_message(image_file))
+        return await waiter
+
+    async def send_control_image(self, controlnet: str, image_file: bytes) -> dict[str, Any]:
+        """Send a control image (an image file's bytes) for the session's ControlNet
+        ``controlnet`` (fed ``client``) over the data channel; returns ``{"ok": true,
+        "control_image": controlnet}`` or ``{"error": ..., "field": "control_image"}``. The
+        message must fit the channel's message size (64 KiB is safe everywhere)."""
+        message = wire.control_image_message(controlnet, image_file)
+        await self._open.wait()
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._control_replies.append(waiter)
+        self.channel.send(message)
         return await waiter
 
     async def next_stats(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ As a library::
         reply = await client.update(strength=0.7)        # {"ok": true} or {"error": ...}
         reply = await client.send_style_image(open("painting.png", "rb").read())
         # {"ok": true, "ip_image": "<key>"} (the session now uses it) or {"error": ...}
+        reply = await client.send_control_image("pose", open("skeleton.png", "rb").read())
+        # {"ok": true, "control_image": "pose"} or {"error": ..., "field": "control_image"}
 
 As a command::
 
@@ -56,6 +58,11 @@ class WsClient:
         self._style_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
             collections.deque()
         )  # answered in the order sent, without an id
+        self._control_replies: collections.deque[asyncio.Future[dict[str, Any]]] = (
+            collections.deque()
+        )  # the same, for control images
+        # The session's client-fed ControlNets that had no image when it opened (scale 0).
+        self.awaiting_control_images: list[str] = []
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -70,7 +77,9 @@ class WsClient:
         if wire.kind_of(first) is not wire.MessageKind.HELLO:
             await connection.close()
             raise LivediffError(f"the server refused the session: {first.get('error', first)}")
-        return cls(connection, str(first["session"]))
+        client = cls(connection, str(first["session"]))
+        client.awaiting_control_images = list(first.get(wire.AWAITING_CONTROL_IMAGES, []))
+        return client
 
     async def _read(self) -> None:
         try:
@@ -86,6 +95,8 @@ class WsClient:
                 )
                 if waiter is None and self._style_replies and wire.answers_style_image(reply):
                     waiter = self._style_replies.popleft()
+                if waiter is None and self._control_replies and wire.answers_control_image(reply):
+                    waiter = self._control_replies.popleft()
                 if waiter is not None:
                     waiter.set_result(reply)
                 elif kind is wire.MessageKind.DROPPED:  # a frame that gets no output, and why
@@ -94,7 +105,8 @@ class WsClient:
                     self.errors.append(str(reply["error"]))
         finally:
             self._outputs.put_nowait(None)
-            for waiter in [*self._replies.values(), *self._style_replies]:
+            waiters = [*self._replies.values(), *self._style_replies, *self._control_replies]
+            for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(
                         SessionClosedError("the connection closed before the reply")
@@ -139,6 +151,17 @@ class WsClient:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._style_replies.append(waiter)
         await self.connection.send(wire.style_image_message(image_file))
+        return await waiter
+
+    async def send_control_image(self, controlnet: str, image_file: bytes) -> dict[str, Any]:
+        """Send a control image (an image file's bytes) for the session's ControlNet
+        ``controlnet``, which it must feed with the ``client`` preprocessor; returns the
+        server's answer: ``{"ok": true, "control_image": controlnet}`` (its control input from
+        the next frame on) or ``{"error": ..., "field": "control_image"}``."""
+        message = wire.control_image_message(controlnet, image_file)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._control_replies.append(waiter)
+        await self.connection.send(message)
         return await waiter
 
     async def close(self) -> None:

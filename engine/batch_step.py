@@ -19,6 +19,7 @@ import torch
 
 from livediff.engine.batch_packing import BatchPacker, resize_rgb
 from livediff.engine.batch_planning import GroupKey, bucket_for
+from livediff.engine.control_batch import batched_controls
 from livediff.engine.frames import OutputFormat, YuvFrame
 from livediff.engine.metrics import EngineMetrics, StageTimer
 from livediff.engine.session import QueuedFrame, Session, SessionOutput
@@ -188,9 +189,13 @@ class BatchStep:
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         latents = iter(self.packer.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
+        controls = batched_controls(
+            [e.stream.control_request(e.group, e.pixels) for e in entries],
+            self.packer.bundle.control_networks,
+        )  # each preprocessor once over the rows of every session that needs it
         unet_inputs = [
-            e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels)
-            for e in entries
+            e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels, c)
+            for e, c in zip(entries, controls, strict=True)
         ]
         eps, call = self.packer.predict(unet_inputs)
         timer.mark("unet")

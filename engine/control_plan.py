@@ -12,17 +12,16 @@ a model with ControlNets shares one UNet call shape).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
 from livediff.exceptions import ParameterError
-from livediff.models.control_images import from_model_output, preprocess
 from livediff.models.control_uses import (
     UNION_CONTROL_TYPES,
-    CannyParams,
     ControlUse,
     Preprocessor,
 )
@@ -44,28 +43,45 @@ NETWORKS = {Preprocessor.DEPTH: "depth", Preprocessor.SOFT_EDGE: "soft_edge"}
 
 
 @dataclass(frozen=True)
-class SlotUse:
-    """One use, resolved: the slot of its net, its preprocessor, parameters and scale."""
-
-    slot: int
-    preprocessor: Preprocessor
-    params: CannyParams | None
-    scale: float
-
-
-@dataclass(frozen=True)
 class ControlPlan:
     """How a session feeds the model's ControlNets (see the module docstring)."""
 
     slots: int
     uses: tuple[SlotUse, ...] = ()
 
-    def scales(self) -> torch.Tensor:
-        """``[K]``: each slot's scale (0 for nets this session does not use)."""
+    def scales(self, client: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[K]``: each slot's scale (0 for nets this session does not use, and for a
+        ``client`` use whose slot has no image in ``client`` yet)."""
         values = torch.zeros(self.slots, dtype=torch.float32)
         for use in self.uses:
-            values[use.slot] = use.scale
+            waiting = use.preprocessor is Preprocessor.CLIENT and use.slot not in (client or {})
+            values[use.slot] = 0.0 if waiting else use.scale
         return values
+
+    def request(
+        self,
+        size: tuple[int, int],
+        pixels: torch.Tensor | None,
+        previous: torch.Tensor | None,
+        *,
+        rows: int,
+        like: torch.Tensor,
+        client: Mapping[int, torch.Tensor] | None = None,
+    ) -> ControlRequest:
+        """What one frame group's control images need (:class:`ControlRequest` says what each
+        argument is), for :func:`~livediff.engine.control_batch.control_images`, which
+        answers a batch's sessions together."""
+        return ControlRequest(
+            self.slots,
+            self.uses,
+            size,
+            pixels,
+            previous,
+            rows,
+            like.dtype,
+            like.device,
+            dict(client or {}),
+        )
 
     def images(
         self,
@@ -76,47 +92,12 @@ class ControlPlan:
         rows: int,
         like: torch.Tensor,
         networks: object = None,
+        client: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s dtype/device.
-
-        ``pixels`` are the group's model inputs ``[rows, 3, *size]`` in [-1, 1] (``None`` in
-        txt2img), ``previous`` the session's previous output ``[1, 3, h, w]`` in [0, 1]
-        (``None`` before the first: the input frame stands in, or zeros in txt2img).
-        """
-        out = torch.zeros(rows, self.slots, 3, *size, dtype=like.dtype, device=like.device)
-        frames = None if pixels is None else from_model_output(pixels)
-        done: dict[tuple[Preprocessor, CannyParams | None], torch.Tensor] = {}
-        for use in self.uses:
-            key = (use.preprocessor, use.params)
-            if key not in done:
-                done[key] = self._run(use, frames, previous, size, rows, like, networks)
-            out[:, use.slot].copy_(done[key])
-        return out
-
-    @staticmethod
-    def _run(
-        use: SlotUse,
-        frames: torch.Tensor | None,
-        previous: torch.Tensor | None,
-        size: tuple[int, int],
-        rows: int,
-        like: torch.Tensor,
-        networks: object,
-    ) -> torch.Tensor:
-        if use.preprocessor is Preprocessor.PREVIOUS_OUTPUT:
-            source = previous if previous is not None else frames
-            if source is None:
-                return torch.zeros(rows, 3, *size, dtype=like.dtype, device=like.device)
-            images = preprocess(Preprocessor.PASSTHROUGH, source.to(like.device), size)
-            return images.expand(rows, -1, -1, -1) if images.shape[0] != rows else images
-        assert frames is not None  # resolve_control refuses frame preprocessors in txt2img
-        return preprocess(
-            use.preprocessor,
-            frames,
-            size,
-            use.params,
-            networks=networks,  # type: ignore[arg-type]
-        )
+        """The control images ``[rows, K, 3, *size]`` of one frame group, as ``like``'s
+        dtype/device (this session alone; see :meth:`request`)."""
+        request = self.request(size, pixels, previous, rows=rows, like=like, client=client)
+        return control_images([request], networks)[0]
 
 
 def default_preprocessor(controlnet: LoadedControlNet, bundle: ModelBundle) -> Preprocessor:
@@ -177,8 +158,6 @@ def control_options(bundle: ModelBundle) -> list[dict[str, object]]:
 
 
 def _served(preprocessor: Preprocessor, bundle: ModelBundle) -> bool:
-    if preprocessor is Preprocessor.CLIENT:
-        return False
     network = NETWORKS.get(preprocessor)
     return network is None or getattr(bundle.control_networks, network, None) is not None
 
@@ -186,12 +165,6 @@ def _served(preprocessor: Preprocessor, bundle: ModelBundle) -> bool:
 def _check_available(
     preprocessor: Preprocessor, bundle: ModelBundle, has_input_frames: bool
 ) -> None:
-    if preprocessor is Preprocessor.CLIENT:
-        raise ParameterError(
-            "the client preprocessor (a control image the client sends) is not served yet: "
-            "use canny, depth, soft_edge, passthrough or previous_output",
-            field="preprocessor",
-        )
     if preprocessor in FRAME_PREPROCESSORS and not has_input_frames:
         raise ParameterError(
             f"the {preprocessor.value} preprocessor reads the input frame, and a txt2img "

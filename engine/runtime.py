@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from enum import Enum
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 
@@ -46,7 +46,13 @@ from livediff.engine.metrics import EngineMetrics, FrameCounts
 from livediff.engine.placement import Placement
 from livediff.engine.runtime_config import RuntimeConfig
 from livediff.engine.session import Session, SessionCore, SessionOutput
-from livediff.engine.session_plans import Plan, SwapStream, build_plan, replan
+from livediff.engine.session_plans import (
+    Plan,
+    SwapStream,
+    build_plan,
+    carry_control_images,
+    replan,
+)
 from livediff.engine.worker import Worker, WorkerSnapshot
 from livediff.exceptions import (
     CapacityError,
@@ -56,6 +62,9 @@ from livediff.exceptions import (
     UsageError,
 )
 from livediff.models.bundle import ModelBundle
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 __all__ = ["DegradeLevel", "DegradePolicy", "Engine", "RuntimeConfig", "Session", "SessionOutput"]
@@ -403,6 +412,7 @@ class Engine:
                 log.error("[%s] could not rebuild the stream", core.id, exc_info=exc)
                 self._post(partial(session.end, f"failed: {type(exc).__name__}: {exc}"))
                 return
+            carry_control_images(core.plan, plan)
             core.plan = plan
             core.queue_control(SwapStream(plan.stream))
             device.worker.wake()
@@ -461,6 +471,42 @@ class Engine:
         from livediff.engine.style_images import encode_style_image
 
         return encode_style_image(self.bundles, image_file)
+
+    async def set_control_image(
+        self, session_id: str, controlnet: str, image: bytes | np.ndarray
+    ) -> list[str]:
+        """Make ``image`` (an image file's bytes, or uint8 RGB ``[H, W, 3]``) the control input
+        of ``controlnet`` for session ``session_id`` from its next frame on, until the next
+        one (see :mod:`livediff.engine.client_control`); returns the session's ControlNets
+        still waiting for their first image. Refusals (``ParameterError``,
+        ``InvalidFrameError``) carry ``field="control_image"`` and change nothing; decoding
+        runs on the control thread, in order with the session's updates.
+        """
+        from livediff.engine.client_control import place_control_image
+
+        device = self._device_of.get(session_id)
+        session = self._sessions.get(session_id)
+        if device is None or session is None:
+            raise SessionClosedError(f"session {session_id} is closed")
+        core = session.core
+
+        def place() -> list[str]:
+            item, waiting = place_control_image(core.plan, device.bundle, controlnet, image)
+            core.queue_control(item)
+            device.worker.wake()
+            return waiting
+
+        return await asyncio.wrap_future(device.job(place))
+
+    def awaiting_control_images(self, session_id: str) -> list[str]:
+        """The session's ControlNets fed ``client`` that have no image yet (scale 0 until then)."""
+        from livediff.engine.client_control import awaiting
+
+        session = self._sessions.get(session_id)
+        if session is None:
+            return []
+        plan = session.core.plan
+        return awaiting(plan.requested, self.bundle, plan.control_images)
 
     def control_options(self) -> list[dict[str, Any]]:
         """The loaded ControlNets, for clients (``GET /controlnets``): each one's name, the

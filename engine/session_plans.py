@@ -9,7 +9,9 @@ queued items at the next frame boundary, before it takes the next frame of that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+import torch
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradeLevel, DegradePolicy, degraded_params, degraded_size
@@ -32,7 +34,16 @@ class SwapStream:
     stream: Stream
 
 
-ControlItem = ApplyUpdate | SwapStream
+@dataclass(frozen=True)
+class SetControlImage:
+    """Make ``image`` the control input of ControlNet ``slot`` in ``stream`` (a client image)."""
+
+    stream: Stream
+    slot: int
+    image: torch.Tensor
+
+
+ControlItem = ApplyUpdate | SwapStream | SetControlImage
 
 
 @dataclass
@@ -44,6 +55,8 @@ class Plan:
     level: DegradeLevel
     params: GenerationParams  # what ``stream`` will run after the queued items
     stream: Stream
+    # The client's control images by ControlNet slot, given to every new Stream of the session.
+    control_images: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def changed_fields(old: GenerationParams, new: GenerationParams) -> frozenset[str]:
@@ -64,6 +77,14 @@ def build_plan(
     params = degraded_params(requested, level, policy)
     stream = _stream(bundle, config, params, level, policy, session_id)
     return Plan(config, requested, level, params, stream)
+
+
+def carry_control_images(old: Plan, new: Plan) -> None:
+    """A rebuilt session keeps the control images its client sent (``new`` is not yet the
+    worker's: its Stream is set here)."""
+    new.control_images = old.control_images
+    for slot, image in new.control_images.items():
+        new.stream.set_client_image(slot, image)
 
 
 def _stream(
@@ -94,6 +115,8 @@ def replan(
     item: ControlItem | None = None
     if size != (plan.stream.width, plan.stream.height):
         item = SwapStream(_stream(bundle, plan.config, params, level, policy, session_id))
+        for slot, image in plan.control_images.items():  # not yet the worker's: set them here
+            item.stream.set_client_image(slot, image)
         plan.stream = item.stream
     else:
         changed = changed_fields(plan.params, params)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
+from livediff.engine.control_batch import ControlRequest
 from livediff.engine.control_plan import ControlPlan, resolve_control
 from livediff.engine.feature_banks import BankState, SceneCuts
 from livediff.engine.frames import (
@@ -137,6 +138,7 @@ class Stream:
         self._cond: Conditioning | None = None
         self._uncond: Conditioning | None = None
         self._control: ControlPlan | None = None
+        self._client_images: dict[int, torch.Tensor] = {}  # slot → [1, 3, H, W] the client sent
         self._bank = BankState(self.params.feature_bank, self.params.bank_interval)
         self._bank_lease: SlotLease | None = None
         self._cuts = SceneCuts(self.params.scene_cut)
@@ -329,7 +331,7 @@ class Stream:
         if update.control is not None:
             self._control = update.control
         if (update.control is not None or rebuilt) and self._control is not None:
-            self.batch.set_control_scales(self._control.scales())
+            self.batch.set_control_scales(self._control.scales(self._client_images))
         self._apply_consistency(update, rebuilt)
         if update.loras is not None:
             self._loras = update.loras
@@ -363,6 +365,19 @@ class Stream:
             self.batch.set_feedback(params.latent_feedback)
         if rebuilt or update.cond is not None or "feature_bank" in changed:
             self.start_over()
+
+    def set_client_image(self, slot: int, image: torch.Tensor) -> None:
+        """The control image the client sent for ControlNet ``slot`` (``[1, 3, H, W]`` in
+        [0, 1], :func:`~livediff.engine.client_control.fit_control_image`), for the frames
+        pushed from now on; it stays until the next one for that slot."""
+        self._client_images[slot] = image
+        if self._control is not None:  # a client use waiting for its first image starts now
+            self.batch.set_control_scales(self._control.scales(self._client_images))
+
+    @property
+    def client_images(self) -> dict[int, torch.Tensor]:
+        """The control images the client sent, by ControlNet slot (read-only view)."""
+        return dict(self._client_images)
 
     def bank_usage(self) -> dict[str, float] | None:
         """The rows this session's feature bank holds and their device memory (None: no bank)."""
@@ -488,12 +503,17 @@ class Stream:
         return zeros, fresh.to(device=self.bundle.device, dtype=self.bundle.dtype)
 
     def begin(
-        self, group: FrameGroup, x0: torch.Tensor | None, pixels: torch.Tensor | None = None
+        self,
+        group: FrameGroup,
+        x0: torch.Tensor | None,
+        pixels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
     ) -> UNetBatch:
         """Write the group's latents (and control images, from ``pixels``: the group's
-        :meth:`model_input`) into step 0 and return this stream's UNet rows."""
+        :meth:`model_input`; or ``control``, made for :meth:`control_request` with other
+        sessions') into step 0 and return this stream's UNet rows."""
         latents, first = self._latents(group, x0)
-        self._push_control(group, pixels, latents)
+        self._push_control(group, pixels, latents, control)
         held, write = self._consistency_step(group)
         if self._bank_lease is not None:
             self.batch.bank_call(0, held, write)
@@ -501,20 +521,42 @@ class Stream:
             latents = self.batch.feed_back(latents)
         return self.batch.begin(latents, first)
 
-    def _push_control(
-        self, group: FrameGroup, pixels: torch.Tensor | None, like: torch.Tensor
-    ) -> None:
+    def control_request(
+        self, group: FrameGroup, pixels: torch.Tensor | None
+    ) -> ControlRequest | None:
+        """What the group's control images need (``None``: this model has no ControlNet), for
+        :func:`~livediff.engine.control_batch.control_images` over a batch's sessions."""
         if self._control is None:
-            return
-        images = self._control.images(
+            return None
+        return self._control.request(
             (self.height, self.width),
             pixels,
             self._previous_output(),
             rows=len(group.images),
-            like=like,
-            networks=self.bundle.control_networks,
+            like=torch.empty(0, device=self.bundle.device, dtype=self.bundle.dtype),
+            client=self._client_images,
         )
-        self.batch.push_control(images)
+
+    def _push_control(
+        self,
+        group: FrameGroup,
+        pixels: torch.Tensor | None,
+        like: torch.Tensor,
+        control: torch.Tensor | None = None,
+    ) -> None:
+        if self._control is None:
+            return
+        if control is None:
+            control = self._control.images(
+                (self.height, self.width),
+                pixels,
+                self._previous_output(),
+                rows=len(group.images),
+                like=like,
+                networks=self.bundle.control_networks,
+                client=self._client_images,
+            )
+        self.batch.push_control(control)
 
     def _previous_output(self) -> torch.Tensor | None:
         """The last output frame as uint8 ``[1, H, W, 3]`` (RGB or I420 outputs), or ``None``."""

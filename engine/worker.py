@@ -58,7 +58,7 @@ from livediff.engine.metrics import EngineMetrics
 from livediff.engine.overlap import InFlight, OverlapClock
 from livediff.engine.runtime_config import BatchOverlap
 from livediff.engine.session import Session
-from livediff.engine.session_plans import SwapStream
+from livediff.engine.session_plans import SetControlImage, SwapStream
 from livediff.exceptions import SessionError
 
 if TYPE_CHECKING:
@@ -347,6 +347,9 @@ class Worker:
                     core.suspended = False
                     size = (item.stream.width, item.stream.height)
                     log.info("[%s] now rendering at %dx%d", session.id, *size)
+                elif isinstance(item, SetControlImage):
+                    item.stream.set_client_image(item.slot, item.image)
+                    lost = 0
                 else:
                     before = item.stream.batch
                     item.stream.apply_update(item.update)

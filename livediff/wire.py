@@ -16,7 +16,12 @@ Websocket (``GET /ws``)
     an image file (PNG, JPEG, WebP …) after the prefix (:func:`style_image_message`). It is not
     counted as a frame; the server answers ``{"ok": true, "ip_image": "<key>"}``
     (:func:`style_image_reply`) and the session's ``ip_image`` becomes that key from the next
-    frame on, or ``{"error": …, "field": "ip_image"}``. Text messages are one JSON object each (UTF-8). Session parameters
+    frame on, or ``{"error": …, "field": "ip_image"}``. A binary message that starts with
+    :data:`CONTROL_IMAGE_MAGIC` (``b"LDCN"``) is a control image for one of the session's
+    ControlNets (the ``client`` preprocessor): the prefix, one byte ``n`` (1–255), the net's
+    name in ``n`` bytes of UTF-8, then an image file (:func:`control_image_message`). The
+    server answers ``{"ok": true, "control_image": "<name>"}`` (:func:`control_image_reply`)
+    or ``{"error": …, "field": "control_image"}``. Text messages are one JSON object each (UTF-8). Session parameters
     travel in the URL's query (:func:`query_string`); the server stamps every input with its
     arrival time in :data:`PTS_TIME_BASE` ticks.
 
@@ -25,6 +30,10 @@ Messages from the server (text, JSON objects; :func:`kind_of` tells them apart)
     - ``{"ok": true, "id": …}`` — a control message took effect (:func:`ok_reply`).
     - ``{"ok": true, "ip_image": "<key>"}`` — a style image was taken; ``ip_image`` may name
       it in later control messages (:func:`style_image_reply`).
+    - ``{"ok": true, "control_image": "<net>"}`` — a control image was taken for that ControlNet
+      (:func:`control_image_reply`). This reply, the hello and the ``ok`` to a control message
+      that picks a ``client`` net may carry ``"awaiting_control_images": [<net> …]``: the
+      session's client-fed nets that have no image yet and run at scale 0 until theirs comes.
     - ``{"error": "<why>", "id": …, "field": "<key>", "current": {…}}`` — a refused request
       (:func:`error_reply`): ``id`` echoes the request's, ``field`` names the key to blame and
       ``current`` holds the values the session keeps; each only when known. Without an ``id``
@@ -94,6 +103,9 @@ DROP_REASONS = ("replaced", "deadline", "reconfigure", "outbox")
 
 MAX_JPEG_SIDE = 4096
 STYLE_IMAGE_MAGIC = b"LDIM"  # a binary message with this prefix is a style image, not a frame
+CONTROL_IMAGE_MAGIC = b"LDCN"  # … a control image for one ControlNet (the client preprocessor)
+CONTROL_IMAGE_FIELD = "control_image"
+AWAITING_CONTROL_IMAGES = "awaiting_control_images"  # ControlNets at scale 0 until their image
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
@@ -110,13 +122,24 @@ class MessageKind(str, Enum):
 
 
 # ---------------------------------------------------------------------------- server → client
-def hello(session_id: str) -> str:
-    """The first message of every accepted websocket."""
-    return json.dumps({"session": session_id})
+def hello(session_id: str, awaiting: list[str] | None = None) -> str:
+    """The first message of every accepted websocket (``awaiting``: the session's ControlNets
+    fed by client images that have none yet, see :data:`AWAITING_CONTROL_IMAGES`)."""
+    message: dict[str, Any] = {"session": session_id}
+    if awaiting:
+        message[AWAITING_CONTROL_IMAGES] = list(awaiting)
+    return json.dumps(message)
 
 
-def ok_reply(request_id: str | int | None = None) -> str:
-    return json.dumps({"ok": True} if request_id is None else {"ok": True, "id": request_id})
+def ok_reply(request_id: str | int | None = None, awaiting: list[str] | None = None) -> str:
+    """``{"ok": true}`` with the request's ``id`` and, when some are, the session's ControlNets
+    that wait for their first client image (they run at scale 0 until it arrives)."""
+    reply: dict[str, Any] = {"ok": True}
+    if request_id is not None:
+        reply["id"] = request_id
+    if awaiting:
+        reply[AWAITING_CONTROL_IMAGES] = list(awaiting)
+    return json.dumps(reply)
 
 
 def error_reply(
@@ -142,6 +165,15 @@ def error_reply(
 def style_image_reply(key: str) -> str:
     """The answer to a style image: the key of its encoding, now the session's ``ip_image``."""
     return json.dumps({"ok": True, "ip_image": key})
+
+
+def control_image_reply(controlnet: str, awaiting: list[str] | None = None) -> str:
+    """The answer to a control image: the ControlNet whose control input it now is, and the
+    session's other client-fed nets still without one (when there are)."""
+    reply: dict[str, Any] = {"ok": True, CONTROL_IMAGE_FIELD: controlnet}
+    if awaiting:
+        reply[AWAITING_CONTROL_IMAGES] = list(awaiting)
+    return json.dumps(reply)
 
 
 def dropped(index: int, reason: str) -> str:
@@ -176,6 +208,41 @@ def style_image_message(image_file: bytes) -> bytes:
 def style_image_of(message: bytes) -> bytes | None:
     """The image file a binary message carries when it is a style image, else ``None`` (a frame)."""
     return message[len(STYLE_IMAGE_MAGIC) :] if message[:4] == STYLE_IMAGE_MAGIC else None
+
+
+def control_image_message(controlnet: str, image_file: bytes) -> bytes:
+    """A control image for the session's ControlNet ``controlnet`` as a binary message."""
+    name = controlnet.encode()
+    if not 1 <= len(name) <= 255:
+        raise ProtocolError(
+            f"a ControlNet name of {len(name)} bytes: a control image names its net in 1 to "
+            "255 bytes of UTF-8",
+            field=CONTROL_IMAGE_FIELD,
+        )
+    return CONTROL_IMAGE_MAGIC + bytes((len(name),)) + name + image_file
+
+
+def control_image_of(message: bytes) -> tuple[str, bytes] | None:
+    """(ControlNet name, image file) when a binary message is a control image, else ``None``.
+
+    A message with the prefix but no valid name is a :class:`ProtocolError`
+    (``field="control_image"``).
+    """
+    if message[:4] != CONTROL_IMAGE_MAGIC:
+        return None
+    size = message[4] if len(message) > 4 else 0
+    name = message[5 : 5 + size]
+    try:
+        text = name.decode()
+    except UnicodeDecodeError:
+        text = ""
+    if size == 0 or len(name) < size or not text:
+        raise ProtocolError(
+            "a control image message is LDCN, one byte n, the ControlNet's name in n bytes of "
+            "UTF-8, then an image file; this one has no valid name",
+            field=CONTROL_IMAGE_FIELD,
+        )
+    return text, message[5 + size :]
 
 
 def query_string(params: Mapping[str, Any]) -> str:
@@ -224,6 +291,14 @@ def answers_style_image(message: Mapping[str, Any]) -> bool:
     if "ok" in message:
         return "ip_image" in message
     return message.get("field") == "ip_image" and "id" not in message
+
+
+def answers_control_image(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` answers a control image (ok with its net, or an id-less error about
+    ``control_image``)."""
+    if "ok" in message:
+        return CONTROL_IMAGE_FIELD in message
+    return message.get("field") == CONTROL_IMAGE_FIELD and "id" not in message
 
 
 def close_meaning(code: int | None) -> str:

@@ -24,7 +24,8 @@ output in [-1, 1] goes through :func:`from_model_output` first), on the device w
 work should run; they are resized bilinearly to the model size first (``client`` images
 are not resized: a wrong size is an error). The networks are loaded once and passed in
 :class:`PreprocessorNetworks`. One call runs one preprocessor over every row given; the
-engine calls it once per preprocessor and frame, however many ControlNets use the result.
+engine calls it once per preprocessor per batch, over the rows of every session that needs
+it, however many ControlNets use the result (:mod:`livediff.engine.control_batch`).
 :func:`to_preview` turns control images into uint8 frames for a client's preview.
 """
 

@@ -41,10 +41,17 @@ from livediff.exceptions import (
     InvalidFrameError,
     OfferError,
     ParameterError,
+    ProtocolError,
     SessionClosedError,
 )
 from livediff.ice import rtc_configuration
 from livediff.streams.control_messages import parse_control, refusal_reply, session_params
+from livediff.streams.control_uploads import (
+    Awaiting,
+    ControlImages,
+    is_control_image,
+    use_control_image,
+)
 from livediff.streams.engine_protocol import SessionLike
 from livediff.streams.flow_stats import FlowStats
 from livediff.streams.limits import (
@@ -59,7 +66,14 @@ from livediff.streams.server_config import ServerConfig
 from livediff.streams.style_uploads import StyleImages, use_style_image
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.streams.webrtc_tracks import SessionVideoTrack, drain, forward_video
-from livediff.wire import error_reply, ok_reply, style_image_of, style_image_reply
+from livediff.wire import (
+    CONTROL_IMAGE_FIELD,
+    control_image_reply,
+    error_reply,
+    ok_reply,
+    style_image_of,
+    style_image_reply,
+)
 
 logger = logging.getLogger(__name__)
 TRANSPORT = "webrtc"
@@ -86,9 +100,13 @@ class LivePeer:
         on_closed: Callable[[LivePeer], None] | None = None,
         ndi_name: str | None = None,
         style_images: StyleImages | None = None,
+        control_images: ControlImages | None = None,
+        awaiting: Awaiting | None = None,
     ) -> None:
         self.session = session
         self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
+        self._control_images = control_images  # (session, net, image file) → nets still waiting
+        self._awaiting = awaiting  # session id → its client-fed nets without an image yet
         self._ndi_name = ndi_name  # publish the output as this NDI source too
         self.id: str = session.id
         self.config = config
@@ -223,7 +241,9 @@ class LivePeer:
     async def _on_control(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
             image_file = style_image_of(message)
-            if image_file is None:
+            if is_control_image(message):
+                await self._on_control_image(message)
+            elif image_file is None:
                 self._reply(
                     error_reply("binary messages on the control channel must be style images")
                 )
@@ -255,7 +275,27 @@ class LivePeer:
                 )
                 return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
-        self._reply(ok_reply(request.id))
+        waiting = self.waiting_control_images() if "controlnets" in request.changes else None
+        self._reply(ok_reply(request.id, waiting))
+
+    def waiting_control_images(self) -> list[str]:
+        """The session's client-fed ControlNets without an image yet (at scale 0 until then)."""
+        return self._awaiting(self.session.id) if self._awaiting is not None else []
+
+    async def _on_control_image(self, message: bytes) -> None:
+        async with self._update_lock:  # in order with the control messages around it
+            try:
+                controlnet, waiting = await use_control_image(
+                    self.session, self._control_images, message
+                )
+            except (ParameterError, InvalidFrameError, ProtocolError) as exc:
+                self._reply(error_reply(str(exc), field=CONTROL_IMAGE_FIELD))
+                return
+            except SessionClosedError as exc:
+                self._reply(error_reply(str(exc)))
+                return
+        self.log.info("control image for %s (%d bytes) in use", controlnet, len(message))
+        self._reply(control_image_reply(controlnet, waiting))
 
     async def _on_style_image(self, image_file: bytes) -> None:
         async with self._update_lock:  # in order with the control messages around it

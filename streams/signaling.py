@@ -44,6 +44,7 @@ from livediff.streams.http_errors import json_error
 from livediff.streams.json_text import loads_bounded
 from livediff.streams.peer import LivePeer
 from livediff.streams.sdp_check import check_offer_sdp
+from livediff.wire import AWAITING_CONTROL_IMAGES
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "5"
@@ -134,6 +135,8 @@ async def handle_offer(request: web.Request) -> web.Response:
             on_closed=peers.discard,
             ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
             style_images=getattr(engine, "encode_style_image", None),
+            control_images=getattr(engine, "set_control_image", None),
+            awaiting=getattr(engine, "awaiting_control_images", None),
         )
     except BaseException:
         await session.close()
@@ -149,11 +152,13 @@ async def handle_offer(request: web.Request) -> web.Response:
     peers.add(peer)
     metrics.connections.labels("webrtc").set(len(peers))
     peer.log.info("new peer from %s", request.remote)
-    return web.json_response(
-        {
-            "sdp": answer.sdp,
-            "type": answer.type,
-            "session": peer.id,
-            "params": wire_params(session.params),
-        }
-    )
+    body = {
+        "sdp": answer.sdp,
+        "type": answer.type,
+        "session": peer.id,
+        "params": wire_params(session.params),
+    }
+    waiting = peer.waiting_control_images()
+    if waiting:  # its client-fed ControlNets run at scale 0 until their first image
+        body[AWAITING_CONTROL_IMAGES] = waiting
+    return web.json_response(body)

@@ -34,6 +34,7 @@ from livediff.exceptions import (
     InvalidFrameError,
     MediaError,
     ParameterError,
+    ProtocolError,
     SessionClosedError,
 )
 from livediff.streams import app_keys, ws_protocol
@@ -43,6 +44,12 @@ from livediff.streams.control_messages import (
     parse_control,
     refusal_reply,
     session_params,
+)
+from livediff.streams.control_uploads import (
+    Awaiting,
+    ControlImages,
+    is_control_image,
+    use_control_image,
 )
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.engine_protocol import SessionLike
@@ -62,6 +69,8 @@ from livediff.streams.server_config import ServerConfig
 from livediff.streams.style_uploads import StyleImages, use_style_image
 from livediff.streams.transport_metrics import TransportMetrics
 from livediff.wire import (
+    CONTROL_IMAGE_FIELD,
+    control_image_reply,
     decode_jpeg,
     encode_jpeg,
     error_reply,
@@ -115,6 +124,8 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         app[app_keys.DECODE_POOL],
         ndi_name=f"{ndi_out} {session.id}" if ndi_out else None,
         style_images=getattr(app[app_keys.ENGINE], "encode_style_image", None),
+        control_images=getattr(app[app_keys.ENGINE], "set_control_image", None),
+        awaiting=getattr(app[app_keys.ENGINE], "awaiting_control_images", None),
     )
     sockets.add(ws)
     app[DRAIN].websockets.add(connection)
@@ -140,6 +151,8 @@ class WsConnection:
         *,
         ndi_name: str | None = None,
         style_images: StyleImages | None = None,
+        control_images: ControlImages | None = None,
+        awaiting: Awaiting | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
@@ -169,10 +182,12 @@ class WsConnection:
         self.ended = asyncio.Event()  # set by the handler once the connection is over
         self._ndi = SessionNdiOut(ndi_name) if ndi_name else None
         self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
+        self._control_images = control_images  # (session, net, image file) → nets still waiting
+        self._awaiting = awaiting  # session id → its client-fed nets without an image yet
 
     async def run(self) -> None:
         self.log.info("websocket session open")
-        await self._send(ws_protocol.hello(self.session.id))
+        await self._send(ws_protocol.hello(self.session.id, self._waiting()))
         self._writer = writer = asyncio.ensure_future(self._write())
         watchdog = asyncio.ensure_future(self._watch_idle()) if self._activity else None
         try:
@@ -214,8 +229,11 @@ class WsConnection:
 
     async def _read(self) -> None:
         async for message in self.ws:
-            style_image = style_image_of(message.data) if message.type is WSMsgType.BINARY else None
-            if style_image is not None:
+            binary = message.type is WSMsgType.BINARY
+            style_image = style_image_of(message.data) if binary else None
+            if binary and is_control_image(message.data):
+                await self._guarded(self._on_control_image(message.data), "control image")
+            elif style_image is not None:
                 await self._guarded(self._on_style_image(style_image), "style image")
             elif message.type is WSMsgType.BINARY:
                 if self._input_stopped:
@@ -325,7 +343,27 @@ class WsConnection:
             )
             return
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
-        await self._send(ok_reply(request.id))
+        waiting = self._waiting() if "controlnets" in request.changes else None
+        await self._send(ok_reply(request.id, waiting))
+
+    def _waiting(self) -> list[str]:
+        return self._awaiting(self.session.id) if self._awaiting is not None else []
+
+    async def _on_control_image(self, message: bytes) -> None:
+        """A control image for one of the session's ControlNets (decoded off the event loop)."""
+        try:
+            controlnet, waiting = await use_control_image(
+                self.session, self._control_images, message
+            )
+        except (ParameterError, InvalidFrameError, ProtocolError) as exc:
+            self._reject("control_image", str(exc))
+            await self._send(error_reply(str(exc), field=CONTROL_IMAGE_FIELD))
+            return
+        except SessionClosedError as exc:
+            await self._fail(str(exc))
+            return
+        self.log.info("control image for %s (%d bytes) in use", controlnet, len(message))
+        await self._send(control_image_reply(controlnet, waiting))
 
     async def _on_style_image(self, image_file: bytes) -> None:
         """Encode a style image off the event loop and make it the session's ``ip_image``."""

@@ -38,7 +38,7 @@ TOKEN = "a-token-of-32-characters-0123456"
 CANNY_DEFAULTS = {"low": 100, "high": 200, "sigma": 1}
 EDGES_LISTED = {
     "name": "edges",
-    "preprocessors": ["canny", "passthrough", "previous_output"],
+    "preprocessors": ["canny", "passthrough", "previous_output", "client"],
     "default": "canny",
 }
 
@@ -90,6 +90,7 @@ def test_the_panel_lists_the_net_and_its_changes_reach_the_session(
         "canny",
         "passthrough",
         "previous_output",
+        "client",
     ]
     assert select.input_value() == "canny"  # the server's default for this net
     scale = row.locator("[data-role=scale]")

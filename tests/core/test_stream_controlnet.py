@@ -320,11 +320,6 @@ def test_bad_uses_are_refused_and_the_stream_goes_on(
     refused(
         stream, "'nope' is not loaded on this server; loaded: edges, tile", controlnets=["nope"]
     )
-    refused(
-        stream,
-        "client preprocessor",
-        controlnets=[{"controlnet": "edges", "preprocessor": "client"}],
-    )
     refused(stream, "depth preprocessor's network is not loaded", controlnets=["edges:1:depth"])
     refused(
         stream,

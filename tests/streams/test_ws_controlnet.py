@@ -128,12 +128,12 @@ async def test_the_server_lists_its_controlnets_behind_the_token(controlled: Mod
             assert response.status == 200
             listed = await response.json()
     # A net outside the catalog takes every preprocessor this server runs (no depth or soft
-    # edge network is loaded for it, and client images are not served yet).
+    # edge network is loaded for it), client images included.
     assert listed == {
         "controlnets": [
             {
                 "name": "edges",
-                "preprocessors": ["canny", "passthrough", "previous_output"],
+                "preprocessors": ["canny", "passthrough", "previous_output", "client"],
                 "default": "canny",
             }
         ],

@@ -1,0 +1,69 @@
+"""Client control images over the WebRTC data channel: the same ``b"LDCN"`` message and answers
+as on the websocket (``test_ws_control_images.py`` proves the frames; VP8's error on this tiny
+model is larger than a random net's effect, so here the control input is read where it enters
+the UNet).
+
+Run directly, the module contributes one test that re-runs it in a loopback-only network
+namespace (see ``streams_testing``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.client_control_testing import Recording, drawn, fitted_reference, png
+from helpers.streams_testing import FOX, NEEDS_NETNS, netns_module_runner, running_server
+from livediff.clients.webrtc_client import ImageTrack, WebRTCClient
+from livediff.models.bundle import ModelBundle
+from livediff.models.control_uses import ControlNetSpec
+from livediff.models.controlnet_loading import load_controlnet
+from livediff.streams.server_config import ServerConfig
+
+test_in_loopback_netns = netns_module_runner(__file__)
+
+CONFIG = ServerConfig(host_addresses=("127.0.0.1",), stats_interval_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def controlled(bundle: ModelBundle) -> Recording:
+    net = load_controlnet(ControlNetSpec("random", name="pose", seed=1), bundle)
+    model = bundle.with_controlnets([net])
+    return Recording(**{f.name: getattr(model, f.name) for f in fields(ModelBundle)})
+
+
+@pytest.fixture
+async def server(controlled: Recording) -> AsyncIterator[Any]:
+    async with running_server(controlled, CONFIG) as running:
+        yield running
+
+
+@NEEDS_NETNS
+async def test_a_control_image_on_the_data_channel_feeds_the_next_frames(
+    server: Any, controlled: Recording, frame: np.ndarray
+) -> None:
+    base, _, _ = server
+    client = WebRTCClient(base, params={**FOX, "controlnets": "pose:1.5:client"})
+    await client.connect(ImageTrack(frame, fps=30))
+    try:
+        assert client.awaiting_control_images == ["pose"]  # the /offer answer says so
+        await client.recv_frame()
+        assert controlled.calls[-1][1][0].tolist() == [0.0]  # scale 0 until the first image
+        refused = await client.send_control_image("pose", b"not an image")
+        assert refused["field"] == "control_image" and "does not decode" in refused["error"]
+        refused = await client.send_control_image("hands", png(drawn(1)))
+        assert refused["field"] == "control_image" and "'hands' is not loaded" in refused["error"]
+        answer = await client.send_control_image("pose", png(drawn(1)))
+        assert answer == {"ok": True, "control_image": "pose"}
+        for _ in range(3):  # frames taken after the answer run with it
+            await client.recv_frame()
+        images, scales = controlled.calls[-1]
+        assert scales[0].tolist() == [1.5]
+        torch.testing.assert_close(images[0, 0], fitted_reference(drawn(1), 128))
+    finally:
+        await client.close()
