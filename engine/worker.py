@@ -349,7 +349,6 @@ class Worker:
                     log.info("[%s] now rendering at %dx%d", session.id, *size)
                 elif isinstance(item, SetControlImage):
                     item.stream.set_client_image(item.slot, item.image)
-                    lost = 0
                 else:
                     before = item.stream.batch
                     item.stream.apply_update(item.update)

@@ -53,6 +53,20 @@ def triton_refusal(dtype_problem: str | None = None, **tensors: torch.Tensor | N
     ``tensors`` are the call's tensor arguments by name (``None``: an optional input left out);
     ``dtype_problem`` is the op's own dtype check, already phrased.
     """
+    return _refusal(dtype_problem, tensors, dense_pixels=False)
+
+
+def triton_refusal_by_strides(
+    dtype_problem: str | None = None, **images: torch.Tensor | None
+) -> str | None:
+    """:func:`triton_refusal` for kernels that read ``[N, C, H, W]`` by strides: they need only
+    dense rows of pixels (:func:`pixels_dense`: NCHW contiguous or channels-last)."""
+    return _refusal(dtype_problem, images, dense_pixels=True)
+
+
+def _refusal(
+    dtype_problem: str | None, tensors: dict[str, torch.Tensor | None], *, dense_pixels: bool
+) -> str | None:
     unavailable = triton_unavailable_reason()
     if unavailable is not None:
         return unavailable
@@ -61,11 +75,23 @@ def triton_refusal(dtype_problem: str | None = None, **tensors: torch.Tensor | N
             continue
         if tensor.device.type != "cuda":
             return f"{name} is on {tensor.device}, not CUDA"
-        if not tensor.is_contiguous():
+        if dense_pixels and not pixels_dense(tensor):
+            return (
+                f"{name} {tuple(tensor.shape)} is neither contiguous nor channels-last "
+                f"(strides {tensor.stride()})"
+            )
+        if not dense_pixels and not tensor.is_contiguous():
             return f"{name} {tuple(tensor.shape)} is not contiguous"
         if tensor.numel() > INT32_LIMIT:
             return f"{name} has {tensor.numel()} elements: the kernels index with int32"
     return dtype_problem
+
+
+def pixels_dense(images: torch.Tensor) -> bool:
+    """``[N, C, H, W]`` whose pixel ``(h, w)`` sits at ``(h · W + w) · stride(W)``: NCHW
+    contiguous (stride 1) and channels-last (stride C) both are; a crop or a flip is not."""
+    _, _, height, width = images.shape
+    return height < 2 or width < 2 or images.stride(2) == width * images.stride(3)
 
 
 def float_dtype_problem(name: str, dtype: torch.dtype) -> str | None:

@@ -35,14 +35,16 @@ def _to_byte(x):
 
 
 @triton.jit
-def _rgb_kernel(src, dst, plane, BLOCK: tl.constexpr):
+def _rgb_kernel(src, dst, plane, sn, sc, sp, BLOCK: tl.constexpr):
+    """``sn``, ``sc``, ``sp``: the input's strides of an image, a channel and a pixel (NCHW
+    contiguous: 3·H·W, H·W, 1; channels-last: 3·H·W, 1, 3)."""
     n = tl.program_id(1)
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = pixel < plane
-    base = src + n * 3 * plane + pixel
+    base = src + n * sn + pixel * sp
     red = _to_byte(tl.load(base, mask=mask, other=0.0))
-    green = _to_byte(tl.load(base + plane, mask=mask, other=0.0))
-    blue = _to_byte(tl.load(base + 2 * plane, mask=mask, other=0.0))
+    green = _to_byte(tl.load(base + sc, mask=mask, other=0.0))
+    blue = _to_byte(tl.load(base + 2 * sc, mask=mask, other=0.0))
     out = dst + (n * plane + pixel) * 3
     tl.store(out, red.to(tl.uint8), mask=mask)
     tl.store(out + 1, green.to(tl.uint8), mask=mask)
@@ -50,12 +52,12 @@ def _rgb_kernel(src, dst, plane, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rgb_at(src, plane, n, row, col, W, mask):
+def _rgb_at(src, sn, sc, sp, n, row, col, W, mask):
     """The uint8 RGB of one pixel as int32, exactly as ``model_output_to_rgb`` rounds it."""
-    base = src + n * 3 * plane + row * W + col
+    base = src + n * sn + (row * W + col) * sp
     red = _to_byte(tl.load(base, mask=mask, other=0.0)).to(tl.int32)
-    green = _to_byte(tl.load(base + plane, mask=mask, other=0.0)).to(tl.int32)
-    blue = _to_byte(tl.load(base + 2 * plane, mask=mask, other=0.0)).to(tl.int32)
+    green = _to_byte(tl.load(base + sc, mask=mask, other=0.0)).to(tl.int32)
+    blue = _to_byte(tl.load(base + 2 * sc, mask=mask, other=0.0)).to(tl.int32)
     return red, green, blue
 
 
@@ -65,7 +67,7 @@ def _luma(red, green, blue):
 
 
 @triton.jit
-def _i420_kernel(src, dst, H, W, CH, CW, BLOCK: tl.constexpr):
+def _i420_kernel(src, dst, H, W, CH, CW, sn, sc, sp, BLOCK: tl.constexpr):
     """One program per BLOCK chroma samples; each also writes the Y of its own 2×2 block."""
     n = tl.program_id(1)
     q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -77,14 +79,14 @@ def _i420_kernel(src, dst, H, W, CH, CW, BLOCK: tl.constexpr):
     plane = H * W
     out = dst + n * (plane + 2 * chroma)
     # Rows 2j-1 … 2j+2 (edges clamped); the middle two hold this block's Y samples.
-    ra, ga, ba = _rgb_at(src, plane, n, tl.maximum(row - 1, 0), col, W, mask)
-    ra1, ga1, ba1 = _rgb_at(src, plane, n, tl.maximum(row - 1, 0), col1, W, mask)
-    rb, gb, bb = _rgb_at(src, plane, n, row, col, W, mask)
-    rb1, gb1, bb1 = _rgb_at(src, plane, n, row, col1, W, mask)
-    rc, gc, bc = _rgb_at(src, plane, n, tl.minimum(row + 1, H - 1), col, W, mask)
-    rc1, gc1, bc1 = _rgb_at(src, plane, n, tl.minimum(row + 1, H - 1), col1, W, mask)
-    rd, gd, bd = _rgb_at(src, plane, n, tl.minimum(row + 2, H - 1), col, W, mask)
-    rd1, gd1, bd1 = _rgb_at(src, plane, n, tl.minimum(row + 2, H - 1), col1, W, mask)
+    ra, ga, ba = _rgb_at(src, sn, sc, sp, n, tl.maximum(row - 1, 0), col, W, mask)
+    ra1, ga1, ba1 = _rgb_at(src, sn, sc, sp, n, tl.maximum(row - 1, 0), col1, W, mask)
+    rb, gb, bb = _rgb_at(src, sn, sc, sp, n, row, col, W, mask)
+    rb1, gb1, bb1 = _rgb_at(src, sn, sc, sp, n, row, col1, W, mask)
+    rc, gc, bc = _rgb_at(src, sn, sc, sp, n, tl.minimum(row + 1, H - 1), col, W, mask)
+    rc1, gc1, bc1 = _rgb_at(src, sn, sc, sp, n, tl.minimum(row + 1, H - 1), col1, W, mask)
+    rd, gd, bd = _rgb_at(src, sn, sc, sp, n, tl.minimum(row + 2, H - 1), col, W, mask)
+    rd1, gd1, bd1 = _rgb_at(src, sn, sc, sp, n, tl.minimum(row + 2, H - 1), col1, W, mask)
     right = mask & (col + 1 < W)
     lower = mask & (row + 1 < H)
     tl.store(out + row * W + col, _luma(rb, gb, bb).to(tl.uint8), mask=mask)
@@ -103,11 +105,19 @@ def _i420_kernel(src, dst, H, W, CH, CW, BLOCK: tl.constexpr):
     tl.store(out + plane + chroma + q, v.to(tl.uint8), mask=mask)
 
 
+def pixel_strides(images: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of an image, a channel and a pixel of ``[N, 3, H, W]`` whose rows of pixels
+    are dense (``stride(H) == W · stride(W)``: NCHW contiguous or channels-last; one pixel a
+    row steps by rows)."""
+    width = images.shape[3]
+    return images.stride(0), images.stride(1), images.stride(2 if width == 1 else 3)
+
+
 def to_rgb(images: torch.Tensor, out: torch.Tensor) -> None:
     n, _, height, width = images.shape
     plane = height * width
     _rgb_kernel[(triton.cdiv(plane, BLOCK), n)](
-        images, out, plane, BLOCK=BLOCK, num_warps=NUM_WARPS
+        images, out, plane, *pixel_strides(images), BLOCK=BLOCK, num_warps=NUM_WARPS
     )
 
 
@@ -116,5 +126,13 @@ def to_i420(images: torch.Tensor, out: torch.Tensor) -> None:
     chroma_h, chroma_w = yuv.chroma_size(height, width)
     grid = (triton.cdiv(chroma_h * chroma_w, BLOCK), n)
     _i420_kernel[grid](
-        images, out, height, width, chroma_h, chroma_w, BLOCK=BLOCK, num_warps=NUM_WARPS
+        images,
+        out,
+        height,
+        width,
+        chroma_h,
+        chroma_w,
+        *pixel_strides(images),
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

@@ -19,7 +19,7 @@ import torch
 
 from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
-from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal
+from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal_by_strides
 
 
 def model_output_to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def reference_i420(images: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_runs(op: str, images: torch.Tensor) -> bool:
-    reason = triton_refusal(float_dtype_problem("images", images.dtype), images=images)
+    reason = triton_refusal_by_strides(float_dtype_problem("images", images.dtype), images=images)
     return run_triton(op, reason, images.device)
 
 

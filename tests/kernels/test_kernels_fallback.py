@@ -23,6 +23,7 @@ from livediff.kernels.status import describe, kernels_status
 from livediff.models import backends
 
 OP = "livediff::postprocess_rgb"
+REASON = "images (2, 3, 8, 10) is neither contiguous nor channels-last (strides (240, 80, 1, 8))"
 NO_TRITON = "triton cannot be imported (ImportError: simulated)"
 
 
@@ -69,14 +70,12 @@ def test_a_fallback_on_cuda_is_logged_once_and_reported(
     assert all(torch.equal(out, postprocess.reference_rgb(images)) for out in outputs)
     warnings = fallback_warnings(caplog)
     assert len(warnings) == 1
-    assert OP in warnings[0] and "not contiguous" in warnings[0] and "cuda:0" in warnings[0]
+    assert OP in warnings[0] and REASON in warnings[0] and "cuda:0" in warnings[0]
     report = kernels_status("cuda")
     entry = report["ops"][OP]
     assert entry["impl"] == "triton"
-    assert entry["fallback"] == {"reason": "images (2, 3, 8, 10) is not contiguous", "calls": 3}
-    assert describe(report)[OP] == (
-        "triton; reference on 3 calls (fallback: images (2, 3, 8, 10) is not contiguous)"
-    )
+    assert entry["fallback"] == {"reason": REASON, "calls": 3}
+    assert describe(report)[OP] == (f"triton; reference on 3 calls (fallback: {REASON})")
     assert all("fallback" not in e for name, e in report["ops"].items() if name != OP)
 
 
@@ -161,3 +160,13 @@ def test_on_cpu_the_start_up_line_is_short(caplog: pytest.LogCaptureFixture) -> 
     assert record.getMessage() == (
         "fused kernels: reference (device cpu: the Triton kernels run on CUDA only)"
     )
+
+
+def test_postprocess_takes_channels_last_images_and_refuses_other_layouts() -> None:
+    """TAESD under the compile recipe decodes channels-last: the kernels read it by strides."""
+    images = torch.rand(2, 3, 8, 10)
+    assert _dispatch.pixels_dense(images)
+    assert _dispatch.pixels_dense(images.contiguous(memory_format=torch.channels_last))
+    assert not _dispatch.pixels_dense(images.transpose(2, 3).contiguous().transpose(2, 3))
+    assert not _dispatch.pixels_dense(images[:, :, :, 1:9])  # a crop: rows are not dense
+    assert _dispatch.pixels_dense(torch.rand(1, 3, 1, 1))

@@ -147,14 +147,20 @@ def test_preprocess_non_contiguous_runs_the_reference(
 # ---------------------------------------------------------------------------- postprocess
 @pytest.mark.parametrize("shape", [(1, 3, 512, 512), (4, 3, 64, 64), (2, 3, 33, 47), (1, 3, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_postprocess_is_bit_exact(
-    kernels: Any, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype
+    kernels: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layout: torch.memory_format,
 ) -> None:
     images = (torch.rand(shape, device=CUDA, generator=_gen(3)) * 2.4 - 1.2).to(dtype)
     # Near-ties: (x + 1) * 127.5 within float rounding of k + 0.5, where some products round to
     # exactly k + 0.5 and must go to even like torch.round.
     ties = ((torch.arange(images[0, 0].numel(), device=CUDA) % 256).float() + 0.5) / 127.5 - 1.0
     images[0, 0] = ties.view_as(images[0, 0]).to(dtype)
+    images = images.contiguous(memory_format=layout)  # TAESD under the recipe: channels-last
     n, _, height, width = shape
     expected_rgb = postprocess.reference_rgb(images)
     expected_i420 = postprocess.reference_i420(images)

@@ -116,13 +116,19 @@ def test_preprocess(
     torch.testing.assert_close(out, expected, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize(("height", "width"), [(8, 8), (5, 7), (1, 1), (2, 9), (33, 47)])
+@pytest.mark.parametrize(("height", "width"), [(8, 8), (5, 7), (1, 1), (2, 9), (9, 1), (33, 47)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_postprocess_is_bit_exact(
-    triton_cpu: SimpleNamespace, height: int, width: int, dtype: torch.dtype
+    triton_cpu: SimpleNamespace,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    layout: torch.memory_format,
 ) -> None:
     gen = torch.Generator().manual_seed(1)
     images = (torch.rand(2, 3, height, width, generator=gen) * 2.4 - 1.2).to(dtype)
+    images = images.contiguous(memory_format=layout)  # a decoder under the recipe: channels-last
     rgb = torch.full((2, height, width, 3), 7, dtype=torch.uint8)
     triton_cpu.postprocess.to_rgb(images, rgb)
     assert torch.equal(rgb, postprocess.model_output_to_rgb(images))
