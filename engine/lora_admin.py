@@ -3,8 +3,10 @@
 A load reads and checks the file in a thread of its own (the slow part: disk or the HF cache,
 safetensors, shape checks), then only the buffer write runs on each device's worker, between
 two batches (:meth:`Worker.between_batches`), so no session waits more than that write.
-An unload is refused while any open session uses the LoRA: its rows point at the LoRA's slot,
-and a later load into the freed slot would switch those sessions to another style silently.
+An unload is refused while any open (or opening) session uses the LoRA: its rows point at the
+LoRA's slot, and a later load into the freed slot would switch those sessions to another style
+silently. The name is retired before that check, so no session can take it while the workers
+unload it (it is refused: "being unloaded").
 
 Refusals (all from :mod:`livediff.exceptions`, each with ``field``):
 
@@ -158,18 +160,29 @@ class LoraAdmin:
         if name not in library.names():
             known = ", ".join(library.names()) or "none"
             raise NotFoundError(f"no LoRA named {name!r} is loaded; loaded: {known}", field="name")
+        # Retired first, checked second: a session asking for it from now on is refused, and
+        # one that asked before (or is opening with it) counts as a user, so no row can take
+        # the slot between this check and the workers' unload.
+        for device_library in self.libraries:
+            device_library.store.retire(name)
         users = self.users(name)
         if users:
+            for device_library in self.libraries:
+                device_library.store.keep(name)
             raise ConflictError(
                 f"LoRA {name!r} is used by {len(users)} session(s): they must drop it "
                 "(update loras) or close before it can be unloaded",
                 field="name",
                 limit=len(users),
             )
-        entries = [
-            await asyncio.wrap_future(on_worker(partial(device_library.unload, name)))
-            for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True)
-        ]
+        try:
+            entries = [
+                await asyncio.wrap_future(on_worker(partial(device_library.unload, name)))
+                for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True)
+            ]
+        finally:
+            for device_library in self.libraries:  # a device whose unload failed keeps it usable
+                device_library.store.keep(name)
         return entries[0]
 
     def _library(self) -> LoraLibrary:

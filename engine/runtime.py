@@ -108,6 +108,7 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._device_of: dict[str, Device] = {}
         self._opening = 0
+        self._opening_params: dict[str, GenerationParams] = {}  # sessions building their Stream
         self._full_since: float | None = None  # clock time every session slot became taken
         self._loop: asyncio.AbstractEventLoop | None = None
         faults = FaultMetrics(self.registry)
@@ -290,6 +291,7 @@ class Engine:
             )
         device = self._place(sid)
         self._opening += 1
+        self._opening_params[sid] = requested
         try:
             plan = await asyncio.wrap_future(
                 device.job(self._build, device, stream_config, requested, sid)
@@ -301,6 +303,7 @@ class Engine:
             raise
         finally:
             self._opening -= 1
+            self._opening_params.pop(sid, None)
         core = SessionCore(
             sid,
             plan,
@@ -536,10 +539,13 @@ class Engine:
         return (await self._loras.unload(name)).describe()
 
     def _lora_uses(self) -> dict[str, set[str]]:
-        return {
+        uses = {
             sid: {use.name for use in (*s.params.loras, *s.core.plan.requested.loras)}
             for sid, s in self._sessions.items()
         }
+        for sid, params in self._opening_params.items():  # building their Stream right now
+            uses.setdefault(sid, set()).update(use.name for use in params.loras)
+        return uses
 
     def feature_bank_frames(self) -> int:
         """The most past frames a session's feature bank may keep here (``feature_bank`` up

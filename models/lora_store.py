@@ -108,6 +108,7 @@ class LoraStore:
             for name, layer in layers.items()
         }
         self._loaded: dict[str, LoadedLora] = {}
+        self._retiring: set[str] = set()  # being unloaded: no new session may take them
 
     @property
     def slot_bytes(self) -> int:
@@ -127,7 +128,18 @@ class LoraStore:
         if entry is None:
             known = ", ".join(sorted(self._loaded)) or "none"
             raise ParameterError(f"unknown LoRA {name!r}; loaded: {known}", field="loras")
+        if name in self._retiring:
+            raise ParameterError(f"LoRA {name!r} is being unloaded", field="loras")
         return entry
+
+    def retire(self, name: str) -> None:
+        """From now on no row may take ``name`` (:meth:`row_inputs` refuses it); rows that
+        have it keep it until :meth:`unload`. Any thread (a set's add is atomic)."""
+        self._retiring.add(name)
+
+    def keep(self, name: str) -> None:
+        """Undo :meth:`retire` (the unload was refused)."""
+        self._retiring.discard(name)
 
     def load(self, lora: LoraFile) -> LoadedLora:
         """Write ``lora`` into a free slot; a loaded name or a full store is refused."""
@@ -173,6 +185,7 @@ class LoraStore:
 
     def unload(self, name: str) -> LoadedLora:
         """Zero the LoRA's slot and free it; rows still pointing there add nothing."""
+        self._retiring.discard(name)
         entry = self.get(name)
         for a, b in self.buffers.values():
             a[entry.slot].zero_()

@@ -178,3 +178,51 @@ def test_the_session_setting_is_declared(tmp_path: Path) -> None:
     params = GenerationParams(loras=[{"name": "ink", "scale": 0.25}])
     assert params.loras == (LoraUse("ink", 0.25),)
     assert params.updated(loras="pastel").loras == (LoraUse("pastel", 1.0),)
+
+
+async def test_no_session_can_take_a_lora_while_it_is_being_unloaded(
+    tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """The in-use check runs on the event loop and the unload on the worker; between the two
+    a session asking for the LoRA would point at a slot about to be freed (and reused)."""
+    import asyncio
+    import threading
+
+    from livediff.exceptions import ConflictError
+
+    ink = save_peft(random_lora(tiny_bundle.unet, 4, 21), tmp_path / "ink.safetensors", alpha=4.0)
+    bundle = dataclasses.replace(tiny_bundle, unet=copy.deepcopy(tiny_bundle.unet))
+    library = LoraLibrary.attach(bundle.unet, LoraCapacity(max_loras=2, max_rank=16))
+    library.load("ink", str(ink))
+    engine = Engine(bundle.with_loras(library), CONFIG, CALM, BASE)
+    await engine.start()
+    hold = threading.Event()
+    try:
+        session = await engine.open_session({"prompt": "a tree"})
+        (device,) = engine._devices
+        held = device.worker.between_batches(hold.wait)  # the worker is busy: unload must wait
+        unload = asyncio.ensure_future(engine.unload_lora("ink"))
+        await asyncio.sleep(0.05)
+        assert not unload.done()
+        with pytest.raises(ParameterError, match="'ink' is being unloaded") as updated:
+            await session.update(loras=["ink"])
+        assert updated.value.field == "loras"
+        with pytest.raises(ParameterError, match="'ink' is being unloaded"):
+            await engine.open_session({"loras": ["ink"]})
+        hold.set()
+        await asyncio.wrap_future(held)
+        assert (await unload)["name"] == "ink"
+        assert library.names() == ()
+
+        library.load("ink", str(ink))  # a session opening with it counts as a user
+        opening = asyncio.ensure_future(engine.open_session({"loras": ["ink"]}))
+        await asyncio.sleep(0)  # the open is under way: its Stream is being built
+        assert engine._opening_params
+        with pytest.raises(ConflictError, match="used by 1 session"):
+            await engine.unload_lora("ink")
+        opened = await opening
+        assert [use.name for use in opened.params.loras] == ["ink"]
+        await session.update(loras=["ink:0.5"])  # refused unloads leave the LoRA usable
+    finally:
+        hold.set()  # a failed check must not leave the worker waiting
+        await engine.stop()
