@@ -13,7 +13,10 @@ Key formats (the UNet part; one file may mix the spellings of one format):
   writes it), else the scale is 1. diffusers' older ``<module>.lora.down.weight`` /
   ``.lora.up.weight`` (with ``<module>.alpha``) is read too.
 - kohya / A1111: ``lora_unet_<module with _ for .>.lora_down.weight`` / ``.lora_up.weight`` and
-  ``.alpha`` (scale ``alpha / rank``), for the diffusers-named layout (SD 1.5 and SD 2.1 LoRAs).
+  ``.alpha`` (scale ``alpha / rank``), with the diffusers module names (kohya's SD 1.5 / 2.1
+  LoRAs: ``lora_unet_down_blocks_0_attentions_0_…``) or the original checkpoint's (LDM / SGM)
+  names (kohya's SDXL LoRAs: ``lora_unet_input_blocks_4_1_…``, ``middle_block_1_…``,
+  ``output_blocks_…``), which :mod:`livediff.models.lora_ldm_keys` maps for this UNet's layout.
 
 Each UNet key must name one of the layers per-session LoRAs apply to (:func:`target_layers`):
 the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, the feed-forward
@@ -22,7 +25,7 @@ convolution LoRA (4-d weights, or a key on a convolution such as SD 1.5's 1×1 `
 refused naming the key: fused mode (``--lora``, :func:`livediff.models.pipelines.fuse_loras`)
 applies those. So is a key on any other layer, or one the UNet does not have (a LoRA of
 another family), and a shape that does not fit (the message names both shapes). Text-encoder
-parts (``text_encoder.``, ``lora_te_`` …) are not applied per session: they are counted in
+parts (``text_encoder.``, ``lora_te_``, ``lora_te1_``, ``lora_te2_`` …) are not applied per session: they are counted in
 :attr:`LoraFile.ignored_text_encoder_keys` and logged.
 """
 
@@ -42,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 
 from livediff.exceptions import ModelLoadError
 from livediff.models.fetch import fetch, is_local
+from livediff.models.lora_ldm_keys import LdmLayout
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +177,12 @@ def read_lora(
         )
     modules = {module_name: _unwrapped(m) for module_name, m in unet.named_modules()}
     underscored = {module_name.replace(".", "_"): module_name for module_name in modules}
+    layout = LdmLayout.of(modules)
     peft_alpha = _peft_alpha(metadata)
     layers = {}
     for (spelled, kohya), pair in sorted(parts.items()):
         key = pair.get("key_down") or pair.get("key_up")
-        module_name = underscored.get(spelled) if kohya else spelled
+        module_name = _kohya_module(spelled, underscored, layout) if kohya else spelled
         if module_name is None or module_name not in modules:
             raise ModelLoadError(
                 f"LoRA {name!r}: key {key} targets a layer this UNet does not have: a LoRA "
@@ -196,6 +201,14 @@ def read_lora(
             ignored,
         )
     return LoraFile(name, source or str(path), path, layers, ignored, metadata)
+
+
+def _kohya_module(spelled: str, underscored: dict[str, str], layout: LdmLayout) -> str | None:
+    """The UNet module a kohya key names: diffusers' spelling, else the original UNet's."""
+    if spelled in underscored:
+        return underscored[spelled]
+    ldm = layout.diffusers_spelling(spelled)
+    return None if ldm is None else underscored.get(ldm)
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:

@@ -29,6 +29,10 @@ def fuse_loras(
     for index, lora in enumerate(loras):
         name = f"lora_{index}"
         kwargs: dict[str, Any] = {"adapter_name": name}
+        if not preset.is_sdxl:
+            # diffusers renumbers kohya keys in the original UNet's names (input_blocks_1_1_…)
+            # only when it is given the UNet config; its SDXL loader passes it itself.
+            kwargs["unet_config"] = pipeline.unet.config
         if lora.weight_name:
             kwargs["weight_name"] = lora.weight_name
 

@@ -130,3 +130,43 @@ def unet_inputs(rows: int, seed: int = 0, unet: Any = None) -> dict[str, torch.T
         "timestep": torch.randint(0, 1000, (rows,), generator=gen),
         "encoder_hidden_states": torch.randn(rows, 7, width, generator=gen),
     }
+
+
+def original_unet_name(module: str, config: Any) -> str:
+    """The original checkpoint's (LDM / SGM) spelling of a diffusers attention-block module, as
+    kohya writes SDXL keys (``down_blocks.1.attentions.0.proj_in`` → ``input_blocks_4_1_proj_in``),
+    from the UNet config's numbering (an int ``layers_per_block``)."""
+    per_block = int(config.layers_per_block) + 1  # each block's resnets + its down/upsampler
+    parts = module.split(".")
+    if parts[0] == "mid_block":
+        assert parts[1:3] == ["attentions", "0"], module
+        prefix, rest = "middle_block_1", parts[3:]
+    else:
+        assert parts[2] == "attentions", module
+        block, layer = int(parts[1]), int(parts[3])
+        if parts[0] == "down_blocks":
+            prefix = f"input_blocks_{1 + block * per_block + layer}_1"
+        else:
+            prefix = f"output_blocks_{block * per_block + layer}_1"
+        rest = parts[4:]
+    return "_".join([prefix, *rest])
+
+
+def save_kohya_original(
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    path: Path,
+    config: Any,
+    alpha: float | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """kohya's SDXL layout: ``lora_unet_<original UNet name>.lora_down.weight`` … (see
+    :func:`original_unet_name`)."""
+    tensors = dict(extra or {})
+    for name, (down, up) in layers.items():
+        key = "lora_unet_" + original_unet_name(name, config)
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path))
+    return path
