@@ -46,6 +46,7 @@ from livediff.exceptions import (
 )
 from livediff.ice import rtc_configuration
 from livediff.streams.control_messages import parse_control, refusal_reply, session_params
+from livediff.streams.control_previews import Previews, PreviewSender, split_preview
 from livediff.streams.control_uploads import (
     Awaiting,
     ControlImages,
@@ -102,6 +103,7 @@ class LivePeer:
         style_images: StyleImages | None = None,
         control_images: ControlImages | None = None,
         awaiting: Awaiting | None = None,
+        previews: Previews | None = None,
     ) -> None:
         self.session = session
         self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
@@ -131,6 +133,9 @@ class LivePeer:
         self._finishing: str | None = None
         self._closing = False
         self._closed = asyncio.Event()
+        self._previews = PreviewSender(  # {"control_preview": true}: the nets' control images
+            self.id, previews, self._send_bytes, lambda: self.flow.frames_out, self.log
+        )
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -225,6 +230,7 @@ class LivePeer:
         self.log.info("data channel %r open", channel.label)
         channel.on("message", self._on_message)
         self._spawn(self._send_stats(channel))
+        self._spawn(self._previews.run())
 
     def _on_message(self, message: str | bytes) -> None:
         if self._bucket.take():
@@ -232,6 +238,9 @@ class LivePeer:
             return
         if self._metrics is not None:
             self._metrics.rejected.labels(TRANSPORT, "rate").inc()
+        if isinstance(message, bytes) and is_control_image(message):  # its answer names the field
+            self._reply(error_reply(self._bucket.refusal(), field=CONTROL_IMAGE_FIELD))
+            return
         try:  # echo the id when there is one to echo
             request_id = parse_control(message, max_bytes=self.config.ws_max_control_bytes).id
         except ParameterError:
@@ -257,7 +266,11 @@ class LivePeer:
             return
         async with self._update_lock:  # FIFO: updates apply in the order they were sent
             try:
-                await self.session.update(**session_params(request.changes))
+                preview, changes = split_preview(request.changes)
+                if preview is not None:
+                    self._previews.check(preview)
+                if changes:
+                    await self.session.update(**session_params(changes))
             except ParameterError as exc:
                 self._reply(refusal_reply(exc, request, self.session.params))
                 return
@@ -274,6 +287,8 @@ class LivePeer:
                     )
                 )
                 return
+        if preview is not None:
+            self._previews.set(preview)
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         waiting = self.waiting_control_images() if "controlnets" in request.changes else None
         self._reply(ok_reply(request.id, waiting))
@@ -313,6 +328,10 @@ class LivePeer:
     def _reply(self, text: str) -> None:
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(text)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(data)
 
     async def _send_stats(self, channel: RTCDataChannel) -> None:
         while not self._closing:
