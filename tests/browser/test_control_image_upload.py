@@ -172,3 +172,46 @@ def test_a_bad_file_shows_the_servers_error_and_the_session_keeps_its_image(
     torch.testing.assert_close(held[0].float().cpu(), fitted_reference(image, side))
     assert np.asarray(image).shape == (80, 100, 3)
     assert page.evaluate("window.livediff.state") == "connected"
+
+
+@NEEDS_NETNS
+def test_the_preview_checkbox_shows_what_the_net_took_beside_its_row(
+    browser: Browser, controlled_server: ThreadedServer
+) -> None:
+    page = open_listed_page(
+        browser, f"{controlled_server.base}/?autostart=1&{FOX_QUERY}&controlnets=edges:1:canny"
+    )
+    wait_for_frames(page, 1)
+    session = str(page.evaluate("window.livediff.session"))
+    preview = edges_row(page).locator("[data-role=preview]")
+    assert preview.is_hidden() and page.evaluate("window.livediff.previews") == {}
+    page.check("#controlnet-preview")
+    page.wait_for_function("(window.livediff.previews.edges || 0) >= 2", timeout=60_000)
+    page.wait_for_function(
+        "document.querySelector('.controlnet[data-net=edges] [data-role=preview]').complete",
+        timeout=30_000,
+    )
+    assert preview.is_visible() and (preview.get_attribute("src") or "").startswith("blob:")
+    shown = preview.evaluate(
+        """img => {
+          const canvas = document.createElement('canvas');
+          canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+          const g = canvas.getContext('2d');
+          g.drawImage(img, 0, 0);
+          const data = g.getImageData(0, 0, canvas.width, canvas.height).data;
+          let bright = 0, dark = 0;
+          for (let i = 0; i < data.length; i += 4) { if (data[i] > 200) bright++; else if (data[i] < 50) dark++; }
+          return {width: img.naturalWidth, height: img.naturalHeight, bright, dark};
+        }"""
+    )
+    side = model_side(controlled_server, session)
+    assert (shown["width"], shown["height"]) == (side, side)  # the net's input, at model size
+    assert shown["bright"] > 0 and shown["dark"] > shown["bright"]  # white canny edges on black
+
+    page.uncheck("#controlnet-preview")
+    assert preview.is_hidden()
+    page.wait_for_function(
+        "window.livediff.replies.filter(r => r.ok && r.id !== undefined).length >= 2",
+        timeout=30_000,
+    )
+    assert page.evaluate("[window.livediff.errors, window.livediff.state]") == [[], "connected"]
