@@ -173,6 +173,20 @@ def test_a_bad_file_shows_the_servers_error_and_the_session_keeps_its_image(
     assert np.asarray(image).shape == (80, 100, 3)
     assert page.evaluate("window.livediff.state") == "connected"
 
+    # a file over the data channel's message size goes as a smaller JPEG the browser makes
+    ramp = np.linspace(0, 220, 600)[None, :, None] + np.zeros((600, 1, 3))
+    grain = np.random.default_rng(6).integers(0, 32, (600, 600, 3))
+    noise = (ramp + grain).astype(np.uint8)  # a ramp under grain: hard to compress
+    big = png(noise)
+    assert len(big) > 256 * 1024  # aiortc's sctp.maxMessageSize
+    drop_file(page, big, "noise.png")
+    wait_for_note(page, "in use: noise.png")
+    waiting, held = control_input(controlled_server, session)
+    assert waiting == [] and held is not None
+    sent = fitted_reference(noise, side)  # through a JPEG: close on average, not equal
+    assert float((held[0].float().cpu() - sent).abs().mean()) < 0.05
+    assert float((held[0].float().cpu() - fitted_reference(image, side)).abs().mean()) > 0.2
+
 
 @NEEDS_NETNS
 def test_the_preview_checkbox_shows_what_the_net_took_beside_its_row(
