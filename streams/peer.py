@@ -10,7 +10,11 @@ Data channel (any label, opened by the client; the first one is used): the clien
 control messages (:mod:`livediff.streams.control_messages`), each answered with ``{"ok": true}`` or
 ``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``), and
 binary style images (``b"LDIM"`` + an image file, as on the websocket), each answered
-``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``; the
+``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``, and binary
+control images (``b"LDCN"`` …, :mod:`livediff.streams.control_uploads`), answered ``{"ok":
+true, "control_image": net}`` or ``{"error": …, "field": "control_image"}`` (a rate-limit
+refusal of one names that field too); ``{"control_preview": true}`` asks for ``b"LDCP"``
+previews of the nets' control images (:mod:`livediff.streams.control_previews`); the
 server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
 large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
 ``{"closing": "<reason>"}`` before it closes the peer on purpose (server shutdown, idle timeout).
