@@ -9,6 +9,7 @@ namespace (see ``streams_testing``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import fields
 from typing import Any
@@ -65,5 +66,26 @@ async def test_a_control_image_on_the_data_channel_feeds_the_next_frames(
         images, scales = controlled.calls[-1]
         assert scales[0].tolist() == [1.5]
         torch.testing.assert_close(images[0, 0], fitted_reference(drawn(1), 128))
+    finally:
+        await client.close()
+
+
+@NEEDS_NETNS
+async def test_control_previews_on_the_data_channel_show_the_nets_control_input(
+    server: Any, frame: np.ndarray
+) -> None:
+    base, _, _ = server
+    client = WebRTCClient(base, params={**FOX, "controlnets": "pose:1:client"})
+    await client.connect(ImageTrack(frame, fps=30))
+    try:
+        assert (await client.send_control_image("pose", png(drawn(2))))["ok"] is True
+        assert (await client.ask_control_previews())["ok"] is True
+        await client.recv_frame()
+        name, image = await asyncio.wait_for(client.recv_control_preview(), 30)
+        assert name == "pose" and image.shape == (128, 128, 3)
+        expected = (fitted_reference(drawn(2), 128).permute(1, 2, 0) * 255).numpy()
+        assert float(np.abs(image.astype(np.float32) - expected).mean()) < 6.0  # JPEG's error
+        refused = await client.update(control_preview="on")
+        assert refused["field"] == "control_preview"
     finally:
         await client.close()
