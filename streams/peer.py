@@ -242,8 +242,12 @@ class LivePeer:
             return
         if self._metrics is not None:
             self._metrics.rejected.labels(TRANSPORT, "rate").inc()
-        if isinstance(message, bytes) and is_control_image(message):  # its answer names the field
-            self._reply(error_reply(self._bucket.refusal(), field=CONTROL_IMAGE_FIELD))
+        if isinstance(message, bytes) and is_control_image(message):
+            self._spawn(
+                self._refuse_in_order(
+                    error_reply(self._bucket.refusal(), field=CONTROL_IMAGE_FIELD)
+                )
+            )
             return
         try:  # echo the id when there is one to echo
             request_id = parse_control(message, max_bytes=self.config.ws_max_control_bytes).id
@@ -300,6 +304,12 @@ class LivePeer:
     def waiting_control_images(self) -> list[str]:
         """The session's client-fed ControlNets without an image yet (at scale 0 until then)."""
         return self._awaiting(self.session.id) if self._awaiting is not None else []
+
+    async def _refuse_in_order(self, reply: str) -> None:
+        """A refused upload's answer, after the answers of those sent before it (a client
+        pairs id-less answers with its uploads in order)."""
+        async with self._update_lock:
+            self._reply(reply)
 
     async def _on_control_image(self, message: bytes) -> None:
         async with self._update_lock:  # in order with the control messages around it
