@@ -649,6 +649,7 @@ async function listControlNets() {
     L.featureBankFrames = Number.isInteger(answer.feature_bank_frames) ? answer.feature_bank_frames : null;
     consistency.capacity(L.featureBankFrames);
     panel.build(answer.controlnets);
+    $('controlnet-preview').closest('label').hidden = !answer.controlnets.length;  // nothing to preview
     panel.show(queryUses.controlnets === null ? server.controlnets : queryUses.controlnets);
   } catch (error) {
     panel.unavailable(String(error.message || error));
@@ -744,7 +745,7 @@ async function sendControlImage(net, image) {
       const kib = (n) => Math.ceil(n / 1024);
       const text = `${image.name} (${kib(image.bytes.length)} KiB) is more than the connection takes `
         + `(${kib(most)} KiB) and the browser cannot read it as an image to send a smaller copy`;
-      panel.refused(net, text);
+      panel.refused(net, image, text);
       recordError(text);
       return;
     }
@@ -760,13 +761,13 @@ function isControlImageReply(message) {
 }
 
 function controlImageAnswered(message) {
-  const {net} = controlUploads.shift();
+  const {net, image} = controlUploads.shift();
   if (message.ok) {
-    panels.controlnets.acknowledged(message.control_image);
+    panels.controlnets.acknowledged(net, image);
     setAwaiting(message.awaiting_control_images || []);
     showMessage(`applied: control image for ${message.control_image}`);
   } else {
-    panels.controlnets.refused(net, message.error);  // the session keeps the image it had
+    panels.controlnets.refused(net, image, message.error);  // the session keeps the image it had
     recordError(message.error);
   }
 }

@@ -107,6 +107,7 @@ function netRow(option) {
   ]);
   const row = {option, root, enabled, scale, preprocessor, canny, drop, picker, clientNote, clientError, preview};
   row.image = null;     // the control image last picked ({bytes, name}), kept for later sessions
+  row.running = null;   // the last one the server took (a refused pick goes back to it)
   row.waiting = false;  // the server said the session waits for this net's image
   row.refresh = () => {  // what depends on other controls: off hides the net's settings
     settings.disabled = settings.hidden = !enabled.checked;
@@ -212,30 +213,35 @@ function createControlNetPanel(root, onChange, onImage = () => {}) {
       const row = rowOf(net);
       if (row && image === row.image) say(row, connected ? `sending ${image.name}…` : `${image.name} is sent when the session starts`);
     },
-    acknowledged(net) {  // the server took the net's image: it runs from the next frame
+    acknowledged(net, image) {  // the server took image for net: it runs from the next frame
       const row = rowOf(net);
       if (!row) return;
       row.waiting = false;
+      row.running = image;
+      if (image !== row.image) return;  // a newer pick is on its way
       row.clientError.textContent = '';
-      say(row, row.image ? `in use: ${row.image.name}` : 'in use');
+      say(row, `in use: ${image.name}`);
     },
-    refused(net, text) {  // the session keeps the image it had (or waits still)
+    refused(net, image, text) {  // the session keeps the image it had (or waits still)
       const row = rowOf(net);
       if (!row) return;
+      if (image === row.image) row.image = row.running;  // the next session gets the kept one
       row.clientError.textContent = text;
-      say(row, row.waiting ? 'waiting for a control image (the net runs at scale 0 until one comes)' : '');
+      say(row, row.waiting ? 'waiting for a control image (the net runs at scale 0 until one comes)'
+        : (row.running ? `in use: ${row.running.name}` : ''));
     },
     awaiting(nets) {  // the server's awaiting_control_images: the nets at scale 0 until their image
       for (const row of rows) {
         const waiting = nets.includes(row.option.name);
         if (waiting) say(row, 'waiting for a control image (the net runs at scale 0 until one comes)');
-        else if (row.waiting) say(row, row.image ? `in use: ${row.image.name}` : '');
+        else if (row.waiting) say(row, row.running ? `in use: ${row.running.name}` : '');
         row.waiting = waiting;
       }
     },
     stopped() {  // no session: the picked images wait for the next one
       for (const row of rows) {
         row.waiting = false;
+        row.running = null;
         say(row, row.image ? `${row.image.name} is sent when the session starts` : '');
         row.preview.hidden = true;
       }

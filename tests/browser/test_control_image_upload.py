@@ -168,6 +168,7 @@ def test_a_bad_file_shows_the_servers_error_and_the_session_keeps_its_image(
     )
     waiting, held = control_input(controlled_server, session)
     assert waiting == [] and held is not None  # the good image stays
+    wait_for_note(page, "in use: good.png")  # the refused pick is forgotten: good.png is kept
     side = model_side(controlled_server, session)
     torch.testing.assert_close(held[0].float().cpu(), fitted_reference(image, side))
     assert np.asarray(image).shape == (80, 100, 3)
@@ -199,6 +200,7 @@ def test_the_preview_checkbox_shows_what_the_net_took_beside_its_row(
     session = str(page.evaluate("window.livediff.session"))
     preview = edges_row(page).locator("[data-role=preview]")
     assert preview.is_hidden() and page.evaluate("window.livediff.previews") == {}
+    assert page.locator("#controlnet-preview").is_visible()
     page.check("#controlnet-preview")
     page.wait_for_function("(window.livediff.previews.edges || 0) >= 2", timeout=60_000)
     page.wait_for_function(
