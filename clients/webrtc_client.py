@@ -7,6 +7,8 @@ As a library::
     await client.connect(ImageTrack(frames, fps=30))     # or MediaPlayer("clip.mp4").video
     frame = await client.recv_frame()                     # uint8 RGB numpy, the model's resolution
     reply = await client.update(prompt="a dog")           # {"ok": true} or {"error": ...}
+    await client.ask_control_previews()                   # then, a few a second:
+    name, image = await client.recv_control_preview()     # what a ControlNet took, uint8 RGB
     print(client.stats)                                   # the server's last {"stats": ...}
     await client.close()
 
@@ -144,6 +146,8 @@ class WebRTCClient:
         )  # the same, for control images
         # The session's client-fed ControlNets that had no image when it opened (scale 0).
         self.awaiting_control_images: list[str] = []
+        # Control previews (b"LDCP" messages, after ask_control_previews): (net, JPEG)
+        self._previews: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.channel.on("open", self._open.set)
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
@@ -153,6 +157,11 @@ class WebRTCClient:
             self._track.set_result(track)
 
     def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            preview = wire.control_preview_of(message)
+            if preview is not None:
+                self._previews.put_nowait(preview)
+            return
         data = wire.parse_message(message)
         if wire.kind_of(data) is wire.MessageKind.STATS:
             self.stats = data["stats"]
@@ -249,6 +258,17 @@ class WebRTCClient:
         self._control_replies.append(waiter)
         self.channel.send(message)
         return await waiter
+
+    async def ask_control_previews(self, on: bool = True) -> dict[str, Any]:
+        """Ask for previews of the control images the session's ControlNets take (``False``:
+        stop); returns the server's reply. Read them with :meth:`recv_control_preview`."""
+        return await self.update(**{wire.CONTROL_PREVIEW_FIELD: on})
+
+    async def recv_control_preview(self) -> tuple[str, np.ndarray]:
+        """The next control preview: (ControlNet name, uint8 RGB ``[H, W, 3]``)."""
+        name, jpeg = await self._previews.get()
+        image = await asyncio.get_running_loop().run_in_executor(None, wire.decode_jpeg, jpeg)
+        return name, image
 
     async def next_stats(self) -> dict[str, Any]:
         """Wait for the next ``{"stats": ...}`` message from the server."""

@@ -10,6 +10,8 @@ As a library::
         # {"ok": true, "ip_image": "<key>"} (the session now uses it) or {"error": ...}
         reply = await client.send_control_image("pose", open("skeleton.png", "rb").read())
         # {"ok": true, "control_image": "pose"} or {"error": ..., "field": "control_image"}
+        await client.ask_control_previews()              # {"ok": true}; then, a few a second:
+        name, image = await client.recv_control_preview()  # what a ControlNet took, uint8 RGB
 
 As a command::
 
@@ -39,7 +41,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from livediff import wire
-from livediff.exceptions import LivediffError, SessionClosedError
+from livediff.exceptions import LivediffError, ProtocolError, SessionClosedError
 
 DEFAULT_MAX_SIZE = 8 * 1024 * 1024
 
@@ -63,6 +65,8 @@ class WsClient:
         )  # the same, for control images
         # The session's client-fed ControlNets that had no image when it opened (scale 0).
         self.awaiting_control_images: list[str] = []
+        # Control previews (b"LDCP" messages, after ask_control_previews): (net, JPEG)
+        self._previews: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -85,7 +89,15 @@ class WsClient:
         try:
             async for message in self.connection:
                 if isinstance(message, bytes):
-                    self._outputs.put_nowait(message)
+                    try:
+                        preview = wire.control_preview_of(message)
+                    except ProtocolError as exc:
+                        self.errors.append(str(exc))
+                        continue
+                    if preview is not None:
+                        self._previews.put_nowait(preview)
+                    else:
+                        self._outputs.put_nowait(message)
                     continue
                 reply = wire.parse_message(message)
                 kind = wire.kind_of(reply)
@@ -105,6 +117,7 @@ class WsClient:
                     self.errors.append(str(reply["error"]))
         finally:
             self._outputs.put_nowait(None)
+            self._previews.put_nowait(None)
             waiters = [*self._replies.values(), *self._style_replies, *self._control_replies]
             for waiter in waiters:
                 if not waiter.done():
@@ -163,6 +176,23 @@ class WsClient:
         self._control_replies.append(waiter)
         await self.connection.send(message)
         return await waiter
+
+    async def ask_control_previews(self, on: bool = True) -> dict[str, Any]:
+        """Ask for previews of the control images the session's ControlNets take (``False``:
+        stop); returns the server's reply. They come a few a second, after new outputs, one
+        per net: read them with :meth:`recv_control_preview`."""
+        return await self.update(**{wire.CONTROL_PREVIEW_FIELD: on})
+
+    async def recv_control_preview(self) -> tuple[str, np.ndarray]:
+        """The next control preview: (ControlNet name, uint8 RGB ``[H, W, 3]``);
+        :class:`SessionClosedError` once the connection is over."""
+        preview = await self._previews.get()
+        if preview is None:
+            self._previews.put_nowait(None)
+            raise SessionClosedError("connection closed before a control preview")
+        name, jpeg = preview
+        image = await asyncio.get_running_loop().run_in_executor(None, wire.decode_jpeg, jpeg)
+        return name, image
 
     async def close(self) -> None:
         await self.connection.close()

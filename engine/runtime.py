@@ -501,6 +501,21 @@ class Engine:
 
         return await asyncio.wrap_future(device.job(place))
 
+    async def control_previews(self, session_id: str) -> dict[str, np.ndarray]:
+        """The control image each ControlNet of session ``session_id`` took for its newest
+        frame, as uint8 RGB ``[H, W, 3]`` by net name, read on the worker thread between two
+        batches from the session's UNet inputs (:mod:`livediff.engine.control_previews`)."""
+        from livediff.engine.control_previews import read_previews
+
+        device = self._device_of.get(session_id)
+        session = self._sessions.get(session_id)
+        if device is None or session is None:
+            raise SessionClosedError(f"session {session_id} is closed")
+        core, bundle = session.core, device.bundle
+        return await asyncio.wrap_future(
+            device.worker.between_batches(lambda: read_previews(core.stream, bundle))
+        )
+
     def awaiting_control_images(self, session_id: str) -> list[str]:
         """The session's ControlNets fed ``client`` that have no image yet (scale 0 until then)."""
         from livediff.engine.client_control import awaiting

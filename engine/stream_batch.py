@@ -330,6 +330,14 @@ class StreamBatch:
             elif self.rcfg is RCFGMode.INITIALIZE:
                 buffer[:f].copy_(new)
 
+    def latest_control(self) -> torch.Tensor | None:
+        """The control images ``[K, 3, H, W]`` the newest frame's UNet rows take (the last
+        frame of the group :meth:`push_control` wrote last), ``None`` without ControlNets."""
+        if self._control_images is None:
+            return None
+        f = self.frame_buffer_size
+        return self._control_images[(self.uncond_rows if self.use_denoising_batch else 0) + f - 1]
+
     def reset(self) -> None:
         """Forget the frames in flight (the next ``steps - 1`` outputs are warm-up again)."""
         self.x_t.zero_()

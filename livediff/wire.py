@@ -21,7 +21,12 @@ Websocket (``GET /ws``)
     ControlNets (the ``client`` preprocessor): the prefix, one byte ``n`` (1–255), the net's
     name in ``n`` bytes of UTF-8, then an image file (:func:`control_image_message`). The
     server answers ``{"ok": true, "control_image": "<name>"}`` (:func:`control_image_reply`)
-    or ``{"error": …, "field": "control_image"}``. Text messages are one JSON object each (UTF-8). Session parameters
+    or ``{"error": …, "field": "control_image"}``. A binary message from the server that starts
+    with :data:`CONTROL_PREVIEW_MAGIC` (``b"LDCP"``) is no frame but a control preview: the
+    prefix, one byte ``n``, the ControlNet's name in ``n`` bytes, then a JPEG of the control
+    image that net last took in the session's UNet (:func:`control_preview_of`); the server
+    sends them only to a connection that asked with the control message
+    ``{"control_preview": true}``. Text messages are one JSON object each (UTF-8). Session parameters
     travel in the URL's query (:func:`query_string`); the server stamps every input with its
     arrival time in :data:`PTS_TIME_BASE` ticks.
 
@@ -105,6 +110,8 @@ MAX_JPEG_SIDE = 4096
 STYLE_IMAGE_MAGIC = b"LDIM"  # a binary message with this prefix is a style image, not a frame
 CONTROL_IMAGE_MAGIC = b"LDCN"  # … a control image for one ControlNet (the client preprocessor)
 CONTROL_IMAGE_FIELD = "control_image"
+CONTROL_PREVIEW_MAGIC = b"LDCP"  # … from the server: a preview of a net's control image (JPEG)
+CONTROL_PREVIEW_FIELD = "control_preview"  # the control message key that asks for previews
 AWAITING_CONTROL_IMAGES = "awaiting_control_images"  # ControlNets at scale 0 until their image
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
@@ -176,6 +183,11 @@ def control_image_reply(controlnet: str, awaiting: list[str] | None = None) -> s
     return json.dumps(reply)
 
 
+def control_preview_message(controlnet: str, jpeg: bytes) -> bytes:
+    """A preview of ``controlnet``'s control image (JPEG bytes) as a binary message."""
+    return CONTROL_PREVIEW_MAGIC + _named(controlnet, CONTROL_PREVIEW_FIELD) + jpeg
+
+
 def dropped(index: int, reason: str) -> str:
     """The answer to a frame the server dropped: its index on the connection and why."""
     return json.dumps({"dropped": index, "reason": reason})
@@ -212,14 +224,39 @@ def style_image_of(message: bytes) -> bytes | None:
 
 def control_image_message(controlnet: str, image_file: bytes) -> bytes:
     """A control image for the session's ControlNet ``controlnet`` as a binary message."""
+    return CONTROL_IMAGE_MAGIC + _named(controlnet, CONTROL_IMAGE_FIELD) + image_file
+
+
+def _named(controlnet: str, field: str) -> bytes:
+    """One byte n, then the ControlNet's name in n bytes of UTF-8."""
     name = controlnet.encode()
     if not 1 <= len(name) <= 255:
         raise ProtocolError(
-            f"a ControlNet name of {len(name)} bytes: a control image names its net in 1 to "
+            f"a ControlNet name of {len(name)} bytes: a binary message names its net in 1 to "
             "255 bytes of UTF-8",
-            field=CONTROL_IMAGE_FIELD,
+            field=field,
         )
-    return CONTROL_IMAGE_MAGIC + bytes((len(name),)) + name + image_file
+    return bytes((len(name),)) + name
+
+
+def control_preview_of(message: bytes) -> tuple[str, bytes] | None:
+    """(ControlNet name, JPEG) when a binary message from the server is a control preview,
+    else ``None`` (a frame). A preview without a valid name is a :class:`ProtocolError`."""
+    if message[:4] != CONTROL_PREVIEW_MAGIC:
+        return None
+    size = message[4] if len(message) > 4 else 0
+    name = message[5 : 5 + size]
+    try:
+        text = name.decode()
+    except UnicodeDecodeError:
+        text = ""
+    if size == 0 or len(name) < size or not text:
+        raise ProtocolError(
+            "a control preview is LDCP, one byte n, the ControlNet's name in n bytes, then a "
+            "JPEG; this one has no valid name",
+            field=CONTROL_PREVIEW_FIELD,
+        )
+    return text, message[5 + size :]
 
 
 def control_image_of(message: bytes) -> tuple[str, bytes] | None:

@@ -10,7 +10,11 @@ Data channel (any label, opened by the client; the first one is used): the clien
 control messages (:mod:`livediff.streams.control_messages`), each answered with ``{"ok": true}`` or
 ``{"error": ...}`` (also ``{"error": "rate limit: …"}`` over ``control_rate_per_s``), and
 binary style images (``b"LDIM"`` + an image file, as on the websocket), each answered
-``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``; the
+``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``, and binary
+control images (``b"LDCN"`` …, :mod:`livediff.streams.control_uploads`), answered ``{"ok":
+true, "control_image": net}`` or ``{"error": …, "field": "control_image"}`` (a rate-limit
+refusal of one names that field too); ``{"control_preview": true}`` asks for ``b"LDCP"``
+previews of the nets' control images (:mod:`livediff.streams.control_previews`); the
 server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
 large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
 ``{"closing": "<reason>"}`` before it closes the peer on purpose (server shutdown, idle timeout).
@@ -46,6 +50,7 @@ from livediff.exceptions import (
 )
 from livediff.ice import rtc_configuration
 from livediff.streams.control_messages import parse_control, refusal_reply, session_params
+from livediff.streams.control_previews import Previews, PreviewSender, split_preview
 from livediff.streams.control_uploads import (
     Awaiting,
     ControlImages,
@@ -102,6 +107,7 @@ class LivePeer:
         style_images: StyleImages | None = None,
         control_images: ControlImages | None = None,
         awaiting: Awaiting | None = None,
+        previews: Previews | None = None,
     ) -> None:
         self.session = session
         self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
@@ -131,6 +137,9 @@ class LivePeer:
         self._finishing: str | None = None
         self._closing = False
         self._closed = asyncio.Event()
+        self._previews = PreviewSender(  # {"control_preview": true}: the nets' control images
+            self.id, previews, self._send_bytes, lambda: self.flow.frames_out, self.log
+        )
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -225,6 +234,7 @@ class LivePeer:
         self.log.info("data channel %r open", channel.label)
         channel.on("message", self._on_message)
         self._spawn(self._send_stats(channel))
+        self._spawn(self._previews.run())
 
     def _on_message(self, message: str | bytes) -> None:
         if self._bucket.take():
@@ -232,6 +242,13 @@ class LivePeer:
             return
         if self._metrics is not None:
             self._metrics.rejected.labels(TRANSPORT, "rate").inc()
+        if isinstance(message, bytes) and is_control_image(message):
+            self._spawn(
+                self._refuse_in_order(
+                    error_reply(self._bucket.refusal(), field=CONTROL_IMAGE_FIELD)
+                )
+            )
+            return
         try:  # echo the id when there is one to echo
             request_id = parse_control(message, max_bytes=self.config.ws_max_control_bytes).id
         except ParameterError:
@@ -257,7 +274,11 @@ class LivePeer:
             return
         async with self._update_lock:  # FIFO: updates apply in the order they were sent
             try:
-                await self.session.update(**session_params(request.changes))
+                preview, changes = split_preview(request.changes)
+                if preview is not None:
+                    self._previews.check(preview)
+                if changes:
+                    await self.session.update(**session_params(changes))
             except ParameterError as exc:
                 self._reply(refusal_reply(exc, request, self.session.params))
                 return
@@ -274,6 +295,8 @@ class LivePeer:
                     )
                 )
                 return
+        if preview is not None:
+            self._previews.set(preview)
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         waiting = self.waiting_control_images() if "controlnets" in request.changes else None
         self._reply(ok_reply(request.id, waiting))
@@ -281,6 +304,12 @@ class LivePeer:
     def waiting_control_images(self) -> list[str]:
         """The session's client-fed ControlNets without an image yet (at scale 0 until then)."""
         return self._awaiting(self.session.id) if self._awaiting is not None else []
+
+    async def _refuse_in_order(self, reply: str) -> None:
+        """A refused upload's answer, after the answers of those sent before it (a client
+        pairs id-less answers with its uploads in order)."""
+        async with self._update_lock:
+            self._reply(reply)
 
     async def _on_control_image(self, message: bytes) -> None:
         async with self._update_lock:  # in order with the control messages around it
@@ -313,6 +342,10 @@ class LivePeer:
     def _reply(self, text: str) -> None:
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(text)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        if self._channel is not None and self._channel.readyState == "open":
+            self._channel.send(data)
 
     async def _send_stats(self, channel: RTCDataChannel) -> None:
         while not self._closing:

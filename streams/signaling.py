@@ -39,6 +39,7 @@ from livediff.engine.frames import OutputFormat
 from livediff.exceptions import CapacityError, OfferError, ParameterError, ProtocolError
 from livediff.streams import app_keys
 from livediff.streams.control_messages import session_params, wire_params
+from livediff.streams.control_previews import previews_of
 from livediff.streams.drain import DRAIN, SHUTTING_DOWN
 from livediff.streams.http_errors import json_error
 from livediff.streams.json_text import loads_bounded
@@ -137,6 +138,7 @@ async def handle_offer(request: web.Request) -> web.Response:
             style_images=getattr(engine, "encode_style_image", None),
             control_images=getattr(engine, "set_control_image", None),
             awaiting=getattr(engine, "awaiting_control_images", None),
+            previews=previews_of(engine),
         )
     except BaseException:
         await session.close()

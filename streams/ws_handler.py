@@ -45,6 +45,7 @@ from livediff.streams.control_messages import (
     refusal_reply,
     session_params,
 )
+from livediff.streams.control_previews import Previews, PreviewSender, previews_of, split_preview
 from livediff.streams.control_uploads import (
     Awaiting,
     ControlImages,
@@ -126,6 +127,7 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         style_images=getattr(app[app_keys.ENGINE], "encode_style_image", None),
         control_images=getattr(app[app_keys.ENGINE], "set_control_image", None),
         awaiting=getattr(app[app_keys.ENGINE], "awaiting_control_images", None),
+        previews=previews_of(app[app_keys.ENGINE]),
     )
     sockets.add(ws)
     app[DRAIN].websockets.add(connection)
@@ -153,6 +155,7 @@ class WsConnection:
         style_images: StyleImages | None = None,
         control_images: ControlImages | None = None,
         awaiting: Awaiting | None = None,
+        previews: Previews | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
@@ -184,18 +187,24 @@ class WsConnection:
         self._style_images = style_images  # image file → key, blocking (None: no IP-Adapter)
         self._control_images = control_images  # (session, net, image file) → nets still waiting
         self._awaiting = awaiting  # session id → its client-fed nets without an image yet
+        self._previews = PreviewSender(  # {"control_preview": true}: the nets' control images
+            session.id, previews, self._send, lambda: self.flow.frames_out, self.log, decode_pool
+        )
 
     async def run(self) -> None:
         self.log.info("websocket session open")
         await self._send(ws_protocol.hello(self.session.id, self._waiting()))
         self._writer = writer = asyncio.ensure_future(self._write())
+        previews = asyncio.ensure_future(self._previews.run())
         watchdog = asyncio.ensure_future(self._watch_idle()) if self._activity else None
         try:
             await self._read()
         finally:
             # The client is gone or closed: nothing more can be sent (finish() has sent its part).
             writer.cancel()
+            previews.cancel()
             await self._reap(writer)
+            await self._reap(previews)
             if watchdog is not None:
                 if watchdog is not self._finisher:  # else it is closing the connection: let it
                     watchdog.cancel()
@@ -323,7 +332,11 @@ class WsConnection:
             await self._send(error_reply(self._bucket.refusal(), request.id))
             return
         try:
-            await self.session.update(**session_params(request.changes))
+            preview, changes = split_preview(request.changes)
+            if preview is not None:
+                self._previews.check(preview)
+            if changes:
+                await self.session.update(**session_params(changes))
         except ParameterError as exc:
             self._reject("control", str(exc))
             await self._send(refusal_reply(exc, request, self.session.params))
@@ -342,6 +355,8 @@ class WsConnection:
                 )
             )
             return
+        if preview is not None:
+            self._previews.set(preview)
         self.log.info("updated %s", ", ".join(sorted(request.changes)))
         waiting = self._waiting() if "controlnets" in request.changes else None
         await self._send(ok_reply(request.id, waiting))

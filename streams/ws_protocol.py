@@ -43,6 +43,12 @@ Style images (binary messages starting with ``b"LDIM"``)
     large, or a server without IP-Adapter; the session goes on either way. Uploads share the
     control messages' rate limit.
 
+Control images and previews (binary messages starting with ``b"LDCN"`` / ``b"LDCP"``)
+    Client → server: ``b"LDCN"`` + one byte n + a ControlNet's name + an image file is that
+    net's control image (:mod:`livediff.streams.control_uploads`). Server → client, only
+    after ``{"control_preview": true}``: ``b"LDCP"`` + one byte n + a net's name + a JPEG of
+    the control image it took (:mod:`livediff.streams.control_previews`); neither is a frame.
+
 Control (text messages)
     Client → server: one JSON object of live parameters, see :mod:`livediff.streams.control_messages`
     (``prompt``, ``negative_prompt``, ``seed``, ``strength``, ``guidance_scale``, ``delta`` …

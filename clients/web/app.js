@@ -14,7 +14,10 @@
 //   retry ({attempt, delay_s, at, error} while waiting to retry /offer, else null),
 //   framesSent, framesDecoded, latencies[] (ms, ?src=marker only),
 //   closing (the server's reason when it ended the session), replies[] (data-channel replies,
-//   the style images' answers {ok, ip_image} / {error, field: 'ip_image'} among them),
+//   the style images' answers {ok, ip_image} / {error, field: 'ip_image'} and the control images'
+//   {ok, control_image} / {error, field: 'control_image'} among them), awaiting (the server's
+//   awaiting_control_images: the session's "client" ControlNets without an image yet),
+//   previews ({net: count} of control previews shown, b"LDCP" messages),
 //   update(params) → Promise(reply),
 //   snapshot('input'|'output') → {width, height, data: RGBA array}, start(), stop().
 'use strict';
@@ -35,7 +38,8 @@ const MARKER_BITS = 10, MARKER_ROWS = 8, MARKER_MOD = 1 << MARKER_BITS;  // stre
 const $ = (id) => document.getElementById(id);
 const form = $('params');
 const panels = {  // the panels' parameters: lists of uses, each panel its own (see show/uses)
-  controlnets: createControlNetPanel($('controlnets'), () => applyPanel('controlnets')),  // controlnet_panel.js
+  controlnets: createControlNetPanel(  // controlnet_panel.js
+    $('controlnets'), () => applyPanel('controlnets'), (net, image) => onControlImage(net, image)),
   loras: createLoraPanel($('loras'), () => applyPanel('loras')),  // lora_panel.js
 };
 const PANEL_KEYS = Object.keys(panels);
@@ -44,7 +48,7 @@ const server = {};  // the values the server runs (before a session: the form's 
 const L = window.livediff = {
   state: 'idle', session: null, codec: null, errors: [], fieldErrors: {}, params: server,
   serverStats: null, notice: null, retry: null, closing: null,
-  framesSent: 0, framesDecoded: 0, latencies: [], replies: [],
+  framesSent: 0, framesDecoded: 0, latencies: [], replies: [], awaiting: [], previews: {},
 };
 let pc = null, channel = null, media = null, statsTimer = null, markerTimer = null;
 let retryTimer = null, countdownTimer = null, attempts = 0;
@@ -52,6 +56,7 @@ let run = 0;  // bumped by stop(): a start() still awaiting something sees it an
 let requestId = 0;
 const pending = new Map();  // request id → {resolve, params}
 const uploads = [];         // style images sent, oldest first: their replies carry no id
+const controlUploads = [];  // control images sent ({net, image}), oldest first: likewise
 const touched = new Set();  // only parameters set in the URL or by the user override the server's defaults
 const unsent = new Set();   // changed while the session was being set up: sent once the channel opens
 const shown = {};           // each field's text when last applied or filled: Enter then blur applies once
@@ -322,9 +327,12 @@ function waitForIceGathering(connection) {
 
 function openChannel(connection) {
   const ch = channel = connection.createDataChannel('control');
+  ch.binaryType = 'arraybuffer';  // control previews (b"LDCP" …)
   ch.onopen = () => {
     if (ch !== channel) return;
     if (style.image()) sendStyleImage(style.image());  // the chosen style image, for this session too
+    for (const [net, image] of panels.controlnets.images()) sendControlImage(net, image);  // likewise
+    if ($('controlnet-preview').checked) update({control_preview: true});
     if (!unsent.size) return;
     const params = {};
     for (const key of unsent) params[key] = valueOf(key);
@@ -333,15 +341,18 @@ function openChannel(connection) {
   };
   ch.onmessage = (event) => {
     if (ch !== channel) return;
+    if (typeof event.data !== 'string') { showPreview(event.data); return; }
     let message;
     try { message = JSON.parse(event.data); } catch { return; }
     if (message.stats) { L.serverStats = message.stats; renderServerStats(message.stats); return; }
     if (message.closing) { L.closing = message.closing; return; }
     L.replies.push(message);
+    if (isControlImageReply(message)) { controlImageAnswered(message); return; }
     if (isUploadReply(message)) { uploaded(message); return; }
     const request = pending.get(message.id);
     if (request) pending.delete(message.id);
     const params = request ? request.params : {};
+    if (message.ok && 'controlnets' in params) setAwaiting(message.awaiting_control_images || []);
     if (message.ok) acknowledged(params);
     else if (message.error) refused(message, params);  // one place shows it: each error once
     if (request) request.resolve(message);
@@ -432,6 +443,7 @@ async function start() {
     L.session = answer.session;
     $('stat-session').textContent = answer.session;
     if (answer.params) fillForm(answer.params);
+    setAwaiting(answer.awaiting_control_images || []);
     await connection.setRemoteDescription({sdp: answer.sdp, type: answer.type});
     statsTimer = setInterval(collectStats, 1000);
   } catch (error) {
@@ -500,7 +512,10 @@ function closePeer() {
   pending.clear();
   unsent.clear();
   uploads.length = 0;
+  controlUploads.length = 0;
   style.stopped();
+  L.awaiting = [];
+  panels.controlnets.stopped();
   showVideo('output', null);
   clearStats();
 }
@@ -634,6 +649,7 @@ async function listControlNets() {
     L.featureBankFrames = Number.isInteger(answer.feature_bank_frames) ? answer.feature_bank_frames : null;
     consistency.capacity(L.featureBankFrames);
     panel.build(answer.controlnets);
+    $('controlnet-preview').closest('label').hidden = !answer.controlnets.length;  // nothing to preview
     panel.show(queryUses.controlnets === null ? server.controlnets : queryUses.controlnets);
   } catch (error) {
     panel.unavailable(String(error.message || error));
@@ -707,6 +723,78 @@ function uploaded(message) {
   }
 }
 
+// ---------------------------------------------------------------- control images (ControlNets fed "client")
+function onControlImage(net, image) {
+  // The user picked a control image for a net fed "client": sent now, or once the channel opens.
+  if (connected()) sendControlImage(net, image);
+  else panels.controlnets.sending(net, image, false);
+}
+
+async function sendControlImage(net, image) {
+  // b"LDCN" + n + the net's name + the file as one binary message; a file over the channel's
+  // message size goes as a smaller JPEG the browser makes of it (style_panel.js shrinkImage).
+  const ch = channel, panel = panels.controlnets;
+  panel.flush();  // the "client" use goes first: the server takes an image only for such a net
+  const most = ((pc && pc.sctp && pc.sctp.maxMessageSize) || 65536) - 5 - new TextEncoder().encode(net).length - 4;
+  let bytes = image.bytes;
+  panel.sending(net, image, true);
+  if (bytes.length > most) {
+    bytes = await style.shrink(new Blob([image.bytes]), most);
+    if (ch !== channel) return;
+    if (!bytes) {
+      const kib = (n) => Math.ceil(n / 1024);
+      const text = `${image.name} (${kib(image.bytes.length)} KiB) is more than the connection takes `
+        + `(${kib(most)} KiB) and the browser cannot read it as an image to send a smaller copy`;
+      panel.refused(net, image, text);
+      recordError(text);
+      return;
+    }
+  }
+  controlUploads.push({net, image});
+  ch.send(panel.message(net, bytes));
+}
+
+function isControlImageReply(message) {
+  // A control image's answer: {ok, control_image: net} or {error, field: "control_image"}, no id.
+  if (message.id !== undefined || !controlUploads.length) return false;
+  return 'control_image' in message || message.field === 'control_image';
+}
+
+function controlImageAnswered(message) {
+  const {net, image} = controlUploads.shift();
+  if (message.ok) {
+    panels.controlnets.acknowledged(net, image);
+    setAwaiting(message.awaiting_control_images || []);
+    showMessage(`applied: control image for ${message.control_image}`);
+  } else {
+    panels.controlnets.refused(net, image, message.error);  // the session keeps the image it had
+    recordError(message.error);
+  }
+}
+
+function setAwaiting(nets) {
+  L.awaiting = nets;
+  panels.controlnets.awaiting(nets);
+}
+
+const LDCP = 'LDCP';  // livediff.wire.CONTROL_PREVIEW_MAGIC: b"LDCP" | n | the net's name | a JPEG
+function showPreview(data) {
+  const bytes = new Uint8Array(data);
+  if (bytes.length < 6 || String.fromCharCode(...bytes.subarray(0, 4)) !== LDCP) return;
+  const n = bytes[4];
+  const net = new TextDecoder().decode(bytes.subarray(5, 5 + n));
+  if (!$('controlnet-preview').checked) return;
+  const url = URL.createObjectURL(new Blob([bytes.subarray(5 + n)], {type: 'image/jpeg'}));
+  if (panels.controlnets.preview(net, url)) L.previews[net] = (L.previews[net] || 0) + 1;
+  else URL.revokeObjectURL(url);
+}
+
+function onPreviewToggle() {
+  const on = $('controlnet-preview').checked;
+  if (!on) for (const net of Object.keys(L.previews)) panels.controlnets.preview(net, null);
+  if (connected()) update({control_preview: on});
+}
+
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const key of PARAM_KEYS) {
@@ -738,6 +826,7 @@ function init() {
   for (const id of ['input', 'output']) {  // the caption over an empty box goes once video plays
     $(id).addEventListener('playing', () => $(id).parentElement.classList.add('live'));
   }
+  $('controlnet-preview').addEventListener('change', onPreviewToggle);
   $('start').addEventListener('click', start);
   $('stop').addEventListener('click', stop);
   $('banner-cancel').addEventListener('click', stop);

@@ -3,6 +3,12 @@
 // "use", a scale 0–2, its preprocessor and, for canny, the thresholds and blur
 // (models/control_uses.py CannyParams). The panel holds no session state: app.js sends what
 // uses() returns as the live "controlnets" parameter, and show(uses) puts the server's value back.
+// A row whose preprocessor is "client" takes the net's control image from the user (a drop
+// zone and a file picker): app.js sends it (b"LDCN" + name length + name + the file, on the data
+// channel) and tells the row the server's answer (acknowledged, refused) and whether the
+// session still waits for it (awaiting); the image is kept and sent again to the next session.
+// With "show what the ControlNets see" checked, app.js asks the server for previews
+// (control_preview) and preview(net, url) shows the latest beside its row.
 'use strict';
 
 const CANNY_DEFAULTS = {low: 100, high: 200, sigma: 1};  // CannyParams' defaults
@@ -17,7 +23,19 @@ const PREPROCESSOR_LABELS = {
   soft_edge: 'soft edges (HED)',
   passthrough: 'the camera picture (tile)',
   previous_output: 'the previous output (TemporalNet)',
+  client: 'an image you send',
 };
+const LDCN = [0x4c, 0x44, 0x43, 0x4e];  // livediff.wire.CONTROL_IMAGE_MAGIC
+
+function controlImageMessage(net, bytes) {  // b"LDCN" | n | the net's name (n bytes) | the file
+  const name = new TextEncoder().encode(net);
+  const message = new Uint8Array(LDCN.length + 1 + name.length + bytes.length);
+  message.set(LDCN);
+  message[LDCN.length] = name.length;
+  message.set(name, LDCN.length + 1);
+  message.set(bytes, LDCN.length + 1 + name.length);
+  return message;
+}
 const SETTLE_MS = 150;  // a burst of changes (arrow keys on a slider) becomes one message
 
 function useFromText(text) {
@@ -70,17 +88,31 @@ function netRow(option) {
     key, slider(label, {max, step, value: CANNY_DEFAULTS[key], role: key}),
   ]));
   const cannyBox = element('div', {class: 'canny', 'data-role': 'canny'}, Object.values(canny).map((s) => s.row));
+  const drop = element('div', {
+    class: 'drop-zone', role: 'button', tabindex: '0', 'data-role': 'client-drop',
+    'aria-label': `choose a control image for ${option.name}`,
+    text: 'drop a control image here, or click to choose a file',
+  });
+  const picker = element('input', {type: 'file', accept: 'image/*', hidden: '', 'data-role': 'client-file'});
+  const clientNote = element('p', {class: 'panel-note', role: 'status', 'data-role': 'client-note'});
+  const clientError = element('small', {class: 'field-error', 'aria-live': 'polite', 'data-role': 'client-error'});
+  const clientBox = element('div', {class: 'client', 'data-role': 'client'}, [drop, picker, clientNote, clientError]);
+  const preview = element('img', {class: 'thumb', 'data-role': 'preview', alt: `what ${option.name} sees`, hidden: ''});
   const settings = element('fieldset', {class: 'controlnet-settings'}, [
-    scale.row, element('label', {}, ['preprocessor ', preprocessor]), cannyBox,
+    scale.row, element('label', {}, ['preprocessor ', preprocessor]), cannyBox, clientBox, preview,
   ]);
   const root = element('div', {class: 'controlnet', 'data-net': option.name}, [
     element('label', {class: 'use'}, [enabled, ' use ', element('b', {text: option.name})]),
     settings,
   ]);
-  const row = {option, root, enabled, scale, preprocessor, canny};
+  const row = {option, root, enabled, scale, preprocessor, canny, drop, picker, clientNote, clientError, preview};
+  row.image = null;     // the control image last picked ({bytes, name}), kept for later sessions
+  row.running = null;   // the last one the server took (a refused pick goes back to it)
+  row.waiting = false;  // the server said the session waits for this net's image
   row.refresh = () => {  // what depends on other controls: off hides the net's settings
     settings.disabled = settings.hidden = !enabled.checked;
     cannyBox.hidden = preprocessor.value !== 'canny';
+    clientBox.hidden = preprocessor.value !== 'client';
   };
   row.refresh();
   return row;
@@ -107,19 +139,52 @@ function showUse(row, use) {
 
 // createControlNetPanel(root, onChange): root holds #controlnet-note and #controlnet-list;
 // onChange() is called once the user's changes settle.
-function createControlNetPanel(root, onChange) {
+function say(row, text) { row.clientNote.textContent = text || ''; row.clientNote.hidden = !text; }
+
+function wire(row, changed, onImage) {  // the row's control-image drop zone and picker
+  const pick = async (file) => {
+    if (!file) return;
+    row.image = {bytes: new Uint8Array(await file.arrayBuffer()), name: file.name || 'image'};
+    row.clientError.textContent = '';
+    onImage(row.option.name, row.image);
+  };
+  const {drop, picker} = row;
+  drop.addEventListener('click', () => picker.click());
+  drop.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); picker.click(); }
+  });
+  drop.addEventListener('dragover', (event) => { event.preventDefault(); drop.classList.add('dragging'); });
+  drop.addEventListener('dragleave', () => drop.classList.remove('dragging'));
+  drop.addEventListener('drop', (event) => {
+    event.preventDefault();
+    drop.classList.remove('dragging');
+    pick(event.dataTransfer && event.dataTransfer.files[0]);
+  });
+  picker.addEventListener('change', (event) => {
+    event.stopPropagation();  // a file is no setting: the panel's change handler skips it
+    pick(picker.files[0]);
+    picker.value = '';
+  });
+  row.root.addEventListener('change', () => changed(row));
+}
+
+// createControlNetPanel(root, onChange, onImage): root holds #controlnet-note and
+// #controlnet-list; onChange() is called once the user's changes settle, onImage(net, image)
+// when the user picks a control image ({bytes, name}) for a net fed "client".
+function createControlNetPanel(root, onChange, onImage = () => {}) {
   const note = root.querySelector('#controlnet-note'), list = root.querySelector('#controlnet-list');
   let rows = [], timer = null;
   const changed = (row) => {
     row.refresh();
     clearTimeout(timer);
-    timer = setTimeout(onChange, SETTLE_MS);
+    timer = setTimeout(() => { timer = null; onChange(); }, SETTLE_MS);
   };
+  const rowOf = (net) => rows.find((row) => row.option.name === net);
   return {
     build(options) {
       rows = options.map(netRow);
       list.replaceChildren(...rows.map((row) => row.root));
-      for (const row of rows) row.root.addEventListener('change', () => changed(row));
+      for (const row of rows) wire(row, changed, onImage);
       note.textContent = options.length ? ''
         : 'This server has no ControlNets loaded (start it with --controlnet SOURCE to use one).';
       note.hidden = Boolean(options.length);
@@ -134,6 +199,63 @@ function createControlNetPanel(root, onChange) {
       for (const row of rows) showUse(row, uses.find((u) => u.controlnet === row.option.name));
     },
     editing() { return root.contains(document.activeElement); },
+    flush() {  // send settling changes now (a control image must follow its net's "client" use)
+      if (timer === null) return;
+      clearTimeout(timer);
+      timer = null;
+      onChange();
+    },
+    images() {  // [net, image] for each enabled "client" net with a picked image: for a new session
+      return rows.filter((row) => row.image && row.enabled.checked && row.preprocessor.value === 'client')
+        .map((row) => [row.option.name, row.image]);
+    },
+    sending(net, image, connected) {
+      const row = rowOf(net);
+      if (row && image === row.image) say(row, connected ? `sending ${image.name}…` : `${image.name} is sent when the session starts`);
+    },
+    acknowledged(net, image) {  // the server took image for net: it runs from the next frame
+      const row = rowOf(net);
+      if (!row) return;
+      row.waiting = false;
+      row.running = image;
+      if (image !== row.image) return;  // a newer pick is on its way
+      row.clientError.textContent = '';
+      say(row, `in use: ${image.name}`);
+    },
+    refused(net, image, text) {  // the session keeps the image it had (or waits still)
+      const row = rowOf(net);
+      if (!row) return;
+      if (image === row.image) row.image = row.running;  // the next session gets the kept one
+      row.clientError.textContent = text;
+      say(row, row.waiting ? 'waiting for a control image (the net runs at scale 0 until one comes)'
+        : (row.running ? `in use: ${row.running.name}` : ''));
+    },
+    awaiting(nets) {  // the server's awaiting_control_images: the nets at scale 0 until their image
+      for (const row of rows) {
+        const waiting = nets.includes(row.option.name);
+        if (waiting) say(row, 'waiting for a control image (the net runs at scale 0 until one comes)');
+        else if (row.waiting) say(row, row.running ? `in use: ${row.running.name}` : '');
+        row.waiting = waiting;
+      }
+    },
+    stopped() {  // no session: the picked images wait for the next one
+      for (const row of rows) {
+        row.waiting = false;
+        row.running = null;
+        say(row, row.image ? `${row.image.name} is sent when the session starts` : '');
+        row.preview.hidden = true;
+      }
+    },
+    preview(net, url) {  // the latest control image the server's net used (null: none)
+      const row = rowOf(net);
+      if (!row) return false;
+      const before = row.preview.getAttribute('src');
+      if (url) row.preview.src = url; else row.preview.removeAttribute('src');
+      row.preview.hidden = !url;
+      if (before && before.startsWith('blob:')) URL.revokeObjectURL(before);
+      return true;
+    },
+    message: controlImageMessage,
     usesFrom,
   };
 }

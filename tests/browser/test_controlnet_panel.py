@@ -221,6 +221,7 @@ def test_without_controlnets_the_panel_says_so(browser: Browser) -> None:
         note = page.locator("#controlnet-note")
         assert note.is_visible() and "no ControlNets loaded" in note.text_content()
         assert page.locator(".controlnet").count() == 0 and no_horizontal_scroll(page)
+        assert page.locator("#controlnet-preview").is_hidden()  # nothing to preview
         # without the token the list is refused, and the panel says why
         refused = open_listed_page(browser, f"{server.base}/")
         assert "could not be listed" in refused.locator("#controlnet-note").text_content()

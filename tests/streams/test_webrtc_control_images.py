@@ -9,8 +9,9 @@ namespace (see ``streams_testing``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -67,3 +68,44 @@ async def test_a_control_image_on_the_data_channel_feeds_the_next_frames(
         torch.testing.assert_close(images[0, 0], fitted_reference(drawn(1), 128))
     finally:
         await client.close()
+
+
+@NEEDS_NETNS
+async def test_control_previews_on_the_data_channel_show_the_nets_control_input(
+    server: Any, frame: np.ndarray
+) -> None:
+    base, _, _ = server
+    client = WebRTCClient(base, params={**FOX, "controlnets": "pose:1:client"})
+    await client.connect(ImageTrack(frame, fps=30))
+    try:
+        assert (await client.send_control_image("pose", png(drawn(2))))["ok"] is True
+        assert (await client.ask_control_previews())["ok"] is True
+        await client.recv_frame()
+        name, image = await asyncio.wait_for(client.recv_control_preview(), 30)
+        assert name == "pose" and image.shape == (128, 128, 3)
+        expected = (fitted_reference(drawn(2), 128).permute(1, 2, 0) * 255).numpy()
+        assert float(np.abs(image.astype(np.float32) - expected).mean()) < 6.0  # JPEG's error
+        refused = await client.update(control_preview="on")
+        assert refused["field"] == "control_preview"
+    finally:
+        await client.close()
+
+
+@NEEDS_NETNS
+async def test_a_rate_limited_control_image_is_answered_in_its_turn(
+    controlled: Recording, frame: np.ndarray
+) -> None:
+    """The answers carry no id: a refusal over the rate must come after the answers of the
+    uploads sent before it, and name the field, so that a client pairs each with its own."""
+    config = replace(CONFIG, control_rate_per_s=0.1, control_burst=2)
+    async with running_server(controlled, config) as (base, _, _):
+        client = WebRTCClient(base, params={**FOX, "controlnets": "pose:1:client"})
+        await client.connect(ImageTrack(frame, fps=30))
+        try:
+            answers = await asyncio.gather(
+                *(client.send_control_image("pose", png(drawn(seed))) for seed in (1, 2, 3))
+            )
+            assert answers[0] == answers[1] == {"ok": True, "control_image": "pose"}
+            assert answers[2]["field"] == "control_image" and "rate" in answers[2]["error"]
+        finally:
+            await client.close()
