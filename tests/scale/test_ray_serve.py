@@ -98,6 +98,11 @@ def two_node_serve(model_dir: Path) -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in QUIET}
     os.environ.update(QUIET)  # the nodes (and so the replicas) inherit it
     temp = tempfile.mkdtemp(prefix="ldray-", dir="/tmp")  # short: Ray's socket paths
+    # Ray 2.60's Cluster writes its address into the *default* temp folder whatever temp_dir
+    # says, and fails when that folder does not exist yet (a fresh machine).
+    from ray._private.utils import get_ray_address_file
+
+    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(
         initialize_head=True,
