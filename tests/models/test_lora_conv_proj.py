@@ -25,6 +25,7 @@ from helpers.lora_testing import (
     random_conv_lora,
     random_lora,
     save_kohya,
+    save_kohya_original,
     save_peft,
     tiny_unet,
     unet_inputs,
@@ -170,14 +171,48 @@ def test_agrees_with_diffusers_fused_mode(
     assert (batched - _call(base, inputs)).abs().amax() > 1e-2  # the LoRA shows
 
 
+def test_original_unet_names_on_the_sd15_layout(tmp_path: Path) -> None:
+    """A kohya file in the original checkpoint's names (``input_blocks_1_1_proj_in`` …) on the
+    SD 1.5 block layout with conv projections: per session equals diffusers' fused mode and
+    the equation."""
+    unet = tiny_unet(
+        seed=4,
+        use_linear_projection=False,
+        block_out_channels=[16, 32, 32],
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=2,
+    )
+    layers = {**random_lora(unet, 4, 5), **random_conv_lora(unet, 4, 6)}
+    path = save_kohya_original(layers, tmp_path / "o.safetensors", unet.config, alpha=4.0)
+    library = LoraLibrary.attach(copy.deepcopy(unet), LoraCapacity(max_rank=4))
+    assert library.load("o", str(path)).layers == len(layers)
+    preset = get_preset("tiny")
+    components = build_random(preset, full_vae=True)
+    components.unet = copy.deepcopy(unet)
+    fuse_loras(preset, components, {}, (LoraRef(str(path), 0.6),), offline=True)
+    inputs = unet_inputs(2, seed=7)
+    with library.rows(*library.row_inputs([[("o", 0.6)], []])):
+        batched = _call(library.unet, inputs)
+    oracle = _call(fused_copy(unet, [(layers, 0.6)]), _row(inputs, 0))  # alpha 4 / rank 4
+    torch.testing.assert_close(batched[:1], oracle, **TIGHT)
+    torch.testing.assert_close(batched[:1], _call(components.unet, _row(inputs, 0)), **TIGHT)
+    torch.testing.assert_close(batched[1:], _call(unet, _row(inputs, 1)), **TIGHT)
+    assert (batched[:1] - _call(unet, _row(inputs, 0))).abs().amax() > 1e-2  # the LoRA shows
+
+
 @pytest.mark.slow  # dynamo traces the whole tiny UNet (~1 min on a CI machine)
-def test_switching_loras_does_not_recompile(base: Any, loras: dict[str, Any]) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_switching_loras_does_not_recompile(
+    base: Any, loras: dict[str, Any], channels_last: bool
+) -> None:
     torch._dynamo.reset()
     library = _library(base, loras, "A", max_loras=2)
-    library.unet.to(memory_format=torch.channels_last)
-    compiled = torch.compile(library.unet.forward, fullgraph=True, backend="aot_eager")
     inputs = unet_inputs(2, seed=5)
-    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        library.unet.to(memory_format=torch.channels_last)
+        inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(library.unet.forward, fullgraph=True, backend="aot_eager")
     steps: list[tuple[str, list[list[tuple[str, float]]]]] = [
         ("start", [[("A", 1.0)], []]),
         ("load B", [[("A", 1.0)], [("B", 0.7)]]),
