@@ -71,7 +71,7 @@ from livediff.models.backends import (
 )
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
-from livediff.models.lora_files import target_layers
+from livediff.models.lora_files import layer_features, target_layers
 from livediff.models.lora_library_config import LoraLibraryConfig
 from livediff.models.lora_setup import attach_lora_library
 from livediff.models.presets import LoraRef, get_preset
@@ -88,8 +88,11 @@ def write_lora(unet: torch.nn.Module, path: Path, rank: int, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, layer in sorted(target_layers(unet).items()):
-        down = torch.randn(rank, layer.in_features, generator=gen) / layer.in_features**0.5
-        up = torch.randn(layer.out_features, rank, generator=gen) * 0.05 / rank**0.5
+        features_in, features_out = layer_features(layer)
+        down = torch.randn(rank, features_in, generator=gen) / features_in**0.5
+        up = torch.randn(features_out, rank, generator=gen) * 0.05 / rank**0.5
+        if isinstance(layer, torch.nn.Conv2d):  # a 1×1 convolution's LoRA: [rank, in, 1, 1] …
+            down, up = down[..., None, None], up[..., None, None]
         tensors[f"unet.{name}.lora_A.weight"] = down.half().contiguous()
         tensors[f"unet.{name}.lora_B.weight"] = up.half().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,11 @@ Key formats (the UNet part; one file may mix the spellings of one format):
 
 Each UNet key must name one of the layers per-session LoRAs apply to (:func:`target_layers`):
 the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, the feed-forward
-``ff.net.0.proj`` and ``ff.net.2``, and ``proj_in`` / ``proj_out`` where they are linear. A
-convolution LoRA (4-d weights, or a key on a convolution such as SD 1.5's 1×1 ``proj_in``) is
+``ff.net.0.proj`` and ``ff.net.2``, and ``proj_in`` / ``proj_out``, linear or (SD 1.5's,
+``use_linear_projection=False``) 1×1 convolutions. A 1×1 convolution is a linear map over the
+channels at every pixel, so its LoRA (down ``[rank, in, 1, 1]``, up ``[out, rank, 1, 1]``, as
+kohya and PEFT write it) is the linear's ``[rank, in]`` / ``[out, rank]``. Any other
+convolution LoRA (4-d weights on a linear, a key on a resnet's 3×3 convolution, a LoCon) is
 refused naming the key: fused mode (``--lora``, :func:`livediff.models.pipelines.fuse_loras`)
 applies those. So is a key on any other layer, or one the UNet does not have (a LoRA of
 another family), and a shape that does not fit (the message names both shapes). Text-encoder
@@ -64,6 +67,7 @@ TARGET_SUFFIXES = (
     "proj_in",
     "proj_out",
 )
+CONV_TARGET_SUFFIXES = ("proj_in", "proj_out")  # where they are 1×1 convolutions
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")
 _PEFT = re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LEGACY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
@@ -108,13 +112,38 @@ class LoraFile:
         return sum((p.down.numel() + p.up.numel()) * size for p in self.layers.values())
 
 
-def target_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The UNet's linear layers per-session LoRAs apply to, by module name."""
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.endswith(TARGET_SUFFIXES)
-    }
+def is_pointwise_conv(module: torch.nn.Module) -> bool:
+    """A 1×1 ``Conv2d`` that is a linear map over channels at every pixel (stride 1, no
+    padding, groups or dilation): SD 1.5's ``proj_in`` / ``proj_out``."""
+    return (
+        isinstance(module, torch.nn.Conv2d)
+        and tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.dilation) == (1, 1)
+        and module.padding in ((0, 0), 0, "valid")
+        and module.groups == 1
+    )
+
+
+def target_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
+    """The UNet's layers per-session LoRAs apply to, by module name: the target linears and
+    the 1×1 convolution ``proj_in`` / ``proj_out``."""
+    return {name: module for name, module in unet.named_modules() if _is_target(name, module)}
+
+
+def layer_features(layer: torch.nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a target layer: features of a linear, channels of a 1×1 convolution."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return int(layer.in_channels), int(layer.out_channels)
+    if isinstance(layer, torch.nn.Linear):
+        return int(layer.in_features), int(layer.out_features)
+    raise ModelLoadError(f"a {type(layer).__name__} is not a layer per-session LoRAs apply to")
+
+
+def _is_target(name: str, module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return name.endswith(TARGET_SUFFIXES)
+    return name.endswith(CONV_TARGET_SUFFIXES) and is_pointwise_conv(module)
 
 
 def resolve_file(
@@ -212,9 +241,9 @@ def _kohya_module(spelled: str, underscored: dict[str, str], layout: LdmLayout) 
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The base linear of a layer rewritten for per-session LoRAs (it keeps it as ``base``)."""
+    """The base layer of a layer rewritten for per-session LoRAs (it keeps it as ``base``)."""
     base = getattr(module, "base", None)
-    return base if isinstance(base, torch.nn.Linear) else module
+    return base if isinstance(base, torch.nn.Linear | torch.nn.Conv2d) else module
 
 
 def _split(
@@ -267,15 +296,19 @@ def _fit(
     alpha: float | None,
 ) -> LoraPair:
     down, up = pair["down"], pair["up"]
-    if down.ndim != 2 or up.ndim != 2 or not isinstance(module, torch.nn.Linear):
-        what = f"a {type(module).__name__}" if not isinstance(module, torch.nn.Linear) else "4-d"
+    pointwise = _is_target(module_name, module) and isinstance(module, torch.nn.Conv2d)
+    linear = isinstance(module, torch.nn.Linear)
+    if not pointwise and (down.ndim != 2 or up.ndim != 2 or not linear):
+        what = "4-d" if linear else f"a {type(module).__name__}"
+        if isinstance(module, torch.nn.Conv2d):
+            what = f"a {_conv_text(module)}"
         raise ModelLoadError(
             f"LoRA {name!r}: key {key} is a convolution LoRA ({what}, weights "
-            f"{tuple(down.shape)}): per-session mode applies linear LoRAs only; load it in "
-            "fused mode (--lora) instead",
+            f"{tuple(down.shape)}): per-session mode applies linear LoRAs and 1×1 proj_in / "
+            "proj_out convolution LoRAs only; load it in fused mode (--lora) instead",
             field="loras",
         )
-    if not module_name.endswith(TARGET_SUFFIXES):
+    if linear and not module_name.endswith(TARGET_SUFFIXES):
         raise ModelLoadError(
             f"LoRA {name!r}: key {key} targets {module_name}; per-session LoRAs apply to the "
             "attention projections, feed-forward and proj_in/proj_out linears only (fused "
@@ -283,7 +316,13 @@ def _fit(
             field="loras",
         )
     rank = down.shape[0]
-    expected_down, expected_up = (rank, module.in_features), (module.out_features, rank)
+    features_in, features_out = layer_features(module)
+    expected_down: tuple[int, ...] = (rank, features_in)
+    expected_up: tuple[int, ...] = (features_out, rank)
+    layer = f"Linear({features_in} → {features_out})"
+    if isinstance(module, torch.nn.Conv2d):  # the 1×1 proj_in / proj_out (checked above)
+        expected_down, expected_up = (*expected_down, 1, 1), (*expected_up, 1, 1)
+        layer = f"a {_conv_text(module)}"
     if tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
         hint = ""
         family = _CROSS_WIDTH.get(int(down.shape[1])) if "attn2.to_k" in module_name else None
@@ -291,10 +330,16 @@ def _fit(
             hint = f" (its cross-attention width {down.shape[1]} is {family}'s)"
         raise ModelLoadError(
             f"LoRA {name!r}: key {key} has down {tuple(down.shape)} and up {tuple(up.shape)}; "
-            f"the UNet's {module_name} is Linear({module.in_features} → {module.out_features}) "
+            f"the UNet's {module_name} is {layer} "
             f"and needs down {expected_down} and up {expected_up}: a LoRA of another model "
             f"family or size{hint}",
             field="loras",
         )
     scale = 1.0 if alpha is None else alpha / rank
-    return LoraPair(down.to(torch.float32), up.to(torch.float32), scale)
+    # A 1×1 convolution's down [rank, in, 1, 1] / up [out, rank, 1, 1] are the linear's.
+    return LoraPair(down.flatten(1).to(torch.float32), up.flatten(1).to(torch.float32), scale)
+
+
+def _conv_text(conv: torch.nn.Conv2d) -> str:
+    height, width = conv.kernel_size
+    return f"{height}×{width} Conv2d({conv.in_channels} → {conv.out_channels})"

@@ -6,11 +6,12 @@ Two ways to use a LoRA, chosen by config:
 - **fused** (``--lora``, ``ModelSpec.loras``; :func:`livediff.models.pipelines.fuse_loras`):
   folded into the weights at load, for the whole server, at no per-frame cost. Any LoRA
   diffusers reads (convolution LoRAs and text-encoder parts included).
-- **per session** (this module): the UNet's target linears are rewritten once
-  (:mod:`livediff.models.lora_layers`) to add each row's LoRAs from packed buffers of static
-  size (:class:`~livediff.models.lora_store.LoraCapacity`). Loading, unloading and switching
+- **per session** (this module): the UNet's target linears (and 1×1 convolution ``proj_in`` /
+  ``proj_out``) are rewritten once (:mod:`livediff.models.lora_layers`) to add each row's
+  LoRAs from packed buffers of static size (:class:`~livediff.models.lora_store.LoraCapacity`). Loading, unloading and switching
   write buffers only: no recompile, no re-capture. Each row costs one segmented low-rank
-  update per target layer (a row without LoRA, only the kernel's skip). Linear LoRAs only.
+  update per target layer (a row without LoRA, only the kernel's skip). Linear LoRAs and the
+  1×1 ``proj_in`` / ``proj_out`` convolutions' only.
 
 The engine's use, per call::
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 class LoraLibrary:
     """A UNet's packed LoRA store, the rewritten layers' row selection, and loading by name."""
 
-    unet: Any  # diffusers UNet2DConditionModel, its target linears rewritten
+    unet: Any  # diffusers UNet2DConditionModel, its target layers rewritten
     store: LoraStore
     selection: RowSelection
 
@@ -89,7 +90,7 @@ class LoraLibrary:
         """Read ``source`` (file, folder or HF id), check it against the UNet, pack it as ``name``.
 
         Refused (:class:`~livediff.exceptions.ModelLoadError`, ``field="loras"``): an unreadable
-        or missing file, a convolution LoRA, a layer or shape of another family, a rank above
+        or missing file, a convolution LoRA (but on a 1×1 ``proj_in`` / ``proj_out``), a layer or shape of another family, a rank above
         ``max_rank``, a full store; a name in use is a :class:`ParameterError`.
         """
         return self.add(

@@ -1,8 +1,8 @@
 """Packed LoRA buffers: one pair of fixed device tensors per target layer, one slot per LoRA.
 
-For every target layer (``Linear(in → out)``) the store holds ``a`` ``[max_loras, in,
-max_rank]`` and ``b`` ``[max_loras, max_rank, out]`` in the model's dtype, zero where no LoRA
-is loaded and past each LoRA's own rank. Loading a LoRA writes its weights into a free slot
+For every target layer (``Linear(in → out)``, or a 1×1 convolution from ``in`` to ``out``
+channels) the store holds ``a`` ``[max_loras, in, max_rank]`` and ``b`` ``[max_loras,
+max_rank, out]`` in the model's dtype, zero where no LoRA is loaded and past each LoRA's own rank. Loading a LoRA writes its weights into a free slot
 (``a = down.T``, ``b = up.T · alpha/rank``; zeros in the layers it does not touch), unloading
 zeroes the slot and frees it. The shapes never change, so a compiled or CUDA-graphed UNet that
 reads these buffers (:mod:`livediff.models.lora_layers`) sees new LoRAs without recompiling or
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from livediff.exceptions import ModelLoadError, ParameterError
-from livediff.models.lora_files import LoraFile, target_layers
+from livediff.models.lora_files import LoraFile, layer_features, target_layers
 from livediff.models.lora_uses import MAX_LORA_USES
 
 MAX_SLOTS_PER_ROW = MAX_LORA_USES
@@ -100,13 +100,13 @@ class LoraStore:
             raise ModelLoadError("this UNet has no linear layers that LoRAs apply to")
         n, r = capacity.max_loras, capacity.max_rank
         opts: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
-            name: (
-                torch.zeros(n, layer.in_features, r, **opts),
-                torch.zeros(n, r, layer.out_features, **opts),
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, layer in layers.items():
+            features_in, features_out = layer_features(layer)
+            self.buffers[name] = (
+                torch.zeros(n, features_in, r, **opts),
+                torch.zeros(n, r, features_out, **opts),
             )
-            for name, layer in layers.items()
-        }
         self._loaded: dict[str, LoadedLora] = {}
         self._retiring: set[str] = set()  # being unloaded: no new session may take them
 

@@ -97,3 +97,21 @@ def test_the_default_plan_is_what_the_issue_asks_for() -> None:
         ("per-session", 64, 16, 1, False),
         ("per-session", 64, 16, 4, False),
     ]
+
+
+def test_the_random_files_cover_sd15_conv_projections(tmp_path: Path) -> None:
+    """On a UNet with SD 1.5's 1×1 convolution proj_in / proj_out the random file holds them
+    too (4-d weights), and the library reads every layer."""
+    import torch
+
+    from helpers.lora_testing import tiny_unet
+    from livediff.models.lora_files import target_layers
+    from livediff.models.lora_library import LoraLibrary
+    from livediff.models.lora_store import LoraCapacity
+
+    unet = tiny_unet(use_linear_projection=False)
+    layers = target_layers(unet)
+    assert any(isinstance(layer, torch.nn.Conv2d) for layer in layers.values())
+    path = lora.write_lora(unet, tmp_path / "a.safetensors", rank=4, seed=0)
+    library = LoraLibrary.attach(unet, LoraCapacity(max_loras=1, max_rank=4))
+    assert library.load("a", str(path)).layers == len(layers)

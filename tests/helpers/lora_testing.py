@@ -49,6 +49,32 @@ def linear_targets(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     }
 
 
+def conv_targets(unet: torch.nn.Module) -> dict[str, torch.nn.Conv2d]:
+    """The 1×1 convolution ``proj_in`` / ``proj_out`` of a UNet with
+    ``use_linear_projection=False`` (SD 1.5's), found independently of livediff."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+        and name.endswith(("proj_in", "proj_out"))
+        and module.kernel_size == (1, 1)
+    }
+
+
+def random_conv_lora(
+    unet: torch.nn.Module, rank: int, seed: int, *, strength: float = 0.3
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (down [rank, in, 1, 1], up [out, rank, 1, 1])}`` on every 1×1 ``proj_in`` /
+    ``proj_out`` convolution, as kohya and PEFT write a convolution LoRA."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, conv in sorted(conv_targets(unet).items()):
+        down = torch.randn(rank, conv.in_channels, 1, 1, generator=gen) / conv.in_channels**0.5
+        up = torch.randn(conv.out_channels, rank, 1, 1, generator=gen) * strength / rank**0.5
+        layers[name] = (down, up)
+    return layers
+
+
 def random_lora(
     unet: torch.nn.Module, rank: int, seed: int, *, every: int = 1, strength: float = 0.3
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -118,7 +144,9 @@ def fused_copy(
     with torch.no_grad():
         for layers, scale in loras:
             for name, (down, up) in layers.items():
-                modules[name].weight += scale * (up.double() @ down.double()).float()
+                weight = modules[name].weight  # a 1×1 convolution's [out, in, 1, 1] too
+                update = up.flatten(1).double() @ down.flatten(1).double()
+                weight += scale * update.float().view_as(weight)
     return fused
 
 

@@ -229,12 +229,14 @@ def _refused(library: LoraLibrary, path: Path, error: type[Exception] = ModelLoa
 
 
 def test_a_convolution_lora_is_refused_naming_the_key(tmp_path: Path) -> None:
-    unet = tiny_unet(use_linear_projection=False)  # SD 1.5-like: proj_in is a 1x1 conv
+    # SD 1.5-like. Its 1x1 proj_in / proj_out convolutions are taken per session
+    # (tests/models/test_lora_conv_proj.py); a resnet's 3x3 convolution (a LoCon) is not.
+    unet = tiny_unet(use_linear_projection=False)
     library = LoraLibrary.attach(copy.deepcopy(unet), LoraCapacity(max_rank=16))
-    conv = unet.down_blocks[0].attentions[0].proj_in
-    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    conv = unet.down_blocks[0].resnets[0].conv1
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
     tensors = {
-        f"{key}.lora_down.weight": torch.randn(4, conv.in_channels, 1, 1),
+        f"{key}.lora_down.weight": torch.randn(4, conv.in_channels, 3, 3),
         f"{key}.lora_up.weight": torch.randn(conv.out_channels, 4, 1, 1),
     }
     message = _refused(library, save_kohya({}, tmp_path / "conv.safetensors", extra=tensors))
