@@ -242,21 +242,13 @@ def _named(controlnet: str, field: str) -> bytes:
 def control_preview_of(message: bytes) -> tuple[str, bytes] | None:
     """(ControlNet name, JPEG) when a binary message from the server is a control preview,
     else ``None`` (a frame). A preview without a valid name is a :class:`ProtocolError`."""
-    if message[:4] != CONTROL_PREVIEW_MAGIC:
-        return None
-    size = message[4] if len(message) > 4 else 0
-    name = message[5 : 5 + size]
-    try:
-        text = name.decode()
-    except UnicodeDecodeError:
-        text = ""
-    if size == 0 or len(name) < size or not text:
-        raise ProtocolError(
-            "a control preview is LDCP, one byte n, the ControlNet's name in n bytes, then a "
-            "JPEG; this one has no valid name",
-            field=CONTROL_PREVIEW_FIELD,
-        )
-    return text, message[5 + size :]
+    return _named_message(
+        message,
+        CONTROL_PREVIEW_MAGIC,
+        "a control preview is LDCP, one byte n, the ControlNet's name in n bytes, then a "
+        "JPEG; this one has no valid name",
+        CONTROL_PREVIEW_FIELD,
+    )
 
 
 def control_image_of(message: bytes) -> tuple[str, bytes] | None:
@@ -265,21 +257,31 @@ def control_image_of(message: bytes) -> tuple[str, bytes] | None:
     A message with the prefix but no valid name is a :class:`ProtocolError`
     (``field="control_image"``).
     """
-    if message[:4] != CONTROL_IMAGE_MAGIC:
+    return _named_message(
+        message,
+        CONTROL_IMAGE_MAGIC,
+        "a control image message is LDCN, one byte n, the ControlNet's name in n bytes of "
+        "UTF-8, then an image file; this one has no valid name",
+        CONTROL_IMAGE_FIELD,
+    )
+
+
+def _named_message(
+    message: bytes, magic: bytes, malformed: str, field: str
+) -> tuple[str, bytes] | None:
+    """``magic``, one byte n, a name in n bytes of UTF-8, a payload → (name, payload)."""
+    if message[: len(magic)] != magic:
         return None
-    size = message[4] if len(message) > 4 else 0
-    name = message[5 : 5 + size]
+    start = len(magic)
+    size = message[start] if len(message) > start else 0
+    name = message[start + 1 : start + 1 + size]
     try:
         text = name.decode()
     except UnicodeDecodeError:
         text = ""
     if size == 0 or len(name) < size or not text:
-        raise ProtocolError(
-            "a control image message is LDCN, one byte n, the ControlNet's name in n bytes of "
-            "UTF-8, then an image file; this one has no valid name",
-            field=CONTROL_IMAGE_FIELD,
-        )
-    return text, message[5 + size :]
+        raise ProtocolError(malformed, field=field)
+    return text, message[start + 1 + size :]
 
 
 def query_string(params: Mapping[str, Any]) -> str:
