@@ -434,12 +434,18 @@ def _decode_in_place(image: Any, target: np.ndarray) -> None:
 
     Pillow keeps RGB as 4 bytes a pixel; ``load()`` decodes into the image's core if it has
     one already (it allocates only when not), so a core mapped on ``target`` with that stride
-    receives the pixels themselves.
+    receives the pixels themselves. That is Pillow's internals (tests/streams/test_wire.py
+    checks it): should a version allocate anyway, the pixels are copied into ``target``, so
+    the frame stays right.
     """
+    import numpy as np
     from PIL import Image
 
-    image.im = Image.core.map_buffer(target, image.size, "raw", 0, ("RGB", 4 * image.size[0], 1))
+    core = Image.core.map_buffer(target, image.size, "raw", 0, ("RGB", 4 * image.size[0], 1))
+    image.im = core
     image.load()
+    if image.im is not core:  # a Pillow whose load() decodes into memory of its own
+        np.copyto(target[..., :3], np.asarray(image))  # still right, one copy more
 
 
 def _describe(exc: Exception) -> str:

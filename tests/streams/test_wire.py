@@ -128,3 +128,21 @@ def test_a_style_image_message_is_told_apart_from_a_frame() -> None:
     reply = wire.parse_message(wire.style_image_reply("ab" * 32))
     assert reply == {"ok": True, "ip_image": "ab" * 32}
     assert wire.kind_of(reply) is wire.MessageKind.REPLY
+
+
+def test_an_rgb_jpeg_decodes_into_the_callers_buffer_itself() -> None:
+    """The copy-free websocket path rests on Pillow decoding into a core mapped on our buffer
+    (its internals); if a Pillow stops doing that, frames stay right but cost a copy."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(wire.encode_jpeg(pattern(64, 48, 3))))
+    target = np.zeros((48, 64, 4), dtype=np.uint8)
+    core = Image.core.map_buffer(target, image.size, "raw", 0, ("RGB", 4 * 64, 1))
+    image.im = core
+    image.load()
+    assert image.im is core  # decoded in place: no fallback copy
+    np.testing.assert_array_equal(
+        target[..., :3], wire.decode_jpeg(wire.encode_jpeg(pattern(64, 48, 3)))
+    )
