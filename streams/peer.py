@@ -13,7 +13,8 @@ binary style images (``b"LDIM"`` + an image file, as on the websocket), each ans
 ``{"ok": true, "ip_image": key}`` or ``{"error": …, "field": "ip_image"}``, and binary
 control images (``b"LDCN"`` …, :mod:`livediff.streams.control_uploads`), answered ``{"ok":
 true, "control_image": net}`` or ``{"error": …, "field": "control_image"}`` (a rate-limit
-refusal of one names that field too); ``{"control_preview": true}`` asks for ``b"LDCP"``
+refusal of an upload names its field too, ``ip_image`` or ``control_image``, and comes in its
+turn); ``{"control_preview": true}`` asks for ``b"LDCP"``
 previews of the nets' control images (:mod:`livediff.streams.control_previews`); the
 server sends ``{"stats": {...}}`` every ``stats_interval_s``, ``{"error": "frame W×H … too
 large …"}`` (at most once a second) while the remote video exceeds ``max_frame_pixels``, and
@@ -242,12 +243,12 @@ class LivePeer:
             return
         if self._metrics is not None:
             self._metrics.rejected.labels(TRANSPORT, "rate").inc()
-        if isinstance(message, bytes) and is_control_image(message):
-            self._spawn(
-                self._refuse_in_order(
-                    error_reply(self._bucket.refusal(), field=CONTROL_IMAGE_FIELD)
-                )
-            )
+        upload = None
+        if isinstance(message, bytes):
+            upload = CONTROL_IMAGE_FIELD if is_control_image(message) else None
+            upload = "ip_image" if style_image_of(message) is not None else upload
+        if upload is not None:  # an upload: answered in its turn, naming what was refused
+            self._spawn(self._refuse_in_order(error_reply(self._bucket.refusal(), field=upload)))
             return
         try:  # echo the id when there is one to echo
             request_id = parse_control(message, max_bytes=self.config.ws_max_control_bytes).id

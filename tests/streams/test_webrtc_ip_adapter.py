@@ -6,8 +6,10 @@ namespace (see ``streams_testing``).
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -75,3 +77,23 @@ async def test_a_style_image_on_the_data_channel_styles_the_next_frames(
         assert session.core.stream.params.ip_image is None
     finally:
         await client.close()
+
+
+@NEEDS_NETNS
+async def test_a_rate_limited_style_image_is_answered_in_its_turn_and_names_its_field(
+    styled: ModelBundle, frame: np.ndarray
+) -> None:
+    """Upload answers carry no id: a client pairs them with its uploads in order, so the one
+    refused over the rate comes after the others' answers and says what it refuses."""
+    config = replace(CONFIG, control_rate_per_s=0.1, control_burst=2)
+    async with running_server(styled, config) as (base, _, _):
+        client = WebRTCClient(base, params=FOX)
+        await client.connect(ImageTrack(frame, fps=30))
+        try:
+            answers = await asyncio.gather(
+                *(client.send_style_image(image_file(seed)) for seed in (1, 2, 3))
+            )
+            assert [a.get("ok") for a in answers[:2]] == [True, True], answers
+            assert answers[2]["field"] == "ip_image" and "rate" in answers[2]["error"], answers
+        finally:
+            await client.close()
