@@ -2,6 +2,8 @@
 #   source bench/gpu_env.sh
 # Installs the carried wheels in .whl/ (diffusers and what the machine lacks) and this
 # checkout into /tmp/site, without network, and puts them on PYTHONPATH.
+# The device's copy of .git can be stale (2026-12-02): put LIVEDIFF_COMMIT=<this checkout's short hash>
+# in the run's command so the records name the tree that ran (bench/records.py reads it).
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD  # livediff itself runs from the checkout (see livediff/__init__.py)
