@@ -148,23 +148,7 @@ function wire(row, changed, onImage) {  // the row's control-image drop zone and
     row.clientError.textContent = '';
     onImage(row.option.name, row.image);
   };
-  const {drop, picker} = row;
-  drop.addEventListener('click', () => picker.click());
-  drop.addEventListener('keydown', (event) => {
-    if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); picker.click(); }
-  });
-  drop.addEventListener('dragover', (event) => { event.preventDefault(); drop.classList.add('dragging'); });
-  drop.addEventListener('dragleave', () => drop.classList.remove('dragging'));
-  drop.addEventListener('drop', (event) => {
-    event.preventDefault();
-    drop.classList.remove('dragging');
-    pick(event.dataTransfer && event.dataTransfer.files[0]);
-  });
-  picker.addEventListener('change', (event) => {
-    event.stopPropagation();  // a file is no setting: the panel's change handler skips it
-    pick(picker.files[0]);
-    picker.value = '';
-  });
+  wireDropZone(row.drop, row.picker, pick, true);  // the panel's change handler skips the file
   row.root.addEventListener('change', () => changed(row));
 }
 

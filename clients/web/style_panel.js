@@ -60,18 +60,7 @@ function createStylePanel(root, onImage) {
     showImage(image);
     onImage(image);
   };
-  drop.addEventListener('click', () => picker.click());
-  drop.addEventListener('keydown', (event) => {
-    if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); picker.click(); }
-  });
-  drop.addEventListener('dragover', (event) => { event.preventDefault(); drop.classList.add('dragging'); });
-  drop.addEventListener('dragleave', () => drop.classList.remove('dragging'));
-  drop.addEventListener('drop', (event) => {
-    event.preventDefault();
-    drop.classList.remove('dragging');
-    pick(event.dataTransfer && event.dataTransfer.files[0]);
-  });
-  picker.addEventListener('change', () => { pick(picker.files[0]); picker.value = ''; });
+  wireDropZone(drop, picker, pick);
   clear.addEventListener('click', () => {
     const before = chosen;
     chosen = null;
