@@ -46,15 +46,28 @@ class RowSelection:
             self.indices = self.scales = None
 
 
-class LoraRowsLinear(torch.nn.Module):
+class _LoraRows(torch.nn.Module):
+    """A base layer, the store's packed buffers ``a``, ``b`` for it, and the call's selection."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def __init__(
+        self, base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, selection: RowSelection
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("a", a, persistent=False)
+        self.register_buffer("b", b, persistent=False)
+        self.selection = selection
+
+
+class LoraRowsLinear(_LoraRows):
     """``base(x)`` plus, for every row, its LoRAs' updates from the packed buffers ``a``, ``b``.
 
     It has no ``weight`` of its own on purpose: code that would fold the base weights (fused
     QKV projections) fails loudly instead of dropping the LoRAs.
     """
-
-    a: torch.Tensor
-    b: torch.Tensor
 
     def __init__(
         self,
@@ -63,13 +76,9 @@ class LoraRowsLinear(torch.nn.Module):
         b: torch.Tensor,
         selection: RowSelection,
     ) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base, a, b, selection)
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.register_buffer("a", a, persistent=False)
-        self.register_buffer("b", b, persistent=False)
-        self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -83,7 +92,7 @@ class LoraRowsLinear(torch.nn.Module):
         return y
 
 
-class LoraRowsConv2d(torch.nn.Module):
+class LoraRowsConv2d(_LoraRows):
     """A 1×1 convolution ``base(x)`` plus, for every row, its LoRAs' updates over channels.
 
     A 1×1 convolution is a linear map over channels at every pixel: the row's pixels are its
@@ -94,9 +103,6 @@ class LoraRowsConv2d(torch.nn.Module):
     :class:`LoraRowsLinear`.
     """
 
-    a: torch.Tensor
-    b: torch.Tensor
-
     def __init__(
         self,
         base: torch.nn.Conv2d,
@@ -104,15 +110,11 @@ class LoraRowsConv2d(torch.nn.Module):
         b: torch.Tensor,
         selection: RowSelection,
     ) -> None:
-        super().__init__()
         if not is_pointwise_conv(base):
             raise ModelLoadError(f"per-session LoRAs take 1×1 convolutions only, not {base}")
-        self.base = base
+        super().__init__(base, a, b, selection)
         self.in_channels = base.in_channels
         self.out_channels = base.out_channels
-        self.register_buffer("a", a, persistent=False)
-        self.register_buffer("b", b, persistent=False)
-        self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
