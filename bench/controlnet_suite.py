@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +66,14 @@ import torch
 from livediff.bench import multi
 from livediff.bench.consistency import panning_clip
 from livediff.bench.plots import _figure, draw_or_explain, replot, save_figure
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, int_list, record_sinks
+from livediff.bench.records import (
+    emit,
+    environment,
+    gpu_memory_peak_mb,
+    int_list,
+    record_sinks,
+    reset_memory,
+)
 from livediff.bench.records import summarize as summarize_ms
 from livediff.engine.backend_fit import make_stream, whole_step_blockers
 from livediff.engine.config import GenerationParams, StreamConfig
@@ -127,14 +133,6 @@ def cases(text: str) -> list[Case]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def closed_loop(
@@ -372,7 +370,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
         compile_s = round(time.perf_counter() - began, 1)  # compile + capture of its buckets
         base = GenerationParams.for_preset(bundle.preset, steps=1, strength=STRENGTH)
         for case in (c for c in single if c.controlnets == count):
-            _reset_memory(run.device)
+            reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
             stream = single_stream(prepared, bundle, run.backend, run.config, params)
             summary = closed_loop(stream.process, run.frames, args.warmup, args.frames, run.device)
@@ -396,7 +394,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
             )
             del stream
         for case in in_sessions:
-            _reset_memory(run.device)
+            reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
             settings = multi_args(args, run.backend)
             overlap = BatchOverlap(args.overlap)
@@ -419,9 +417,9 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                 }
             )
         del bundle, prepared
-        _reset_memory(run.device)
+        reset_memory(run.device)
     del full, nets
-    _reset_memory(run.device)
+    reset_memory(run.device)
 
 
 def run_diffusers(run: Run, peer: list[Case]) -> None:
@@ -435,7 +433,7 @@ def run_diffusers(run: Run, peer: list[Case]) -> None:
     if compiled:  # diffusers' forwards are livediff's code objects: drop livediff's compiled code
         torch._dynamo.reset()
     for case in peer:
-        _reset_memory(run.device)
+        reset_memory(run.device)
         net = (
             load_controlnet(ControlNetSpec("random", name="cn0", seed=0), bundle)
             if case.preprocessors
@@ -460,7 +458,7 @@ def run_diffusers(run: Run, peer: list[Case]) -> None:
         )
         del runner, net
     del bundle
-    _reset_memory(run.device)
+    reset_memory(run.device)
 
 
 def find_record(

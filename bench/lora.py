@@ -54,9 +54,16 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from livediff.bench.multi import Scene, _reset_memory, run_livediff
+from livediff.bench.multi import Scene, run_livediff
 from livediff.bench.plots import _figure, draw_or_explain, replot, save_figure
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, percentile, record_sinks
+from livediff.bench.records import (
+    emit,
+    environment,
+    gpu_memory_peak_mb,
+    percentile,
+    record_sinks,
+    reset_memory,
+)
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.engine.runtime_config import BatchOverlap
@@ -468,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bundle, compile_s, recipe = system_bundle(args, system, rank, files, device)
                 params = GenerationParams.for_preset(bundle.preset, steps=args.steps)
                 for case in group:
-                    _reset_memory(device)
+                    reset_memory(device)
                     tally, seen = asyncio.run(measure(bundle, config, params, args, case, files))
                     records.append(record(case, tally, seen, bundle, args, compile_s, recipe))
                     emit(records[-1], sinks)

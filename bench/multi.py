@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import math
 import threading
 import time
@@ -70,6 +69,7 @@ from livediff.bench.records import (
     gpu_memory_peak_mb,
     percentile,
     record_sinks,
+    reset_memory,
 )
 from livediff.engine.backend_fit import fit_degrade_to_bundle, make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
@@ -151,14 +151,6 @@ def parse_thresholds(text: str) -> list[float | None]:
             raise argparse.ArgumentTypeError(f"similarity threshold {value} is not in [0, 1]")
         values.append(value)
     return values
-
-
-def _reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 # ---------------------------------------------------------------------- livediff
@@ -594,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for threshold in args.similarity_threshold:
                 params = base.updated(similarity_threshold=threshold)
                 for system in systems:
-                    _reset_memory(device)
+                    reset_memory(device)
                     if system in LIVEDIFF_SYSTEMS:
                         overlap = LIVEDIFF_SYSTEMS[system]
                         tally = asyncio.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import os
 import shlex
@@ -123,6 +124,15 @@ def record_sinks(path: Path | None) -> Iterator[list[TextIO]]:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def reset_memory(device: torch.device) -> None:
+    """Free what the last case left and start the device's peak-memory count anew."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def gpu_memory_peak_mb(device: torch.device | str) -> float | None:
