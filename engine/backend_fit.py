@@ -38,11 +38,10 @@ def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwarg
 
 
 def whole_step_blockers(bundle: ModelBundle) -> list[str]:
-    """What keeps ``bundle``'s frame step out of one captured graph: ControlNets (a control
-    image per frame), a feature bank (which frames to keep), per-session LoRAs or an
-    IP-Adapter (inputs written per frame on the host)."""
+    """What keeps ``bundle``'s frame step out of one captured graph: a feature bank (which
+    frames to keep), per-session LoRAs or an IP-Adapter (inputs written per frame on the
+    host). ControlNets are captured with the step (:mod:`livediff.engine.captured_control`)."""
     found = [
-        ("ControlNets", bool(bundle.controlnets)),
         ("a feature bank", bundle.feature_bank is not None),
         ("per-session LoRAs", bundle.loras is not None),
         ("an IP-Adapter", bundle.ip_adapter is not None),

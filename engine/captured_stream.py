@@ -8,8 +8,14 @@ host sync in the step; the caller syncs once, when it needs the pixels (``Stream
 is a device tensor; an event-based wait is left to the consumer).
 
 Live updates keep working without recapture because they ``copy_`` into the same buffers the
-graph reads (embeddings, noise, coefficients, guidance). A new step count (new buffers) or a
-new input size captures a new graph; graphs are kept per input size.
+graph reads (embeddings, noise, coefficients, guidance, ControlNet scales). A new step count
+(new buffers) or a new input size captures a new graph; graphs are kept per input size.
+
+ControlNets are part of the step: the graph runs the session's preprocessors on its frame and
+feeds the nets (:mod:`livediff.engine.captured_control`: thresholds, client images and the
+previous output are static buffers refreshed before each replay). Which preprocessors feed
+which nets is part of a graph's key: changing that captures another graph (the compiled
+networks are reused, nothing recompiles); the last :data:`KEPT_GRAPHS` are kept.
 
 Requirements: CUDA, ``use_denoising_batch=True`` (the sequential reference path runs one UNet
 call per step and is not graphed). txt2img draws its per-frame noise from the CUDA generator
@@ -23,6 +29,13 @@ from typing import Any
 
 import torch
 
+from livediff.engine.captured_control import (
+    CannyFn,
+    CapturedControl,
+    ControlKey,
+    compiled_canny,
+    control_key,
+)
 from livediff.engine.config import GenerationMode
 from livediff.engine.frames import (
     InputImage,
@@ -40,13 +53,22 @@ from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
 
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
+KEPT_GRAPHS = 4  # captured steps kept per stream (input sizes × ControlNet layouts)
 
 
 class _FrameGraph:
     """The captured step for one input size (and one StreamBatch)."""
 
-    def __init__(self, stream: Stream, height: int, width: int, yuv: bool) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        height: int,
+        width: int,
+        yuv: bool,
+        control: CapturedControl | None = None,
+    ) -> None:
         self.stream = stream
+        self.control = control
         self.batch: StreamBatch = stream.batch
         frames = stream.config.frame_buffer_size
         device = stream.bundle.device
@@ -62,6 +84,7 @@ class _FrameGraph:
 
     def _body(self) -> torch.Tensor:
         stream, bundle = self.stream, self.stream.bundle
+        pixels = None
         if stream.config.mode is GenerationMode.TXT2IMG:
             x0 = torch.zeros(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
             first = torch.randn(self.latent_shape, device=bundle.device, dtype=bundle.dtype)
@@ -73,6 +96,8 @@ class _FrameGraph:
             else:
                 pixels = rgb_to_model_input(self.frames_in[0], *size)
             x0, first = bundle.encode(pixels), None
+        if self.control is not None:
+            self.batch.push_control(self.control.compute(pixels))
         eps = bundle.predict_noise(self.batch.begin(x0, first))
         return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
 
@@ -114,26 +139,49 @@ class CapturedStream(Stream):
             )
         if not self.config.use_denoising_batch:
             raise BackendError("the captured frame step needs use_denoising_batch=True")
-        self._graphs: dict[tuple[int, int, bool], _FrameGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, ControlKey], _FrameGraph] = {}
         self._said_feedback = False
+        self._canny: CannyFn | None = None
 
     def graph_for(self, height: int, width: int, yuv: bool = False) -> _FrameGraph:
-        """The captured step for this input size and kind, capturing it on first use."""
-        key = (height, width, yuv)
+        """The captured step for this input size and kind (and the session's ControlNet
+        layout), capturing it on first use."""
+        layout = control_key(self._control)
+        key = (height, width, yuv, layout)
         captured = self._graphs.get(key)
-        if captured is None or captured.batch is not self.batch:
-            if captured is not None:
-                self._graphs.clear()  # the step count changed: every graph read the old buffers
+        if captured is not None and captured.batch is not self.batch:
+            self._graphs.clear()  # the step count changed: every graph read the old buffers
+            captured = None
+        if captured is None:
             kind = "I420" if yuv else "RGB"
+            nets = f", ControlNets {layout}" if layout else ""
             log.info(
-                "[%s] capturing the frame step for %dx%d %s input",
+                "[%s] capturing the frame step for %dx%d %s input%s",
                 self.session_id,
                 width,
                 height,
                 kind,
+                nets,
             )
-            captured = self._graphs[key] = _FrameGraph(self, height, width, yuv)
+            while len(self._graphs) >= KEPT_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            control = self._captured_control() if self._control is not None else None
+            captured = self._graphs[key] = _FrameGraph(self, height, width, yuv, control)
         return captured
+
+    def _captured_control(self) -> CapturedControl:
+        assert self._control is not None
+        if self._canny is None:
+            self._canny = compiled_canny()
+        return CapturedControl(
+            self._control,
+            size=(self.height, self.width),
+            rows=self.config.frame_buffer_size,
+            device=self.bundle.device,
+            dtype=self.bundle.dtype,
+            networks=self.bundle.control_networks,
+            canny=self._canny,
+        )
 
     def run(self, group: FrameGroup) -> list[StreamOutput]:
         if self.params.latent_feedback:  # the blend needs the host between two frames
@@ -153,5 +201,7 @@ class CapturedStream(Stream):
             return super().run(group)  # mixed sizes inside one group: the eager path handles them
         height, width = frame_size(first)
         graph = self.graph_for(height, width, isinstance(first, YuvFrame))
+        if graph.control is not None and self._control is not None:
+            graph.control.refresh(self._control, self._client_images, self._previous_output())
         rgb = graph.replay(group.images).clone()
         return self.complete(group, rgb)

@@ -69,7 +69,7 @@ def control_images(
     frames = [None if r.pixels is None else from_model_output(r.pixels) for r in requests]
     jobs: dict[tuple[Preprocessor, tuple[int, int]], list[_Part]] = {}
     for i, request in enumerate(requests):
-        for (kind, params), slots in _distinct(request.uses).items():
+        for (kind, params), slots in distinct_uses(request.uses).items():
             if kind in BATCHED:
                 jobs.setdefault((kind, request.size), []).append((i, params, slots))
             elif kind is Preprocessor.PREVIOUS_OUTPUT:
@@ -107,7 +107,7 @@ def batched_controls(
     return [None if r is None else next(answers) for r in requests]
 
 
-def _distinct(
+def distinct_uses(
     uses: Sequence[SlotUse],
 ) -> dict[tuple[Preprocessor, CannyParams | None], list[int]]:
     """Each distinct (preprocessor, parameters) of a session and the slots it feeds."""
