@@ -102,6 +102,7 @@ class _FrameGraph:
         return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
 
     def _capture(self) -> None:
+        in_flight = self.batch.snapshot()  # a capture mid-stream must not lose these frames
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
@@ -114,7 +115,7 @@ class _FrameGraph:
             torch.cuda.graph(self.graph, capture_error_mode="thread_local"),
         ):
             self.frames_out = self._body()
-        self.batch.reset()  # warm-up frames must not linger in the latent buffer
+        self.batch.restore(in_flight)  # the warm-up frames must not linger in the buffers
 
     def replay(self, images: list[InputImage]) -> torch.Tensor:
         """Copy the group's frames (RGB tensors or YUV planes, host or device) in and replay."""

@@ -338,14 +338,24 @@ class StreamBatch:
         f = self.frame_buffer_size
         return self._control_images[(self.uncond_rows if self.use_denoising_batch else 0) + f - 1]
 
+    def _in_flight(self) -> list[torch.Tensor]:
+        """The buffers that carry the frames in flight from one group to the next."""
+        buffers = [self.x_t, self.stock_noise, self._control_images, self._control_scales]
+        return [b for b in buffers if b is not None]
+
     def reset(self) -> None:
         """Forget the frames in flight (the next ``steps - 1`` outputs are warm-up again)."""
-        self.x_t.zero_()
-        if self.stock_noise is not None:
-            self.stock_noise.zero_()
-        if self._control_images is not None and self._control_scales is not None:
-            self._control_images.zero_()
-            self._control_scales.zero_()
+        for buffer in self._in_flight():
+            buffer.zero_()
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the frames in flight, for :meth:`restore` (a graph capture mid-stream
+        runs the step a few times and must leave the stream where it was)."""
+        return [buffer.clone() for buffer in self._in_flight()]
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        for buffer, saved in zip(self._in_flight(), snapshot, strict=True):
+            buffer.copy_(saved)
 
     # ------------------------------------------------------------------ the step
     def step(

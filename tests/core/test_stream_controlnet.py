@@ -345,3 +345,29 @@ def test_a_known_net_refuses_a_preprocessor_it_was_not_trained_on(
         Stream(bundle, CONFIG, BASE.updated(controlnets=("canny:1:passthrough",)))
     stream = Stream(bundle, CONFIG, BASE.updated(controlnets=("canny",)))  # its own: canny
     assert stream.process(frames(1)[0])
+
+
+def test_a_snapshot_restores_the_frames_in_flight(controlled: ModelBundle) -> None:
+    """A graph captured mid-stream runs the step a few times (warm-up and capture); the
+    Stream Batch's snapshot/restore around it must leave the frames in flight, latents and
+    control images, exactly as they were (``CapturedStream`` relies on it)."""
+    params = BASE.updated(steps=3, controlnets=USES)
+    inputs = frames(6)
+    plain, captured = (Stream(recording(controlled), CONFIG, params) for _ in range(2))
+    for frame in inputs[:3]:
+        plain.process(frame)
+        captured.process(frame)
+    saved = captured.batch.snapshot()
+    batch = captured.batch
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for _ in range(3):  # what a capture's warm-up does to the buffers
+            batch.push_control(torch.rand(1, 2, 3, SIZE, SIZE, generator=g))
+            rows = batch.begin(torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g), None)
+            batch.finish(torch.randn_like(rows.latents))
+    assert any(not torch.equal(a, b) for a, b in zip(saved, batch.snapshot(), strict=True))
+    batch.restore(saved)
+    want = [o for f in inputs[3:] for o in plain.process(f)] + plain.flush()
+    got = [o for f in inputs[3:] for o in captured.process(f)] + captured.flush()
+    assert [o.index for o in got] == [o.index for o in want] == [1, 2, 3, 4, 5]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(got, want, strict=True))
