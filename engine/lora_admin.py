@@ -141,11 +141,14 @@ class LoraAdmin:
         self, library: LoraLibrary, name: str, source: str, weight_name: str | None
     ) -> LoadedLora:
         lora = await asyncio.to_thread(library.read, name, source, weight_name=weight_name)
+        # Laid out and page-locked off the worker too: between two batches the worker only
+        # queues one copy per buffer (a stall of its own frames otherwise, bench --suite lora).
+        staged = await asyncio.to_thread(library.stage, lora)
         entries: list[LoadedLora] = []
         try:
             for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True):
                 entries.append(
-                    await asyncio.wrap_future(on_worker(partial(device_library.add, lora)))
+                    await asyncio.wrap_future(on_worker(partial(device_library.add, lora, staged)))
                 )
         except BaseException:
             for device_library, on_worker in zip(self.libraries, self.on_workers, strict=True):

@@ -35,7 +35,7 @@ import torch
 from livediff.exceptions import ParameterError
 from livediff.models.lora_files import LoraFile, read_lora, resolve_file
 from livediff.models.lora_layers import RowSelection, attach
-from livediff.models.lora_store import LoadedLora, LoraCapacity, LoraStore
+from livediff.models.lora_store import LoadedLora, LoraCapacity, LoraStore, StagedLora
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,17 @@ class LoraLibrary:
         path = resolve_file(source, weight_name=weight_name, local_files_only=local_files_only)
         return read_lora(path, self.unet, name=name, source=source)
 
-    def add(self, lora: LoraFile) -> LoadedLora:
-        """The buffer part of :meth:`load`: pack a read LoRA into a free slot (the thread that
-        runs the UNet, between calls)."""
-        entry = self.store.load(lora)
+    def stage(self, lora: LoraFile) -> StagedLora:
+        """The host part of the buffer write: ``lora`` laid out as a slot holds it, in
+        page-locked memory (:meth:`LoraStore.stage`; any thread, and any device's library
+        of this model takes the result)."""
+        return self.store.stage(lora)
+
+    def add(self, lora: LoraFile, staged: StagedLora | None = None) -> LoadedLora:
+        """The buffer part of :meth:`load`: pack a read LoRA (``staged`` by :meth:`stage`
+        off this thread, or here) into a free slot (the thread that runs the UNet, between
+        calls: queued copies only, no host sync)."""
+        entry = self.store.load(lora, staged)
         log.info(
             "loaded LoRA %r from %s into slot %d: rank %d, %d layers, %.2f MB",
             lora.name,

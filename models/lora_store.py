@@ -25,6 +25,9 @@ from livediff.exceptions import ModelLoadError, ParameterError
 from livediff.models.lora_files import LoraFile, layer_features, target_layers
 from livediff.models.lora_uses import MAX_LORA_USES
 
+# A LoRA laid out as a slot holds it, in host memory: layer → (A [in, max_rank], B [max_rank, out]).
+StagedLora = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
 MAX_SLOTS_PER_ROW = MAX_LORA_USES
 MAX_RANK = 256  # the Triton kernel's limit (kernels/lora_rows.py TRITON_MAX_RANK)
 
@@ -141,25 +144,30 @@ class LoraStore:
         """Undo :meth:`retire` (the unload was refused)."""
         self._retiring.discard(name)
 
-    def load(self, lora: LoraFile) -> LoadedLora:
-        """Write ``lora`` into a free slot; a loaded name or a full store is refused."""
+    def stage(self, lora: LoraFile) -> StagedLora:
+        """``lora`` laid out as its slot will hold it, in host memory (page-locked on CUDA),
+        so that :meth:`load` only queues one asynchronous copy per buffer. Any thread: this
+        is the slow part (transposing, scaling, converting) and stays off the UNet's thread."""
+        self._check_fits(lora)
+        pinned = self.device.type == "cuda"
+        staged: StagedLora = {}
+        for name, pair in lora.layers.items():
+            a, b = self.buffers[name]
+            host_a = torch.zeros(a.shape[1:], dtype=self.dtype, pin_memory=pinned)
+            host_b = torch.zeros(b.shape[1:], dtype=self.dtype, pin_memory=pinned)
+            host_a[:, : pair.rank].copy_(pair.down.t())
+            host_b[: pair.rank].copy_(pair.up.t() * pair.scale)
+            staged[name] = (host_a, host_b)
+        return staged
+
+    def load(self, lora: LoraFile, staged: StagedLora | None = None) -> LoadedLora:
+        """Write ``lora`` (``staged`` by :meth:`stage`, or staged here) into a free slot; a
+        loaded name or a full store is refused."""
         if lora.name in self._loaded:
             raise ParameterError(
                 f"a LoRA named {lora.name!r} is loaded already: unload it first", field="loras"
             )
-        if lora.rank > self.capacity.max_rank:
-            raise ModelLoadError(
-                f"LoRA {lora.name!r} has rank {lora.rank}; this server's LoRA buffers hold "
-                f"ranks up to max_rank={self.capacity.max_rank}",
-                field="loras",
-                limit=self.capacity.max_rank,
-            )
-        unknown = sorted(set(lora.layers) - set(self.buffers))
-        if unknown:
-            raise ModelLoadError(
-                f"LoRA {lora.name!r} targets {unknown[0]}, which is not a LoRA layer of this UNet",
-                field="loras",
-            )
+        self._check_fits(lora)
         used = {entry.slot for entry in self._loaded.values()}
         free = [slot for slot in range(self.capacity.max_loras) if slot not in used]
         if not free:
@@ -169,7 +177,7 @@ class LoraStore:
                 limit=self.capacity.max_loras,
             )
         slot = free[0]
-        self._write(slot, lora)
+        self._write(slot, self.stage(lora) if staged is None else staged)
         entry = LoadedLora(
             name=lora.name,
             source=lora.source,
@@ -183,6 +191,21 @@ class LoraStore:
         self._loaded[lora.name] = entry
         return entry
 
+    def _check_fits(self, lora: LoraFile) -> None:
+        if lora.rank > self.capacity.max_rank:
+            raise ModelLoadError(
+                f"LoRA {lora.name!r} has rank {lora.rank}; this server's LoRA buffers hold "
+                f"ranks up to max_rank={self.capacity.max_rank}",
+                field="loras",
+                limit=self.capacity.max_rank,
+            )
+        unknown = sorted(set(lora.layers) - set(self.buffers))
+        if unknown:
+            raise ModelLoadError(
+                f"LoRA {lora.name!r} targets {unknown[0]}, which is not a LoRA layer of this UNet",
+                field="loras",
+            )
+
     def unload(self, name: str) -> LoadedLora:
         """Zero the LoRA's slot and free it; rows still pointing there add nothing."""
         self._retiring.discard(name)
@@ -193,16 +216,17 @@ class LoraStore:
         del self._loaded[name]
         return entry
 
-    def _write(self, slot: int, lora: LoraFile) -> None:
+    def _write(self, slot: int, staged: StagedLora) -> None:
+        """Queue the slot's copies: no host sync (page-locked sources on CUDA; the caching
+        host allocator keeps them until the copies are done)."""
         for name, (a, b) in self.buffers.items():
-            a[slot].zero_()
-            b[slot].zero_()
-            pair = lora.layers.get(name)
+            pair = staged.get(name)
             if pair is None:
+                a[slot].zero_()
+                b[slot].zero_()
                 continue
-            rank = pair.rank
-            a[slot, :, :rank].copy_(pair.down.t().to(a))
-            b[slot, :rank].copy_((pair.up.t() * pair.scale).to(b))
+            a[slot].copy_(pair[0], non_blocking=True)
+            b[slot].copy_(pair[1], non_blocking=True)
 
     def row_inputs(
         self, rows: Sequence[Sequence[tuple[str, float]]]
