@@ -14,9 +14,10 @@ minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) 
 
 - **single** (``sessions: 1``): one stream, closed loop, one sync per frame, frame in and
   out on the device; compiled, the fastest way livediff runs it (``stream``): the whole
-  step as one CUDA graph (``CapturedStream``, as ``livediff run``), the preprocessors and
+  step as one CUDA graph (``CapturedStream``, as ``livediff run``), canny and the
   ControlNets inside it (:mod:`livediff.engine.captured_control`; before 2026-12-02 a
-  ``Stream`` whose UNet and VAE calls replayed the server's per-bucket graphs):
+  ``Stream`` whose UNet and VAE calls replayed the server's per-bucket graphs; depth still
+  runs call by call, ``not_captured``):
   ControlNets ``none`` (0), ``canny`` (1), ``depth`` (1), ``canny+depth`` (2; the default
   ``--single``). ``ratio_to_plain`` = ms_median ÷ the plain (0-net) stream's of this run;
   ``preprocess_ms`` = the case's preprocessors alone (device time, median);

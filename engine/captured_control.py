@@ -2,8 +2,8 @@
 
 :class:`~livediff.engine.captured_stream.CapturedStream` replays the whole frame step as one
 CUDA graph. With ControlNets the control images are part of that step: the graph runs the
-preprocessors on the frame it was handed (canny compiled by Inductor, depth and soft edge as
-loaded, the frame itself for tile nets) and writes the Stream Batch's control buffer, where
+preprocessors on the frame it was handed (canny compiled by Inductor, the frame itself for
+tile nets; depth and soft edge are not captured yet: :func:`not_captured`) and writes the Stream Batch's control buffer, where
 the UNet call reads it. What may change between frames lives in static device buffers the
 graph reads, refreshed before each replay by :meth:`CapturedControl.refresh`:
 
@@ -43,6 +43,23 @@ from livediff.models.control_uses import CannyParams, Preprocessor
 
 ControlKey = tuple[tuple[str, tuple[int, ...]], ...]
 CannyFn = Callable[..., torch.Tensor]
+# What the graph runs (checked on an H200 by tests/gpu/test_gpu_captured_controlnet.py); the
+# depth and soft-edge networks have not been captured yet, so their streams go call by call.
+CAPTURED = frozenset(
+    (
+        Preprocessor.CANNY,
+        Preprocessor.PASSTHROUGH,
+        Preprocessor.PREVIOUS_OUTPUT,
+        Preprocessor.CLIENT,
+    )
+)
+
+
+def not_captured(plan: ControlPlan | None) -> list[str]:
+    """The plan's preprocessors that keep its frame step out of the graph (see ``CAPTURED``)."""
+    if plan is None:
+        return []
+    return sorted({u.preprocessor.value for u in plan.uses if u.preprocessor not in CAPTURED})
 
 
 def control_key(plan: ControlPlan | None) -> ControlKey:

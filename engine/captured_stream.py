@@ -35,6 +35,7 @@ from livediff.engine.captured_control import (
     ControlKey,
     compiled_canny,
     control_key,
+    not_captured,
 )
 from livediff.engine.config import GenerationMode
 from livediff.engine.frames import (
@@ -142,6 +143,7 @@ class CapturedStream(Stream):
             raise BackendError("the captured frame step needs use_denoising_batch=True")
         self._graphs: dict[tuple[int, int, bool, ControlKey], _FrameGraph] = {}
         self._said_feedback = False
+        self._said_outside: list[str] = []
         self._canny: CannyFn | None = None
 
     def graph_for(self, height: int, width: int, yuv: bool = False) -> _FrameGraph:
@@ -192,6 +194,16 @@ class CapturedStream(Stream):
                     self.session_id,
                 )
                 self._said_feedback = True
+            return super().run(group)
+        outside = not_captured(self._control)
+        if outside:  # their networks are not captured yet: the frame goes call by call
+            if outside != self._said_outside:
+                log.info(
+                    "[%s] the %s preprocessor: frames run call by call, not as one graph",
+                    self.session_id,
+                    " and ".join(outside),
+                )
+                self._said_outside = outside
             return super().run(group)
         skipped = self.skip_outputs(group)
         if skipped is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from livediff.engine.captured_control import CapturedControl, control_key
+from livediff.engine.captured_control import CapturedControl, control_key, not_captured
 from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
 from livediff.engine.control_plan import ControlPlan
 from livediff.kernels.canny import reference_canny
@@ -113,3 +113,17 @@ def test_the_key_follows_the_preprocessor_layout_only() -> None:
     assert control_key(one) == (("canny", (0, 1)),)
     assert control_key(split) == (("canny", (0,)), ("canny", (1,)))
     assert control_key(None) == ()
+
+
+def test_depth_and_soft_edge_keep_the_step_out_of_the_graph() -> None:
+    """Their networks are not captured yet: a plan using them is named, the others are not."""
+    assert not_captured(plan()) == [] and not_captured(None) == []
+    both = ControlPlan(
+        3,
+        (
+            SlotUse(0, P.CANNY, None, 1.0),
+            SlotUse(1, P.DEPTH, None, 1.0),
+            SlotUse(2, P.SOFT_EDGE, None, 1.0),
+        ),
+    )
+    assert not_captured(both) == ["depth", "soft_edge"]
