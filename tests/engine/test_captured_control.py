@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from helpers.control_testing import boxed_pixels
 from livediff.engine.captured_control import CapturedControl, control_key, not_captured
 from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
 from livediff.engine.control_plan import ControlPlan
@@ -25,13 +26,7 @@ SLOTS = 5
 
 
 def model_inputs(seed: int) -> torch.Tensor:
-    """Frames in [-1, 1] with a bright box each (edges for canny)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.rand(ROWS, 3, *SIZE, generator=g) * 0.3 - 0.5
-    for row in range(ROWS):
-        top, left = (int(v) for v in torch.randint(0, 24, (2,), generator=g))
-        out[row, :, top : top + 16, left : left + 20] = 0.8
-    return out
+    return boxed_pixels(seed, ROWS, SIZE)
 
 
 def plan(low: float = 60.0, high: float = 150.0) -> ControlPlan:
@@ -93,7 +88,7 @@ def test_captured_control_images_equal_the_call_by_call_ones() -> None:
 
 
 def test_live_thresholds_go_through_the_same_buffers_and_key() -> None:
-    first, second = plan(10.0, 30.0), plan(120.0, 250.0)
+    first, second = plan(2.0, 6.0), plan(120.0, 250.0)
     assert control_key(first) == control_key(second)
     control = captured(first)
     pixels = model_inputs(3)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from runtime_testing import make_frame, receive, reference_outputs
 
+from helpers.control_testing import boxed_pixels
 from livediff.engine import control_batch
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
@@ -54,13 +55,7 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[P, int]]:
 
 
 def pixels(seed: int, rows: int) -> torch.Tensor:
-    """Model inputs in [-1, 1] with flat shapes (edges to find)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.rand(rows, 3, *SIZE, generator=g) * 0.2 - 0.6
-    for row in range(rows):
-        top, left = (int(v) for v in torch.randint(0, 32, (2,), generator=g))
-        out[row, :, top : top + 20, left : left + 24] = 0.7
-    return out
+    return boxed_pixels(seed, rows, SIZE)
 
 
 def request(uses: list[SlotUse], seed: int, rows: int = 1, **extra: Any) -> ControlRequest:
