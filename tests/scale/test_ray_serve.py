@@ -182,6 +182,19 @@ async def settled(base: str, count: int = 2, timeout_s: float = 120.0) -> list[d
         await asyncio.sleep(0.25)
 
 
+async def sessions_fall_to(base: str, count: int, timeout_s: float = 30.0) -> None:
+    """Wait until the ingress counts ``count`` sessions (a closed one is released by its
+    replica after the close handshake, not at once)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        _, health = await get_json(base + "/healthz")
+        if health["sessions"] <= count:
+            return
+        assert loop.time() < deadline, f"the closed session was never released: {health}"
+        await asyncio.sleep(0.1)
+
+
 def ws_url(base: str, **params: Any) -> str:
     query = wire.query_string({**params, "token": TOKEN})
     return base.replace("http://", "ws://") + "/ws?" + query
@@ -302,6 +315,7 @@ async def test_full_replicas_refuse_with_503_and_1013(base: str, frame: np.ndarr
             assert int(response.headers["Retry-After"]) >= 1
             assert "capacity" in (await response.json())["error"]
         await clients.pop()[0].close()  # a slot frees: the next session gets it
+        await sessions_fall_to(base, 2 * SLOTS - 1)  # once the replica has let it go
         client, _ = await open_ws(base, WHALE)
         clients.append((client, ""))
         assert (await round_trip(client, frame)).shape == (128, 128, 3)
