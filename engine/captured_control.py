@@ -94,7 +94,6 @@ class CapturedControl:
         networks: PreprocessorNetworks | None,
         canny: CannyFn,
     ) -> None:
-        self.key = control_key(plan)
         self.size, self.rows, self.dtype = size, rows, dtype
         self._networks, self._canny = networks, canny
         self._uses = list(distinct_uses(plan.uses).items())
