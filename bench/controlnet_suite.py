@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -371,29 +372,38 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
         compile_s = round(time.perf_counter() - began, 1)  # compile + capture of its buckets
         base = GenerationParams.for_preset(bundle.preset, steps=1, strength=STRENGTH)
         for case in (c for c in single if c.controlnets == count):
-            reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
-            stream = single_stream(prepared, bundle, run.backend, run.config, params)
-            summary = closed_loop(stream.process, run.frames, args.warmup, args.frames, run.device)
-            if not case.preprocessors:
-                plain_ms = summary["ms_median"]
-            run.emit(
-                {
-                    **run.base(bundle, "livediff", case, 1),
-                    "case": "single",
-                    "stream": type(stream).__name__,
-                    **summary,
-                    "compile_s": compile_s,
-                    "latency_ms_p99": summary["ms_p99"],
-                    "drop_rate": None,
-                    "ratio_to_plain": (
-                        round(summary["ms_median"] / plain_ms, 3) if plain_ms else None
-                    ),
-                    "preprocess_ms": preprocess_ms(case, bundle, run.frames[0], args),
-                    "gpu_mem_peak_mb": gpu_memory_peak_mb(run.device),
-                }
-            )
-            del stream
+            overlaps = args.control_overlap if case.controlnets else [prepared.control_overlap]
+            for overlap in overlaps:
+                reset_memory(run.device)
+                chosen = dataclasses.replace(prepared, control_overlap=overlap)
+                stream = single_stream(chosen, bundle, run.backend, run.config, params)
+                if stream.bundle is not chosen and overlap is not prepared.control_overlap:
+                    del stream  # call by call over the per-bucket graphs: captured with the default
+                    continue
+                summary = closed_loop(
+                    stream.process, run.frames, args.warmup, args.frames, run.device
+                )
+                if not case.preprocessors:
+                    plain_ms = summary["ms_median"]
+                run.emit(
+                    {
+                        **run.base(bundle, "livediff", case, 1),
+                        "case": "single",
+                        "stream": type(stream).__name__,
+                        "control_overlap": overlap if case.controlnets else None,
+                        **summary,
+                        "compile_s": compile_s,
+                        "latency_ms_p99": summary["ms_p99"],
+                        "drop_rate": None,
+                        "ratio_to_plain": (
+                            round(summary["ms_median"] / plain_ms, 3) if plain_ms else None
+                        ),
+                        "preprocess_ms": preprocess_ms(case, bundle, run.frames[0], args),
+                        "gpu_mem_peak_mb": gpu_memory_peak_mb(run.device),
+                    }
+                )
+                del stream
         for case in in_sessions:
             reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
@@ -557,6 +567,14 @@ def draw(records: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
+def overlap_list(text: str) -> list[bool]:
+    values = {"on": True, "off": False}
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or any(t not in values for t in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected on, off or both joined by ','")
+    return [values[t] for t in items]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="livediff bench --suite controlnet",
@@ -593,6 +611,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--buckets", type=int_list, default=[1, 8])
     parser.add_argument(
         "--overlap", choices=[o.value for o in BatchOverlap], default=BatchOverlap.OFF.value
+    )
+    parser.add_argument(
+        "--control-overlap",
+        type=overlap_list,
+        default=[True],
+        help="single cases with nets: the nets beside the UNet on a second stream (on), one "
+        "after the other (off), or both (off,on; the last is the one the targets read)",
     )
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, help="PNG of the records")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from livediff.kernels import fused_step, postprocess, preprocess, similarity, yuv
+from livediff.kernels import fused_step, lora_rows, postprocess, preprocess, similarity, yuv
 from livediff.kernels._dispatch import triton_unavailable_reason
 
 
@@ -208,12 +208,51 @@ def _step_cases(gen: torch.Generator) -> Iterator[Case]:
             )
 
 
+# sd-turbo's LoRA-targeted linears at 512² (tokens, in, out): attention and proj at the 64², 32²
+# and 16² levels, the feed-forward's GEGLU input and output at 64².
+LORA_LAYERS = [
+    (4096, 320, 320),
+    (4096, 320, 2560),
+    (4096, 1280, 320),
+    (1024, 640, 640),
+    (256, 1280, 1280),
+]
+
+
+def _lora_cases(gen: torch.Generator) -> Iterator[Case]:
+    """Per-session LoRAs at rank 16, 2 slots per row, 8 packed LoRAs: one row with one LoRA
+    (a single stream) and 16 rows over 4 LoRAs (the lora suite's batch)."""
+    dtype, rank, loras, slots = torch.float16, 16, 8, 2
+    for rows in (1, 16):
+        for tokens, width, features in LORA_LAYERS:
+            x = torch.randn(rows, tokens, width, device="cuda", generator=gen).to(dtype)
+            out = torch.randn(rows, tokens, features, device="cuda", generator=gen).to(dtype)
+            a = (torch.randn(loras, width, rank, device="cuda", generator=gen) / width**0.5).to(
+                dtype
+            )
+            b = (torch.randn(loras, rank, features, device="cuda", generator=gen) / rank).to(dtype)
+            indices = torch.full((rows, slots), -1, dtype=torch.int32, device="cuda")
+            indices[:, 0] = torch.arange(rows, device="cuda") % 4
+            scales = torch.zeros(rows, slots, device="cuda")
+            scales[:, 0] = 0.8
+            args = (out, x, a, b, indices, scales)
+            yield Case(
+                "lora_rows",
+                f"{rows}x{tokens}x{width}->{features} r{rank} {min(rows, 4)} LoRA",
+                dtype,
+                partial(torch.ops.livediff.lora_rows_add, *args),
+                partial(lora_rows.reference, *args),
+                _bytes(x, out, out) + rows * rank * (width + features) * dtype.itemsize,
+            )
+
+
 def _cases() -> Iterator[Case]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     yield from _preprocess_cases(gen)
     yield from _postprocess_cases(gen)
     yield from _similarity_cases(gen)
     yield from _step_cases(gen)
+    yield from _lora_cases(gen)
 
 
 def _time(fn: Callable[[], Any], timing: str, rep_ms: int) -> float:

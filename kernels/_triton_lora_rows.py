@@ -1,17 +1,22 @@
-"""Triton kernels of :mod:`livediff.kernels.lora_rows` (imported lazily: needs Triton).
+"""Triton kernel of :mod:`livediff.kernels.lora_rows` (imported lazily: needs Triton).
 
-Two launches, as Punica's SGMV does it:
+One launch per layer, grid ``(cdiv(T, BLOCK_T), cdiv(out, BLOCK_O), rows)``: a program owns a
+``[BLOCK_T, BLOCK_O]`` tile of one row's ``out``. For each of the row's active slots it
+computes that slot's ``v = scale · x·A`` for its ``BLOCK_T`` tokens (float32 accumulation over
+``in``, one rounding to ``A``'s dtype, as Punica's shrink) and adds ``v·B`` for its output
+columns in float32; after the last slot it adds the sum to its ``out`` tile once.
 
-- *shrink*, grid ``(cdiv(T, BLOCK_T), rows * slots)``: a program owns ``BLOCK_T`` tokens of one
-  row's slot and writes ``v = scale · x·A`` (``[BLOCK_T, rank]``, float32 accumulation, one
-  rounding to ``A``'s dtype) into a scratch buffer ``[rows, slots, T, rank]``;
-- *expand*, grid ``(cdiv(T, BLOCK_T), cdiv(out, BLOCK_O), rows)``: a program sums ``v·B`` over
-  the row's active slots in float32 and adds it to its ``out`` tile once.
+``v`` never leaves the registers: the programs of one token block that own other output
+columns recompute it (``x`` comes from L2 the second time; the shrink is a ``[BLOCK_T, in] ×
+[in, rank]`` product, small next to the tile's expand and its ``out`` traffic). This replaced
+a two-launch version (shrink into a scratch buffer, then expand; Punica's SGMV layout): one
+launch instead of two per layer and no scratch round trip; bench/results/README.md has the
+before and after.
 
-A program whose slot (shrink) or row (expand) has no active LoRA returns after loading the
-indices and scales: a row without LoRA costs only that. The rank is padded to a power of two
-of at least 16 (``tl.dot``'s smallest tile) with masked loads; float32 inputs use IEEE
-products (no TF32), so the float32 result matches the reference to rounding.
+A program whose row has no active slot returns after loading the row's indices and scales: a
+row without LoRA costs only that. The rank is padded to a power of two of at least 16
+(``tl.dot``'s smallest tile) with masked loads; float32 inputs use IEEE products (no TF32), so
+the float32 result matches the reference to rounding.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T = 32
-BLOCK_I = 32
+BLOCK_T = 64
+BLOCK_I = 64
 BLOCK_O = 64
 NUM_WARPS = 4
 
@@ -32,57 +37,9 @@ def _active(index, scale, loras):
 
 
 @triton.jit
-def _shrink_kernel(
+def _lora_rows_kernel(
     x_ptr,
     a_ptr,
-    index_ptr,
-    scale_ptr,
-    v_ptr,
-    T,
-    K,
-    L,
-    S,
-    IN: tl.constexpr,  # a constant: the interpreter cannot loop to a runtime bound
-    BLOCK_T: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    slot = tl.program_id(1)  # row * S + s
-    row = slot // S
-    index = tl.load(index_ptr + slot)
-    scale = tl.load(scale_ptr + slot).to(tl.float32)
-    if _active(index, scale, L):
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        k = tl.arange(0, BLOCK_K)
-        acc = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
-        for start in range(0, IN, BLOCK_I):
-            i = start + tl.arange(0, BLOCK_I)
-            x = tl.load(
-                x_ptr + (row * T + t[:, None]) * IN + i[None, :],
-                mask=(t[:, None] < T) & (i[None, :] < IN),
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + (index * IN + i[:, None]) * K + k[None, :],
-                mask=(i[:, None] < IN) & (k[None, :] < K),
-                other=0.0,
-            )
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
-            else:
-                acc += tl.dot(x, a)
-        v = (acc * scale).to(v_ptr.dtype.element_ty)
-        tl.store(
-            v_ptr + (slot * T + t[:, None]) * K + k[None, :],
-            v,
-            mask=(t[:, None] < T) & (k[None, :] < K),
-        )
-
-
-@triton.jit
-def _expand_kernel(
-    v_ptr,
     b_ptr,
     index_ptr,
     scale_ptr,
@@ -91,8 +48,10 @@ def _expand_kernel(
     K,
     OUT,
     L,
+    IN: tl.constexpr,  # a constant: the interpreter cannot loop to a runtime bound
     S: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
     IEEE: tl.constexpr,
@@ -109,11 +68,24 @@ def _expand_kernel(
         is_active = _active(index, scale, L)
         active += is_active.to(tl.int32)
         if is_active:
-            v = tl.load(
-                v_ptr + ((row * S + s) * T + t[:, None]) * K + k[None, :],
-                mask=(t[:, None] < T) & (k[None, :] < K),
-                other=0.0,
-            )
+            shrunk = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
+            for start in range(0, IN, BLOCK_I):
+                i = start + tl.arange(0, BLOCK_I)
+                x = tl.load(
+                    x_ptr + (row * T + t[:, None]) * IN + i[None, :],
+                    mask=(t[:, None] < T) & (i[None, :] < IN),
+                    other=0.0,
+                )
+                a = tl.load(
+                    a_ptr + (index * IN + i[:, None]) * K + k[None, :],
+                    mask=(i[:, None] < IN) & (k[None, :] < K),
+                    other=0.0,
+                )
+                if IEEE:
+                    shrunk += tl.dot(x, a, input_precision="ieee")
+                else:
+                    shrunk += tl.dot(x, a)
+            v = (shrunk * scale).to(a_ptr.dtype.element_ty)
             b = tl.load(
                 b_ptr + (index * K + k[:, None]) * OUT + o[None, :],
                 mask=(k[:, None] < K) & (o[None, :] < OUT),
@@ -148,28 +120,10 @@ def lora_rows_add(
     features = b.shape[2]
     if rows == 0 or tokens == 0 or slots == 0:
         return
-    ieee = x.dtype == torch.float32
-    block_k = rank_block(rank)
-    scratch = torch.empty((rows, slots, tokens, rank), dtype=a.dtype, device=x.device)
-    _shrink_kernel[(triton.cdiv(tokens, BLOCK_T), rows * slots)](
+    grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(features, BLOCK_O), rows)
+    _lora_rows_kernel[grid](
         x,
         a,
-        indices,
-        scales,
-        scratch,
-        tokens,
-        rank,
-        loras,
-        slots,
-        IN=width,
-        BLOCK_T=BLOCK_T,
-        BLOCK_I=BLOCK_I,
-        BLOCK_K=block_k,
-        IEEE=ieee,
-        num_warps=NUM_WARPS,
-    )
-    _expand_kernel[(triton.cdiv(tokens, BLOCK_T), triton.cdiv(features, BLOCK_O), rows)](
-        scratch,
         b,
         indices,
         scales,
@@ -178,10 +132,12 @@ def lora_rows_add(
         rank,
         features,
         loras,
+        IN=width,
         S=slots,
         BLOCK_T=BLOCK_T,
-        BLOCK_K=block_k,
+        BLOCK_I=BLOCK_I,
+        BLOCK_K=rank_block(rank),
         BLOCK_O=BLOCK_O,
-        IEEE=ieee,
+        IEEE=x.dtype == torch.float32,
         num_warps=NUM_WARPS,
     )

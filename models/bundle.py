@@ -20,6 +20,7 @@ from livediff.models.presets import ModelPreset
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.spec import WeightsMode
 from livediff.models.unet_batch import UNetBatch
+from livediff.models.unet_halves import halves_of
 
 if TYPE_CHECKING:
     from livediff.models.control_images import PreprocessorNetworks
@@ -54,6 +55,9 @@ class ModelBundle:
     ip_adapter: LoadedIPAdapter | None = None
     # Its style images → prompt tokens, cached by content (one per model: sessions share it).
     image_prompts: ImagePromptEncoder | None = None
+    # On CUDA, run the ControlNets on a second stream beside the UNet's down blocks
+    # (:mod:`livediff.models.unet_halves`); False: one after the other, on one stream.
+    control_overlap: bool = True
 
     @property
     def vae_scale_factor(self) -> int:
@@ -151,9 +155,39 @@ class ModelBundle:
         added = None
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
-        residuals: dict[str, Any] = {}
-        if batch.control_images is not None or batch.control_scales is not None:
-            down, mid = control_residuals(
+        context: Any = batch.embeds
+        if batch.ip_tokens is not None or batch.ip_scales is not None:
+            tokens, scales = check_ip_inputs(
+                self.ip_adapter, batch.latents, batch.ip_tokens, batch.ip_scales
+            )
+            context = (batch.embeds, tokens, scales)  # read by RowIPAdapterAttnProcessor
+        with self._bank_rows(batch), self._lora_rows(batch):
+            if batch.control_images is not None or batch.control_scales is not None:
+                return self._with_controlnets(batch, context, added)
+            return self.unet(
+                batch.latents,
+                batch.timesteps,
+                encoder_hidden_states=context,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+
+    def _with_controlnets(
+        self, batch: UNetBatch, context: Any, added: dict[str, Any] | None
+    ) -> torch.Tensor:
+        """The UNet's halves around the ControlNets' residuals; on CUDA with
+        :attr:`control_overlap` the nets run on a second stream beside the first half.
+
+        The side stream waits for everything queued before this call and the caller's stream
+        waits for the nets before the second half, so both are ordered like one stream (and
+        captured as a fork and a join). The residuals are allocated on the side stream and read
+        on the caller's; the allocator may reuse their memory on the side stream only, for the
+        next call's nets, which first wait for the caller's stream again: no use overlaps a reuse.
+        """
+        halves = halves_of(self.unet)
+
+        def nets() -> tuple[list[torch.Tensor], torch.Tensor]:
+            return control_residuals(
                 self.controlnets,
                 batch.latents,
                 batch.timesteps,
@@ -162,25 +196,20 @@ class ModelBundle:
                 batch.control_images,
                 batch.control_scales,
             )
-            residuals = {
-                "down_block_additional_residuals": down,
-                "mid_block_additional_residual": mid,
-            }
-        context: Any = batch.embeds
-        if batch.ip_tokens is not None or batch.ip_scales is not None:
-            tokens, scales = check_ip_inputs(
-                self.ip_adapter, batch.latents, batch.ip_tokens, batch.ip_scales
+
+        if not (self.control_overlap and batch.latents.is_cuda):
+            down, mid = nets()
+            return halves.up(
+                *halves.down(batch.latents, batch.timesteps, context, added), down, mid
             )
-            context = (batch.embeds, tokens, scales)  # read by RowIPAdapterAttnProcessor
-        with self._bank_rows(batch), self._lora_rows(batch):
-            return self.unet(
-                batch.latents,
-                batch.timesteps,
-                encoder_hidden_states=context,
-                added_cond_kwargs=added,
-                return_dict=False,
-                **residuals,
-            )[0]
+        main = torch.cuda.current_stream(batch.latents.device)
+        side = halves.side_stream(batch.latents.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            down, mid = nets()
+        first = halves.down(batch.latents, batch.timesteps, context, added)
+        main.wait_stream(side)
+        return halves.up(*first, down, mid)
 
     def _bank_rows(self, batch: UNetBatch) -> AbstractContextManager[None]:
         """The rows' feature bank inputs for one call (none: a no-op context)."""

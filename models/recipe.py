@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from livediff.exceptions import BackendError, ParameterError
-from livediff.models import feature_bank
+from livediff.models import feature_bank, unet_halves
 from livediff.models.bundle import ModelBundle
 from livediff.models.controlnet import LoadedControlNet
 
@@ -174,6 +174,8 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
         _speed_up_denoiser(net, recipe)
     if bundle.ip_adapter is not None:  # step 2 reset the UNet's processors: put its own back
         bundle.ip_adapter.install(bundle.unet)
+    if not unet_halves.unsupported(bundle.unet):  # what a step with ControlNets runs (5, 6.)
+        unet_halves.install(bundle.unet, _compile_options(recipe) if recipe.compile else None)
     if recipe.sdpa_backend != "auto":
         _select_sdpa(recipe.sdpa_backend)
     if recipe.channels_last:  # 4.

@@ -42,7 +42,8 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
     argv = [
         *("--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "1"),
         *("--sessions", "2", "--fps", "5", "--seconds", "1", "--session-warmup", "0.5"),
-        *("--buckets", "1,2", "--out", str(out), "--plot", str(plot)),
+        *("--buckets", "1,2", "--control-overlap", "off,on", "--out", str(out)),
+        *("--plot", str(plot)),
     ]
     assert main(["bench", "--suite", "controlnet", *argv]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -57,7 +58,15 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
         ("livediff", "sessions", 2, None),
         ("livediff", "sessions", 2, "canny"),
     }
-    assert len(records) == len(found)
+    overlaps = {
+        (r["preprocessor"], r["control_overlap"])
+        for r in records
+        if r["system"] == "livediff" and r["case"] == "single"
+    }
+    assert overlaps == {(None, None)} | {
+        (p, on) for p in ("canny", "depth", "canny+depth") for on in (False, True)
+    }
+    assert len(records) == len(found) + 3  # the cases with nets ran twice: off, then on
     for r in records:
         assert all(key in r for key in (*REQUIRED_KEYS, *FIELDS)), set(FIELDS) - set(r)
         assert r["suite"] == "controlnet" and r["device"] == "cpu" and r["backend"] == "eager"

@@ -4,10 +4,13 @@ A compiled single stream with ControlNets (canny with its own thresholds, the pr
 an image the client sends) is one graph replay per frame (:class:`CapturedStream` with
 :mod:`livediff.engine.captured_control`); its frames must equal an eager Stream's on the same
 nets, live threshold and scale changes must land on the next frame without a new graph or a
-recompile, and a new preprocessor layout captures one new graph.
+recompile, and a new preprocessor layout captures one new graph. The nets on their second
+stream beside the UNet's first half give the noise of one stream.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from livediff.models.bundle import ModelBundle
 from livediff.models.control_uses import CannyParams, ControlNetSpec, ControlUse
 from livediff.models.controlnet_loading import load_controlnet
 from livediff.models.loading import ModelSpec, load_model
+from livediff.models.unet_batch import UNetBatch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -112,3 +116,38 @@ def test_controlnets_replay_inside_the_whole_step_graph() -> None:
     want, got = both(clip)
     assert len(captured._graphs) == 2
     assert all(max_diff(a, b) <= 3 for a, b in zip(got, want, strict=True))
+
+
+@torch.inference_mode()
+def test_controlnets_beside_the_unet_on_a_second_stream_give_the_same_noise() -> None:
+    """The nets on a side stream beside the UNet's down blocks (``control_overlap``, the
+    default): the noise of one stream, eagerly and replayed from a CUDA graph."""
+    bundle = with_nets()
+    serial = dataclasses.replace(bundle, control_overlap=False)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    seq, dim = bundle.embed_shape
+    rows, nets = 2, len(bundle.controlnets)
+    batch = UNetBatch(
+        latents=torch.randn(rows, 4, 16, 16, device="cuda", generator=gen).half(),
+        timesteps=torch.tensor([300, 700], device="cuda"),
+        embeds=torch.randn(rows, seq, dim, device="cuda", generator=gen).half(),
+        control_images=torch.rand(rows, nets, 3, 128, 128, device="cuda", generator=gen).half(),
+        control_scales=torch.rand(rows, nets, device="cuda", generator=gen),
+    )
+    want = serial.predict_noise(batch)
+    assert torch.equal(bundle.predict_noise(batch), want)
+    for _ in range(2):  # warm-up on the capture's side stream, as CapturedStream does
+        bundle.predict_noise(batch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = bundle.predict_noise(batch)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    # The nets' part is live in the graph: other scales, other noise.
+    batch.control_scales.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(out, want)
+    assert torch.equal(out, serial.predict_noise(batch))
