@@ -25,14 +25,15 @@ are those :func:`~livediff.engine.control_batch.control_images` makes for the se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from livediff.engine.control_batch import distinct_uses
 from livediff.engine.control_plan import ControlPlan
-from livediff.kernels.canny import HYSTERESIS_ITERATIONS, reference_canny
+from livediff.kernels.canny import HYSTERESIS_ITERATIONS
+from livediff.models.compiled_canny import CannyFn
 from livediff.models.control_images import (
     PreprocessorNetworks,
     as_images,
@@ -42,7 +43,6 @@ from livediff.models.control_images import (
 from livediff.models.control_uses import CannyParams, Preprocessor
 
 ControlKey = tuple[tuple[str, tuple[int, ...]], ...]
-CannyFn = Callable[..., torch.Tensor]
 # What the graph runs (checked on an H200 by tests/gpu/test_gpu_captured_controlnet.py); the
 # depth and soft-edge networks have not been captured yet, so their streams go call by call.
 CAPTURED = frozenset(
@@ -70,13 +70,6 @@ def control_key(plan: ControlPlan | None) -> ControlKey:
     return tuple(
         (kind.value, tuple(slots)) for (kind, _), slots in distinct_uses(plan.uses).items()
     )
-
-
-def compiled_canny() -> CannyFn:
-    """The canny op's PyTorch code compiled by Inductor (fixed shapes: one graph's rows), bit
-    for bit the op (``bench --suite controlnet --micro`` checks it). Inside a captured step it
-    replays in about half the op's time; dynamo keeps one compiled entry per shape."""
-    return torch.compile(reference_canny, fullgraph=True, dynamic=False)
 
 
 class CapturedControl:

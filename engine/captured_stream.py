@@ -30,10 +30,8 @@ from typing import Any
 import torch
 
 from livediff.engine.captured_control import (
-    CannyFn,
     CapturedControl,
     ControlKey,
-    compiled_canny,
     control_key,
     not_captured,
 )
@@ -51,6 +49,7 @@ from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import BackendError
 from livediff.kernels.postprocess import model_output_to_rgb
 from livediff.kernels.preprocess import i420_to_model_input, rgb_to_model_input
+from livediff.models.compiled_canny import CannyFn, compiled_canny
 
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3

@@ -18,6 +18,7 @@ generates Triton kernels), so there a Triton that cannot be imported is a ``Back
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -31,6 +32,8 @@ from livediff.kernels._dispatch import triton_unavailable_reason
 from livediff.kernels.status import describe, kernels_status
 from livediff.models.bundle import ModelBundle
 from livediff.models.compile_cache import artifact_key, packaged_compile
+from livediff.models.compiled_canny import PaddedCanny
+from livediff.models.control_images import PreprocessorNetworks
 from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
 from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle
@@ -128,21 +131,31 @@ def runtime_bundle(
         return bundle
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
+    if bundle.controlnets:  # the engine's canny: compiled per bucket too (models.compiled_canny)
+        networks = bundle.control_networks or PreprocessorNetworks()
+        graphed.control_networks = dataclasses.replace(networks, canny=PaddedCanny(buckets))
     key = artifact_key(
         bundle,
         recipe=(recipe or recipe_for(bundle)).label,
         buckets=buckets,
         latent_size=latent_size,
     )
+    steps = (3 + bool(bundle.controlnets)) * len(buckets)
     with (
         packaged_compile(key) as report,
-        tqdm(total=3 * len(buckets), desc="compile + capture", disable=not show_progress) as bar,
+        tqdm(total=steps, desc="compile + capture", disable=not show_progress) as bar,
     ):
         graphed.warm_up(progress=_progress(bar))
+        padded = graphed.control_networks.canny if graphed.control_networks else None
+        if padded is not None:
+            factor = bundle.vae_scale_factor
+            pixels = (latent_size[0] * factor, latent_size[1] * factor)
+            padded.warm_up(pixels, device=bundle.device, dtype=bundle.dtype)
+            bar.update(len(buckets))
     graphed.compile_report = report
     log.info(
         "compile + capture of %d graphs: %.1f s, %s",
-        3 * len(buckets),
+        steps,
         report.seconds,
         report.describe(),
     )

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from livediff.exceptions import FrameShapeError, KernelInputError, ParameterError
 from livediff.kernels.canny import canny
 from livediff.kernels.postprocess import model_output_to_rgb
+from livediff.models.compiled_canny import PaddedCanny
 from livediff.models.control_uses import (
     PARAMS,
     CannyParams,
@@ -57,6 +58,9 @@ class PreprocessorNetworks:
 
     depth: DepthEstimator | None = None
     soft_edge: SoftEdgeDetector | None = None
+    # canny compiled for the server's batch sizes (None: the op, eagerly), set by
+    # :func:`~livediff.models.backends.runtime_bundle` for a compiled model with ControlNets
+    canny: PaddedCanny | None = None
 
 
 def from_model_output(images: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,8 @@ def preprocess(
     images = as_images(frames, size, dtype)
     if kind is Preprocessor.CANNY:
         low, high, sigma = _canny_rows(params, images.shape[0], images.device)
+        if networks is not None and networks.canny is not None:
+            return networks.canny(images, low, high, sigma)
         return canny(images, low, high, sigma)
     if kind is Preprocessor.DEPTH:
         return _network(networks, "depth")(images).to(images.dtype)
