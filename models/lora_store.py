@@ -147,14 +147,26 @@ class LoraStore:
     def stage(self, lora: LoraFile) -> StagedLora:
         """``lora`` laid out as its slot will hold it, in host memory (page-locked on CUDA),
         so that :meth:`load` only queues one asynchronous copy per buffer. Any thread: this
-        is the slow part (transposing, scaling, converting) and stays off the UNet's thread."""
+        is the slow part (transposing, scaling, converting) and stays off the UNet's thread.
+
+        Every layer's pair is a view of one host allocation: one page-locked allocation per
+        LoRA, not one per buffer (each ``cudaHostAlloc`` takes the driver's locks the UNet's
+        thread needs to launch; hundreds of them in a row stalled the sessions' frames)."""
         self._check_fits(lora)
-        pinned = self.device.type == "cuda"
+        shapes = [
+            (name, self.buffers[name][0].shape[1:], self.buffers[name][1].shape[1:])
+            for name in lora.layers
+        ]
+        total = sum(a.numel() + b.numel() for _, a, b in shapes)
+        host = torch.zeros(total, dtype=self.dtype, pin_memory=self.device.type == "cuda")
         staged: StagedLora = {}
-        for name, pair in lora.layers.items():
-            a, b = self.buffers[name]
-            host_a = torch.zeros(a.shape[1:], dtype=self.dtype, pin_memory=pinned)
-            host_b = torch.zeros(b.shape[1:], dtype=self.dtype, pin_memory=pinned)
+        offset = 0
+        for name, a_shape, b_shape in shapes:
+            pair = lora.layers[name]
+            host_a = host.narrow(0, offset, a_shape.numel()).view(a_shape)
+            offset += a_shape.numel()
+            host_b = host.narrow(0, offset, b_shape.numel()).view(b_shape)
+            offset += b_shape.numel()
             host_a[:, : pair.rank].copy_(pair.down.t())
             host_b[: pair.rank].copy_(pair.up.t() * pair.scale)
             staged[name] = (host_a, host_b)
