@@ -9,9 +9,9 @@ Two ways to compute ``out[r] += Σ_s scale·(x[r]·A)·B``, chosen per call by t
   to ``A``'s dtype, as Punica's shrink) in registers and adds ``v·B`` for its columns; the sum
   goes to the tile once. The programs of one token block recompute ``v`` (``x`` from L2).
 - **two launches**, as Punica's SGMV: *shrink*, grid ``(cdiv(T, BLOCK_T), rows * slots)``,
-  writes each row's slots' ``v`` into a scratch buffer ``[rows, slots, T, rank]``; *expand*,
-  grid ``(cdiv(T, BLOCK_T), cdiv(out, BLOCK_O), rows)``, sums ``v·B`` over the row's active
-  slots in float32 and adds it to its ``out`` tile once.
+  writes each row's slots' ``v`` into a scratch buffer ``[rows, slots, T, rank]``; *expand*
+  is the fused kernel's tile program reading ``v`` from there (``FUSED`` off), with the
+  two-launch tiles.
 
 On an H200 (fp16, rank 16, CUDA-graph timing, 2026-12-02, bench/results/README.md) the fused
 kernel is faster where a layer is small and the launch dominates (1 row: 5.2 against 5.9 µs
@@ -50,9 +50,69 @@ def _active(index, scale, loras):
 
 
 @triton.jit
-def _lora_rows_kernel(
+def _dot(p, q, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(p, q, input_precision="ieee")
+    return tl.dot(p, q)
+
+
+@triton.jit
+def _shrunk(
     x_ptr,
     a_ptr,
+    row,
+    index,
+    t,
+    k,
+    T,
+    K,
+    IN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``x[row, t]·A[index]`` for the tokens ``t``, accumulated in float32 over ``in``."""
+    acc = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
+    for start in range(0, IN, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        x = tl.load(
+            x_ptr + (row * T + t[:, None]) * IN + i[None, :],
+            mask=(t[:, None] < T) & (i[None, :] < IN),
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + (index * IN + i[:, None]) * K + k[None, :],
+            mask=(i[:, None] < IN) & (k[None, :] < K),
+            other=0.0,
+        )
+        acc += _dot(x, a, IEEE)
+    return acc
+
+
+@triton.jit
+def _b_tile(b_ptr, index, k, o, K, OUT):
+    return tl.load(
+        b_ptr + (index * K + k[:, None]) * OUT + o[None, :],
+        mask=(k[:, None] < K) & (o[None, :] < OUT),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _add_to_out(out_ptr, row, t, o, T, OUT, acc):
+    """``out[row, t, o] += acc``, in float32, rounded once to ``out``'s dtype."""
+    mask = (t[:, None] < T) & (o[None, :] < OUT)
+    pointers = out_ptr + (row * T + t[:, None]) * OUT + o[None, :]
+    base = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    tl.store(pointers, (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _out_tile_kernel(
+    x_ptr,
+    a_ptr,
+    v_ptr,
     b_ptr,
     index_ptr,
     scale_ptr,
@@ -67,8 +127,11 @@ def _lora_rows_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
+    FUSED: tl.constexpr,  # v from x·A here (fused), or from the shrink's scratch (expand)
     IEEE: tl.constexpr,
 ):
+    """One ``[BLOCK_T, BLOCK_O]`` tile of one row's ``out``: the fused kernel, or the
+    two-launch version's *expand*."""
     row = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -81,38 +144,20 @@ def _lora_rows_kernel(
         is_active = _active(index, scale, L)
         active += is_active.to(tl.int32)
         if is_active:
-            shrunk = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
-            for start in range(0, IN, BLOCK_I):
-                i = start + tl.arange(0, BLOCK_I)
-                x = tl.load(
-                    x_ptr + (row * T + t[:, None]) * IN + i[None, :],
-                    mask=(t[:, None] < T) & (i[None, :] < IN),
-                    other=0.0,
+            if FUSED:
+                shrunk = _shrunk(
+                    x_ptr, a_ptr, row, index, t, k, T, K, IN, BLOCK_T, BLOCK_I, BLOCK_K, IEEE
                 )
-                a = tl.load(
-                    a_ptr + (index * IN + i[:, None]) * K + k[None, :],
-                    mask=(i[:, None] < IN) & (k[None, :] < K),
-                    other=0.0,
-                )
-                if IEEE:
-                    shrunk += tl.dot(x, a, input_precision="ieee")
-                else:
-                    shrunk += tl.dot(x, a)
-            v = (shrunk * scale).to(a_ptr.dtype.element_ty)
-            b = tl.load(
-                b_ptr + (index * K + k[:, None]) * OUT + o[None, :],
-                mask=(k[:, None] < K) & (o[None, :] < OUT),
-                other=0.0,
-            )
-            if IEEE:
-                acc += tl.dot(v, b, input_precision="ieee")
+                v = (shrunk * scale).to(a_ptr.dtype.element_ty)
             else:
-                acc += tl.dot(v, b)
+                v = tl.load(
+                    v_ptr + ((row * S + s) * T + t[:, None]) * K + k[None, :],
+                    mask=(t[:, None] < T) & (k[None, :] < K),
+                    other=0.0,
+                )
+            acc += _dot(v, _b_tile(b_ptr, index, k, o, K, OUT), IEEE)
     if active > 0:
-        mask = (t[:, None] < T) & (o[None, :] < OUT)
-        pointers = out_ptr + (row * T + t[:, None]) * OUT + o[None, :]
-        base = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-        tl.store(pointers, (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
+        _add_to_out(out_ptr, row, t, o, T, OUT, acc)
 
 
 @triton.jit
@@ -139,79 +184,13 @@ def _shrink_kernel(
     if _active(index, scale, L):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         k = tl.arange(0, BLOCK_K)
-        acc = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)
-        for start in range(0, IN, BLOCK_I):
-            i = start + tl.arange(0, BLOCK_I)
-            x = tl.load(
-                x_ptr + (row * T + t[:, None]) * IN + i[None, :],
-                mask=(t[:, None] < T) & (i[None, :] < IN),
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + (index * IN + i[:, None]) * K + k[None, :],
-                mask=(i[:, None] < IN) & (k[None, :] < K),
-                other=0.0,
-            )
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
-            else:
-                acc += tl.dot(x, a)
+        acc = _shrunk(x_ptr, a_ptr, row, index, t, k, T, K, IN, BLOCK_T, BLOCK_I, BLOCK_K, IEEE)
         v = (acc * scale).to(v_ptr.dtype.element_ty)
         tl.store(
             v_ptr + (slot * T + t[:, None]) * K + k[None, :],
             v,
             mask=(t[:, None] < T) & (k[None, :] < K),
         )
-
-
-@triton.jit
-def _expand_kernel(
-    v_ptr,
-    b_ptr,
-    index_ptr,
-    scale_ptr,
-    out_ptr,
-    T,
-    K,
-    OUT,
-    L,
-    S: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    row = tl.program_id(2)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.full((BLOCK_T, BLOCK_O), 0.0, tl.float32)
-    active = 0
-    for s in tl.static_range(S):  # unrolled: ``active`` may change type from the first slot on
-        index = tl.load(index_ptr + row * S + s)
-        scale = tl.load(scale_ptr + row * S + s).to(tl.float32)
-        is_active = _active(index, scale, L)
-        active += is_active.to(tl.int32)
-        if is_active:
-            v = tl.load(
-                v_ptr + ((row * S + s) * T + t[:, None]) * K + k[None, :],
-                mask=(t[:, None] < T) & (k[None, :] < K),
-                other=0.0,
-            )
-            b = tl.load(
-                b_ptr + (index * K + k[:, None]) * OUT + o[None, :],
-                mask=(k[:, None] < K) & (o[None, :] < OUT),
-                other=0.0,
-            )
-            if IEEE:
-                acc += tl.dot(v, b, input_precision="ieee")
-            else:
-                acc += tl.dot(v, b)
-    if active > 0:
-        mask = (t[:, None] < T) & (o[None, :] < OUT)
-        pointers = out_ptr + (row * T + t[:, None]) * OUT + o[None, :]
-        base = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-        tl.store(pointers, (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rank_block(rank: int) -> int:
@@ -232,65 +211,35 @@ def lora_rows_add(
     features = b.shape[2]
     if rows == 0 or tokens == 0 or slots == 0:
         return
-    if rows * tokens * features > FUSED_MAX_OUTPUTS:
-        _two_launches(out, x, a, b, indices, scales)
-        return
-    grid = (triton.cdiv(tokens, FUSED_BLOCK_T), triton.cdiv(features, FUSED_BLOCK_O), rows)
-    _lora_rows_kernel[grid](
-        x,
-        a,
-        b,
-        indices,
-        scales,
-        out,
-        tokens,
-        rank,
-        features,
-        loras,
-        IN=width,
-        S=slots,
-        BLOCK_T=FUSED_BLOCK_T,
-        BLOCK_I=FUSED_BLOCK_I,
-        BLOCK_K=rank_block(rank),
-        BLOCK_O=FUSED_BLOCK_O,
-        IEEE=x.dtype == torch.float32,
-        num_warps=NUM_WARPS,
+    fused = rows * tokens * features <= FUSED_MAX_OUTPUTS
+    block_t, block_i, block_o = (
+        (FUSED_BLOCK_T, FUSED_BLOCK_I, FUSED_BLOCK_O) if fused else (BLOCK_T, BLOCK_I, BLOCK_O)
     )
-
-
-def _two_launches(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    indices: torch.Tensor,
-    scales: torch.Tensor,
-) -> None:
-    rows, tokens, width = x.shape
-    loras, _, rank = a.shape
-    slots = indices.shape[1]
-    features = b.shape[2]
-    ieee = x.dtype == torch.float32
     block_k = rank_block(rank)
-    scratch = torch.empty((rows, slots, tokens, rank), dtype=a.dtype, device=x.device)
-    _shrink_kernel[(triton.cdiv(tokens, BLOCK_T), rows * slots)](
+    ieee = x.dtype == torch.float32
+    scratch = x  # the fused kernel keeps v in registers (the argument is not read)
+    if not fused:
+        scratch = torch.empty((rows, slots, tokens, rank), dtype=a.dtype, device=x.device)
+        _shrink_kernel[(triton.cdiv(tokens, block_t), rows * slots)](
+            x,
+            a,
+            indices,
+            scales,
+            scratch,
+            tokens,
+            rank,
+            loras,
+            slots,
+            IN=width,
+            BLOCK_T=block_t,
+            BLOCK_I=block_i,
+            BLOCK_K=block_k,
+            IEEE=ieee,
+            num_warps=NUM_WARPS,
+        )
+    _out_tile_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(features, block_o), rows)](
         x,
         a,
-        indices,
-        scales,
-        scratch,
-        tokens,
-        rank,
-        loras,
-        slots,
-        IN=width,
-        BLOCK_T=BLOCK_T,
-        BLOCK_I=BLOCK_I,
-        BLOCK_K=block_k,
-        IEEE=ieee,
-        num_warps=NUM_WARPS,
-    )
-    _expand_kernel[(triton.cdiv(tokens, BLOCK_T), triton.cdiv(features, BLOCK_O), rows)](
         scratch,
         b,
         indices,
@@ -300,10 +249,13 @@ def _two_launches(
         rank,
         features,
         loras,
+        IN=width,
         S=slots,
-        BLOCK_T=BLOCK_T,
+        BLOCK_T=block_t,
+        BLOCK_I=block_i,
         BLOCK_K=block_k,
-        BLOCK_O=BLOCK_O,
+        BLOCK_O=block_o,
+        FUSED=fused,
         IEEE=ieee,
         num_warps=NUM_WARPS,
     )
