@@ -29,3 +29,42 @@ def test_compiled_padded_canny_is_the_op_without_recompiles() -> None:
             low, high, sigma = values.unbind(1)  # strided views, as the engine passes them
             got = padded(images.clamp(0, 1), low, high, sigma)
             assert torch.equal(got, canny(images.clamp(0, 1), low, high, sigma))
+
+
+def test_the_servers_batches_take_the_compiled_canny_without_a_compile() -> None:
+    """A compiled model with a ControlNet, prepared for the server (per-bucket graphs): the
+    engine's control images for two sessions with their own thresholds come from the canny
+    compiled at start, equal the op's, and make no compile while sessions run."""
+    from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
+    from livediff.models.backends import Backend, prepare_backend, runtime_bundle
+    from livediff.models.control_uses import CannyParams, ControlNetSpec, Preprocessor
+    from livediff.models.controlnet_loading import load_controlnet
+    from livediff.models.loading import ModelSpec, load_model
+
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
+    net = load_controlnet(ControlNetSpec("random", name="edges", seed=1), bundle)
+    prepared = prepare_backend(bundle.with_controlnets([net]), Backend.COMPILE)
+    graphed = runtime_bundle(
+        prepared, Backend.COMPILE, latent_size=(16, 16), buckets=(1, 2), show_progress=False
+    )
+    networks = graphed.control_networks
+    assert networks is not None and isinstance(networks.canny, PaddedCanny)
+    assert networks.canny.sizes == (1, 2)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+
+    def request(low: float) -> ControlRequest:
+        pixels = torch.rand(1, 3, 128, 128, device="cuda", generator=gen).half() * 2 - 1
+        pixels[:, :, 30:90, 40:100] = 0.9
+        use = SlotUse(0, Preprocessor.CANNY, CannyParams(low, 2 * low + 10, 1.0), 0.8)
+        return ControlRequest(
+            1, (use,), (128, 128), pixels, None, 1, torch.float16, torch.device("cuda")
+        )
+
+    requests = [request(20.0), request(90.0)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = control_images(requests, networks)
+        alone = control_images(requests[:1], networks)
+    want = control_images(requests, None)  # the op, eagerly
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(alone[0], want[0])
+    assert not torch.equal(want[0], want[1])  # each session's own thresholds
