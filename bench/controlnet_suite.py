@@ -35,6 +35,11 @@ minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) 
   via :func:`livediff.bench.multi.run_livediff`: ``drop_rate``, ``latency_ms_p50``/``p99``
   (source arrival → output), ``ms_median`` = device time per output frame.
 
+With ``--control-overlap off,on`` every case with nets runs twice: the nets one after the
+other on one CUDA stream, then beside the UNet's down blocks on a second one (the default,
+:mod:`livediff.models.unet_halves`); ``control_overlap`` says which (``null`` without nets or
+on a call-by-call stream, which replays the per-bucket graphs captured with the default).
+
 Every record has ``suite: "controlnet"``, ``case`` (``single``/``sessions``), ``system``,
 ``controlnets`` (0, 1, 2), ``preprocessor`` (``null``, ``canny``, ``depth``,
 ``canny+depth``), ``sessions``, ``ms_median``, ``ms_p99``, ``fps``, ``latency_ms_p99``,
@@ -404,29 +409,43 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     }
                 )
                 del stream
+        engines = {prepared.control_overlap: bundle}  # by control_overlap, built when asked
         for case in in_sessions:
-            reset_memory(run.device)
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
             settings = multi_args(args, run.backend)
             overlap = BatchOverlap(args.overlap)
-            tally = asyncio.run(
-                multi.run_livediff(bundle, run.config, params, settings, args.sessions, overlap)
-            )
-            record = multi.record(
-                "livediff", tally, bundle, run.config, params, settings, args.sessions
-            )
             on = overlap is BatchOverlap.ON or (
                 overlap is BatchOverlap.AUTO and run.device.type == "cuda"
             )
-            run.emit(
-                {
-                    **{k: v for k, v in record.items() if k not in environment(run.device)},
-                    **run.base(bundle, "livediff", case, args.sessions),
-                    "case": "sessions",
-                    "overlap": "on" if on else "off",
-                    "compile_s": compile_s,
-                }
-            )
+            beside = args.control_overlap if case.controlnets else [prepared.control_overlap]
+            for control_overlap in beside:
+                reset_memory(run.device)
+                if control_overlap not in engines:  # the same compiled nets: no new compile
+                    engines[control_overlap] = runtime_bundle(
+                        dataclasses.replace(prepared, control_overlap=control_overlap),
+                        run.backend,
+                        latent_size=latent,
+                        buckets=buckets,
+                        show_progress=False,
+                    )
+                model = engines[control_overlap]
+                tally = asyncio.run(
+                    multi.run_livediff(model, run.config, params, settings, args.sessions, overlap)
+                )
+                record = multi.record(
+                    "livediff", tally, model, run.config, params, settings, args.sessions
+                )
+                run.emit(
+                    {
+                        **{k: v for k, v in record.items() if k not in environment(run.device)},
+                        **run.base(model, "livediff", case, args.sessions),
+                        "case": "sessions",
+                        "overlap": "on" if on else "off",
+                        "control_overlap": control_overlap if case.controlnets else None,
+                        "compile_s": compile_s,
+                    }
+                )
+        del engines
         del bundle, prepared
         reset_memory(run.device)
     del full, nets
@@ -616,8 +635,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--control-overlap",
         type=overlap_list,
         default=[True],
-        help="single cases with nets: the nets beside the UNet on a second stream (on), one "
-        "after the other (off), or both (off,on; the last is the one the targets read)",
+        help="cases with nets (single and sessions): the nets beside the UNet on a second "
+        "stream (on), one after the other (off), or both (off,on; the targets read the last)",
     )
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, help="PNG of the records")

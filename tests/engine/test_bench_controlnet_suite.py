@@ -66,7 +66,11 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
     assert overlaps == {(None, None)} | {
         (p, on) for p in ("canny", "depth", "canny+depth") for on in (False, True)
     }
-    assert len(records) == len(found) + 3  # the cases with nets ran twice: off, then on
+    sessions = {
+        (r["preprocessor"], r["control_overlap"]) for r in records if r["case"] == "sessions"
+    }
+    assert sessions == {(None, None), ("canny", False), ("canny", True)}
+    assert len(records) == len(found) + 4  # the cases with nets ran twice: off, then on
     for r in records:
         assert all(key in r for key in (*REQUIRED_KEYS, *FIELDS)), set(FIELDS) - set(r)
         assert r["suite"] == "controlnet" and r["device"] == "cpu" and r["backend"] == "eager"
