@@ -37,8 +37,9 @@ minutes of an H200, compiles included: three compiled bundles, buckets 1 and 8) 
 
 With ``--control-overlap off,on`` every case with nets runs twice: the nets one after the
 other on one CUDA stream, then beside the UNet's down blocks on a second one (the default,
-:mod:`livediff.models.unet_halves`); ``control_overlap`` says which (``null`` without nets or
-on a call-by-call stream, which replays the per-bucket graphs captured with the default).
+:mod:`livediff.models.unet_halves`); ``control_overlap`` says which (``null`` without nets).
+A single case that runs call by call (depth: it replays the per-bucket graphs, captured with
+the default) runs once, with the default.
 
 Every record has ``suite: "controlnet"``, ``case`` (``single``/``sessions``), ``system``,
 ``controlnets`` (0, 1, 2), ``preprocessor`` (``null``, ``canny``, ``depth``,
