@@ -39,7 +39,11 @@ With ``--control-overlap off,on`` every case with nets runs twice: the nets one 
 other on one CUDA stream, then beside the UNet's down blocks on a second one (the default,
 :mod:`livediff.models.unet_halves`); ``control_overlap`` says which (``null`` without nets).
 A single case that runs call by call (depth: it replays the per-bucket graphs, captured with
-the default) runs once, with the default.
+the default) runs once, with the default. ``--with-nets K`` gives the case's nets to the first
+K sessions only, and ``--controlnet-rows shared,apart`` runs the sessions cases with nets
+under both rules (``RuntimeConfig.controlnet_rows``: the sessions without nets share the
+calls and run the nets at scale 0, or run the UNet alone in calls of their own); the records
+say ``sessions_with_nets`` and ``controlnet_rows``.
 
 Every record has ``suite: "controlnet"``, ``case`` (``single``/``sessions``), ``system``,
 ``controlnets`` (0, 1, 2), ``preprocessor`` (``null``, ``canny``, ``depth``,
@@ -62,10 +66,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +91,7 @@ from livediff.bench.records import (
 from livediff.bench.records import summarize as summarize_ms
 from livediff.engine.backend_fit import make_stream, whole_step_blockers
 from livediff.engine.config import GenerationParams, StreamConfig
-from livediff.engine.runtime_config import BatchOverlap
+from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.stream import Stream
 from livediff.exceptions import UsageError
 from livediff.models.backends import Backend, prepare_backend, resolve_backend, runtime_bundle
@@ -353,6 +359,12 @@ def load_livediff(run: Run, nets: int, depth: bool) -> tuple[ModelBundle, list[L
     return bundle, loaded
 
 
+def session_settings(case: Case, with_nets: int, k: int) -> dict[str, Any]:
+    """Session ``k``'s settings in a sessions case: the first ``with_nets`` use the case's
+    nets, the others none."""
+    return {"seed": k, "controlnets": case.uses() if k < with_nets else ()}
+
+
 def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
     args = run.args
     counts = sorted({c.controlnets for c in [*single, *sessions]})
@@ -410,7 +422,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                     }
                 )
                 del stream
-        engines = {prepared.control_overlap: bundle}  # by control_overlap, built when asked
+        engines = {(prepared.control_overlap, False): bundle}  # (overlap, apart): built when asked
         for case in in_sessions:
             params = base.updated(prompt=PROMPT, controlnets=case.uses())
             settings = multi_args(args, run.backend)
@@ -418,20 +430,33 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
             on = overlap is BatchOverlap.ON or (
                 overlap is BatchOverlap.AUTO and run.device.type == "cuda"
             )
+            with_nets = args.sessions if args.with_nets is None else args.with_nets
             beside = args.control_overlap if case.controlnets else [prepared.control_overlap]
-            for control_overlap in beside:
+            rules = args.controlnet_rows if case.controlnets else [ControlNetRows.SHARED]
+            for control_overlap, rule in itertools.product(beside, rules):
                 reset_memory(run.device)
-                if control_overlap not in engines:  # the same compiled nets: no new compile
-                    engines[control_overlap] = runtime_bundle(
+                apart = rule is ControlNetRows.APART
+                if (control_overlap, apart) not in engines:  # the same compiled nets
+                    engines[control_overlap, apart] = runtime_bundle(
                         dataclasses.replace(prepared, control_overlap=control_overlap),
                         run.backend,
                         latent_size=latent,
                         buckets=buckets,
                         show_progress=False,
+                        plain_unet=apart,
                     )
-                model = engines[control_overlap]
+                model = engines[control_overlap, apart]
                 tally = asyncio.run(
-                    multi.run_livediff(model, run.config, params, settings, args.sessions, overlap)
+                    multi.run_livediff(
+                        model,
+                        run.config,
+                        params,
+                        settings,
+                        args.sessions,
+                        overlap,
+                        controlnet_rows=rule,
+                        open_params=partial(session_settings, case, with_nets),
+                    )
                 )
                 record = multi.record(
                     "livediff", tally, model, run.config, params, settings, args.sessions
@@ -443,6 +468,10 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                         "case": "sessions",
                         "overlap": "on" if on else "off",
                         "control_overlap": control_overlap if case.controlnets else None,
+                        "controlnet_rows": rule.value if case.controlnets else None,
+                        "sessions_with_nets": min(with_nets, args.sessions)
+                        if case.controlnets
+                        else 0,
                         "compile_s": compile_s,
                     }
                 )
@@ -587,6 +616,17 @@ def draw(records: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
+def rows_list(text: str) -> list[ControlNetRows]:
+    try:
+        return [ControlNetRows(t.strip()) for t in text.split(",") if t.strip()] or [
+            ControlNetRows(text)
+        ]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected shared, apart or both joined by ','"
+        ) from None
+
+
 def overlap_list(text: str) -> list[bool]:
     values = {"on": True, "off": False}
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -639,6 +679,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cases with nets (single and sessions): the nets beside the UNet on a second "
         "stream (on), one after the other (off), or both (off,on; the targets read the last)",
     )
+    parser.add_argument(
+        "--controlnet-rows",
+        type=rows_list,
+        default=[ControlNetRows.SHARED],
+        help="sessions cases with nets: shared (sessions without nets share their calls and "
+        "run the nets at scale 0), apart (they run the UNet alone, in calls of their own), or "
+        "both (shared,apart)",
+    )
+    parser.add_argument(
+        "--with-nets",
+        type=int,
+        default=None,
+        help="sessions cases with nets: how many of the --sessions use them (default: all; "
+        "the others use none)",
+    )
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, help="PNG of the records")
     parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
@@ -649,6 +704,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 f"--peer: diffusers runs none or canny, not {case.label} "
                 "(its control image comes from livediff's canny)"
             )
+    if args.with_nets is not None and not 0 <= args.with_nets <= args.sessions:
+        parser.error(f"--with-nets {args.with_nets}: expected 0 to --sessions {args.sessions}")
     if args.multi and max(args.buckets) < args.sessions:
         parser.error(f"--buckets {args.buckets}: the largest must hold --sessions {args.sessions}")
     return args

@@ -75,7 +75,7 @@ from livediff.engine.backend_fit import fit_degrade_to_bundle, make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
-from livediff.engine.runtime_config import BatchOverlap
+from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.session import SessionOutput
 from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
@@ -162,6 +162,7 @@ async def run_livediff(
     sessions: int,
     overlap: BatchOverlap = BatchOverlap.OFF,
     *,
+    controlnet_rows: ControlNetRows = ControlNetRows.SHARED,
     open_params: Callable[[int], dict[str, Any]] | None = None,
     on_output: Callable[[int, SessionOutput], None] | None = None,
     during: Callable[[Engine, tuple[float, float]], Awaitable[None]] | None = None,
@@ -171,6 +172,7 @@ async def run_livediff(
     runs alongside the sources (given the engine and the measured window)."""
     runtime = RuntimeConfig(
         overlap=overlap,
+        controlnet_rows=controlnet_rows,
         deadline_ms=args.deadline_ms,
         max_sessions=max(sessions, 1),
         batch_buckets=args.buckets,

@@ -12,8 +12,10 @@ Grouping rule (what may share one UNet call)
     hence also the same VAE encode/decode shapes) and both use Stream Batch
     (``use_denoising_batch=True``). Every UNet row carries its own timestep, prompt embedding
     and step coefficients, so step counts, strengths, seeds, prompts, RCFG modes and frame
-    buffer sizes may all differ within a group. A session with ``use_denoising_batch=False``
-    runs its steps as separate calls and is always a group of its own. The group of the
+    buffer sizes may all differ within a group (and ControlNet uses, unless the server keeps
+    the sessions that use nets apart: ``RuntimeConfig.controlnet_rows``). A session with
+    ``use_denoising_batch=False`` runs its steps as separate calls and is always a group of
+    its own. The group of the
     earliest-deadline session runs; the other sessions of that group join in priority order
     while their rows fit in ``max_rows`` (the largest bucket). A session whose rows alone
     exceed ``max_rows`` runs alone, unpadded.
@@ -34,16 +36,27 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-GroupKey = tuple[int, int, bool, str]  # latent height, latent width, Stream Batch, own-group id
+# latent height, latent width, Stream Batch, own-group id, ControlNet rows apart and in use
+GroupKey = tuple[int, int, bool, str, bool]
 
 
-def group_key(latent_size: tuple[int, int], use_denoising_batch: bool, session_id: str) -> GroupKey:
-    """Sessions with equal keys may share a UNet call (see the module docstring)."""
+def group_key(
+    latent_size: tuple[int, int],
+    use_denoising_batch: bool,
+    session_id: str,
+    controlnets_apart: bool = False,
+) -> GroupKey:
+    """Sessions with equal keys may share a UNet call (see the module docstring).
+
+    ``controlnets_apart``: the server keeps sessions that use ControlNets apart from those
+    that do not (``RuntimeConfig.controlnet_rows = "apart"``) and this one's rows use a net.
+    """
     return (
         latent_size[0],
         latent_size[1],
         use_denoising_batch,
         "" if use_denoising_batch else session_id,
+        controlnets_apart,
     )
 
 

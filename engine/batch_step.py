@@ -11,7 +11,7 @@ deliveries for the worker to post to the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from livediff.engine.batch_planning import GroupKey, bucket_for
 from livediff.engine.control_batch import batched_controls
 from livediff.engine.frames import OutputFormat, YuvFrame
 from livediff.engine.metrics import EngineMetrics, StageTimer
+from livediff.engine.runtime_config import ControlNetRows
 from livediff.engine.session import QueuedFrame, Session, SessionOutput
 from livediff.engine.stream import FrameGroup, Stream
 from livediff.kernels.yuv import rgb_to_i420
@@ -171,7 +172,8 @@ class BatchStep:
         ]
         formats = [e.session.output_format for e in entries]
         if key[2]:
-            answers, hosts, rows, padded = self._batched(entries, sizes, formats, timer)
+            nets = not self._without_controlnets(key)
+            answers, hosts, rows, padded = self._batched(entries, sizes, formats, timer, nets)
         else:
             answers, hosts, rows, padded = self._sequential(entries[0], sizes[0], formats[0], timer)
         computed = Computed(answers, hosts, rows, padded, timer, t_start)
@@ -180,23 +182,39 @@ class BatchStep:
             computed.done.record()
         return computed
 
+    def _without_controlnets(self, key: GroupKey) -> bool:
+        """A call of sessions whose rows use no net, on a server that keeps them apart
+        (``RuntimeConfig.controlnet_rows``): it runs the UNet alone."""
+        return (
+            self.runtime.controlnet_rows is ControlNetRows.APART
+            and bool(self.packer.bundle.controlnets)
+            and not key[4]
+        )
+
     def _batched(
         self,
         entries: list[Entry],
         sizes: list[tuple[int, int]],
         formats: list[OutputFormat],
         timer: StageTimer,
+        nets: bool = True,
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
+        """``nets`` False: no row of the call uses a net (every scale 0): the call carries no
+        control inputs, and each session's Stream Batch keeps its own (zero-scale) ones."""
         latents = iter(self.packer.encode([e.pixels for e in entries if e.pixels is not None]))
         timer.mark("encode")
+        requests = [e.stream.control_request(e.group, e.pixels) if nets else None for e in entries]
         controls = batched_controls(
-            [e.stream.control_request(e.group, e.pixels) for e in entries],
-            self.packer.bundle.control_networks,
+            requests, self.packer.bundle.control_networks
         )  # each preprocessor once over the rows of every session that needs it
         unet_inputs = [
             e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels, c)
             for e, c in zip(entries, controls, strict=True)
         ]
+        if not nets:
+            unet_inputs = [
+                replace(b, control_images=None, control_scales=None) for b in unet_inputs
+            ]
         eps, call = self.packer.predict(unet_inputs)
         timer.mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]

@@ -35,6 +35,20 @@ def _device_names(value: Any, name: str) -> tuple[str, ...]:
     return names
 
 
+class ControlNetRows(str, Enum):
+    """Whether sessions without a ControlNet share UNet calls with sessions that use one.
+
+    ``shared`` (the default): every session of a model with ControlNets sends control inputs
+    (zeros at scale 0 when it uses none), so any sessions share a call, and every row runs
+    every loaded net. ``apart``: a session whose rows in flight use no net (every scale 0)
+    runs in calls of its own kind, through the UNet alone, and pays nothing for the nets; the
+    two kinds no longer fill one batch together. Both give every session the same frames.
+    """
+
+    SHARED = "shared"
+    APART = "apart"
+
+
 class BatchOverlap(str, Enum):
     """Whether the worker prepares and launches the next batch while the current one runs.
 
@@ -112,6 +126,13 @@ class RuntimeConfig:
     overlap: BatchOverlap = setting(
         BatchOverlap.OFF,
         doc="prepare and launch the next batch while the current one runs (throughput, not latency)",
+    )
+    controlnet_rows: ControlNetRows = setting(
+        ControlNetRows.SHARED,
+        doc="shared: sessions with and without ControlNets share UNet calls (every row runs "
+        "every net, at scale 0 when unused); apart: sessions that use none run in calls of "
+        "their own, without the nets",
+        flag="--controlnet-rows",
     )
     degrade: DegradePolicy = setting(
         default_factory=DegradePolicy, doc="the overload policy ([runtime.degrade])"

@@ -20,6 +20,7 @@ noise predicted for those rows and returns the finished latents.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,15 @@ from livediff.models.image_prompts import ImagePrompt
 from livediff.models.unet_batch import Conditioning, NoisePredictor, UNetBatch
 
 LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class FramesInFlight:
+    """What :meth:`StreamBatch.snapshot` saved: the in-flight buffers and the blocks' use of
+    ControlNets."""
+
+    buffers: list[torch.Tensor]
+    live_blocks: list[bool]
 
 
 class StreamBatch:
@@ -109,6 +119,11 @@ class StreamBatch:
             self._control_images = torch.zeros(self.unet_rows, slots, 3, height, width, **opts)
             self._control_scales = torch.zeros(self.unet_rows, slots, **opts)
             self._scales_next = torch.zeros(slots, **opts)
+        # On the host, for the scheduler (no device read): whether the next pushed frame uses a
+        # net (a scale above 0), and whether each Stream Batch block's frame does; negative
+        # rows mirror theirs (control_live).
+        self._next_live = False
+        self._live_blocks: list[bool] = [False] * self.steps
         # Feature bank inputs (the model has a bank of ``bank_frames`` frames per slot): every
         # row's slot, held frames, write entry and fusion. Zeros until set_bank_slots: no bank.
         self.bank_frames = bank_frames
@@ -282,6 +297,7 @@ class StreamBatch:
         from now on (frames in flight keep theirs, as they keep their control images)."""
         assert self._scales_next is not None
         self._scales_next.copy_(scales.to(self._scales_next))
+        self._next_live = bool((scales != 0).any())
 
     def set_loras(self, indices: torch.Tensor, scales: torch.Tensor) -> None:
         """The session's LoRA slots and scales ``[slots]``, for every row from the next call
@@ -316,6 +332,10 @@ class StreamBatch:
         assert self._scales_next is not None
         f = self.frame_buffer_size
         scales = self._scales_next.expand(f, -1)
+        if self.use_denoising_batch:
+            self._live_blocks = [self._next_live, *self._live_blocks[:-1]]
+        else:
+            self._live_blocks = [self._next_live] * self.steps
         for buffer, new in ((self._control_images, images), (self._control_scales, scales)):
             if not self.use_denoising_batch:
                 rows = buffer.shape[0] // f
@@ -329,6 +349,15 @@ class StreamBatch:
                 buffer[: self.uncond_rows].copy_(latent)
             elif self.rcfg is RCFGMode.INITIALIZE:
                 buffer[:f].copy_(new)
+
+    @property
+    def control_live(self) -> bool:
+        """Whether any row of the next UNet call uses a ControlNet (a scale above 0), known on
+        the host: the next frame enters with the scales set now, and the frames in flight
+        keep theirs (with Stream Batch the last block's frame leaves before that call)."""
+        if not self.use_denoising_batch:
+            return self._next_live
+        return self._next_live or any(self._live_blocks[:-1])
 
     def latest_control(self) -> torch.Tensor | None:
         """The control images ``[K, 3, H, W]`` the newest frame's UNet rows take (the last
@@ -347,15 +376,19 @@ class StreamBatch:
         """Forget the frames in flight (the next ``steps - 1`` outputs are warm-up again)."""
         for buffer in self._in_flight():
             buffer.zero_()
+        self._live_blocks = [False] * self.steps
 
-    def snapshot(self) -> list[torch.Tensor]:
+    def snapshot(self) -> FramesInFlight:
         """Copies of the frames in flight, for :meth:`restore` (a graph capture mid-stream
         runs the step a few times and must leave the stream where it was)."""
-        return [buffer.clone() for buffer in self._in_flight()]
+        return FramesInFlight(
+            [buffer.clone() for buffer in self._in_flight()], list(self._live_blocks)
+        )
 
-    def restore(self, snapshot: list[torch.Tensor]) -> None:
-        for buffer, saved in zip(self._in_flight(), snapshot, strict=True):
+    def restore(self, snapshot: FramesInFlight) -> None:
+        for buffer, saved in zip(self._in_flight(), snapshot.buffers, strict=True):
             buffer.copy_(saved)
+        self._live_blocks = list(snapshot.live_blocks)
 
     # ------------------------------------------------------------------ the step
     def step(

@@ -56,7 +56,7 @@ from livediff.engine.degrade import DegradeController, DegradeLevel, Transition
 from livediff.engine.faults import DeviceFaultMetrics, FaultHandler, is_out_of_memory
 from livediff.engine.metrics import EngineMetrics
 from livediff.engine.overlap import InFlight, OverlapClock
-from livediff.engine.runtime_config import BatchOverlap
+from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.session import Session
 from livediff.engine.session_plans import SetControlImage, SwapStream
 from livediff.exceptions import SessionError
@@ -64,6 +64,7 @@ from livediff.exceptions import SessionError
 if TYPE_CHECKING:
     from livediff.engine.runtime_config import RuntimeConfig
     from livediff.engine.session_plans import ControlItem
+    from livediff.engine.stream import Stream
     from livediff.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class Worker:
             priority = core.priority()
             if priority is not None:
                 stream = core.stream
-                key = group_key(stream.latent_size, stream.config.use_denoising_batch, session.id)
+                key = self._group_key(session.id, stream)
                 rows = stream.batch.unet_rows
                 candidates.append(Candidate(session, key, priority, rows, core.served, order))
         if not candidates:
@@ -323,6 +324,11 @@ class Worker:
             candidate.item.core.served += 1
         self._run_batch(plan, t_gather)
         return True
+
+    def _group_key(self, session_id: str, stream: Stream) -> GroupKey:
+        """Which sessions may share a call with this one (engine.batch_planning)."""
+        apart = self.runtime.controlnet_rows is ControlNetRows.APART and stream.batch.control_live
+        return group_key(stream.latent_size, stream.config.use_denoising_batch, session_id, apart)
 
     # ------------------------------------------------------------------ overlap
     def _gather_until(self, target: float) -> None:
@@ -383,7 +389,7 @@ class Worker:
                 if core.closed:  # the update failed the session
                     continue
                 stream = core.stream
-                key = group_key(stream.latent_size, stream.config.use_denoising_batch, session.id)
+                key = self._group_key(session.id, stream)
                 if frame is not None and (
                     key != candidate.key or stream.batch.unet_rows != candidate.rows
                 ):

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from livediff.cli_options import load_for_backend
     from livediff.cmd_serve import runtime_config_from_args
+    from livediff.engine.runtime_config import ControlNetRows
     from livediff.models.backends import Backend, runtime_bundle
     from livediff.models.presets import get_preset
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         backend,
         latent_size=(height // factor, width // factor),
         buckets=runtime_config.batch_buckets,
+        plain_unet=runtime_config.controlnet_rows is ControlNetRows.APART,
     )
     report = getattr(graphed, "compile_report", None)
     took = time.perf_counter() - started

@@ -119,6 +119,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from livediff.engine.backend_fit import fit_degrade_to_bundle
     from livediff.engine.devices import resolve_devices
     from livediff.engine.runtime import Engine
+    from livediff.engine.runtime_config import ControlNetRows
     from livediff.models.backends import runtime_bundle
     from livediff.models.loading import resolve_device
     from livediff.models.presets import get_preset
@@ -150,6 +151,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
                 backend,
                 latent_size=(height // factor, width // factor),
                 buckets=runtime_config.batch_buckets,
+                plain_unet=runtime_config.controlnet_rows is ControlNetRows.APART,
             )
         )
         _say_where_the_start_went(

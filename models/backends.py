@@ -117,11 +117,13 @@ def runtime_bundle(
     buckets: Sequence[int],
     show_progress: bool = True,
     recipe: Recipe | None = None,
+    plain_unet: bool = False,
 ) -> ModelBundle:
     """The bundle a multi-session runtime should use: per-bucket CUDA graphs when compiled on CUDA.
 
     Compiling and capturing happens here, before any session starts (a capture must not race
     the worker), with a progress bar; Inductor's on-disk cache makes the next start quicker.
+    ``plain_unet``: with ControlNets, also the UNet alone per bucket (GraphedBundle.warm_up).
     """
     if isinstance(bundle, TensorRTBundle):  # prepare_backend built it: capture, don't re-wrap
         with tqdm(desc="tensorrt capture", disable=not show_progress) as bar:
@@ -140,12 +142,13 @@ def runtime_bundle(
         buckets=buckets,
         latent_size=latent_size,
     )
-    steps = (3 + bool(bundle.controlnets)) * len(buckets)
+    with_nets = bool(bundle.controlnets)
+    steps = (3 + with_nets + (plain_unet and with_nets)) * len(buckets)
     with (
         packaged_compile(key) as report,
         tqdm(total=steps, desc="compile + capture", disable=not show_progress) as bar,
     ):
-        graphed.warm_up(progress=_progress(bar))
+        graphed.warm_up(progress=_progress(bar), plain_unet=plain_unet)
         padded = graphed.control_networks.canny if graphed.control_networks else None
         if padded is not None:
             factor = bundle.vae_scale_factor

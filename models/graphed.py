@@ -189,14 +189,26 @@ class GraphedBundle(ModelBundle):
             "decode": {"x": torch.zeros(1, 4, h, w, **opts)},
         }
 
-    def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile and capture every bucket at the set-up latent size now, not on first use."""
+    def warm_up(
+        self, progress: Callable[[str], None] | None = None, *, plain_unet: bool = False
+    ) -> None:
+        """Compile and capture every bucket at the set-up latent size now, not on first use.
+
+        ``plain_unet``: a model with ControlNets also gets the UNet's graphs for calls without
+        control inputs (a server that keeps sessions without nets apart:
+        ``RuntimeConfig.controlnet_rows``)."""
         templates = self._templates()
+        variants = {stage: [named] for stage, named in templates.items()}
+        if plain_unet and self.controlnets:
+            control = ("control_images", "control_scales")
+            plain = {k: v for k, v in templates["unet"].items() if k not in control}
+            variants["unet"].append(plain)
         for stage, graphs in self._graphs.items():
-            for bucket in graphs.buckets:
-                graphs.capture(bucket, templates[stage])
-                if progress is not None:
-                    progress(f"{graphs.name}[{bucket}]")
+            for named in variants[stage]:
+                for bucket in graphs.buckets:
+                    graphs.capture(bucket, named)
+                    if progress is not None:
+                        progress(f"{graphs.name}[{bucket}]")
 
     def input_buffers(
         self, stage: str, bucket: int, like: dict[str, torch.Tensor]

@@ -365,9 +365,41 @@ def test_a_snapshot_restores_the_frames_in_flight(controlled: ModelBundle) -> No
             batch.push_control(torch.rand(1, 2, 3, SIZE, SIZE, generator=g))
             rows = batch.begin(torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g), None)
             batch.finish(torch.randn_like(rows.latents))
-    assert any(not torch.equal(a, b) for a, b in zip(saved, batch.snapshot(), strict=True))
+    after = batch.snapshot()
+    assert any(not torch.equal(a, b) for a, b in zip(saved.buffers, after.buffers, strict=True))
     batch.restore(saved)
+    assert batch.control_live == any(saved.live_blocks)
     want = [o for f in inputs[3:] for o in plain.process(f)] + plain.flush()
     got = [o for f in inputs[3:] for o in captured.process(f)] + captured.flush()
     assert [o.index for o in got] == [o.index for o in want] == [1, 2, 3, 4, 5]
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(got, want, strict=True))
+
+
+def test_the_host_knows_which_blocks_in_flight_use_a_net(controlled: ModelBundle) -> None:
+    """``control_live`` (what the scheduler reads with ``controlnet_rows = "apart"``: does the
+    next call use a net?): a net switched on is live for the next frame; switched off, it
+    stays live while a frame that entered with it is still in flight for the next call (the
+    ``steps - 1`` blocks that stay), then not; no device read."""
+    stream = Stream(controlled, CONFIG, BASE.updated(steps=3))
+    batch = stream.batch
+    inputs = frames(8)
+    assert not batch.control_live
+    stream.process(inputs[0])
+    assert not batch.control_live
+    stream.update(controlnets=USES)
+    assert batch.control_live
+    live = []
+    for frame in inputs[1:3]:
+        stream.process(frame)
+        live.append(batch.control_live)
+    stream.update(controlnets=())
+    for frame in inputs[3:7]:
+        stream.process(frame)
+        live.append(batch.control_live)
+    assert live == [True, True, True, False, False, False]
+    stream.update(controlnets=USES)
+    stream.process(inputs[7])
+    stream.update(controlnets=())
+    assert batch.control_live  # the frame that entered with the net is in flight
+    batch.reset()
+    assert not batch.control_live  # none is

@@ -43,7 +43,7 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
         *("--model", "tiny", "--size", "64", "--frames", "2", "--warmup", "1"),
         *("--sessions", "2", "--fps", "5", "--seconds", "1", "--session-warmup", "0.5"),
         *("--buckets", "1,2", "--control-overlap", "off,on", "--out", str(out)),
-        *("--plot", str(plot)),
+        *("--controlnet-rows", "shared,apart", "--with-nets", "1", "--plot", str(plot)),
     ]
     assert main(["bench", "--suite", "controlnet", *argv]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -66,11 +66,18 @@ def test_the_suite_runs_every_case_and_system_and_draws_them(tmp_path: Path) -> 
     assert overlaps == {(None, None)} | {
         (p, on) for p in ("canny", "depth", "canny+depth") for on in (False, True)
     }
-    sessions = {
-        (r["preprocessor"], r["control_overlap"]) for r in records if r["case"] == "sessions"
-    }
-    assert sessions == {(None, None), ("canny", False), ("canny", True)}
-    assert len(records) == len(found) + 4  # the cases with nets ran twice: off, then on
+    sessions = [
+        (r["preprocessor"], r["control_overlap"], r["controlnet_rows"], r["sessions_with_nets"])
+        for r in records
+        if r["case"] == "sessions"
+    ]
+    assert sorted(sessions, key=str) == sorted(
+        [(None, None, None, 0)]
+        + [("canny", on, rule, 1) for on in (False, True) for rule in ("shared", "apart")],
+        key=str,
+    )
+    # single cases with nets ran off and on; the sessions case with nets, off and on × both rules
+    assert len(records) == len(found) + 3 + 3
     for r in records:
         assert all(key in r for key in (*REQUIRED_KEYS, *FIELDS)), set(FIELDS) - set(r)
         assert r["suite"] == "controlnet" and r["device"] == "cpu" and r["backend"] == "eager"

@@ -7,17 +7,22 @@ whose own correctness ``tests/core/test_stream_controlnet.py`` proves against di
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 from runtime_testing import make_frame, receive, reference_outputs
 
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
 from livediff.engine.runtime import Engine, RuntimeConfig
+from livediff.engine.runtime_config import ControlNetRows
 from livediff.exceptions import ParameterError
 from livediff.models.bundle import ModelBundle
 from livediff.models.control_uses import ControlNetSpec
 from livediff.models.controlnet_loading import load_controlnet
+from livediff.models.unet_batch import UNetBatch
 
 CONFIG = StreamConfig(width=64, height=64)
 BASE = GenerationParams(strength=0.5, steps=2)
@@ -96,3 +101,43 @@ async def test_a_refused_use_reaches_its_caller_and_the_session_goes_on(
         assert session.stats()["closed"] is False
     finally:
         await engine.stop()
+
+
+async def test_apart_sessions_without_nets_run_the_unet_alone_and_equal_alone(
+    controlled: ModelBundle,
+) -> None:
+    """``controlnet_rows = "apart"``: the two sessions with nets share calls with control
+    inputs, the one without runs calls without any (the UNet alone), and every output is
+    still the single Stream's."""
+    frames = 4
+    calls: list[tuple[int, bool]] = []
+    model = dataclasses.replace(controlled)  # a shallow copy whose UNet calls are recorded
+    predict = model.predict_noise
+
+    def recording(batch: UNetBatch) -> torch.Tensor:
+        calls.append((batch.rows, batch.control_images is not None))
+        return predict(batch)
+
+    model.predict_noise = recording  # type: ignore[method-assign]
+    apart = dataclasses.replace(CALM, controlnet_rows=ControlNetRows.APART)
+    engine = Engine(model, CONFIG, apart, BASE)
+    sessions = [await engine.open_session(params) for params in SETUPS]
+    for k, session in enumerate(sessions):
+        for i in range(frames):
+            session.submit(make_frame(k, i))
+    await engine.start()
+    try:
+        for k, params in enumerate(SETUPS):
+            inputs = [make_frame(k, i) for i in range(frames)]
+            expected = reference_outputs(controlled, CONFIG, BASE.updated(**params), inputs)
+            outputs = await receive(sessions[k], len(expected))
+            assert [out.index for out in outputs] == sorted(expected)
+            for out in outputs:
+                assert_equal_images(out.image, expected[out.index], (k, out.index))
+        assert engine.metrics()["batch_sessions"]["max"] == 2
+    finally:
+        await engine.stop()
+    rows = BASE.steps  # a session's UNet rows: one per step (Stream Batch, no RCFG rows)
+    with_nets = {r for r, control in calls if control}
+    without = {r for r, control in calls if not control}
+    assert with_nets == {2 * rows} and without == {rows}, calls

@@ -32,21 +32,30 @@ def test_compiled_padded_canny_is_the_op_without_recompiles() -> None:
 
 
 def test_the_servers_batches_take_the_compiled_canny_without_a_compile() -> None:
-    """A compiled model with a ControlNet, prepared for the server (per-bucket graphs): the
-    engine's control images for two sessions with their own thresholds come from the canny
-    compiled at start, equal the op's, and make no compile while sessions run."""
+    """A compiled model with a ControlNet, prepared for the server (per-bucket graphs, with
+    and without control inputs): the engine's control images for two sessions with their own
+    thresholds come from the canny compiled at start, equal the op's, and make no compile
+    while sessions run; a call without control inputs replays a graph captured at start."""
     from livediff.engine.control_batch import ControlRequest, SlotUse, control_images
     from livediff.models.backends import Backend, prepare_backend, runtime_bundle
     from livediff.models.control_uses import CannyParams, ControlNetSpec, Preprocessor
     from livediff.models.controlnet_loading import load_controlnet
     from livediff.models.loading import ModelSpec, load_model
+    from livediff.models.unet_batch import UNetBatch
 
     bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
     net = load_controlnet(ControlNetSpec("random", name="edges", seed=1), bundle)
     prepared = prepare_backend(bundle.with_controlnets([net]), Backend.COMPILE)
     graphed = runtime_bundle(
-        prepared, Backend.COMPILE, latent_size=(16, 16), buckets=(1, 2), show_progress=False
+        prepared,
+        Backend.COMPILE,
+        latent_size=(16, 16),
+        buckets=(1, 2),
+        show_progress=False,
+        plain_unet=True,  # controlnet_rows = "apart": the UNet alone is captured too
     )
+    unet_graphs = graphed._graphs["unet"]._graphs  # type: ignore[attr-defined]
+    assert len(unet_graphs) == 4  # buckets 1 and 2, with and without control inputs
     networks = graphed.control_networks
     assert networks is not None and isinstance(networks.canny, PaddedCanny)
     assert networks.canny.sizes == (1, 2)
@@ -65,6 +74,14 @@ def test_the_servers_batches_take_the_compiled_canny_without_a_compile() -> None
         got = control_images(requests, networks)
         alone = control_images(requests[:1], networks)
     want = control_images(requests, None)  # the op, eagerly
+    seq, dim = graphed.embed_shape
+    plain = UNetBatch(
+        latents=torch.randn(2, 4, 16, 16, device="cuda", generator=gen).half(),
+        timesteps=torch.tensor([300, 700], device="cuda"),
+        embeds=torch.randn(2, seq, dim, device="cuda", generator=gen).half(),
+    )
+    noise = graphed.predict_noise(plain)  # a call without control inputs: its own graph
+    assert noise.shape == (2, 4, 16, 16) and len(unet_graphs) == 4
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert torch.equal(alone[0], want[0])
     assert not torch.equal(want[0], want[1])  # each session's own thresholds
