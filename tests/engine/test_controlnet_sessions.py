@@ -8,6 +8,7 @@ whose own correctness ``tests/core/test_stream_controlnet.py`` proves against di
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,33 +54,43 @@ def assert_equal_images(actual: np.ndarray, expected: np.ndarray, note: object) 
     assert difference.max() <= TOLERANCE, (note, difference.max())
 
 
-async def test_sessions_with_and_without_controlnets_share_calls_and_equal_alone(
-    controlled: ModelBundle,
-) -> None:
+async def each_equals_alone(
+    model: ModelBundle, reference: ModelBundle, runtime: RuntimeConfig
+) -> dict[str, Any]:
+    """The SETUPS sessions on one engine over ``model``, every frame waiting before it starts
+    (so sessions that may share a call do); each output must be ``reference``'s single
+    Stream's. Returns the engine's metrics."""
     frames = 4
-    engine = Engine(controlled, CONFIG, CALM, BASE)
+    engine = Engine(model, CONFIG, runtime, BASE)
     sessions = [await engine.open_session(params) for params in SETUPS]
     for k, session in enumerate(sessions):
         for i in range(frames):
             session.submit(make_frame(k, i))
-    await engine.start()  # every frame waits already: the three sessions share each call
+    await engine.start()
     try:
         for k, params in enumerate(SETUPS):
             inputs = [make_frame(k, i) for i in range(frames)]
-            expected = reference_outputs(controlled, CONFIG, BASE.updated(**params), inputs)
+            expected = reference_outputs(reference, CONFIG, BASE.updated(**params), inputs)
             outputs = await receive(sessions[k], len(expected))
             assert [out.index for out in outputs] == sorted(expected)
             for out in outputs:
                 assert_equal_images(out.image, expected[out.index], (k, out.index))
             if params.get("controlnets"):  # the nets matter beyond the tolerance: it can fail
                 plain = reference_outputs(
-                    controlled, CONFIG, BASE.updated(**{**params, "controlnets": ()}), inputs
+                    reference, CONFIG, BASE.updated(**{**params, "controlnets": ()}), inputs
                 )
                 gaps = [np.abs(plain[i].astype(np.int16) - expected[i]).max() for i in plain]
                 assert max(gaps) > TOLERANCE, gaps
-        assert engine.metrics()["batch_sessions"]["max"] == 3
+        return engine.metrics()
     finally:
         await engine.stop()
+
+
+async def test_sessions_with_and_without_controlnets_share_calls_and_equal_alone(
+    controlled: ModelBundle,
+) -> None:
+    metrics = await each_equals_alone(controlled, controlled, CALM)
+    assert metrics["batch_sessions"]["max"] == 3
 
 
 async def test_a_refused_use_reaches_its_caller_and_the_session_goes_on(
@@ -109,7 +120,6 @@ async def test_apart_sessions_without_nets_run_the_unet_alone_and_equal_alone(
     """``controlnet_rows = "apart"``: the two sessions with nets share calls with control
     inputs, the one without runs calls without any (the UNet alone), and every output is
     still the single Stream's."""
-    frames = 4
     calls: list[tuple[int, bool]] = []
     model = dataclasses.replace(controlled)  # a shallow copy whose UNet calls are recorded
     predict = model.predict_noise
@@ -120,23 +130,8 @@ async def test_apart_sessions_without_nets_run_the_unet_alone_and_equal_alone(
 
     model.predict_noise = recording  # type: ignore[method-assign]
     apart = dataclasses.replace(CALM, controlnet_rows=ControlNetRows.APART)
-    engine = Engine(model, CONFIG, apart, BASE)
-    sessions = [await engine.open_session(params) for params in SETUPS]
-    for k, session in enumerate(sessions):
-        for i in range(frames):
-            session.submit(make_frame(k, i))
-    await engine.start()
-    try:
-        for k, params in enumerate(SETUPS):
-            inputs = [make_frame(k, i) for i in range(frames)]
-            expected = reference_outputs(controlled, CONFIG, BASE.updated(**params), inputs)
-            outputs = await receive(sessions[k], len(expected))
-            assert [out.index for out in outputs] == sorted(expected)
-            for out in outputs:
-                assert_equal_images(out.image, expected[out.index], (k, out.index))
-        assert engine.metrics()["batch_sessions"]["max"] == 2
-    finally:
-        await engine.stop()
+    metrics = await each_equals_alone(model, controlled, apart)
+    assert metrics["batch_sessions"]["max"] == 2
     rows = BASE.steps  # a session's UNet rows: one per step (Stream Batch, no RCFG rows)
     with_nets = {r for r, control in calls if control}
     without = {r for r, control in calls if not control}
