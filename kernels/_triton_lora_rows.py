@@ -51,9 +51,11 @@ def _active(index, scale, loras):
 
 @triton.jit
 def _dot(p, q, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(p, q, input_precision="ieee")
-    return tl.dot(p, q)
+    if IEEE:  # float32 inputs: IEEE products, no TF32
+        product = tl.dot(p, q, input_precision="ieee")
+    else:
+        product = tl.dot(p, q)
+    return product
 
 
 @triton.jit
