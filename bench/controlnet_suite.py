@@ -396,7 +396,7 @@ def run_livediff(run: Run, single: list[Case], sessions: list[Case]) -> None:
                 reset_memory(run.device)
                 chosen = dataclasses.replace(prepared, control_overlap=overlap)
                 stream = single_stream(chosen, bundle, run.backend, run.config, params)
-                if stream.bundle is not chosen and overlap is not prepared.control_overlap:
+                if stream.bundle is not chosen and overlap != prepared.control_overlap:
                     del stream  # call by call over the per-bucket graphs: captured with the default
                     continue
                 summary = closed_loop(
