@@ -211,6 +211,32 @@ class ModelBundle:
         main.wait_stream(side)
         return halves.up(*first, down, mid)
 
+    @torch.inference_mode()
+    def make_bank_pools(self, batch: UNetBatch) -> None:
+        """Allocate the feature bank's pools for ``batch``'s latent size with one eager UNet
+        call (``torch.compiler.set_stance("force_eager")``) that keeps and reads nothing.
+
+        Each banked attention makes its pool on the first call with a token count; made inside
+        a compiled call, that changes what dynamo guarded on, and the next call compiles the
+        whole UNet again (on an H200 that doubled the bank bundle's compile, past 190 s).
+        Call it before the first compiled call at a latent size. The call's rows use the empty
+        slot only (slot 0, no frame held, writes to entry 0): no session's bank changes.
+        """
+        if self.feature_bank is None:
+            return
+        rows = batch.rows
+        device = batch.latents.device
+        frames = self.feature_bank.frames
+        empty = replace(
+            batch,
+            bank_slots=torch.zeros(rows, dtype=torch.long, device=device),
+            bank_frames=torch.zeros(rows, frames, dtype=batch.latents.dtype, device=device),
+            bank_write=torch.zeros(rows, dtype=torch.long, device=device),
+            bank_fusion=torch.zeros(rows, 2, dtype=batch.latents.dtype, device=device),
+        )
+        with torch.compiler.set_stance("force_eager"):
+            ModelBundle.predict_noise(self, empty)
+
     def _bank_rows(self, batch: UNetBatch) -> AbstractContextManager[None]:
         """The rows' feature bank inputs for one call (none: a no-op context)."""
         if self.feature_bank is None or batch.bank_slots is None:

@@ -135,8 +135,15 @@ class GraphedBundle(ModelBundle):
         base = ModelBundle
         self._latent_size = latent_size
 
+        bank_sizes: set[tuple[int, ...]] = set()  # latent sizes whose bank pools exist
+
         def unet(named: Named) -> torch.Tensor:
-            return base.predict_noise(self, UNetBatch(**named))
+            batch = UNetBatch(**named)
+            size = tuple(batch.latents.shape[1:])
+            if self.feature_bank is not None and size not in bank_sizes:
+                bank_sizes.add(size)  # before the first compiled call at this size
+                base.make_bank_pools(self, batch)
+            return base.predict_noise(self, batch)
 
         self._graphs = {
             "unet": BucketGraphs(
