@@ -133,9 +133,10 @@ def runtime_bundle(
         return bundle
     graphed = GraphedBundle.wrap(bundle)
     graphed.setup_graphs(unet_buckets=buckets, frame_buckets=buckets, latent_size=latent_size)
-    if bundle.controlnets:  # the engine's canny: compiled per bucket too (models.compiled_canny)
+    canny = PaddedCanny(buckets) if bundle.controlnets else None  # the engine's, per bucket
+    if canny is not None:
         networks = bundle.control_networks or PreprocessorNetworks()
-        graphed.control_networks = dataclasses.replace(networks, canny=PaddedCanny(buckets))
+        graphed.control_networks = dataclasses.replace(networks, canny=canny)
     key = artifact_key(
         bundle,
         recipe=(recipe or recipe_for(bundle)).label,
@@ -149,11 +150,10 @@ def runtime_bundle(
         tqdm(total=steps, desc="compile + capture", disable=not show_progress) as bar,
     ):
         graphed.warm_up(progress=_progress(bar), plain_unet=plain_unet)
-        padded = graphed.control_networks.canny if graphed.control_networks else None
-        if padded is not None:
+        if canny is not None:
             factor = bundle.vae_scale_factor
             pixels = (latent_size[0] * factor, latent_size[1] * factor)
-            padded.warm_up(pixels, device=bundle.device, dtype=bundle.dtype)
+            canny.warm_up(pixels, device=bundle.device, dtype=bundle.dtype)
             bar.update(len(buckets))
     graphed.compile_report = report
     log.info(

@@ -185,9 +185,13 @@ class ModelBundle:
         next call's nets, which first wait for the caller's stream again: no use overlaps a reuse.
         """
         halves = halves_of(self.unet)
-
-        def nets() -> tuple[list[torch.Tensor], torch.Tensor]:
-            return control_residuals(
+        device = batch.latents.device
+        beside = self.control_overlap and batch.latents.is_cuda
+        side = halves.side_stream(device) if beside else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            down, mid = control_residuals(
                 self.controlnets,
                 batch.latents,
                 batch.timesteps,
@@ -196,19 +200,9 @@ class ModelBundle:
                 batch.control_images,
                 batch.control_scales,
             )
-
-        if not (self.control_overlap and batch.latents.is_cuda):
-            down, mid = nets()
-            return halves.up(
-                *halves.down(batch.latents, batch.timesteps, context, added), down, mid
-            )
-        main = torch.cuda.current_stream(batch.latents.device)
-        side = halves.side_stream(batch.latents.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            down, mid = nets()
         first = halves.down(batch.latents, batch.timesteps, context, added)
-        main.wait_stream(side)
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
         return halves.up(*first, down, mid)
 
     @torch.inference_mode()
