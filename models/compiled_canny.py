@@ -31,6 +31,24 @@ def compiled_canny() -> CannyFn:
     return torch.compile(reference_canny, fullgraph=True, dynamic=False)
 
 
+def row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a C-contiguous tensor of ``shape`` (size-1 dimensions included)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with exactly row-major strides. ``contiguous()`` is not enough: it keeps the
+    stride of a size-1 dimension (a [1] view of a [1, 3] tensor keeps stride 3), and dynamo
+    guards on that stride (the recompile a GPU test caught at one row)."""
+    if tensor.stride() == row_major_strides(tensor.shape):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 class PaddedCanny:
     """``canny(images, low, high, sigma)`` over row counts padded up to one of ``sizes``."""
 
@@ -62,11 +80,11 @@ class PaddedCanny:
                 ]
             )
         padded = self.padded_rows(rows)
-        # contiguous, always: a static compile guards on strides too, and the per-row values
+        # row-major strides, always: a static compile guards on strides, and the per-row values
         # often come as strided views of one [rows, 3] tensor (a 9.5 s recompile on an H200)
-        low, high, sigma = (v.contiguous() for v in (low, high, sigma))
+        low, high, sigma = (dense(v) for v in (low, high, sigma))
         if padded == rows:
-            return self._fn(images.contiguous(), low, high, sigma, HYSTERESIS_ITERATIONS)
+            return self._fn(dense(images), low, high, sigma, HYSTERESIS_ITERATIONS)
         extra = padded - rows
         images = torch.cat([images, images.new_zeros((extra, *images.shape[1:]))])
         low, high, sigma = (torch.cat([v, v[:1].expand(extra)]) for v in (low, high, sigma))
