@@ -210,3 +210,54 @@ def test_the_banked_unet_compiles_as_one_graph_without_recompiles(
                     results.append(unet_call(latents, t, encoder_hidden_states=embeds)[0])
             torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()  # leave no compiled entries for the tests after this one
+
+
+def masked_attention(
+    heads: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    held: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+) -> torch.Tensor:
+    """The definition: one attention over the current and bank keys, frames not held masked."""
+    rows, tokens = q.shape[:2]
+    mask = torch.cat([held.new_ones(rows, tokens), held.repeat_interleave(tokens, dim=1)], 1)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(rows, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        split(q),
+        split(torch.cat([k, past_k], 1)),
+        split(torch.cat([v, past_v], 1)),
+        attn_mask=mask[:, None, None, :],
+    )
+    return out.transpose(1, 2).reshape(rows, tokens, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bank_attention_without_a_mask_equals_the_masked_attention(dtype: torch.dtype) -> None:
+    """Rows holding no frame, some frames and all of them: the merged parts equal the masked
+    attention over the concatenated keys (the reference path the CPU runs; the flash path is
+    checked on CUDA in tests/gpu/test_gpu_feature_bank_attention.py)."""
+    from livediff.models.feature_bank import attend_with_bank
+
+    gen = torch.Generator().manual_seed(5)
+    rows, tokens, frames, heads, channels = 4, 24, 3, 2, 16
+    q, k, v = (torch.randn(rows, tokens, channels, generator=gen, dtype=dtype) for _ in range(3))
+    past_k, past_v = (
+        torch.randn(rows, frames * tokens, channels, generator=gen, dtype=dtype) * 2
+        for _ in range(2)
+    )
+    held = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    got = attend_with_bank(heads, q, k, v, past_k, past_v, held)
+    want = masked_attention(heads, q, k, v, held, past_k, past_v)
+    tolerance = (
+        {"atol": 1e-12, "rtol": 1e-12} if dtype is torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    )
+    torch.testing.assert_close(got, want, **tolerance)
+    # a row that holds nothing is plain attention over its own frame, whatever the pool holds
+    plain = masked_attention(heads, q[:1], k[:1], v[:1], held[:1], past_k[:1] * 0, past_v[:1] * 0)
+    torch.testing.assert_close(got[:1], plain, **tolerance)
