@@ -15,8 +15,7 @@ call's shapes never change: which slot a row reads and writes, which of its fram
 something, and its fusion strength and threshold are per-row tensors of the batch
 (:class:`BankRows`: ``UNetBatch.bank_*``). Slot 0 is the empty slot: a row of zeros has no bank
 and writes nowhere that is read, so a session without a bank shares the call for the price of
-attending to the empty slot's frames (weighted zero, :func:`attend_with_bank`: no mask, so
-the attention stays on SDPA's flash kernels). The engine owns which slot and frame a session's row uses
+the masked keys. The engine owns which slot and frame a session's row uses
 (``engine/feature_banks.py``); this module only computes.
 
 A pool for a token count is made on the first call that has it (warm-up, before graph capture);
@@ -100,14 +99,24 @@ class BankedSelfAttention:
         query, key, value = _projections(attn, hidden_states)
         bank = self.context.rows
         if bank is None:
-            return _finish(attn, _attend(attn, query, key, value))
+            return _finish(attn, _attend(attn, query, key, value, None))
         frames = self.context.frames
         pool = self.pool(tokens, key.shape[-1], key)
         index = (bank.slots[:, None] * frames + torch.arange(frames, device=key.device)).flatten()
         past_k = pool[0].index_select(0, index).view(rows, frames * tokens, -1)
         past_v = pool[1].index_select(0, index).view(rows, frames * tokens, -1)
         held = bank.frames.to(torch.bool)  # [rows, F]
-        out = _finish(attn, attend_with_bank(attn.heads, query, key, value, past_k, past_v, held))
+        mask = torch.cat(
+            [held.new_ones(rows, tokens), held.repeat_interleave(tokens, dim=1)], dim=1
+        )[:, None, None, :]
+        out = _attend(
+            attn,
+            query,
+            torch.cat([key, past_k], dim=1),
+            torch.cat([value, past_v], dim=1),
+            mask,
+        )
+        out = _finish(attn, out)
         written = bank.write
         pool[0].index_copy_(0, written, key)
         pool[1].index_copy_(0, written, value)
@@ -150,71 +159,15 @@ def _attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     rows = query.shape[0]
     heads = attn.heads
     q, k, v = (
         t.view(rows, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (query, key, value)
     )
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(rows, -1, heads * (value.shape[-1] // heads)).to(query.dtype)
-
-
-def attend_with_bank(
-    heads: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    past_k: torch.Tensor,
-    past_v: torch.Tensor,
-    held: torch.Tensor,
-) -> torch.Tensor:
-    """Attention of each row's queries over its own keys and those of the bank frames it holds.
-
-    ``query``/``key``/``value`` [rows, T, C], ``past_k``/``past_v`` [rows, F·T, C], ``held``
-    [rows, F] bool. It equals one attention over the concatenated keys with the frames not
-    held masked out, but takes no mask (a mask keeps SDPA off its flash kernels): the current
-    frame and the bank frames are attended apart, each part giving its output and its
-    log-sum-exp, and the parts are merged with weights ``softmax(lse)`` over the parts held
-    (the current frame always is). Exact up to rounding: a part's output is already normalised
-    within the part, and ``exp(lse)`` is its share of the softmax's denominator.
-    """
-    rows, tokens = query.shape[:2]
-    frames = held.shape[1]
-
-    def split(t: torch.Tensor, n: int) -> torch.Tensor:  # [n, T, H·D] → [n, H, T, D]
-        return t.reshape(n, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-    q = split(query, rows)
-    now, lse_now = attention_with_lse(q, split(key, rows), split(value, rows))
-    past, lse_past = attention_with_lse(
-        q.repeat_interleave(frames, dim=0),
-        split(past_k.reshape(rows * frames, tokens, -1), rows * frames),
-        split(past_v.reshape(rows * frames, tokens, -1), rows * frames),
-    )
-    lse = torch.cat([lse_now[:, None], lse_past.view(rows, frames, heads, tokens)], dim=1)
-    parts = torch.cat([held.new_ones(rows, 1), held], dim=1)[:, :, None, None]
-    weights = torch.softmax(lse.masked_fill(~parts, float("-inf")), dim=1)  # [rows, 1+F, H, T]
-    outs = torch.cat([now[:, None], past.view(rows, frames, heads, tokens, -1)], dim=1)
-    out = (weights[..., None] * outs.to(weights.dtype)).sum(dim=1)  # [rows, H, T, Dv]
-    return out.transpose(1, 2).reshape(rows, tokens, -1).to(query.dtype)
-
-
-def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention [n, H, T, D] and its log-sum-exp [n, H, T] (float32 or wider).
-
-    On CUDA in fp16/bf16 this is the flash kernel (which returns its log-sum-exp); elsewhere
-    (the CPU, fp32 and float64 tests) the same arithmetic written out."""
-    depth = q.shape[-1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and depth % 8 == 0 and depth <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False)[:2]
-        return out, lse
-    work = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * depth**-0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.exp(scores - lse[..., None]) @ v.to(work)).to(q.dtype), lse
 
 
 def _finish(attn: Any, hidden: torch.Tensor) -> torch.Tensor:
