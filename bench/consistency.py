@@ -99,7 +99,7 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
             times.append(elapsed)
             outputs += [out.image.cpu().numpy() for out in produced]
     delay = stream.delay
-    bank = bundle.feature_bank
+    bank, usage = bundle.feature_bank, stream.bank_usage()
     return {
         **summarize(times),
         "feature_bank": case.feature_bank,
@@ -109,7 +109,8 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
         "bank_interval": args.bank_interval,
         "flicker": round(flicker(outputs, clip[args.warmup - delay : len(clip) - delay]), 4),
         "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
-        "bank_mb": round(bank.bytes() / 2**20, 1) if bank is not None else 0.0,
+        "bank_mb": usage["mb"] if usage is not None else 0.0,  # this session's bank
+        "bank_pool_mb": round(bank.bytes() / 2**20, 1) if bank is not None else 0.0,
     }
 
 

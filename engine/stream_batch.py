@@ -126,7 +126,10 @@ class StreamBatch:
         self._live_blocks: list[bool] = [False] * self.steps
         # Feature bank inputs (the model has a bank of ``bank_frames`` frames per slot): every
         # row's slot, held frames, write entry and fusion. Zeros until set_bank_slots: no bank.
+        # Only a buffer whose session banks sends them (``bank_live``): a call where no row
+        # banks runs the UNet without the bank (plain self-attention, nothing read or kept).
         self.bank_frames = bank_frames
+        self.bank_live = False
         self._bank: dict[str, torch.Tensor] = {}
         if bank_frames is not None:
             long: dict[str, Any] = {"device": device, "dtype": torch.long}
@@ -186,6 +189,7 @@ class StreamBatch:
         or ``None``: no bank (the empty slot)."""
         assert self.bank_frames is not None
         frames = self.bank_frames
+        self.bank_live = slots is not None
         if slots is None:
             self._slot_table.zero_()
             self._write_table.zero_()
@@ -432,7 +436,7 @@ class StreamBatch:
         return self._batch()
 
     def _batch(self) -> UNetBatch:
-        bank = self._bank
+        bank = self._bank if self.bank_live else {}
         return UNetBatch(
             latents=self._unet_latents,
             timesteps=self._timesteps,

@@ -15,7 +15,8 @@ call's shapes never change: which slot a row reads and writes, which of its fram
 something, and its fusion strength and threshold are per-row tensors of the batch
 (:class:`BankRows`: ``UNetBatch.bank_*``). Slot 0 is the empty slot: a row of zeros has no bank
 and writes nowhere that is read, so a session without a bank shares the call for the price of
-the masked keys. The engine owns which slot and frame a session's row uses
+the masked keys; a call where no row banks carries no bank inputs and runs plain attention
+(``StreamBatch.bank_live``). The engine owns which slot and frame a session's row uses
 (``engine/feature_banks.py``); this module only computes.
 
 A pool for a token count is made on the first call that has it (warm-up, before graph capture);

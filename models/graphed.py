@@ -18,6 +18,7 @@ stream, as CUDA graph capture requires) or eagerly with :meth:`GraphedBundle.war
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from livediff.models.unet_batch import UNetBatch
 
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
+BANK_INPUTS = ("bank_slots", "bank_frames", "bank_write", "bank_fusion")
 
 
 @dataclass
@@ -203,13 +205,21 @@ class GraphedBundle(ModelBundle):
 
         ``plain_unet``: a model with ControlNets also gets the UNet's graphs for calls without
         control inputs (a server that keeps sessions without nets apart:
-        ``RuntimeConfig.controlnet_rows``)."""
+        ``RuntimeConfig.controlnet_rows``). A model with a feature bank always gets the graphs
+        for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``)."""
         templates = self._templates()
         variants = {stage: [named] for stage, named in templates.items()}
+        optional = []  # groups of UNet inputs some calls leave out
         if plain_unet and self.controlnets:
-            control = ("control_images", "control_scales")
-            plain = {k: v for k, v in templates["unet"].items() if k not in control}
-            variants["unet"].append(plain)
+            optional.append(("control_images", "control_scales"))
+        if self.feature_bank is not None:
+            optional.append(BANK_INPUTS)
+        for left_out in itertools.product((False, True), repeat=len(optional)):
+            names = {n for group, out in zip(optional, left_out, strict=True) if out for n in group}
+            if names:
+                variants["unet"].append(
+                    {k: v for k, v in templates["unet"].items() if k not in names}
+                )
         for stage, graphs in self._graphs.items():
             for named in variants[stage]:
                 for bucket in graphs.buckets:

@@ -136,6 +136,35 @@ def test_bank_zero_on_a_bank_model_is_the_plain_stream(exact: ModelBundle) -> No
     assert model.feature_bank is not None and model.feature_bank.free_rows() == 16
 
 
+@dataclass
+class CallLog(ModelBundle):
+    """Records, for every UNet call, whether it carried feature bank inputs."""
+
+    banked_calls: list[bool] | None = None
+
+    def predict_noise(self, batch: Any) -> torch.Tensor:
+        assert self.banked_calls is not None
+        self.banked_calls.append(batch.bank_slots is not None)
+        return super().predict_noise(batch)
+
+
+def test_calls_of_a_session_without_a_bank_carry_no_bank_inputs(exact: ModelBundle) -> None:
+    """A bank-capable model runs the calls of a session with bank 0 without the bank (plain
+    self-attention: the price of the bank is paid only where it is used), live both ways."""
+    model = banked(exact)
+    logged = CallLog(**{f.name: getattr(model, f.name) for f in fields(model)}, banked_calls=[])
+    stream = Stream(logged, StreamConfig(width=SIZE, height=SIZE), BASE.updated(steps=1))
+    frames = drifting(6)
+    outputs(stream, frames[:2])
+    assert logged.banked_calls == [False, False]
+    stream.update(**BANK)
+    outputs(stream, frames[2:4])
+    assert logged.banked_calls[2:] == [True, True]
+    stream.update(feature_bank=0)
+    outputs(stream, frames[4:])
+    assert logged.banked_calls[4:] == [False, False]
+
+
 def test_a_new_prompt_and_a_scene_cut_start_the_bank_over(exact: ModelBundle) -> None:
     config = StreamConfig(width=SIZE, height=SIZE)
     params = BASE.updated(steps=1, **BANK)

@@ -224,3 +224,12 @@ def test_graphed_bundle_runs_the_feature_bank_per_row() -> None:
     assert len(outs[0]) == len(outs[1]) == 4
     for a, b in zip(*outs, strict=True):
         assert _max_diff(a, b) <= 8
+    # calls where no row banks (a session with bank 0) replay graphs captured at start too
+    unet_graphs = graphed._graphs["unet"]._graphs  # type: ignore[attr-defined]
+    assert len(unet_graphs) == 4  # buckets 2 and 4, with and without the bank inputs
+    without = [Stream(m, config, params.updated(feature_bank=0)) for m in (eager, graphed)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = [[o.image for f in frames for o in s.process(f)] for s in without]
+    assert len(unet_graphs) == 4
+    for a, b in zip(*outs, strict=True):
+        assert _max_diff(a, b) <= 8
