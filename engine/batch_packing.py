@@ -13,21 +13,31 @@ Which sessions may be packed together is the scheduler's grouping rule
 
 Outputs go to host memory here too: on CUDA into pinned buffers with ``non_blocking`` copies,
 waited for through one event by the worker; on CPU they already are host tensors.
+
+:meth:`BatchPacker.run_streams` drives the streams' phases around those calls (the order the
+comment in :mod:`livediff.engine.stream` names) for any caller: the multi-session worker's
+:class:`~livediff.engine.batch_step.BatchStep`, and a file job's
+:class:`~livediff.engine.interleaved.InterleavedStreams`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from livediff.engine.batch_planning import bucket_for
-from livediff.engine.frames import OutputFormat
+from livediff.engine.control_batch import batched_controls
+from livediff.engine.frames import OutputFormat, StreamOutput
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch, field_names_in
+
+if TYPE_CHECKING:
+    from livediff.engine.stream import FrameGroup, Stream
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,29 @@ class PackedCall:
     rows: int
     padded_rows: int
     sessions: int
+
+
+class StreamRows(Protocol):
+    """One stream's admitted frame group in a batched call, with its :meth:`Stream.model_input`."""
+
+    @property
+    def stream(self) -> Stream: ...
+
+    @property
+    def group(self) -> FrameGroup: ...
+
+    @property
+    def pixels(self) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class BatchedAnswer:
+    """What :meth:`BatchPacker.run_streams` gives back, per entry in the order given."""
+
+    answers: list[list[StreamOutput]]  # Stream.complete's outputs
+    frames: list[torch.Tensor]  # the decoded frames on the device (the entry's format)
+    hosts: list[torch.Tensor]  # their host copies (empty without ``to_host``)
+    call: PackedCall
 
 
 class BatchPacker:
@@ -107,6 +140,51 @@ class BatchPacker:
     ) -> list[torch.Tensor]:
         return [result.narrow(0, o, c) for o, c in zip(offsets, counts, strict=True)]
 
+    # ------------------------------------------------------------------ streams
+    def run_streams(
+        self,
+        entries: Sequence[StreamRows],
+        sizes: Sequence[tuple[int, int]],
+        formats: Sequence[OutputFormat],
+        mark: Callable[[str], None] | None = None,
+        *,
+        nets: bool = True,
+        to_host: bool = True,
+    ) -> BatchedAnswer:
+        """The entries' frame groups as one batched encode → UNet → decode (Stream Batch streams).
+
+        Each stream's phases run in order around the packed calls: ``begin`` writes its rows,
+        ``finish`` steps them, ``complete`` matches the decoded frames to the inputs they answer
+        (after the Stream Batch delay). ``sizes`` and ``formats`` are each entry's output
+        (height, width) and pixel format; ``mark(stage)`` is called after each stage (a
+        :class:`~livediff.engine.metrics.StageTimer`'s). ``nets`` False: no row uses a net
+        (every scale 0), so the call carries no control inputs. Raises what the model raises.
+        """
+        mark = mark or _no_mark
+        latents = iter(self.encode([e.pixels for e in entries if e.pixels is not None]))
+        mark("encode")
+        requests = [e.stream.control_request(e.group, e.pixels) if nets else None for e in entries]
+        # each preprocessor once over the rows of every stream that needs it
+        controls = batched_controls(requests, self.bundle.control_networks)
+        unet_inputs = [
+            e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels, c)
+            for e, c in zip(entries, controls, strict=True)
+        ]
+        if not nets:
+            unet_inputs = [
+                replace(b, control_images=None, control_scales=None) for b in unet_inputs
+            ]
+        eps, call = self.predict(unet_inputs)
+        mark("unet")
+        finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
+        frames, hosts = self.decode_frames(finished, sizes, formats, to_host=to_host)
+        mark("decode")
+        answers = [
+            e.stream.complete(e.group, frame, size)
+            for e, frame, size in zip(entries, frames, sizes, strict=True)
+        ]
+        return BatchedAnswer(answers, frames, hosts, call)
+
     # ------------------------------------------------------------------ stages
     def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[F_i, 3, H, W]`` images in [-1, 1] per session → their latents ``[F_i, 4, h, w]``."""
@@ -142,8 +220,11 @@ class BatchPacker:
         latents: Sequence[torch.Tensor],
         sizes: Sequence[tuple[int, int]],
         formats: Sequence[OutputFormat],
+        *,
+        to_host: bool = True,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Finished latents per session → its frames, on the device and on the host.
+        """Finished latents per session → its frames, on the device and on the host (no host
+        copies, ``[]``, without ``to_host``: the caller copies them itself).
 
         A session's frames are uint8 ``[F_i, H, W, 3]`` RGB, or packed I420 ``[F_i, L]`` when
         its format says so (converted here, on the device: the host never converts colour).
@@ -156,13 +237,15 @@ class BatchPacker:
         images = self.bundle.decode(packed)
         if len(set(formats)) == 1 and all(tuple(images.shape[-2:]) == s for s in sizes):
             frames = _postprocess(images.narrow(0, 0, sum(counts)), formats[0])
-            host = self.to_host([frames])[0]
-            return self._split(frames, offsets, counts), self._split(host, offsets, counts)
+            split = self._split(frames, offsets, counts)
+            if not to_host:
+                return split, []
+            return split, self._split(self.to_host([frames])[0], offsets, counts)
         outs = [
             _postprocess(resize(images.narrow(0, o, c), size), kind)
             for o, c, size, kind in zip(offsets, counts, sizes, formats, strict=True)
         ]
-        return outs, self.to_host(outs)
+        return outs, self.to_host(outs) if to_host else []
 
     def to_host(self, rgbs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Start copying each tensor to host memory; on CUDA valid only once the worker's event fired.
@@ -185,6 +268,10 @@ def _postprocess(images: torch.Tensor, output: OutputFormat) -> torch.Tensor:
     if output is OutputFormat.I420:
         return model_output_to_i420(images)
     return model_output_to_rgb(images)
+
+
+def _no_mark(stage: str) -> None:
+    pass
 
 
 def _first(values: Sequence[torch.Tensor | None]) -> torch.Tensor:

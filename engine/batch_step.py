@@ -11,7 +11,7 @@ deliveries for the worker to post to the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,6 @@ import torch
 
 from livediff.engine.batch_packing import BatchPacker, resize_rgb
 from livediff.engine.batch_planning import GroupKey, bucket_for
-from livediff.engine.control_batch import batched_controls
 from livediff.engine.frames import OutputFormat, YuvFrame
 from livediff.engine.metrics import EngineMetrics, StageTimer
 from livediff.engine.runtime_config import ControlNetRows
@@ -201,30 +200,8 @@ class BatchStep:
     ) -> tuple[list[list[Any]], list[torch.Tensor], int, int]:
         """``nets`` False: no row of the call uses a net (every scale 0): the call carries no
         control inputs, and each session's Stream Batch keeps its own (zero-scale) ones."""
-        latents = iter(self.packer.encode([e.pixels for e in entries if e.pixels is not None]))
-        timer.mark("encode")
-        requests = [e.stream.control_request(e.group, e.pixels) if nets else None for e in entries]
-        controls = batched_controls(
-            requests, self.packer.bundle.control_networks
-        )  # each preprocessor once over the rows of every session that needs it
-        unet_inputs = [
-            e.stream.begin(e.group, None if e.pixels is None else next(latents), e.pixels, c)
-            for e, c in zip(entries, controls, strict=True)
-        ]
-        if not nets:
-            unet_inputs = [
-                replace(b, control_images=None, control_scales=None) for b in unet_inputs
-            ]
-        eps, call = self.packer.predict(unet_inputs)
-        timer.mark("unet")
-        finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]
-        rgbs, hosts = self.packer.decode_frames(finished, sizes, formats)
-        timer.mark("decode")
-        answers = [
-            e.stream.complete(e.group, rgb, size)
-            for e, rgb, size in zip(entries, rgbs, sizes, strict=True)
-        ]
-        return answers, hosts, call.rows, call.padded_rows
+        answer = self.packer.run_streams(entries, sizes, formats, timer.mark, nets=nets)
+        return answer.answers, answer.hosts, answer.call.rows, answer.call.padded_rows
 
     def _sequential(
         self, entry: Entry, size: tuple[int, int], output: OutputFormat, timer: StageTimer

@@ -601,28 +601,40 @@ class Stream:
     def flush(self) -> list[StreamOutput]:
         """Run the frames still in flight to completion (e.g. at the end of a file)."""
         outputs: list[StreamOutput] = []
-        if (
-            self._pending
-        ):  # a partial group: pad it with its last frame, whose copies are not emitted
-            image = self._pending[-1][0]
-            missing = self.config.frame_buffer_size - len(self._pending)
-            pending, self._pending = self._pending, []
-            group = FrameGroup(
-                [p[0] for p in pending] + [image] * missing,
-                [p[1] for p in pending] + [-1] * missing,
-                [p[2] for p in pending] + [None] * missing,
-            )
+        group = self.pending_group()
+        if group is not None:
             outputs += self.run(group)
-        while any(entry is not None for entry in self._in_flight):
-            filler = self._in_flight[-1] or FrameGroup([], [], [])
-            images: list[InputImage] = (
-                filler.images or [_TXT2IMG_PLACEHOLDER] * self.config.frame_buffer_size
-            )
-            outputs += self.run(
-                FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False)
-            )
-        self._in_flight.clear()
+        while (filler := self.filler_group()) is not None:
+            outputs += self.run(filler)
         return outputs
+
+    # flush() in two parts, so that a caller batching several streams can run their groups
+    # together (engine.interleaved): the partial group, then fillers until nothing is left.
+    def pending_group(self) -> FrameGroup | None:
+        """The partial group of the frames admitted since the last full one, padded with its
+        last frame (whose copies are not emitted); ``None`` when there is none. It leaves the
+        stream: run it next."""
+        if not self._pending:
+            return None
+        image = self._pending[-1][0]
+        missing = self.config.frame_buffer_size - len(self._pending)
+        pending, self._pending = self._pending, []
+        return FrameGroup(
+            [p[0] for p in pending] + [image] * missing,
+            [p[1] for p in pending] + [-1] * missing,
+            [p[2] for p in pending] + [None] * missing,
+        )
+
+    def filler_group(self) -> FrameGroup | None:
+        """A group that only moves the frames in flight on (it emits nothing itself), or
+        ``None`` once no frame is left in flight (the delay line is then emptied)."""
+        if not any(entry is not None for entry in self._in_flight):
+            self._in_flight.clear()
+            return None
+        # The newest real frames again: a filler of another size would make a compiled step
+        # capture a graph for it.
+        images = next(group.images for group in reversed(self._in_flight) if group is not None)
+        return FrameGroup(images, [-1] * len(images), [None] * len(images), emit=False)
 
     @property
     def frames_in(self) -> int:

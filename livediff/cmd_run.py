@@ -9,6 +9,10 @@ Decoding, the model and encoding overlap (:func:`transform`): a thread decodes a
 main thread runs the model, a thread encodes behind. Frames stay YUV on the host: the decoder's
 ``yuv420p`` planes go to the device as they are, and on CUDA the outputs come back as I420
 (converted on the device) for the encoder, so the CPU converts no colour.
+
+A file has no deadline, so ``--batch N`` (default ``auto``) runs N streams over it, frame ``i``
+in stream ``i mod N``, as one batched model call per N frames
+(:mod:`livediff.engine.interleaved` says what that gives and what it refuses).
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +47,7 @@ from livediff.exceptions import MediaError, ParameterError
 
 if TYPE_CHECKING:
     from livediff.engine.frames import StreamOutput
+    from livediff.engine.interleaved import InterleavedStreams
     from livediff.engine.stream import Stream
     from livediff.streams.file_sink import FileSink
     from livediff.streams.file_source import FileSource
@@ -63,6 +72,14 @@ frame rate and timestamps; its codec follows the extension:
 Audio (--audio): auto copies the input's audio packets untouched when the output container
 accepts that codec and re-encodes to the container's usual codec otherwise; copy insists on a
 copy (an error if impossible); drop writes no audio.
+
+Batching (--batch): a file has no deadline, so N streams share it, frame i in stream i mod N,
+and their frames run as one batched model call. The output is one stream's, frame for frame
+(up to float rounding), at any --steps. auto batches up to 8 UNet rows per call (8 streams at
+one step) unless a setting carries state from frame to frame (--similarity-threshold,
+--feature-bank, --latent-feedback, a previous_output ControlNet, --mode txt2img) or
+--no-denoising-batch is given: then it runs one stream and logs why (-v). An explicit
+--batch N above 1 with one of those is refused.
 """
 
 EPILOG = """\
@@ -70,6 +87,7 @@ examples:
   livediff sample clip.mp4 && livediff run clip.mp4 out.mp4 --prompt "a watercolor painting"
   livediff run in.mov out.webm --prompt "oil painting" --strength 0.6 --steps 2 --seed 7
   livediff run in.mp4 out.mp4 --model tiny --weights random --prompt test   # offline smoke test
+  livediff run in.mp4 out.mp4 --prompt "ink drawing" --batch 1   # one stream, no batching
 """
 
 
@@ -95,6 +113,14 @@ def add_parser(subparsers: Any) -> None:
         default="auto",
         help="what to do with the input's audio (default: auto)",
     )
+    parser.add_argument(
+        "--batch",
+        type=_batch_value,
+        default=None,
+        metavar="N|auto",
+        help="streams run over the file as one batched call per N frames (default: auto; "
+        "see Batching above)",
+    )
     add_model_options(parser)
     add_stream_options(parser)
     add_lora_library_options(parser)
@@ -102,9 +128,19 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_command)
 
 
+def _batch_value(text: str) -> int | None:
+    """``--batch``: ``auto`` (``None``) or a stream count (range checked by ``choose_batch``)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
+
+
 def run_command(args: argparse.Namespace) -> int:
     from livediff.cli_options import load_for_backend, lora_library_from_args, style_image_from_args
-    from livediff.engine.backend_fit import make_stream
+    from livediff.engine.interleaved import choose_batch, file_job
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
     from livediff.streams.file_source import FileSource
@@ -114,6 +150,7 @@ def run_command(args: argparse.Namespace) -> int:
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
     _refuse_client_images(params)
+    choose_batch(args.batch, stream_config, params)  # an impossible --batch is refused here
     lora_library = lora_library_from_args(args, config)
     lora_library.entries()  # a missing or empty library is refused before the model loads
     style_image = style_image_from_args(args, spec)
@@ -135,7 +172,9 @@ def run_command(args: argparse.Namespace) -> int:
             from livediff.engine.style_images import encode_style_image
 
             params = params.updated(ip_image=encode_style_image([bundle], style_image, pin=True))
-        stream = make_stream(bundle, backend, stream_config, params, session_id=source.path.name)
+        stream, choice = file_job(
+            bundle, backend, stream_config, params, args.batch, session_id=source.path.name
+        )
         frame_rate = source.video.frame_rate
         if frame_rate is None:
             frame_rate = Fraction(30)
@@ -150,34 +189,84 @@ def run_command(args: argparse.Namespace) -> int:
             output_format=output_format,
         )
         with sink:
-            transform(source, stream, sink)
+            stats = transform(source, stream, sink, depth=queue_depth(choice.streams))
     print(
         f"wrote {args.output}: {sink.frames_written} frames, {stream.width}x{stream.height} "
         f"{output_format.video_codec}, {float(frame_rate):g} fps"
     )
     print(f"audio: {audio.summary}")
+    print(
+        f"speed: {stats.fps:.1f} frames/s end to end ({stats.seconds:.1f} s), "
+        f"batch {choice.streams} ({choice.reason})"
+    )
     return 0
 
 
 QUEUE_DEPTH = 8  # frames decoded ahead of the model and waiting for the encoder
 
 
-def transform(source: FileSource, stream: Stream, sink: FileSink) -> None:
+def queue_depth(batch: int) -> int:
+    """Queue lengths for a job of ``batch`` streams: two batched calls' worth, at least 8."""
+    return max(QUEUE_DEPTH, 2 * batch)
+
+
+@dataclass(frozen=True)
+class TransformStats:
+    """How one :func:`transform` went: frames written, wall time, and each thread's busy time.
+
+    ``decode_s``: decoding (the decoder thread, not counting waits for room in the queue);
+    ``model_s``: the model thread's host time in the model's calls (on CUDA mostly launching);
+    ``encode_s``: encoding and muxing (not counting waits for the device's outputs);
+    ``gpu_s`` (CUDA only, else ``None``): device time from the start to the end of each model
+    call's work, summed; it counts gaps inside a call where the device waited for the host.
+    """
+
+    frames: int
+    seconds: float
+    decode_s: float
+    model_s: float
+    encode_s: float
+    gpu_s: float | None = None
+
+    @property
+    def fps(self) -> float:
+        """Frames written per second, end to end."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def transform(
+    source: FileSource,
+    stream: Stream | InterleavedStreams,
+    sink: FileSink,
+    *,
+    depth: int = QUEUE_DEPTH,
+) -> TransformStats:
     """Feed every video frame of ``source`` through ``stream`` into ``sink``; audio goes straight
-    through, in order. Decoding and encoding run on their own threads, bounded queues between
-    them, so the three overlap; an error in either thread ends the run with that error.
+    through, in order. Decoding and encoding run on their own threads, bounded queues of
+    ``depth`` items between them, so the three overlap; an error in either thread ends the run
+    with that error. The progress bar counts frames written (its rate is the end-to-end fps).
     """
     from livediff.streams.media import VideoFrame
 
-    decoded: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
-    encoding: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+    decoded: queue.Queue[Any] = queue.Queue(depth)
+    encoding: queue.Queue[Any] = queue.Queue(depth)
     failures: list[BaseException] = []
     stop = threading.Event()
-    to_i420 = stream.bundle.device.type == "cuda"  # the CPU path lets FFmpeg convert instead
+    cuda = stream.bundle.device.type == "cuda"
+    to_i420 = cuda  # the CPU path lets FFmpeg convert instead
+    busy = {"decode": 0.0, "model": 0.0, "encode": 0.0, "gpu": 0.0}
+    written = [0]
+    marks: deque[tuple[Any, Any]] = deque()  # CUDA events around each model call not yet read
 
     def decode() -> None:
         try:
-            for item in source:
+            items = iter(source)
+            while True:
+                start = time.perf_counter()
+                item = next(items, _END)
+                busy["decode"] += time.perf_counter() - start
+                if item is _END:
+                    return
                 while not stop.is_set():
                     try:
                         decoded.put(item, timeout=0.1)
@@ -197,41 +286,70 @@ def transform(source: FileSource, stream: Stream, sink: FileSink) -> None:
             while (item := encoding.get()) is not _END:
                 if isinstance(item, _Pending):
                     item = item.ready()
+                start = time.perf_counter()
                 sink.write(item)
+                busy["encode"] += time.perf_counter() - start
+                if isinstance(item, VideoFrame):
+                    written[0] += 1
+                    progress.update(1)
         except BaseException as exc:
             failures.append(exc)
             stop.set()
             while encoding.get() is not _END:  # let the model thread finish putting
                 pass
 
-    def write(outputs: list[StreamOutput]) -> None:
+    def model(call: Callable[[], list[StreamOutput]]) -> None:
+        start = time.perf_counter()
+        first = _timing_event() if cuda else None
+        outputs = call()
+        if first is not None:
+            marks.append((first, _timing_event()))
+            while marks and marks[0][1].query():  # the device is past it: count it, drop it
+                begun, ended = marks.popleft()
+                busy["gpu"] += begun.elapsed_time(ended) / 1000.0
+        busy["model"] += time.perf_counter() - start
         for output in outputs:
             encoding.put(_Pending.of(output, to_i420, VideoFrame))
 
     reader = threading.Thread(target=decode, name="livediff-decode", daemon=True)
     writer = threading.Thread(target=encode, name="livediff-encode", daemon=True)
+    # disable=None: a bar on a terminal, nothing in logs and pipes. Its rate is frames written
+    # per second: the end-to-end speed.
+    progress = tqdm(
+        total=source.video.expected_frames, unit="frame", desc=source.path.name, disable=None
+    )
+    started = time.perf_counter()
     reader.start()
     writer.start()
-    # disable=None: a bar on a terminal, nothing in logs and pipes.
     try:
-        with tqdm(
-            total=source.video.expected_frames, unit="frame", desc=source.path.name, disable=None
-        ) as progress:
-            while not stop.is_set() and (item := decoded.get()) is not _END:
-                if isinstance(item, VideoFrame):
-                    write(stream.process(item.image, tag=item.time))
-                    progress.update(1)
-                else:
-                    encoding.put(item)
-            if not stop.is_set() and not failures:
-                write(stream.flush())
+        while not stop.is_set() and (item := decoded.get()) is not _END:
+            if isinstance(item, VideoFrame):
+                model(partial(stream.process, item.image, tag=item.time))
+            else:
+                encoding.put(item)
+        if not stop.is_set() and not failures:
+            model(stream.flush)
     finally:
         stop.set()
         encoding.put(_END)
         writer.join()
         reader.join(timeout=5)
+        progress.close()  # after the last frame written: the bar's count and rate are final
     if failures:
         raise failures[0]
+    seconds = time.perf_counter() - started  # the encoder has written the last frame
+    if marks:
+        marks[-1][1].synchronize()
+    gpu_s = busy["gpu"] + sum(a.elapsed_time(b) for a, b in marks) / 1000.0 if cuda else None
+    return TransformStats(written[0], seconds, busy["decode"], busy["model"], busy["encode"], gpu_s)
+
+
+def _timing_event() -> Any:
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 _END = object()  # end of a queue
@@ -253,7 +371,8 @@ class _Pending:
         image = output.image
         if not to_i420:
             return cls(frame_type(image.cpu().numpy(), output.tag, output.index), None)
-        packed = rgb_to_i420(image.unsqueeze(0))[0]  # on the device
+        # packed I420 already (a batched decode converts on the device), else RGB to convert
+        packed = image if image.ndim == 1 else rgb_to_i420(image.unsqueeze(0))[0]
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         done = torch.cuda.Event()

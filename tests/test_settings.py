@@ -364,6 +364,7 @@ NOT_SETTINGS |= {"--input", "--input-format", "--input-size", "--input-fps", "--
 NOT_SETTINGS |= {"--vcam", "--vcam-backend", "--vcam-device", "--vcam-fps"}
 NOT_SETTINGS |= {"--ray"}  # a mode and a cluster address, not a setting of a table
 NOT_SETTINGS |= {"--style-image"}  # a file read at start; the setting is its key, ip_image
+NOT_SETTINGS |= {"--batch"}  # how livediff run splits its file job, like --audio
 
 
 def test_every_other_option_of_a_command_is_a_declared_flag() -> None:
