@@ -6,7 +6,8 @@ same UNet and inputs), ``multi`` (many sessions), ``e2e`` (glass to glass), ``ke
 category per network), ``startup`` (process start to a first frame, by compile-cache state),
 ``ray`` (what the Ray ingress adds to ``/offer`` and the websocket), ``consistency`` (feature
 bank and latent feedback), ``controlnet`` (ControlNets end to end, vs diffusers, many sessions),
-``lora`` (per-session LoRAs vs none and fused, loading at runtime).
+``lora`` (per-session LoRAs vs none and fused, loading at runtime), ``fp8`` (``--precision fp8``:
+UNet time and drift against fp16).
 ``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
@@ -30,6 +31,7 @@ SUITES = {
     "consistency": "livediff.bench.consistency",
     "controlnet": "livediff.bench.controlnet_suite",
     "lora": "livediff.bench.lora",
+    "fp8": "livediff.bench.fp8",
 }
 
 
