@@ -37,6 +37,8 @@ from livediff.models import fp8, recipe
 from livediff.models.backends import Backend, prepare_backend, recipe_for
 from livediff.models.bundle import ModelBundle
 from livediff.models.compile_cache import artifact_key
+from livediff.models.controlnet import ControlNetSpec
+from livediff.models.controlnet_loading import load_controlnet
 from livediff.models.fp8 import Fp8Compute, Fp8Linear, install_fp8, quantize_rows, quantize_weight
 from livediff.models.image_prompts import ImagePromptEncoder, row_inputs
 from livediff.models.ip_adapter_loading import load_ip_adapter
@@ -453,6 +455,36 @@ def test_the_ip_adapter_keeps_its_own_projections_and_a_plain_row_stays_plain() 
             )
             assert torch.equal(out[1], plain[1])  # scale 0: exactly the fp8 UNet without it
         return out[:1]  # the row with the image
+
+    assert_drift_bounded(*three_ways(run))
+
+
+@pytest.mark.usefixtures("recipe_on_cpu")
+def test_controlnets_get_fp8_too_and_their_residuals_stay_within_the_bound() -> None:
+    gen = torch.Generator().manual_seed(7)
+    latents, embeds = (
+        torch.randn(2, 4, 16, 16, generator=gen),
+        torch.randn(2, 77, 32, generator=gen),
+    )
+    control = torch.rand(2, 1, 3, 128, 128, generator=gen) * 2 - 1
+
+    @torch.no_grad()
+    def run(dtype: torch.dtype, use_fp8: bool) -> torch.Tensor:
+        bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cpu", dtype=dtype)
+        net = load_controlnet(ControlNetSpec("random", name="edges", seed=1), bundle)
+        bundle = bundle.with_controlnets([net])
+        precision = Precision.FP8 if use_fp8 else Precision.NATIVE
+        apply_recipe(bundle, Recipe(channels_last=False, compile=False, precision=precision))
+        if use_fp8:
+            assert fp8.fp8_report(net.net).layers_fp8 > 0  # the ControlNet's own blocks
+        batch = UNetBatch(
+            latents=latents.to(dtype),
+            timesteps=torch.tensor([900, 400]),
+            embeds=embeds.to(dtype),
+            control_images=control.to(dtype),
+            control_scales=torch.tensor([[1.0], [0.6]]).to(dtype),
+        )
+        return bundle.predict_noise(batch)
 
     assert_drift_bounded(*three_ways(run))
 
