@@ -179,6 +179,9 @@ class Fp8Report:
     kept_other: tuple[str, ...]  # other linears (embeddings, time projections, adapters')
     bytes_before: int  # the converted layers' weights in the model's dtype
     bytes_after: int  # their e4m3 weights and float32 scales
+    # The separate q/k/v projections diffusers keeps beside a fused to_qkv / to_kv, which no
+    # call reads: left as they are, counted neither as converted nor as kept.
+    unused: tuple[str, ...] = ()
 
     @property
     def layers_fp8(self) -> int:
@@ -194,6 +197,7 @@ class Fp8Report:
             f"{self.bytes_after / 2**20:.1f} MiB); kept in the model's dtype: "
             f"{len(self.kept_widths)} of widths not a multiple of {ALIGNMENT}, "
             f"{len(self.kept_other)} outside the transformer projections"
+            + (f"; {len(self.unused)} unused beside fused projections" if self.unused else "")
         )
 
 
@@ -207,13 +211,30 @@ def fits(linear: torch.nn.Linear) -> bool:
     return linear.in_features % ALIGNMENT == 0 and linear.out_features % ALIGNMENT == 0
 
 
+def unused_projections(net: torch.nn.Module) -> frozenset[str]:
+    """The projections a fused attention no longer calls: ``to_q``/``to_k``/``to_v`` beside a
+    self-attention's ``to_qkv``, ``to_k``/``to_v`` beside a cross-attention's ``to_kv``
+    (diffusers' ``fuse_projections`` keeps them; its fused processors read only ``to_q``)."""
+    names = []
+    for name, module in net.named_modules():
+        if getattr(module, "fused_projections", False):
+            cross = getattr(module, "is_cross_attention", False)
+            separate = ("to_k", "to_v") if cross else ("to_q", "to_k", "to_v")
+            names += [f"{name}.{child}" if name else child for child in separate]
+    return frozenset(names)
+
+
 def install_fp8(net: torch.nn.Module, *, compute: Fp8Compute = Fp8Compute.SCALED_MM) -> Fp8Report:
     """Replace ``net``'s target linears of fitting widths by :class:`Fp8Linear` (in place).
 
     Run it after the weights have their dtype and device, and after QKV fusion (which reads
-    the linears' weights). Layers already converted are left as they are.
+    the linears' weights); the separate projections a fused attention no longer calls stay
+    as they are. Layers already converted are left as they are.
     """
+    unused = unused_projections(net)
     for name, module in list(net.named_modules()):
+        if name in unused:
+            continue
         if isinstance(module, torch.nn.Linear) and is_target(name) and fits(module):
             parent_name, _, child = name.rpartition(".")
             parent = net.get_submodule(parent_name) if parent_name else net
@@ -227,7 +248,10 @@ def fp8_report(net: torch.nn.Module) -> Fp8Report:
     widths: list[str] = []
     other: list[str] = []
     before = after = 0
+    unused = unused_projections(net)
     for name, module in net.named_modules():
+        if name in unused:
+            continue
         if isinstance(module, Fp8Linear):
             converted.append(name)
             item = torch.empty((), dtype=module.out_dtype).element_size()
@@ -235,7 +259,9 @@ def fp8_report(net: torch.nn.Module) -> Fp8Report:
             after += module.weight_bytes()
         elif isinstance(module, torch.nn.Linear):
             (widths if is_target(name) else other).append(name)
-    return Fp8Report(tuple(converted), tuple(widths), tuple(other), before, after)
+    return Fp8Report(
+        tuple(converted), tuple(widths), tuple(other), before, after, tuple(sorted(unused))
+    )
 
 
 def check_fp8_device(device: torch.device, dtype: torch.dtype) -> None:

@@ -221,37 +221,47 @@ def test_the_layer_errs_within_what_two_e4m3_roundings_allow() -> None:
 
 
 # ---------------------------------------------------------------- on a UNet
-def expected_split(unet: torch.nn.Module, targets: tuple[str, ...]) -> tuple[set[str], set[str]]:
-    """(converted, kept) linears by this test's own rule: a transformer target of widths that
-    are multiples of 16 is converted; every other linear is kept."""
-    converted, kept = set(), set()
+def expected_split(
+    unet: torch.nn.Module, targets: tuple[str, ...], unused: tuple[str, ...]
+) -> tuple[set[str], set[str], set[str]]:
+    """(converted, kept, unused) linears by this test's own rule: names ending in ``unused``
+    are left alone; a transformer target of widths that are multiples of 16 is converted;
+    every other linear is kept."""
+    converted, kept, idle = set(), set(), set()
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear):
             fits = module.in_features % 16 == 0 and module.out_features % 16 == 0
             target = any(name.endswith(t) for t in targets)
-            (converted if target and fits else kept).add(name)
-    return converted, kept
+            if any(name.endswith(u) for u in unused):
+                idle.add(name)
+            else:
+                (converted if target and fits else kept).add(name)
+    return converted, kept, idle
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-qkv"])
 def test_install_converts_the_transformer_linears_that_fit(fused: bool) -> None:
     unet = tiny_unet(seed=0)  # cross-attention width 24: attn2's key/value projections can't
+    # Fused, diffusers keeps the separate projections beside to_qkv / to_kv; nothing calls them.
+    unused: tuple[str, ...] = ()
     if fused:
         unet.fuse_qkv_projections()
-    converted, kept = expected_split(unet, TARGETS + FUSED)
+        unused = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v")
+    converted, kept, idle = expected_split(unet, TARGETS + FUSED, unused)
+    assert bool(idle) == fused
     before = {name: m.weight.numel() for name, m in unet.named_modules() if name in converted}
     report = install_fp8(unet, compute=Fp8Compute.REFERENCE)
     assert set(report.converted) == converted and report.layers_fp8 == len(converted) > 20
     assert set(report.kept_widths) | set(report.kept_other) == kept
-    assert all(
-        name.endswith(("attn2.to_k", "attn2.to_v", "attn2.to_kv")) for name in report.kept_widths
-    )
+    widths = ("attn2.to_kv",) if fused else ("attn2.to_k", "attn2.to_v")
+    assert all(name.endswith(widths) for name in report.kept_widths)
     assert report.kept_widths and report.layers_kept == len(kept)
     assert any(name.endswith("time_emb_proj") for name in report.kept_other)
     assert fused == any(name.endswith("to_qkv") for name in report.converted)
     modules = dict(unet.named_modules())
     assert all(isinstance(modules[name], Fp8Linear) for name in converted)
-    assert all(type(modules[name]) is torch.nn.Linear for name in kept)
+    assert all(type(modules[name]) is torch.nn.Linear for name in kept | idle)
+    assert set(report.unused) == idle
     assert report.bytes_before == 4 * sum(before.values())  # fp32 weights
     assert report.bytes_after == sum(
         n + 4 * modules[name].out_features for name, n in before.items()
