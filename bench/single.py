@@ -38,6 +38,8 @@ from livediff.models.bundle import ModelBundle
 from livediff.models.graphed import GraphedBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.recipe import Recipe
+from livediff.models.spec import Precision
+from livediff.settings.flags import add_setting_flag
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def run_single(
         "warmup_s": round(warmup_s, 2),
         "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
         "dtype": str(bundle.dtype).removeprefix("torch."),
+        "precision": bundle.precision.value,
         **environment(device),
     }
     del stream
@@ -251,9 +254,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs")
     )
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
+    add_setting_flag(parser, ModelSpec, "precision", flag="--precision")
     parser.add_argument("--plot", type=Path, help="PNG of fps and latency (stages: ms per stage)")
     parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.precision = Precision(args.precision)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,9 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     with record_sinks(args.out) as outputs:
         for backend in backends:
-            bundle = load_model(
-                ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=args.dtype
-            )
+            spec = ModelSpec(preset=args.model, weights=args.weights, precision=args.precision)
+            bundle = load_model(spec, device=device, dtype=args.dtype)
             recipe = Recipe(
                 fuse_qkv=args.fuse_qkv,
                 channels_last=args.channels_last,
@@ -279,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cudnn_benchmark=args.cudnn_benchmark,
                 sdpa_backend=args.sdpa_backend,
                 compile_mode=args.compile_mode,
+                precision=args.precision,
             )
             bundle = prepare_backend(bundle, backend, recipe)
             runner = run_single if args.suite == "single" else run_stages

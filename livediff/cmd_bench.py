@@ -7,7 +7,8 @@ category per network), ``startup`` (process start to a first frame, by compile-c
 ``ray`` (what the Ray ingress adds to ``/offer`` and the websocket), ``consistency`` (feature
 bank and latent feedback), ``controlnet`` (ControlNets end to end, vs diffusers, many sessions),
 ``lora`` (per-session LoRAs vs none and fused, loading at runtime), ``file`` (``livediff run``'s
-file job end to end, file in → file out, per ``--batch``).
+file job end to end, file in → file out, per ``--batch``), ``fp8`` (``--precision fp8``: UNet
+time and drift against fp16).
 ``livediff bench --suite NAME --help`` lists a suite's
 options.
 """
@@ -32,6 +33,7 @@ SUITES = {
     "controlnet": "livediff.bench.controlnet_suite",
     "lora": "livediff.bench.lora",
     "file": "livediff.bench.file_job",
+    "fp8": "livediff.bench.fp8",
 }
 
 

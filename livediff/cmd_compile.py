@@ -6,9 +6,9 @@
 Compiles and captures every batch bucket the multi-session runtime replays (as ``livediff
 serve`` does at its first start), then writes what was compiled to the compile package cache
 (:mod:`livediff.models.compile_cache`; ``~/.cache/livediff/compile`` by default). A later
-``livediff serve`` with the same model, buckets, dtype, torch/Triton and GPU loads the package
-instead of compiling: copy the folder to a fresh machine (or bake it into an image) and its
-first start skips code generation. Needs a CUDA device (the package holds GPU code).
+``livediff serve`` with the same model, buckets, dtype, ``--precision``, torch/Triton and GPU
+loads the package instead of compiling: copy the folder to a fresh machine (or bake it into an
+image) and its first start skips code generation. Needs a CUDA device (the package holds GPU code).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from livediff.models.compiled_canny import PaddedCanny
 from livediff.models.control_images import PreprocessorNetworks
 from livediff.models.graphed import GraphedBundle
 from livediff.models.recipe import Recipe, apply_recipe
+from livediff.models.spec import Precision
 from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,17 @@ def prepare_backend(
     recipe = recipe or recipe_for(bundle)
     _report_kernels(bundle, needs_triton=backend is Backend.COMPILE and recipe.compile)
     if backend is Backend.EAGER:
-        return apply_recipe(bundle, Recipe(fuse_qkv=False, channels_last=False, compile=False))
+        plain = Recipe(
+            fuse_qkv=False, channels_last=False, compile=False, precision=recipe.precision
+        )
+        return apply_recipe(bundle, plain)
     if backend is Backend.COMPILE:
         return apply_recipe(bundle, recipe)
+    if recipe.precision is not Precision.NATIVE:
+        raise BackendError(
+            f"the tensorrt backend builds its engines in the model's dtype: --precision "
+            f"{recipe.precision.value} runs with --backend compile (or eager)"
+        )
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
@@ -76,8 +85,9 @@ def prepare_backend(
 
 def recipe_for(bundle: ModelBundle) -> Recipe:
     """The default speed recipe for ``bundle``: per-session LoRAs add to the separate q/k/v
-    projections, so a bundle with a LoRA library keeps them unfused."""
-    return Recipe(fuse_qkv=False) if bundle.loras is not None else Recipe()
+    projections, so a bundle with a LoRA library keeps them unfused; the bundle's precision
+    (``ModelSpec.precision``, then what the recipe applied) is the recipe's."""
+    return Recipe(fuse_qkv=bundle.loras is None, precision=bundle.precision)
 
 
 def _report_kernels(bundle: ModelBundle, *, needs_triton: bool) -> None:

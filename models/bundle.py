@@ -17,8 +17,8 @@ from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_b
 from livediff.models.image_prompts import ImagePromptEncoder
 from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
+from livediff.models.spec import Precision, WeightsMode
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
-from livediff.models.spec import WeightsMode
 from livediff.models.unet_batch import UNetBatch
 from livediff.models.unet_halves import halves_of
 
@@ -58,6 +58,9 @@ class ModelBundle:
     # On CUDA, run the ControlNets on a second stream beside the UNet's down blocks
     # (:mod:`livediff.models.unet_halves`); False: one after the other, on one stream.
     control_overlap: bool = True
+    # How the denoisers' linears compute: asked for at load (ModelSpec.precision), applied by
+    # the speed recipe (models/recipe.py), which sets it to what it applied.
+    precision: Precision = Precision.NATIVE
 
     @property
     def vae_scale_factor(self) -> int:

@@ -38,10 +38,11 @@ from livediff.exceptions import ModelLoadError, ParameterError
 from livediff.models.architectures import Components, build_random
 from livediff.models.bundle import ModelBundle
 from livediff.models.fetch import SINGLE_FILE_SUFFIXES, fetch
+from livediff.models.fp8 import check_fp8_device
 from livediff.models.pipelines import fuse_loras
 from livediff.models.presets import ModelPreset, get_preset
 from livediff.models.spec import ModelSpec as ModelSpec  # re-exported: defined here before
-from livediff.models.spec import VaeKind, WeightsMode
+from livediff.models.spec import Precision, VaeKind, WeightsMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -285,6 +286,8 @@ def load_model(
     preset = get_preset(spec.preset)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
+    if spec.precision is Precision.FP8:  # refused before anything loads
+        check_fp8_device(target, torch_dtype)
     use_tiny = spec.vae is VaeKind.TINY
     components, scheduler_config, described = load_components(
         spec, tiny_vae=use_tiny, full_vae=not use_tiny, device=target
@@ -302,6 +305,7 @@ def load_model(
         dtype=torch_dtype,
         weights=spec.weights,
         source=described,
+        precision=spec.precision,
     )
     log.info("loaded %s", bundle.describe())
     return bundle

@@ -40,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from huggingface_hub import constants as hf_constants
@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 
 from livediff.exceptions import ModelLoadError
 from livediff.models.fetch import fetch, is_local
+from livediff.models.fp8 import Fp8Linear
 from livediff.models.lora_ldm_keys import LdmLayout
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,11 @@ def is_pointwise_conv(module: torch.nn.Module) -> bool:
     )
 
 
+def is_linear(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear | Fp8Linear]:
+    """A linear layer, in the model's dtype or as FP8 (``--precision fp8``): LoRAs add to either."""
+    return isinstance(module, torch.nn.Linear | Fp8Linear)
+
+
 def target_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
     """The UNet's layers per-session LoRAs apply to, by module name: the target linears and
     the 1×1 convolution ``proj_in`` / ``proj_out``."""
@@ -135,13 +141,13 @@ def layer_features(layer: torch.nn.Module) -> tuple[int, int]:
     """``(in, out)`` of a target layer: features of a linear, channels of a 1×1 convolution."""
     if isinstance(layer, torch.nn.Conv2d):
         return int(layer.in_channels), int(layer.out_channels)
-    if isinstance(layer, torch.nn.Linear):
+    if is_linear(layer):
         return int(layer.in_features), int(layer.out_features)
     raise ModelLoadError(f"a {type(layer).__name__} is not a layer per-session LoRAs apply to")
 
 
 def _is_target(name: str, module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.Linear):
+    if is_linear(module):
         return name.endswith(TARGET_SUFFIXES)
     return name.endswith(CONV_TARGET_SUFFIXES) and is_pointwise_conv(module)
 
@@ -243,7 +249,11 @@ def _kohya_module(spelled: str, underscored: dict[str, str], layout: LdmLayout) 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     """The base layer of a layer rewritten for per-session LoRAs (it keeps it as ``base``)."""
     base = getattr(module, "base", None)
-    return base if isinstance(base, torch.nn.Linear | torch.nn.Conv2d) else module
+    return (
+        base
+        if base is not None and (is_linear(base) or isinstance(base, torch.nn.Conv2d))
+        else module
+    )
 
 
 def _split(
@@ -297,7 +307,7 @@ def _fit(
 ) -> LoraPair:
     down, up = pair["down"], pair["up"]
     pointwise = _is_target(module_name, module) and isinstance(module, torch.nn.Conv2d)
-    linear = isinstance(module, torch.nn.Linear)
+    linear = is_linear(module)
     if not pointwise and (down.ndim != 2 or up.ndim != 2 or not linear):
         what = "4-d" if linear else f"a {type(module).__name__}"
         if isinstance(module, torch.nn.Conv2d):

@@ -24,6 +24,7 @@ import torch
 
 from livediff.exceptions import ModelLoadError, UsageError
 from livediff.kernels.lora_rows import lora_rows
+from livediff.models.fp8 import Fp8Linear
 from livediff.models.lora_files import is_pointwise_conv, target_layers
 from livediff.models.lora_store import LoraStore
 
@@ -71,7 +72,7 @@ class LoraRowsLinear(_LoraRows):
 
     def __init__(
         self,
-        base: torch.nn.Linear,
+        base: torch.nn.Linear | Fp8Linear,  # Fp8Linear: --precision fp8 (the update stays as is)
         a: torch.Tensor,
         b: torch.Tensor,
         selection: RowSelection,

@@ -5,6 +5,9 @@ Read top to bottom; each step assumes the ones above it:
 1. dtype — fp16 (or bf16) weights and activations; done at load by :func:`load_model`.
 2. SDPA — PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
 3. Fused QKV — one projection GEMM instead of three (self-attention) or two (cross-attention).
+   FP8 (opt-in, ``precision=fp8``) — the transformer blocks' linears, fused ones included, as
+   FP8 GEMMs with per-row scales (:mod:`livediff.models.fp8`); after the fusion, which reads
+   the weights it quantizes. Convolutions, attention and the VAE are untouched.
 4. channels_last — the memory format cuDNN and Inductor's convolutions are fastest in.
 5. Inductor flags — 1×1 convolutions as GEMMs, no epilogue fusion into GEMMs (it costs more
    than it saves here), coordinate-descent tuning of the generated kernels and weight
@@ -35,6 +38,8 @@ from livediff.exceptions import BackendError, ParameterError
 from livediff.models import feature_bank, unet_halves
 from livediff.models.bundle import ModelBundle
 from livediff.models.controlnet import LoadedControlNet
+from livediff.models.fp8 import check_fp8_support, install_fp8
+from livediff.models.spec import Precision
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -53,8 +58,15 @@ class Recipe:
     cudnn_benchmark: bool = True
     freezing: bool = False
     sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient — process-wide torch setting
+    precision: Precision = Precision.NATIVE  # fp8: the transformer linears as FP8 GEMMs
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "precision", Precision(self.precision))
+        except ValueError:
+            raise ParameterError(
+                f"precision={self.precision!r}: expected one of {', '.join(p.value for p in Precision)}"
+            ) from None
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ParameterError(
                 f"sdpa_backend={self.sdpa_backend!r}: expected one of {', '.join(SDPA_BACKENDS)}"
@@ -69,6 +81,8 @@ class Recipe:
         parts = ["sdpa"]
         if self.fuse_qkv:
             parts.append("qkv")
+        if self.precision is not Precision.NATIVE:  # native adds nothing: earlier labels hold
+            parts.append(self.precision.value)
         if self.channels_last:
             parts.append("cl")
         if self.compile:
@@ -140,6 +154,8 @@ def _speed_up_denoiser(net: Any, recipe: Recipe) -> None:
     if recipe.fuse_qkv:  # 3.
         _fuse_qkv(net)
     feature_bank.reinstall(net, banked)
+    if recipe.precision is Precision.FP8:  # 3. FP8, after the fusion: it reads the weights
+        log.info("fp8 on %s: %s", type(net).__name__, install_fp8(net).describe())
     if recipe.channels_last:  # 4.
         net.to(memory_format=torch.channels_last)
     if recipe.compile:  # 5, 6.
@@ -148,8 +164,11 @@ def _speed_up_denoiser(net: Any, recipe: Recipe) -> None:
 
 def apply_recipe_to_controlnet(controlnet: LoadedControlNet, recipe: Recipe) -> LoadedControlNet:
     """The recipe for a ControlNet loaded after its model's backend was prepared (in place)."""
-    if recipe.compile and next(controlnet.net.parameters()).device.type != "cuda":
+    parameter = next(controlnet.net.parameters())
+    if recipe.compile and parameter.device.type != "cuda":
         raise BackendError("the compile backend needs a CUDA device; use --backend eager on CPU.")
+    if recipe.precision is Precision.FP8:
+        check_fp8_support(parameter.device, parameter.dtype)
     _speed_up_denoiser(controlnet.net, recipe)
     return controlnet
 
@@ -157,12 +176,16 @@ def apply_recipe_to_controlnet(controlnet: LoadedControlNet, recipe: Recipe) -> 
 def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
     """Apply ``recipe`` to ``bundle``'s networks in place (compilation itself happens on first call).
 
-    Its ControlNets (``bundle.controlnets``) get the UNet's steps 2–6 too.
+    Its ControlNets (``bundle.controlnets``) get the UNet's steps 2–6 too. With
+    ``precision=fp8`` a device or dtype fp8 cannot run on is refused before anything changes,
+    and ``bundle.precision`` says what was applied.
     """
     if recipe.compile and bundle.device.type != "cuda":
         raise BackendError(
             f"the compile backend needs a CUDA device; this model is on {bundle.device}. Use --backend eager on CPU."
         )
+    if recipe.precision is Precision.FP8:
+        check_fp8_support(bundle.device, bundle.dtype)
     if recipe.fuse_qkv and bundle.loras is not None:
         raise BackendError(
             "per-session LoRAs add to the separate q/k/v projections: use the recipe with "
@@ -172,6 +195,7 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
     denoisers = [bundle.unet, *(c.net for c in bundle.controlnets)]  # UNet and its ControlNets
     for net in denoisers:
         _speed_up_denoiser(net, recipe)
+    bundle.precision = recipe.precision
     if bundle.ip_adapter is not None:  # step 2 reset the UNet's processors: put its own back
         bundle.ip_adapter.install(bundle.unet)
     if not unet_halves.unsupported(bundle.unet):  # what a step with ControlNets runs (5, 6.)

@@ -32,6 +32,18 @@ class VaeKind(str, Enum):
     FULL = "full"
 
 
+class Precision(str, Enum):
+    """How the denoisers' linear layers compute (:mod:`livediff.models.fp8`).
+
+    ``native``: in the model's dtype (``--dtype``), as always. ``fp8``: the transformer blocks'
+    linears of the UNet and its ControlNets as FP8 GEMMs with per-row scales, output in the
+    model's dtype (opt-in: a CUDA GPU of compute capability 8.9 or newer, fp16 or bf16).
+    """
+
+    NATIVE = "native"
+    FP8 = "fp8"
+
+
 def lora_from_text(text: str) -> LoraRef:
     """``"my/lora"`` or ``"my/lora:0.8"`` (a scale after the last colon, when it is a number)."""
     source, separator, scale = text.rpartition(":")
@@ -224,6 +236,13 @@ class ModelSpec:
         min=1,
         max=4096,
         flag="--feature-bank-rows",
+    )
+    precision: Precision = setting(
+        Precision.NATIVE,
+        doc="native: every layer in --dtype; fp8: the UNet's and ControlNets' transformer "
+        "linears as FP8 GEMMs (opt-in, unmeasured with real weights; CUDA compute capability "
+        "8.9+, --dtype fp16 or bf16)",
+        flag="--precision",
     )
     seed: int = setting(0, doc="seed of random weights", min=0, below=2**63)
     variant: str | None = setting(

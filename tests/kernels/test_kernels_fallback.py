@@ -21,6 +21,7 @@ from livediff.kernels import _dispatch, postprocess, status
 from livediff.kernels._dispatch import FALLBACKS, INT32_LIMIT, triton_refusal
 from livediff.kernels.status import describe, kernels_status
 from livediff.models import backends
+from livediff.models.spec import Precision
 
 OP = "livediff::postprocess_rgb"
 REASON = "images (2, 3, 8, 10) is neither contiguous nor channels-last (strides (240, 80, 1, 8))"
@@ -132,7 +133,9 @@ def test_the_compile_backend_on_cuda_without_triton_refuses_to_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: NO_TRITON)
-    cuda_bundle: Any = SimpleNamespace(device=torch.device("cuda", 0), loras=None)
+    cuda_bundle: Any = SimpleNamespace(
+        device=torch.device("cuda", 0), loras=None, precision=Precision.NATIVE
+    )
     with pytest.raises(
         BackendError, match=r"compile backend on CUDA needs Triton.*--backend eager"
     ):
