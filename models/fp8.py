@@ -147,7 +147,9 @@ class Fp8Linear(torch.nn.Module):
         rows, row_scale = quantize_rows(x.reshape(-1, self.in_features))
         if self.compute is Fp8Compute.SCALED_MM:
             out = torch._scaled_mm(
-                rows,
+                # row-major, as the GEMM requires: a [M, K] view of a permuted activation
+                # (proj_in's) is column-major, and the cast keeps its strides (H200: refused)
+                rows.contiguous(),
                 self.weight_fp8.t(),  # [K, N] column-major: the layout the GEMM takes
                 scale_a=row_scale,
                 scale_b=self.weight_scale,

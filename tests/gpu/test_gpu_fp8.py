@@ -51,7 +51,13 @@ def test_scaled_mm_equals_the_dequantized_gemm(
     assert out.dtype == dtype and out.shape == (rows, n)
     q_x, s_x = quantize_rows(x)
     q_w, s_w = quantize_weight(linear.weight)
-    assert torch.equal(q_x.cpu().double(), quantize_rows(x.cpu())[0].double())  # as on the CPU
+    # the GPU's quantization rounds each value to a neighbouring e4m3 value: within half a
+    # step (2^-4 relative for normals, 2^-10 · scale below 2^-6 · scale). Not bit for bit the
+    # CPU's: on the H200 some elements differed (the first GPU run of this test).
+    scaled = x.double() / s_x.double()
+    error = (q_x.double() - scaled).abs()
+    bound = torch.maximum(scaled.abs() * 2.0**-4, torch.full_like(scaled, 2.0**-10))
+    assert bool((error <= bound * (1 + 1e-6)).all())
     exact = (q_x.double() * s_x.double()) @ (q_w.double() * s_w.double().reshape(-1, 1)).t()
     if bias:
         exact = exact + linear.bias.double()

@@ -591,3 +591,21 @@ def test_the_single_benchmark_takes_it_too() -> None:
 
     assert single.parse_args(["--precision", "fp8"]).precision is Precision.FP8
     assert single.parse_args([]).precision is Precision.NATIVE
+
+
+def test_the_gemm_gets_row_major_activations_whatever_their_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA's row-wise ``_scaled_mm`` refuses a column-major first operand ("self must be
+    row_major"), which a [M, K] view of a permuted activation is (proj_in's on an H200);
+    the CPU's takes it, so the layout the layer hands over is checked here."""
+    seen: list[tuple[int, ...]] = []
+
+    def scaled_mm(a: torch.Tensor, b: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append(a.stride())
+        return torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    layer = Fp8Linear.from_linear(torch.nn.Linear(32, 48).to(torch.bfloat16), Fp8Compute.SCALED_MM)
+    layer(torch.randn(32, 64, dtype=torch.bfloat16).t())  # column-major [64, 32]
+    assert seen == [(32, 1)]
