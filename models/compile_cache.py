@@ -13,9 +13,10 @@ Where: ``$XDG_CACHE_HOME/livediff/compile/<key>.bin`` (by default ``~/.cache/liv
 ``$LIVEDIFF_COMPILE_CACHE`` (a folder; ``off`` turns packaging off). The key (SHA-256 of a
 canonical JSON, :func:`artifact_key`) names what the compiled code depends on: the preset and
 the networks' architecture configs, the dtype, the speed recipe (its label names fp8 when
-``precision=fp8``), the batch buckets and latent size, torch's and Triton's versions and the GPU. Weight values are not in it: the recipe does
-not freeze weights into the code (``freezing`` off), so the same architecture compiles to the
-same code whatever its weights; with ``freezing`` on a digest of the weights joins the key.
+``precision=fp8``), the batch buckets and latent size, torch's and Triton's versions and the
+GPU. Weight values are not in it: the recipe does not freeze weights into the code
+(``freezing`` off), so the same architecture compiles to the same code whatever its weights;
+with ``freezing`` on a digest of the weights joins the key.
 """
 
 from __future__ import annotations
