@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from livediff.bench.records import (
+    choice_list,
     emit,
     environment,
     gpu_memory_peak_mb,
@@ -303,14 +304,6 @@ def measure(
     return record, outputs
 
 
-def _precisions(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(CASES)}")
-    return names
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="livediff bench --suite fp8",
@@ -321,7 +314,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="random", choices=("random", "pretrained"))
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument(
-        "--precisions", type=_precisions, default=["fp16", "bf16", "fp8"], help=", ".join(CASES)
+        "--precisions",
+        type=choice_list(list(CASES)),
+        default=["fp16", "bf16", "fp8"],
+        help=", ".join(CASES),
     )
     parser.add_argument(
         "--backend", choices=("eager", "compile"), default=None, help="default: compile on CUDA"

@@ -57,6 +57,7 @@ from safetensors.torch import save_file
 from livediff.bench.multi import Scene, run_livediff
 from livediff.bench.plots import _figure, draw_or_explain, replot, save_figure
 from livediff.bench.records import (
+    choice_list,
     emit,
     environment,
     gpu_memory_peak_mb,
@@ -376,14 +377,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _systems(text: str) -> list[str]:
-    systems = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(SYSTEMS)}")
-    return systems
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="livediff bench --suite lora",
@@ -402,7 +395,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--systems", type=_systems, default=list(SYSTEMS))
+    parser.add_argument("--systems", type=choice_list(list(SYSTEMS)), default=list(SYSTEMS))
     parser.add_argument("--sessions", type=_ints, default=[1, 16], help="session counts")
     parser.add_argument(
         "--loras", type=_ints, default=[0, 1, 4], help="distinct per-session LoRAs in the batch"

@@ -7,6 +7,7 @@ summarised by :func:`summarize` (median and p99 of per-frame milliseconds).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
@@ -15,7 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -82,6 +83,18 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
 def int_list(text: str) -> list[int]:
     """``"1,2,4"`` → ``[1, 2, 4]`` (argparse ``type`` for options such as ``--buckets``)."""
     return [int(value) for value in text.split(",") if value.strip()]
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated list of some of ``choices`` (``--systems``)."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def percentile(values: Sequence[float], q: float) -> float:
