@@ -179,7 +179,7 @@ class GraphedBundle(ModelBundle):
             slots = len(self.controlnets)
             unet["control_images"] = torch.zeros(1, slots, 3, h * factor, w * factor, **opts)
             unet["control_scales"] = torch.zeros(1, slots, **opts)
-        if self.feature_bank is not None:  # every session of this model sends them (Stream)
+        if self.feature_bank is not None:  # sessions that bank send them (bank_live)
             frames = self.feature_bank.frames
             unet["bank_slots"] = torch.zeros(1, dtype=torch.long, device=self.device)
             unet["bank_frames"] = torch.zeros(1, frames, **opts)
