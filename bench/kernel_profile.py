@@ -2,6 +2,7 @@
 
     python -m livediff.bench.kernel_profile --batch 1,16 --out bench/results/profile.jsonl
     livediff bench --suite profile --model tiny --weights random --batch 1,2   # CPU smoke
+    livediff bench --suite profile --batch 1,8 --feature-bank 2   # where a bank's time goes
 
 For each batch size the three networks of a frame step — VAE encode, UNet, VAE decode — run
 on the chosen backend (compiled on CUDA by default) with the same input shapes the runtime
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +106,28 @@ def network_calls(bundle: ModelBundle, batch: int) -> dict[str, Callable[[], tor
         rows(one.text_embeds),
         rows(one.time_ids),
     )
+    if bundle.feature_bank is not None:  # every row banks: its own slot, every frame held
+        unet_batch = replace(
+            unet_batch, **full_bank_rows(bundle.feature_bank.frames, batch, latents)
+        )
+        bundle.make_bank_pools(unet_batch)  # before a compiled call (see ModelBundle)
     return {
         "encode": lambda: bundle.encode(pixels),
         "unet": lambda: bundle.predict_noise(unet_batch),
         "decode": lambda: bundle.decode(latents),
+    }
+
+
+def full_bank_rows(frames: int, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Feature bank inputs of ``batch`` rows in steady state: row r reads slot r + 1 with all
+    ``frames`` frames held, keeps this call's features in its frame 0, fusion 0.8 at 0.9."""
+    device = like.device
+    slots = torch.arange(1, batch + 1, device=device)
+    return {
+        "bank_slots": slots,
+        "bank_frames": torch.ones(batch, frames, device=device, dtype=like.dtype),
+        "bank_write": slots * frames,
+        "bank_fusion": torch.tensor([0.8, 0.9], device=device, dtype=like.dtype).repeat(batch, 1),
     }
 
 
@@ -213,6 +233,7 @@ def run_batch(
         "rcfg": "none",
         "sessions": 1,
         "batch": batch,
+        "feature_bank": args.feature_bank,
         "fps": round(1000.0 / ms_median, 1),
         "ms_median": round(ms_median, 4),
         "ms_p99": round(ms_p99, 4),
@@ -264,6 +285,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=30, help="timed calls per network")
     parser.add_argument("--profile-iters", type=int, default=5, help="profiled calls")
     parser.add_argument("--top", type=int, default=12, help="slowest kernels listed")
+    parser.add_argument(
+        "--feature-bank",
+        type=int,
+        default=0,
+        help="frames of a feature bank every UNet row attends to (0: none; StreamV2V's bank, "
+        "all frames held, fusion on)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
@@ -282,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = load_model(
         ModelSpec(preset=args.model, weights=args.weights), device=device, dtype=dtype
     )
+    if args.feature_bank:
+        bundle = bundle.with_feature_bank(frames=args.feature_bank, rows=max(args.batch))
     gflop = count_gflop(network_calls(bundle, 1), 1)  # before compiling: eager operators
     bundle = prepare_backend(bundle, Backend(args.backend))
     records = []

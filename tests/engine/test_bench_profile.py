@@ -66,3 +66,23 @@ def test_profile_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     again = tmp_path / "again.png"
     assert kernel_profile.main(["--replot", str(tmp_path / "p.jsonl"), "--plot", str(again)]) == 0
     assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_profile_with_a_feature_bank_profiles_the_banked_unet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--feature-bank 2``: every UNet row attends to two held bank frames, so the UNet's
+    FLOPs per frame grow (its self-attentions see three frames' keys), the VAE's do not."""
+    base = ["--model", "tiny", "--weights", "random", "--batch", "2", "--iters", "2"]
+    base += ["--profile-iters", "1"]
+    records = {}
+    for bank in (0, 2):
+        assert kernel_profile.main([*base, "--feature-bank", str(bank)]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+        records[bank] = json.loads(lines[-1])
+    assert (records[0]["feature_bank"], records[2]["feature_bank"]) == (0, 2)
+    flops = {bank: r["networks"]["unet"]["gflop_per_frame"] for bank, r in records.items()}
+    assert flops[2] > flops[0]
+    vae = {bank: r["networks"]["decode"]["gflop_per_frame"] for bank, r in records.items()}
+    assert vae[2] == vae[0]
