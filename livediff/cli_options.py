@@ -224,3 +224,19 @@ def load_for_backend(
 
         bundle = attach_lora_library(bundle, lora_library)
     return prepare_backend(bundle, backend), backend
+
+
+def refuse_client_images(params: Any, command: str) -> None:
+    """A command with no client to send control images (``livediff run``, ``livediff camera``):
+    a ControlNet use with the ``client`` preprocessor would never get an image, so it is
+    refused before the model loads."""
+    from livediff.models.control_uses import Preprocessor
+
+    for use in params.controlnets:
+        if use.preprocessor is Preprocessor.CLIENT:
+            raise ParameterError(
+                f"controlnet {use.controlnet!r}: the client preprocessor takes the images a "
+                f"client sends to livediff serve, and {command} has none: use canny, depth, "
+                "soft_edge, passthrough or previous_output",
+                field="controlnets",
+            )

@@ -244,12 +244,18 @@ async def _camera(
 
 
 def model_resolution(args: argparse.Namespace, config: dict[str, Any]) -> tuple[int, int]:
-    """(width, height) of the outputs: ``--width/--height`` or ``[stream]``, else the preset's."""
-    from livediff.cli_options import model_spec_from_args, stream_settings_from_args
+    """(width, height) of the outputs: ``--width/--height`` or ``[stream]``, else the preset's.
+    Settings a camera session cannot run are refused here, before the model loads."""
+    from livediff.cli_options import (
+        model_spec_from_args,
+        refuse_client_images,
+        stream_settings_from_args,
+    )
     from livediff.models.presets import get_preset
 
     preset = get_preset(model_spec_from_args(args, config).preset)
-    stream_config, _ = stream_settings_from_args(args, config, preset)
+    stream_config, params = stream_settings_from_args(args, config, preset)
+    refuse_client_images(params, "livediff camera")
     return int(stream_config.width or preset.width), int(stream_config.height or preset.height)
 
 

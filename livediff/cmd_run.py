@@ -43,7 +43,7 @@ from livediff.cli_options import (
     model_spec_from_args,
     stream_settings_from_args,
 )
-from livediff.exceptions import MediaError, ParameterError
+from livediff.exceptions import MediaError
 
 if TYPE_CHECKING:
     from livediff.engine.frames import StreamOutput
@@ -139,7 +139,12 @@ def _batch_value(text: str) -> int | None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from livediff.cli_options import load_for_backend, lora_library_from_args, style_image_from_args
+    from livediff.cli_options import (
+        load_for_backend,
+        lora_library_from_args,
+        refuse_client_images,
+        style_image_from_args,
+    )
     from livediff.engine.interleaved import choose_batch, file_job
     from livediff.models.presets import get_preset
     from livediff.streams.file_sink import AudioMode, FileSink, output_format_for, plan_audio
@@ -149,7 +154,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_toml(args.config)
     spec = model_spec_from_args(args, config)
     stream_config, params = stream_settings_from_args(args, config, get_preset(spec.preset))
-    _refuse_client_images(params)
+    refuse_client_images(params, "livediff run")
     choose_batch(args.batch, stream_config, params)  # an impossible --batch is refused here
     lora_library = lora_library_from_args(args, config)
     lora_library.entries()  # a missing or empty library is refused before the model loads
@@ -400,17 +405,3 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
     # Writing would truncate the input while it is being read.
     if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
         raise MediaError(f"OUTPUT {output_path} is the same file as INPUT; choose another name")
-
-
-def _refuse_client_images(params: Any) -> None:
-    """A file run has no client to send control images: a ``client`` use would never run."""
-    from livediff.models.control_uses import Preprocessor
-
-    for use in params.controlnets:
-        if use.preprocessor is Preprocessor.CLIENT:
-            raise ParameterError(
-                f"controlnet {use.controlnet!r}: the client preprocessor takes the images a "
-                "client sends to livediff serve, and livediff run has none: use canny, depth, "
-                "soft_edge, passthrough or previous_output",
-                field="controlnets",
-            )

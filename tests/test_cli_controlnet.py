@@ -74,3 +74,18 @@ def test_the_readme_toml_example_names_the_nets_sessions_pick(tmp_path: Path) ->
     ]
     assert spec.depth_source == "depth-anything/Depth-Anything-V2-Small-hf"
     assert spec.soft_edge_source == "/models/ControlNetHED.pth"
+
+
+@pytest.mark.parametrize("command", ["run", "camera"])
+def test_a_client_net_is_refused_where_no_client_can_send_images(
+    command: str, clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run`` and ``camera`` have no client to send control images: a ``client`` use would
+    wait for images forever, so it is refused with one line before the model loads."""
+    out = str(tmp_path / "out.mp4")
+    place = [str(clip), out] if command == "run" else ["--input", str(clip), "--output", out]
+    assert main([command, *place, *TINY, "--controlnet", "edges:1:client"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"livediff {command}: error: "), stderr
+    assert f"livediff {command} has none" in stderr and "Traceback" not in stderr
+    assert not Path(out).exists()
