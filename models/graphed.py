@@ -209,7 +209,7 @@ class GraphedBundle(ModelBundle):
         for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``)."""
         templates = self._templates()
         variants = {stage: [named] for stage, named in templates.items()}
-        optional = []  # groups of UNet inputs some calls leave out
+        optional: list[tuple[str, ...]] = []  # groups of UNet inputs some calls leave out
         if plain_unet and self.controlnets:
             optional.append(("control_images", "control_scales"))
         if self.feature_bank is not None:
