@@ -9,8 +9,11 @@ so consecutive inputs differ a little everywhere): milliseconds per frame (one s
 frame in and out on the device), device memory peak, and a **flicker figure**: the mean
 frame-to-frame change of the output over that of the input. With random weights the figure
 checks the plumbing, not quality: a real model (``--source`` or ``--model`` with cached
-weights) makes it a measurement. Cases: ``BANK:FUSION:FEEDBACK`` (``0:0:0`` is the baseline;
-default: baseline, a bank of 2 with and without fusion, feedback 0.3, both together).
+weights) makes it a measurement. The first record is the plain model's (no bank installed:
+the frame a user gets without a bank-capable server; ``bank_installed: false``), and each
+bank-capable record's ``ratio_to_plain`` is against it (``--no-plain-reference`` skips it).
+Cases: ``BANK:FUSION:FEEDBACK`` on the bank-capable model (``0:0:0``: its bank unused;
+default: that, a bank of 2 with and without fusion, feedback 0.3, both together).
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import numpy as np
 import torch
 
 from livediff.bench.plots import _figure, draw_or_explain, save_figure
-from livediff.bench.records import emit, environment, gpu_memory_peak_mb, record_sinks, summarize
+from livediff.bench.records import (
+    emit,
+    environment,
+    gpu_memory_peak_mb,
+    record_sinks,
+    reset_memory,
+    summarize,
+)
 from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.exceptions import UsageError
@@ -115,6 +125,8 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
 
 
 def case_label(record: dict[str, Any]) -> str:
+    if not record.get("bank_installed", True):
+        return "plain model (no bank installed)"
     return (
         f"bank {record['feature_bank']} fusion {record['feature_fusion']:g} "
         f"feedback {record['latent_feedback']:g}"
@@ -154,6 +166,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cases", default=DEFAULT_CASES, help="BANK:FUSION:FEEDBACK, comma-separated"
     )
+    parser.add_argument(
+        "--no-plain-reference",
+        dest="plain_reference",
+        action="store_false",
+        help="skip the first record: the same stream on a model without a feature bank "
+        "(each bank record's ratio_to_plain is against it)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the records")
     args = parser.parse_args(argv)
@@ -174,16 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_bank_frames=max([c.feature_bank for c in cases] + [1]),
         feature_bank_rows=8,
     )
-    bundle = load_model(spec, device=args.device, dtype=args.dtype)
-    bundle = bundle.with_feature_bank(frames=spec.feature_bank_frames, rows=spec.feature_bank_rows)
-    backend = resolve_backend(args.backend, bundle.device)
-    bundle = prepare_backend(bundle, backend)
     latent = (args.size // 8, args.size // 8)
-    bundle = runtime_bundle(
-        bundle, backend, latent_size=latent, buckets=(args.steps,), show_progress=False
-    )
+
+    def ready(banked: bool) -> tuple[Any, Backend]:
+        bundle = load_model(spec, device=args.device, dtype=args.dtype)
+        if banked:
+            bundle = bundle.with_feature_bank(
+                frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
+            )
+        backend = resolve_backend(args.backend, bundle.device)
+        bundle = prepare_backend(bundle, backend)
+        if banked:  # a plain model's stream replays its whole step (make_stream) instead
+            bundle = runtime_bundle(
+                bundle, backend, latent_size=latent, buckets=(args.steps,), show_progress=False
+            )
+        return bundle, backend
+
     base = {
-        "system": f"livediff {backend.value}",
         "suite": "consistency",
         "model": args.model,
         "weights": args.weights,
@@ -196,8 +222,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     records = []
     with record_sinks(args.out) as sinks:
+        plain_ms = None
+        if args.plain_reference:  # the frame a user gets without a bank-capable model
+            bundle, backend = ready(banked=False)
+            result = run_case(bundle, backend, Case(0, 0.0, 0.0), args)
+            record = {**base, "system": f"livediff {backend.value}", **result}
+            record = {**record, "bank_installed": False, **environment(bundle.device)}
+            emit(record, sinks)
+            records.append(record)
+            plain_ms, device = record["ms_median"], bundle.device
+            del bundle  # the bank-capable model's memory peak is its own
+            reset_memory(device)
+        bundle, backend = ready(banked=True)
         for case in cases:
-            record = {**base, **run_case(bundle, backend, case, args), **environment(bundle.device)}
+            record = {**base, "system": f"livediff {backend.value}"}
+            record.update(run_case(bundle, backend, case, args), bank_installed=True)
+            if plain_ms:
+                record["ratio_to_plain"] = round(record["ms_median"] / plain_ms, 3)
+            record.update(environment(bundle.device))
             emit(record, sinks)
             records.append(record)
     draw_or_explain(records, args.plot, draw)

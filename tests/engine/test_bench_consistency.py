@@ -23,7 +23,19 @@ def test_consistency_records_each_case_and_draws_them(tmp_path: Path) -> None:
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     cases = [(r["feature_bank"], r["feature_fusion"], r["latent_feedback"]) for r in records]
-    assert cases == [(0, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.8, 0.0), (0, 0.0, 0.3), (2, 0.8, 0.3)]
+    assert cases == [
+        (0, 0.0, 0.0),  # the plain model, no bank installed: the reference
+        (0, 0.0, 0.0),
+        (2, 0.0, 0.0),
+        (2, 0.8, 0.0),
+        (0, 0.0, 0.3),
+        (2, 0.8, 0.3),
+    ]
+    plain, banked = records[0], records[1:]
+    assert plain["bank_installed"] is False and "ratio_to_plain" not in plain
+    for r in banked:
+        assert r["bank_installed"] is True
+        assert r["ratio_to_plain"] == pytest.approx(r["ms_median"] / plain["ms_median"], rel=1e-2)
     for r in records:
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert r["suite"] == "consistency" and r["frames"] == 5 and r["flicker"] >= 0
