@@ -198,3 +198,24 @@ def save_kohya_original(
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     save_file(tensors, str(path))
     return path
+
+
+def unet_only_bundle(unet: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A CPU ``ModelBundle`` of the tiny preset around ``unet`` alone (no VAE, no text
+    encoders): enough for UNet calls and for attaching a LoRA library."""
+    from livediff.models.bundle import ModelBundle
+    from livediff.models.presets import get_preset
+    from livediff.models.spec import WeightsMode
+
+    return ModelBundle(
+        preset=get_preset("tiny"),
+        unet=unet,
+        vae=None,
+        text_encoders=(),
+        tokenizers=(),
+        scheduler_config={},
+        device=torch.device("cpu"),
+        dtype=dtype,
+        weights=WeightsMode.RANDOM,
+        source="test",
+    )

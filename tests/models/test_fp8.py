@@ -29,7 +29,15 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.lora_testing import TARGETS, fused_copy, random_lora, save_peft, tiny_unet, unet_inputs
+from helpers.lora_testing import (
+    TARGETS,
+    fused_copy,
+    random_lora,
+    save_peft,
+    tiny_unet,
+    unet_inputs,
+    unet_only_bundle,
+)
 from livediff.cli import build_parser
 from livediff.cli_options import model_spec_from_args
 from livediff.exceptions import BackendError, ParameterError
@@ -47,9 +55,8 @@ from livediff.models.loading import ModelSpec, load_model
 from livediff.models.lora_layers import LoraRowsLinear
 from livediff.models.lora_library import LoraLibrary
 from livediff.models.lora_store import LoraCapacity
-from livediff.models.presets import get_preset
 from livediff.models.recipe import Recipe, apply_recipe
-from livediff.models.spec import Precision, WeightsMode
+from livediff.models.spec import Precision
 from livediff.models.unet_batch import UNetBatch
 
 FUSED = ("attn1.to_qkv", "attn2.to_kv", "attn2.to_q")
@@ -316,19 +323,6 @@ def test_it_traces_whole_and_does_not_recompile() -> None:
 
 
 # ---------------------------------------------------------------- with LoRAs, bank, IP-Adapter
-def _bundle(unet: Any, dtype: torch.dtype) -> ModelBundle:
-    return ModelBundle(
-        preset=get_preset("tiny"),
-        unet=unet,
-        vae=None,
-        text_encoders=(),
-        tokenizers=(),
-        scheduler_config={},
-        device=torch.device("cpu"),
-        dtype=dtype,
-        weights=WeightsMode.RANDOM,
-        source="test",
-    )
 
 
 @pytest.fixture
@@ -352,7 +346,7 @@ def test_per_session_loras_add_their_update_to_the_fp8_base(tmp_path: Path) -> N
     def library_of(dtype: torch.dtype, use_fp8: bool) -> LoraLibrary:
         unet = tiny_unet(seed=0).to(dtype)
         library = LoraLibrary.attach(unet, LoraCapacity(max_rank=8))
-        bundle = _bundle(unet, dtype).with_loras(library)
+        bundle = unet_only_bundle(unet, dtype).with_loras(library)
         bundle.precision = Precision.FP8 if use_fp8 else Precision.NATIVE
         prepare_backend(bundle, Backend.EAGER)
         library.load("A", str(path))

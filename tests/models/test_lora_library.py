@@ -26,6 +26,7 @@ from helpers.lora_testing import (
     save_peft,
     tiny_unet,
     unet_inputs,
+    unet_only_bundle,
 )
 from livediff.exceptions import (
     BatchCompositionError,
@@ -34,12 +35,10 @@ from livediff.exceptions import (
     ParameterError,
 )
 from livediff.models.architectures import build_random
-from livediff.models.bundle import ModelBundle
 from livediff.models.lora_library import LoraLibrary
 from livediff.models.lora_store import LoraCapacity
 from livediff.models.pipelines import fuse_loras
 from livediff.models.presets import LoraRef, get_preset
-from livediff.models.spec import WeightsMode
 from livediff.models.unet_batch import UNetBatch
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}  # fp32; one batched call vs separate calls
@@ -132,7 +131,7 @@ def test_agrees_with_diffusers_fused_mode(
 
 def test_the_model_bundle_applies_the_batch_rows(base: Any, loras: dict[str, Any]) -> None:
     library = _library(base, loras, "A", "B")
-    bundle = _bundle(library.unet).with_loras(library)
+    bundle = unet_only_bundle(library.unet).with_loras(library)
     inputs = unet_inputs(3, seed=4)
     indices, scales = library.row_inputs([[], [("B", 0.5)], [("A", 1.0)]])
     batch = UNetBatch(
@@ -147,22 +146,7 @@ def test_the_model_bundle_applies_the_batch_rows(base: Any, loras: dict[str, Any
     torch.testing.assert_close(bundle.predict_noise(batch), expected, rtol=0, atol=0)
     assert not torch.allclose(bundle.predict_noise(batch.narrow(0, 1)), expected[:1])  # rows kept
     with pytest.raises(BatchCompositionError, match="without a LoRA library"):
-        _bundle(base).predict_noise(batch)
-
-
-def _bundle(unet: Any) -> ModelBundle:
-    return ModelBundle(
-        preset=get_preset("tiny"),
-        unet=unet,
-        vae=None,
-        text_encoders=(),
-        tokenizers=(),
-        scheduler_config={},
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        weights=WeightsMode.RANDOM,
-        source="test",
-    )
+        unet_only_bundle(base).predict_noise(batch)
 
 
 @pytest.mark.slow  # dynamo traces the whole tiny UNet (~1 min on a CI machine)
@@ -363,10 +347,10 @@ def test_backends_that_would_drop_the_loras_refuse(base: Any) -> None:
     from livediff.models.tensorrt_engine import load_tensorrt_bundle
 
     unet = copy.deepcopy(base)
-    bundle = _bundle(unet).with_loras(LoraLibrary.attach(unet))
+    bundle = unet_only_bundle(unet).with_loras(LoraLibrary.attach(unet))
     with pytest.raises(BackendError, match="fuse_qkv off"):
         apply_recipe(bundle, Recipe(fuse_qkv=True, compile=False))
     with pytest.raises(BackendError, match="does not run per-session LoRAs"):
         load_tensorrt_bundle(bundle)
     with pytest.raises(BatchCompositionError, match="belongs to the UNet"):
-        _bundle(base).with_loras(bundle.loras)
+        unet_only_bundle(base).with_loras(bundle.loras)
