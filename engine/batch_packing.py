@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from livediff.engine.batch_planning import bucket_for
 from livediff.engine.control_batch import batched_controls
 from livediff.engine.frames import OutputFormat, StreamOutput
+from livediff.engine.lora_plan import lora_inputs
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch, field_names_in
@@ -174,6 +175,7 @@ class BatchPacker:
             unet_inputs = [
                 replace(b, control_images=None, control_scales=None) for b in unet_inputs
             ]
+        unet_inputs = lora_inputs(self.bundle, unet_inputs, [e.stream.lora_key for e in entries])
         eps, call = self.predict(unet_inputs)
         mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]

@@ -105,6 +105,19 @@ class LoraAdmin:
                 "slot_bytes": store.slot_bytes,
                 "reserved_bytes": store.total_bytes,
             },
+            "merge": self._merge_state(library, loaded),
+        }
+
+    @staticmethod
+    def _merge_state(library: LoraLibrary, loaded: Sequence[LoadedLora]) -> dict[str, Any]:
+        """What the first device's weights hold (:mod:`livediff.models.lora_merge`)."""
+        merge = library.merge
+        names = {lora.slot: lora.name for lora in loaded}
+        return {
+            "enabled": merge.config.enabled,
+            "merged": [{"name": names.get(slot), "scale": scale} for slot, scale in merge.merged],
+            "base_copy_bytes": merge.base_bytes,
+            "refused": merge.refusal() or None,
         }
 
     async def load(self, name: str, source: str, weight_name: str | None = None) -> LoadedLora:

@@ -37,7 +37,7 @@ from livediff.engine.frames import (
     upload_frame,
 )
 from livediff.engine.lcm_schedule import LCMSchedule, StepCoefficients
-from livediff.engine.lora_plan import resolve_loras
+from livediff.engine.lora_plan import SessionLoras, lora_inputs, resolve_loras
 from livediff.engine.similarity import SimilarityFilter, similarity_signal
 from livediff.engine.stream_batch import StreamBatch
 from livediff.exceptions import ParameterError
@@ -47,6 +47,7 @@ from livediff.kernels.yuv import i420_to_rgb_float, split_i420
 from livediff.models.bundle import ModelBundle
 from livediff.models.feature_bank import SlotLease
 from livediff.models.image_prompts import ImagePrompt
+from livediff.models.lora_merge import MergeKey
 from livediff.models.prompts import PromptEncoder
 from livediff.models.unet_batch import Conditioning, UNetBatch
 
@@ -93,7 +94,7 @@ class PreparedUpdate:
     coefficients: StepCoefficients | None = None
     control: ControlPlan | None = None
     bank_lease: SlotLease | None = None  # new feature bank slots for this session's rows
-    loras: tuple[torch.Tensor, torch.Tensor] | None = None  # the rows' LoRA slots and scales
+    loras: SessionLoras | None = None  # the rows' LoRA slots and scales
     image_prompt: ImagePrompt | None = None  # the new style image's tokens ("ip_image" changed)
 
 
@@ -142,7 +143,7 @@ class Stream:
         self._bank = BankState(self.params.feature_bank, self.params.bank_interval)
         self._bank_lease: SlotLease | None = None
         self._cuts = SceneCuts(self.params.scene_cut)
-        self._loras: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._loras: SessionLoras | None = None
         self._image_prompt: ImagePrompt | None = None
         self.batch = self._new_batch(self.schedule.coefficients(self._t_index_list(self.params)))
         self.apply_update(
@@ -336,7 +337,7 @@ class Stream:
         if update.loras is not None:
             self._loras = update.loras
         if (update.loras is not None or rebuilt) and self._loras is not None:
-            self.batch.set_loras(*self._loras)
+            self.batch.set_loras(self._loras.indices, self._loras.scales)
         if "ip_image" in changed:
             self._image_prompt = update.image_prompt
         if (rebuilt or changed & set(_IMAGE_PROMPT_FIELDS)) and self.bundle.ip_adapter is not None:
@@ -429,17 +430,27 @@ class Stream:
             pixels = self.model_input(group)
             x0 = None if pixels is None else self.bundle.encode(pixels)
             if self.config.use_denoising_batch:
-                x0_hat = self.finish(self.bundle.predict_noise(self.begin(group, x0, pixels)))
+                x0_hat = self.finish(self.predict_noise(self.begin(group, x0, pixels)))
             else:
                 x0, first = self._latents(group, x0)
                 self._push_control(group, pixels, x0)
                 bank_call = self._consistency_step(group)
                 x0 = self.batch.feed_back(x0) if first is None else x0
                 calls = [bank_call] * self.batch.steps if self._bank_lease is not None else None
-                x0_hat = self.batch.step(x0, self.bundle.predict_noise, first, calls)
+                x0_hat = self.batch.step(x0, self.predict_noise, first, calls)
                 self.batch.keep_for_feedback(x0_hat)
             rgb = model_output_to_rgb(self.bundle.decode(x0_hat))
         return self.complete(group, rgb)
+
+    @property
+    def lora_key(self) -> MergeKey | None:
+        """This stream's LoRAs as the weights would hold them (``None``: no LoRA library)."""
+        return None if self._loras is None else self._loras.key
+
+    def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
+        """One UNet call over this stream's rows alone (its LoRAs merged where they can be)."""
+        (batch,) = lora_inputs(self.bundle, [batch], [self.lora_key])
+        return self.bundle.predict_noise(batch)
 
     # The phases below let a runtime batch several streams into one UNet call:
     # admit → skip_outputs → model_input → (encode, batched) → begin → (UNet, batched) → finish

@@ -33,6 +33,7 @@ from livediff.models.unet_batch import UNetBatch
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
 BANK_INPUTS = ("bank_slots", "bank_frames", "bank_write", "bank_fusion")
+LORA_INPUTS = ("lora_indices", "lora_scales")
 
 
 @dataclass
@@ -206,7 +207,9 @@ class GraphedBundle(ModelBundle):
         ``plain_unet``: a model with ControlNets also gets the UNet's graphs for calls without
         control inputs (a server that keeps sessions without nets apart:
         ``RuntimeConfig.controlnet_rows``). A model with a feature bank always gets the graphs
-        for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``)."""
+        for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``), and
+        one with a per-session LoRA library the graphs for calls without LoRA inputs (no row
+        uses one, or the weights hold every row's: :mod:`livediff.models.lora_merge`)."""
         templates = self._templates()
         variants = {stage: [named] for stage, named in templates.items()}
         optional: list[tuple[str, ...]] = []  # groups of UNet inputs some calls leave out
@@ -214,6 +217,8 @@ class GraphedBundle(ModelBundle):
             optional.append(("control_images", "control_scales"))
         if self.feature_bank is not None:
             optional.append(BANK_INPUTS)
+        if self.loras is not None:  # calls whose rows' LoRAs the weights hold (lora_merge)
+            optional.append(LORA_INPUTS)
         for left_out in itertools.product((False, True), repeat=len(optional)):
             names = {n for group, out in zip(optional, left_out, strict=True) if out for n in group}
             if names:

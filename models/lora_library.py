@@ -34,7 +34,8 @@ import torch
 
 from livediff.exceptions import ParameterError
 from livediff.models.lora_files import LoraFile, read_lora, resolve_file
-from livediff.models.lora_layers import RowSelection, attach
+from livediff.models.lora_layers import LoraRowsConv2d, LoraRowsLinear, RowSelection, attach
+from livediff.models.lora_merge import LoraMerge, MergeConfig, MergeKey
 from livediff.models.lora_store import LoadedLora, LoraCapacity, LoraStore, StagedLora
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LoraLibrary:
     unet: Any  # diffusers UNet2DConditionModel, its target layers rewritten
     store: LoraStore
     selection: RowSelection
+    merge: LoraMerge  # the LoRAs every row agrees on, folded into the weights
 
     @classmethod
     def attach(
@@ -56,8 +58,11 @@ class LoraLibrary:
         *,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        merge: MergeConfig | None = None,
     ) -> LoraLibrary:
-        """Rewrite ``unet``'s target layers once and allocate the buffers (in its device/dtype)."""
+        """Rewrite ``unet``'s target layers once and allocate the buffers (in its device/dtype);
+        ``merge``: when the calls' rows agree, fold their LoRAs into the weights
+        (:mod:`livediff.models.lora_merge`; on by default)."""
         weight = next(unet.parameters())
         store = LoraStore(
             unet,
@@ -73,7 +78,12 @@ class LoraLibrary:
             store.capacity.max_rank,
             store.total_bytes / 2**20,
         )
-        return cls(unet, store, selection)
+        layers = {
+            name: module
+            for name, module in unet.named_modules()
+            if isinstance(module, LoraRowsLinear | LoraRowsConv2d)
+        }
+        return cls(unet, store, selection, LoraMerge(layers, store, merge or MergeConfig()))
 
     @property
     def capacity(self) -> LoraCapacity:
@@ -125,6 +135,7 @@ class LoraLibrary:
         """The buffer part of :meth:`load`: pack a read LoRA (``staged`` by :meth:`stage`
         off this thread, or here) into a free slot (the thread that runs the UNet, between
         calls: queued copies only, no host sync)."""
+        self.merge.forget()  # the slot may have held a LoRA the weights hold
         entry = self.store.load(lora, staged)
         log.info(
             "loaded LoRA %r from %s into slot %d: rank %d, %d layers, %.2f MB",
@@ -138,6 +149,7 @@ class LoraLibrary:
         return entry
 
     def unload(self, name: str) -> LoadedLora:
+        self.merge.forget()
         entry = self.store.unload(name)
         log.info("unloaded LoRA %r (slot %d)", name, entry.slot)
         return entry
@@ -153,6 +165,13 @@ class LoraLibrary:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row ``(indices, scales)`` for ``UNetBatch.lora_indices`` / ``lora_scales``."""
         return self.store.row_inputs(rows)
+
+    def merge_key(self, uses: Sequence[tuple[str, float]]) -> MergeKey:
+        """What the weights would hold for a row that uses ``uses``: its LoRAs' packed slots
+        and scales, sorted, scale 0 left out (:meth:`LoraMerge.plan`)."""
+        return tuple(
+            sorted((self.store.get(name).slot, float(scale)) for name, scale in uses if scale)
+        )
 
     @contextmanager
     def rows(self, indices: torch.Tensor | None, scales: torch.Tensor | None) -> Iterator[None]:

@@ -7,6 +7,7 @@ Pure data and file listing: nothing here touches a model. In a TOML file::
     max_loras = 8             # LoRAs loaded at once (the packed buffers' slots)
     max_rank = 64
     slots_per_row = 2         # LoRAs one session may combine
+    merge = true              # fold the LoRAs in while every session uses the same ones
 
 A folder loads each ``NAME.safetensors`` in it as ``NAME``. A TOML library file names them::
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from livediff.exceptions import ParameterError
+from livediff.models.lora_merge import MergeConfig
 from livediff.models.lora_store import MAX_RANK, MAX_SLOTS_PER_ROW, LoraCapacity
 from livediff.settings import check_settings, setting
 
@@ -81,6 +83,13 @@ class LoraLibraryConfig:
         metavar="N",
     )
 
+    merge: bool = setting(
+        True,
+        doc="while every session of the calls uses the same LoRAs, fold them into the weights "
+        "(fused speed; keeps a copy of the LoRA layers' base weights on the device)",
+        flag="--no-lora-merge",
+    )
+
     def __post_init__(self) -> None:
         check_settings(self, prefix="[lora_library] ")
 
@@ -91,6 +100,10 @@ class LoraLibraryConfig:
     @property
     def capacity(self) -> LoraCapacity:
         return LoraCapacity(self.max_loras, self.max_rank, self.slots_per_row)
+
+    @property
+    def merging(self) -> MergeConfig:
+        return MergeConfig(enabled=self.merge)
 
     def entries(self) -> tuple[LoraEntry, ...]:
         """The LoRAs ``library`` names, in name order; ``ParameterError`` (``field="library"``)

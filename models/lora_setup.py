@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def attach_lora_library(bundle: ModelBundle, config: LoraLibraryConfig) -> ModelBundle:
     """``bundle`` with a library of ``config.capacity`` holding ``config.entries()``."""
     entries = config.entries()  # a bad folder or file is refused before the UNet is touched
-    library = LoraLibrary.attach(bundle.unet, config.capacity)
+    library = LoraLibrary.attach(bundle.unet, config.capacity, merge=config.merging)
     for entry in entries:
         try:
             library.load(entry.name, entry.source, weight_name=entry.weight_name)

@@ -99,6 +99,67 @@ async def test_sessions_with_different_loras_share_calls_and_equal_the_fused_mod
         await engine.stop()
 
 
+async def test_one_style_for_every_session_is_merged_and_equals_the_fused_model(
+    tiny_bundle: ModelBundle, styled: dict[str, Any]
+) -> None:
+    """A lone session's LoRAs are folded into the weights after a few calls (its calls then
+    carry no LoRA inputs) and its frames stay the fused model's; a session with another LoRA
+    joining puts the base weights back, and both stay their own fused models'."""
+    library = styled["bundle"].loras
+    library.merge.forget()
+    merges = library.merge.merges
+    sent: list[bool] = []
+    bundle = styled["bundle"]
+    calls = dataclasses.replace(bundle)  # the same model, its UNet calls recorded
+
+    def predict_noise(batch: Any) -> Any:
+        sent.append(batch.lora_indices is not None)
+        return bundle.predict_noise(batch)
+
+    object.__setattr__(calls, "predict_noise", predict_noise)
+    frames = 8
+    engine = Engine(calls, CONFIG, CALM, BASE)
+    await engine.start()
+    try:
+        lone = await engine.open_session(SETUPS[0])
+        inputs = [make_frame(0, i) for i in range(frames)]
+        plain = {key: value for key, value in SETUPS[0].items() if key != "loras"}
+        oracle = fused_bundle(tiny_bundle, styled, SETUPS[0]["loras"])
+        expected = reference_outputs(oracle, CONFIG, BASE.updated(**plain), inputs)
+        got = {}
+        for i, frame in enumerate(inputs):  # one frame at a time: one call each
+            lone.submit(frame)
+            if i >= BASE.steps - 1:
+                out = (await receive(lone, 1))[0]
+                got[out.index] = out.image
+        assert largest_gap(got, expected) <= TOLERANCE
+        assert library.merge.merges == merges + 1
+        assert sent[-1] is False and sent[0] is True  # per-row first, then merged
+    finally:
+        await engine.stop()
+    # Both styles queued before the start: the calls hold both sessions.
+    sent.clear()
+    engine = Engine(calls, CONFIG, CALM, BASE)
+    sessions = [await engine.open_session(params) for params in SETUPS[:2]]
+    for k, session in enumerate(sessions):
+        for i in range(4):
+            session.submit(make_frame(k, i))
+    await engine.start()
+    try:
+        for k, session in enumerate(sessions):
+            plain = {key: value for key, value in SETUPS[k].items() if key != "loras"}
+            oracle = fused_bundle(tiny_bundle, styled, SETUPS[k]["loras"])
+            inputs = [make_frame(k, i) for i in range(4)]
+            expected = reference_outputs(oracle, CONFIG, BASE.updated(**plain), inputs)
+            got = {out.index: out.image for out in await receive(session, len(expected))}
+            assert largest_gap(got, expected) <= TOLERANCE, k
+        assert engine.metrics()["batch_sessions"]["max"] == 2
+        assert sent and all(sent)  # per-row: the weights were put back first
+        assert library.merge.merged == ()
+    finally:
+        await engine.stop()
+
+
 async def test_unknown_loras_are_refused_and_the_session_goes_on(styled: dict[str, Any]) -> None:
     engine = Engine(styled["bundle"], CONFIG, CALM, BASE)
     await engine.start()

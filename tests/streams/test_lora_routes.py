@@ -23,6 +23,7 @@ from livediff.clients.ws_client import WsClient
 from livediff.exceptions import LivediffError
 from livediff.models.bundle import ModelBundle
 from livediff.models.lora_library import LoraLibrary
+from livediff.models.lora_merge import MERGE_AFTER_CALLS
 from livediff.models.lora_store import LoraCapacity
 from livediff.streams.server_config import ServerConfig
 from livediff.wire import decode_jpeg, encode_jpeg
@@ -168,6 +169,35 @@ async def test_a_loaded_lora_styles_the_session_that_asks_for_it_and_only_that_o
             assert (await call(http, "GET", base + "/loras"))[1]["loras"] == []
             assert_nearer(await frame_from(styled, frame), plain_ref, styled_ref)
             assert_nearer(await frame_from(plain, frame), plain_ref, styled_ref)
+
+
+async def test_a_lone_styled_session_is_merged_and_get_loras_says_so(
+    server: Any, bundle: ModelBundle, frame: np.ndarray, seen: np.ndarray, files: dict[str, Any]
+) -> None:
+    """One session in one style: after a few frames the weights hold its LoRA (GET /loras
+    names it, with the base weights' copy), and its frames stay the fused model's."""
+    base, _, engine = server
+    plain_ref = reference_output(bundle, seen, **FOX)
+    fused = dataclasses.replace(
+        bundle, unet=fused_copy(bundle.unet, [(files["ink_layers"], SCALE)])
+    )
+    styled_ref = reference_output(fused, seen, **FOX)
+    async with aiohttp.ClientSession() as http:
+        assert (await call(http, "POST", base + "/loras", {"name": "ink", "source": files["ink"]}))[
+            0
+        ] == 201
+        merge = (await call(http, "GET", base + "/loras"))[1]["merge"]
+        assert merge == {"enabled": True, "merged": [], "base_copy_bytes": 0, "refused": None}
+        query = {**FOX, "loras": f"ink:{SCALE}"}
+        async with await WsClient.connect(ws_url(base), params=query) as styled:
+            for _ in range(MERGE_AFTER_CALLS + 2):
+                assert_nearer(await frame_from(styled, frame), styled_ref, plain_ref)
+            merge = (await call(http, "GET", base + "/loras"))[1]["merge"]
+            assert merge["merged"] == [{"name": "ink", "scale": SCALE}]
+            assert merge["base_copy_bytes"] == engine.bundle.loras.merge.base_bytes > 0
+            assert await styled.update(loras=[]) == {"ok": True, "id": 1}
+            assert_nearer(await frame_from(styled, frame), plain_ref, styled_ref)
+            assert (await call(http, "GET", base + "/loras"))[1]["merge"]["merged"] == []
 
 
 async def test_a_lora_loaded_while_a_session_streams_applies_from_its_update(
