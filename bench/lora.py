@@ -18,7 +18,8 @@ one folder per ``--ranks`` value, and used as a user would:
 
 - ``none``: the model without LoRA (``loras`` 0);
 - ``fused``: the first LoRA fused at load (``--lora FILE``; ``loras`` 1, every session);
-- ``per-session``: the folder as ``--lora-library`` (buffers of ``max_rank`` = the rank), and
+- ``per-session`` (and ``per-session-unmerged``, ``--no-lora-merge``: the per-row kernels
+  even where every row agrees): the folder as ``--lora-library`` (buffers of ``max_rank`` = the rank), and
   session ``k`` of N asks for LoRA ``k mod L`` (``loras`` L distinct in the batch; 0: the
   library is there, no session uses it). The first rank runs at every session count, the
   others at the most sessions only.
@@ -85,7 +86,8 @@ from livediff.models.lora_setup import attach_lora_library
 from livediff.models.presets import LoraRef, get_preset
 from livediff.settings.flags import add_setting_flag
 
-SYSTEMS = ("none", "fused", "per-session")
+SYSTEMS = ("none", "fused", "per-session", "per-session-unmerged")
+PER_SESSION = ("per-session", "per-session-unmerged")
 LATE = "late"  # the name of the LoRA loaded at runtime
 
 
@@ -156,13 +158,11 @@ def plan(args: argparse.Namespace) -> list[Case]:
                 # sessions only, and not without LoRAs (that costs the same at every rank).
                 counts = [c for c in args.loras if c or position == 0]
                 counts_of = args.sessions if position == 0 else [max(args.sessions)]
-                cases += [
-                    Case("per-session", rank, n, c) for n in counts_of for c in counts if c <= n
-                ]
+                cases += [Case(system, rank, n, c) for n in counts_of for c in counts if c <= n]
                 if position == 0 and args.load:
                     most = max(args.sessions)
                     used = max(c for c in args.loras if c <= most)
-                    cases.append(Case("per-session", rank, most, used, load=True))
+                    cases.append(Case(system, rank, most, used, load=True))
     return cases
 
 
@@ -199,7 +199,7 @@ class Seen:
 
 def session_settings(case: Case) -> Any:
     def settings(k: int) -> dict[str, Any]:
-        if case.system != "per-session" or not case.loras:
+        if case.system not in PER_SESSION or not case.loras:
             return {"seed": k}
         return {"seed": k, "loras": [{"name": f"style{k % case.loras}", "scale": 1.0}]}
 
@@ -261,12 +261,13 @@ def system_bundle(
         loras = (LoraRef(str(files.style(rank, 0)), 1.0),)
     spec = ModelSpec(preset=args.model, weights=args.weights, loras=loras)
     bundle = load_model(spec, device=device, dtype=args.dtype)
-    if system == "per-session":
+    if system in PER_SESSION:
         library = LoraLibraryConfig(
             library=str(files.library(rank)),
             max_loras=files.count + 1,  # room for the LoRA loaded at runtime
             max_rank=rank,
             slots_per_row=args.slots_per_row,
+            merge=system == "per-session",
         )
         bundle = attach_lora_library(bundle, library)
     recipe = recipe_for(bundle).label if args.backend is Backend.COMPILE else "eager"
@@ -323,7 +324,8 @@ def record(
         "input_fps": fps,
         "seconds": args.seconds,
         "buckets": list(args.buckets),
-        "slots_per_row": args.slots_per_row if case.system == "per-session" else None,
+        "slots_per_row": args.slots_per_row if case.system in PER_SESSION else None,
+        "lora_merges": None if bundle.loras is None else bundle.loras.merge.merges,
         "compile_s": compile_s,
         "recipe": recipe,
         "overlap": args.overlap.value,
@@ -395,7 +397,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--systems", type=choice_list(list(SYSTEMS)), default=list(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        type=choice_list(list(SYSTEMS)),
+        default=list(SYSTEMS[:3]),
+        help=f"of {', '.join(SYSTEMS)} (default: the first three)",
+    )
     parser.add_argument("--sessions", type=_ints, default=[1, 16], help="session counts")
     parser.add_argument(
         "--loras", type=_ints, default=[0, 1, 4], help="distinct per-session LoRAs in the batch"
