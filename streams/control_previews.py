@@ -118,7 +118,10 @@ class PreviewSender:
             if not self.enabled:
                 self._wake.clear()
                 await self._wake.wait()
-                last = -1  # the first preview after asking comes with the next output, or now
+                # The first preview after asking comes now if the session has answered a
+                # frame already, else with its first output (not before: the worker may hold
+                # that frame's control image already, and the output would bring it again).
+                last = -1 if self._outputs() else 0
             await asyncio.sleep(PREVIEW_INTERVAL_S)
             outputs = self._outputs()
             if not self.enabled or outputs == last or self._previews is None:
