@@ -11,12 +11,24 @@ similarity signal (the one the stochastic similarity filter compares) falls belo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from livediff.engine.similarity import cosine_similarity
+from livediff.models.unet_batch import UNetBatch
+
+
+def bank_inputs(batches: Sequence[UNetBatch], full: Sequence[bool]) -> list[UNetBatch]:
+    """One call's ``batches`` (``full``: whether each one's rows hold every frame of the bank)
+    as the UNet takes them: without ``bank_frames`` when every row of the call banks and holds
+    all its frames, so the bank's attention runs without a mask (the steady state of banking
+    streams); otherwise as they are (masked: rows that hold fewer frames, or none, share it)."""
+    if batches and all(full) and all(b.bank_slots is not None for b in batches):
+        return [replace(b, bank_frames=None) for b in batches]
+    return list(batches)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
 from livediff.engine.control_batch import ControlRequest
 from livediff.engine.control_plan import ControlPlan, resolve_control
-from livediff.engine.feature_banks import BankState, SceneCuts
+from livediff.engine.feature_banks import BankState, SceneCuts, bank_inputs
 from livediff.engine.frames import (
     InputImage,
     StreamOutput,
@@ -448,7 +448,9 @@ class Stream:
         return None if self._loras is None else self._loras.key
 
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
-        """One UNet call over this stream's rows alone (its LoRAs merged where they can be)."""
+        """One UNet call over this stream's rows alone (its LoRAs merged where they can be, its
+        bank's attention unmasked once the bank is full)."""
+        (batch,) = bank_inputs([batch], [self.batch.bank_full])
         (batch,) = lora_inputs(self.bundle, [batch], [self.lora_key])
         return self.bundle.predict_noise(batch)
 

@@ -130,6 +130,7 @@ class StreamBatch:
         # banks runs the UNet without the bank (plain self-attention, nothing read or kept).
         self.bank_frames = bank_frames
         self.bank_live = False
+        self.bank_full = False  # this call's rows hold all bank_frames frames (host-known)
         self._bank: dict[str, torch.Tensor] = {}
         if bank_frames is not None:
             long: dict[str, Any] = {"device": device, "dtype": torch.long}
@@ -190,6 +191,7 @@ class StreamBatch:
         assert self.bank_frames is not None
         frames = self.bank_frames
         self.bank_live = slots is not None
+        self.bank_full = False
         if slots is None:
             self._slot_table.zero_()
             self._write_table.zero_()
@@ -210,6 +212,7 @@ class StreamBatch:
         the frame its features are kept in (``None``: not kept)."""
         if not self._bank:
             return
+        self.bank_full = self.bank_live and held == self.bank_frames
         self._bank["slots"].copy_(self._slot_table[call])
         self._bank["frames"].copy_(self._held_table[held])
         if write is None:

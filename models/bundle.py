@@ -238,8 +238,7 @@ class ModelBundle:
         """The rows' feature bank inputs for one call (none: a no-op context)."""
         if self.feature_bank is None or batch.bank_slots is None:
             return contextlib.nullcontext()
-        assert batch.bank_frames is not None and batch.bank_write is not None
-        assert batch.bank_fusion is not None
+        assert batch.bank_write is not None and batch.bank_fusion is not None
         return self.feature_bank.serving(
             BankRows(batch.bank_slots, batch.bank_frames, batch.bank_write, batch.bank_fusion)
         )

@@ -47,7 +47,9 @@ class BankRows:
     """One call's per-row bank inputs (the ``bank_*`` fields of a UNet batch)."""
 
     slots: torch.Tensor  # [rows] long: the row's slot (0: no bank)
-    frames: torch.Tensor  # [rows, F]: 1 where the slot's frame f holds a frame, else 0
+    # [rows, F]: 1 where the slot's frame f holds a frame, else 0; None: every row holds all F
+    # (the steady state of a stream: the attention then needs no mask, and runs unmasked)
+    frames: torch.Tensor | None
     write: torch.Tensor  # [rows] long: the pool entry (slot · F + frame) this call's features
     # go to; 0 is the empty slot's, never read: a row that keeps nothing writes there
     fusion: torch.Tensor  # [rows, 2]: fusion strength in [0, 1] (0: off), cosine threshold
@@ -114,10 +116,12 @@ class BankedSelfAttention:
         index = (bank.slots[:, None] * frames + torch.arange(frames, device=key.device)).flatten()
         past_k = pool[0].index_select(0, index).view(rows, frames * tokens, -1)
         past_v = pool[1].index_select(0, index).view(rows, frames * tokens, -1)
-        held = bank.frames.to(torch.bool)  # [rows, F]
-        mask = torch.cat(
-            [held.new_ones(rows, tokens), held.repeat_interleave(tokens, dim=1)], dim=1
-        )[:, None, None, :]
+        held = None if bank.frames is None else bank.frames.to(torch.bool)  # [rows, F]
+        mask = None
+        if held is not None:
+            mask = torch.cat(
+                [held.new_ones(rows, tokens), held.repeat_interleave(tokens, dim=1)], dim=1
+            )[:, None, None, :]
         out = _attend(
             attn,
             query,
@@ -139,17 +143,19 @@ class BankedSelfAttention:
 def fuse_nearest(
     out: torch.Tensor,
     past: torch.Tensor,
-    held: torch.Tensor,
+    held: torch.Tensor | None,
     strength: torch.Tensor,
     threshold: torch.Tensor,
 ) -> torch.Tensor:
     """StreamV2V's feature fusion per row: ``out`` [rows, T, C], ``past`` [rows, F, T, C] with
-    ``held`` [rows, F]; rows with strength 0 or no match are returned unchanged."""
+    ``held`` [rows, F] (``None``: all held); rows with strength 0 or no match are returned
+    unchanged."""
     rows, frames, tokens, channels = past.shape
     candidates = past.reshape(rows, frames * tokens, channels)
     similarity = F.normalize(out, dim=-1) @ F.normalize(candidates, dim=-1).transpose(1, 2)
-    usable = held.repeat_interleave(tokens, dim=1)[:, None, :]
-    similarity = similarity.masked_fill(~usable, -2.0)  # below every cosine
+    if held is not None:
+        usable = held.repeat_interleave(tokens, dim=1)[:, None, :]
+        similarity = similarity.masked_fill(~usable, -2.0)  # below every cosine
     best, nearest = similarity.max(dim=-1)  # [rows, T]
     neighbours = candidates.gather(1, nearest[..., None].expand(-1, -1, channels))
     s = strength.to(out.dtype)[:, None, None]

@@ -207,7 +207,8 @@ class GraphedBundle(ModelBundle):
         ``plain_unet``: a model with ControlNets also gets the UNet's graphs for calls without
         control inputs (a server that keeps sessions without nets apart:
         ``RuntimeConfig.controlnet_rows``). A model with a feature bank always gets the graphs
-        for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``), and
+        for calls where no row banks (they carry no bank inputs: ``StreamBatch.bank_live``) and
+        for calls where every row holds all its bank frames (no ``bank_frames``: unmasked), and
         one with a per-session LoRA library the graphs for calls without LoRA inputs (no row
         uses one, or the weights hold every row's: :mod:`livediff.models.lora_merge`)."""
         templates = self._templates()
@@ -217,6 +218,7 @@ class GraphedBundle(ModelBundle):
             optional.append(("control_images", "control_scales"))
         if self.feature_bank is not None:
             optional.append(BANK_INPUTS)
+            optional.append(("bank_frames",))  # every row holds all its frames: no mask
         if self.loras is not None:  # calls whose rows' LoRAs the weights hold (lora_merge)
             optional.append(LORA_INPUTS)
         for left_out in itertools.product((False, True), repeat=len(optional)):

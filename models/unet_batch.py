@@ -107,7 +107,9 @@ class UNetBatch:
     bank_frames: torch.Tensor | None = field(
         default=None,
         metadata=row_input(
-            absent=Absent.ZEROS, doc="which of the slot's bank frames hold one [rows, F] (0/1)"
+            absent=Absent.ZEROS,
+            doc="which of the slot's bank frames hold one [rows, F] (0/1); left out of a call "
+            "with the other bank inputs: every row holds all F (unmasked attention)",
         ),
     )
     bank_write: torch.Tensor | None = field(

@@ -281,3 +281,44 @@ def test_a_session_reports_its_bank_rows_and_memory(exact: ModelBundle) -> None:
     assert model.feature_bank is not None
     per_row = model.feature_bank.row_bytes()
     assert per_row > 0 and stream.bank_usage() == {"rows": 2, "mb": round(2 * per_row / 2**20, 1)}
+
+
+@dataclass
+class MaskLog(ModelBundle):
+    """Records, for every UNet call that banks, whether it carried the held-frame mask."""
+
+    masked_calls: list[bool] | None = None
+
+    def predict_noise(self, batch: Any) -> torch.Tensor:
+        assert self.masked_calls is not None
+        if batch.bank_slots is not None:
+            self.masked_calls.append(batch.bank_frames is not None)
+        return super().predict_noise(batch)
+
+
+@pytest.mark.parametrize("use_denoising_batch", [True, False], ids=["stream-batch", "sequential"])
+def test_a_full_bank_attends_unmasked_and_still_equals_streamv2v(
+    exact: ModelBundle, use_denoising_batch: bool
+) -> None:
+    """Once a session's rows hold every frame of the pool, its calls leave the held-frame mask
+    out (``bank_frames``: the attention runs unmasked, as a flash kernel can); the frames stay
+    StreamV2V's exactly, through the fill (masked) and after it (unmasked)."""
+    config = StreamConfig(width=SIZE, height=SIZE, use_denoising_batch=use_denoising_batch)
+    steps = 2 if use_denoising_batch else 1
+    params = BASE.updated(steps=steps, guidance_scale=1.5)
+    bank = {**BANK, "feature_bank": 2, "bank_interval": 1}
+    frames = drifting(6)
+    oracle = streamv2v(
+        exact,
+        interval=1,
+        frames=2,
+        strength=bank["feature_fusion"],
+        threshold=bank["fusion_threshold"],
+    )
+    want = outputs(Stream(oracle, config, params), frames)
+    model = banked(exact, frames=2)  # the pool's frames: the session's bank fills it
+    logged = MaskLog(**{f.name: getattr(model, f.name) for f in fields(model)}, masked_calls=[])
+    got = outputs(Stream(logged, config, params.updated(**bank)), frames)
+    assert_same(got, want)
+    calls = logged.masked_calls
+    assert calls is not None and calls[:2] == [True, True] and not any(calls[2:]), calls

@@ -77,3 +77,34 @@ async def test_sessions_with_and_without_banks_share_calls_and_equal_alone(
         assert [u and u["rows"] for u in usage] == [2, 2, None]
     finally:
         await engine.stop()
+
+
+def test_a_call_goes_unmasked_only_when_every_row_holds_a_full_bank() -> None:
+    import torch
+
+    from livediff.engine.feature_banks import bank_inputs
+    from livediff.models.unet_batch import UNetBatch
+
+    def batch(banks: bool) -> UNetBatch:
+        rows = 2
+        extra = {}
+        if banks:
+            extra = {
+                "bank_slots": torch.tensor([1, 2]),
+                "bank_frames": torch.ones(rows, 2),
+                "bank_write": torch.tensor([3, 5]),
+                "bank_fusion": torch.zeros(rows, 2),
+            }
+        return UNetBatch(
+            torch.zeros(rows, 4, 8, 8), torch.zeros(rows), torch.zeros(rows, 7, 24), **extra
+        )
+
+    full = bank_inputs([batch(True), batch(True)], [True, True])
+    assert [b.bank_frames for b in full] == [None, None]
+    assert all(b.bank_slots is not None for b in full)
+    for batches, fills in (
+        ([batch(True), batch(True)], [True, False]),  # one session's bank still filling
+        ([batch(True), batch(False)], [True, False]),  # a session without a bank shares it
+    ):
+        kept = bank_inputs(batches, fills)
+        assert kept[0].bank_frames is not None
