@@ -1,6 +1,6 @@
 # Source this on a bare GPU machine (the team's lent H100/H200) from the repo root:
 #   source bench/gpu_env.sh
-# Installs the carried wheels in .whl/ (diffusers and what the machine lacks) and this
+# Installs the carried wheels in .whl/ (bench/gpu_wheels.sh downloads them here) and this
 # checkout into /tmp/site, without network, and puts them on PYTHONPATH.
 # The device's copy of .git can be stale (2026-12-02): put LIVEDIFF_COMMIT=<this checkout's short hash>
 # in the run's command so the records name the tree that ran (bench/records.py reads it).
