@@ -27,7 +27,7 @@ from helpers.lora_testing import (
 )
 from livediff.engine.lora_plan import lora_inputs
 from livediff.models.fp8 import Fp8Compute, Fp8Linear
-from livediff.models.lora_layers import LoraRowsLinear
+from livediff.models.lora_layers import LoraRowsConv2d, LoraRowsLinear
 from livediff.models.lora_library import LoraLibrary
 from livediff.models.lora_merge import MERGE_AFTER_CALLS, NO_LORAS, MergeConfig
 from livediff.models.lora_store import LoraCapacity
@@ -206,3 +206,37 @@ def test_fp8_base_layers_are_never_merged(
             assert rows_sent == [True]
     assert "Fp8Linear" in (library.merge.refusal() or "")
     assert sum("not merged" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_sd15_style_1x1_convolutions_merge_in_place(channels_last: bool, tmp_path: Path) -> None:
+    """SD 1.5's ``proj_in`` / ``proj_out`` are 1×1 convolutions: their weights fold through
+    an ``[out, in]`` view, in the recipe's channels-last layout too, and come back bit for bit."""
+    from helpers.lora_testing import random_conv_lora, save_kohya
+
+    conv_base = tiny_unet(seed=0, use_linear_projection=False)
+    layers = {**random_lora(conv_base, 4, 31), **random_conv_lora(conv_base, 4, 32)}
+    path = save_kohya(layers, tmp_path / "conv.safetensors", alpha=4.0)  # file scale 1
+    library = LoraLibrary.attach(copy.deepcopy(conv_base), LoraCapacity(max_rank=8))
+    library.load("C", str(path))
+    if channels_last:
+        library.unet.to(memory_format=torch.channels_last)
+    convs = {
+        name: module.base.weight.detach().clone()
+        for name, module in library.unet.named_modules()
+        if isinstance(module, LoraRowsConv2d)
+    }
+    assert convs
+    for call in range(MERGE_AFTER_CALLS):
+        rows_sent, eps, batches = _call(library, [[("C", 0.7)]], seed=call)
+    assert rows_sent == [False]
+    fused = fused_copy(conv_base, [(layers, 0.7)])
+    with torch.no_grad():
+        want = fused(
+            batches[0].latents, batches[0].timesteps, batches[0].embeds, return_dict=False
+        )[0]
+    torch.testing.assert_close(eps[0], want, **TIGHT)
+    _call(library, [[("C", 0.7)], []])  # rows differ: base weights back
+    for name, module in library.unet.named_modules():
+        if isinstance(module, LoraRowsConv2d):
+            assert torch.equal(module.base.weight, convs[name]), name
