@@ -101,8 +101,7 @@ class LoraMerge:
         self._streak = (key, count)
         if count < self.config.after_calls:
             return False
-        self._fold(key)
-        return True
+        return self._fold(key)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -120,7 +119,12 @@ class LoraMerge:
         self._streak = (NO_LORAS, 0)
 
     @torch.no_grad()
-    def _fold(self, key: MergeKey) -> None:
+    def _fold(self, key: MergeKey) -> bool:
+        refusal = _why_not_mergeable(self._layers)  # the layers as they are now (the recipe's)
+        if refusal:
+            self._refusal = refusal
+            log.info("per-session LoRAs are not merged into the weights: %s", refusal)
+            return False
         if self._base is None:
             self._base = {n: _weight(layer.base).clone() for n, layer in self._layers.items()}
             log.info(
@@ -135,6 +139,7 @@ class LoraMerge:
                 weight.addmm_(b[slot].t(), a[slot].t(), alpha=scale)  # [out, r] · [r, in]
         self.merged = key
         self.merges += 1
+        return True
 
     def _mergeable(self) -> bool:
         if self._refusal is None:
