@@ -95,6 +95,24 @@ def _call(library: LoraLibrary, rows: list[list[tuple[str, float]]], seed: int =
     return [b.lora_indices is not None for b in sent], eps, batches
 
 
+def _merged(
+    base: Any, files: dict[str, Any], uses: list[tuple[str, float]]
+) -> tuple[LoraLibrary, dict[str, torch.Tensor]]:
+    """A library whose weights hold ``uses`` (a lone session's calls), and its base weights."""
+    library = _library(base, files)
+    original = _weights(library)
+    for call in range(MERGE_AFTER_CALLS):
+        _call(library, [uses], seed=call)
+    assert library.merge.merged == library.merge_key(uses) != NO_LORAS
+    return library, original
+
+
+def _base_weights_back(library: LoraLibrary, original: dict[str, torch.Tensor]) -> bool:
+    return library.merge.merged == NO_LORAS and all(
+        torch.equal(original[n], w) for n, w in _weights(library).items()
+    )
+
+
 def test_agreeing_calls_merge_after_a_streak_and_equal_the_fused_model(
     base: Any, files: dict[str, Any]
 ) -> None:
@@ -118,17 +136,12 @@ def test_agreeing_calls_merge_after_a_streak_and_equal_the_fused_model(
 def test_rows_that_differ_restore_the_base_weights_bit_for_bit(
     base: Any, files: dict[str, Any]
 ) -> None:
-    library = _library(base, files)
-    original = _weights(library)
-    for call in range(MERGE_AFTER_CALLS):
-        _call(library, [[("X", 1.0)]], seed=call)
-    assert library.merge.merged != NO_LORAS
+    library, original = _merged(base, files, [("X", 1.0)])
     assert any(not torch.equal(original[n], w) for n, w in _weights(library).items())
     mixed = [[("X", 1.0)], [("Y", 0.5)], []]
     rows_sent, eps, batches = _call(library, mixed, seed=99)
     assert rows_sent == [True, True, True]
-    assert library.merge.merged == NO_LORAS
-    assert all(torch.equal(original[n], w) for n, w in _weights(library).items())
+    assert _base_weights_back(library, original)
     for uses, batch, out in zip(mixed, batches, eps, strict=True):
         torch.testing.assert_close(out, _oracle(base, files, uses, batch), **TIGHT)
 
@@ -136,14 +149,10 @@ def test_rows_that_differ_restore_the_base_weights_bit_for_bit(
 def test_no_row_with_a_lora_sends_no_lora_inputs_on_the_base_weights(
     base: Any, files: dict[str, Any]
 ) -> None:
-    library = _library(base, files)
-    original = _weights(library)
-    for call in range(MERGE_AFTER_CALLS):
-        _call(library, [[("Y", 1.0)]], seed=call)
-    assert library.merge.merged != NO_LORAS
+    library, original = _merged(base, files, [("Y", 1.0)])
     rows_sent, eps, batches = _call(library, [[], [("X", 0.0)]], seed=5)  # scale 0 is none
     assert rows_sent == [False, False]
-    assert all(torch.equal(original[n], w) for n, w in _weights(library).items())
+    assert _base_weights_back(library, original)
     torch.testing.assert_close(eps[0], _oracle(base, files, [], batches[0]), **TIGHT)
 
 
@@ -162,14 +171,9 @@ def test_alternating_sets_never_merge(base: Any, files: dict[str, Any]) -> None:
 def test_a_load_or_unload_puts_the_base_weights_back(
     base: Any, files: dict[str, Any], tmp_path: Path
 ) -> None:
-    library = _library(base, files)
-    original = _weights(library)
-    for call in range(MERGE_AFTER_CALLS):
-        _call(library, [[("X", 1.0)]], seed=call)
-    assert library.merge.merged != NO_LORAS
+    library, original = _merged(base, files, [("X", 1.0)])
     library.unload("X")  # e.g. the last session using it left; the slot may be reused
-    assert library.merge.merged == NO_LORAS
-    assert all(torch.equal(original[n], w) for n, w in _weights(library).items())
+    assert _base_weights_back(library, original)
     z = random_lora(base, 8, 23)
     library.load("Z", str(save_peft(z, tmp_path / "z.safetensors")))  # into X's old slot
     assert library.store.get("Z").slot == 0
