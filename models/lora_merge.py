@@ -144,7 +144,7 @@ class LoraMerge:
     def _mergeable(self) -> bool:
         if self._refusal is None:
             self._refusal = _why_not_mergeable(self._layers)
-            if self._refusal is not None:
+            if self._refusal:
                 log.info("per-session LoRAs are not merged into the weights: %s", self._refusal)
         return self._refusal == ""
 

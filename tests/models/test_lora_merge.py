@@ -114,8 +114,9 @@ def _base_weights_back(library: LoraLibrary, original: dict[str, torch.Tensor]) 
 
 
 def test_agreeing_calls_merge_after_a_streak_and_equal_the_fused_model(
-    base: Any, files: dict[str, Any]
+    base: Any, files: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="livediff.models.lora_merge")
     library = _library(base, files)
     original = _weights(library)
     uses = [("X", 0.8), ("Y", -0.6)]
@@ -127,6 +128,9 @@ def test_agreeing_calls_merge_after_a_streak_and_equal_the_fused_model(
         for batch, out in zip(batches, eps, strict=True):
             torch.testing.assert_close(out, _oracle(base, files, uses, batch), **TIGHT)
     assert library.merge.merges == 1  # folded once, then kept
+    assert library.merge.refusal() == ""
+    assert not any("not merged" in r.getMessage() for r in caplog.records)
+    assert sum("folding them" in r.getMessage() for r in caplog.records) == 1
     assert library.merge.base_bytes == sum(w.numel() * 4 for w in original.values())
     # The LoRAs change the answer far beyond the tolerance: the comparison can fail.
     plain = _oracle(base, files, [], batches[0])
