@@ -248,3 +248,23 @@ def test_sd15_style_1x1_convolutions_merge_in_place(channels_last: bool, tmp_pat
     for name, module in library.unet.named_modules():
         if isinstance(module, LoraRowsConv2d):
             assert torch.equal(module.base.weight, convs[name]), name
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_library_setting_reaches_the_merge(
+    base: Any, files: dict[str, Any], tmp_path: Path, merge: bool
+) -> None:
+    """``[lora_library] merge`` / ``--no-lora-merge`` as the server attaches its library."""
+    from livediff.models.lora_library_config import LoraLibraryConfig
+    from livediff.models.lora_setup import attach_lora_library
+
+    folder = tmp_path / "library"
+    folder.mkdir()
+    (folder / "x.safetensors").write_bytes(Path(files["X"][2]).read_bytes())
+    config = LoraLibraryConfig(library=str(folder), max_rank=16, merge=merge)
+    bundle = attach_lora_library(unet_only_bundle(copy.deepcopy(base)), config)
+    library = bundle.loras
+    assert library is not None and library.merge.config.enabled is merge
+    for call in range(MERGE_AFTER_CALLS):
+        rows_sent, _, _ = _call(library, [[("x", 1.0)]], seed=call)
+    assert rows_sent == [not merge]
