@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from livediff.engine.batch_planning import bucket_for
 from livediff.engine.control_batch import batched_controls
-from livediff.engine.feature_banks import bank_inputs
 from livediff.engine.frames import OutputFormat, StreamOutput
-from livediff.engine.lora_plan import lora_inputs
+from livediff.engine.stream import call_inputs
 from livediff.kernels.postprocess import model_output_to_i420, model_output_to_rgb
 from livediff.models.bundle import ModelBundle
 from livediff.models.unet_batch import UNetBatch, field_names_in
@@ -176,8 +175,7 @@ class BatchPacker:
             unet_inputs = [
                 replace(b, control_images=None, control_scales=None) for b in unet_inputs
             ]
-        unet_inputs = bank_inputs(unet_inputs, [e.stream.batch.bank_full for e in entries])
-        unet_inputs = lora_inputs(self.bundle, unet_inputs, [e.stream.lora_key for e in entries])
+        unet_inputs = call_inputs(self.bundle, unet_inputs, [e.stream for e in entries])
         eps, call = self.predict(unet_inputs)
         mark("unet")
         finished = [e.stream.finish(part) for e, part in zip(entries, eps, strict=True)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,8 +451,7 @@ class Stream:
     def predict_noise(self, batch: UNetBatch) -> torch.Tensor:
         """One UNet call over this stream's rows alone (its LoRAs merged where they can be, its
         bank's attention unmasked once the bank is full)."""
-        (batch,) = bank_inputs([batch], [self.batch.bank_full])
-        (batch,) = lora_inputs(self.bundle, [batch], [self.lora_key])
+        (batch,) = call_inputs(self.bundle, [batch], [self])
         return self.bundle.predict_noise(batch)
 
     # The phases below let a runtime batch several streams into one UNet call:
@@ -652,3 +652,14 @@ class Stream:
     @property
     def frames_in(self) -> int:
         return self._frames_in
+
+
+def call_inputs(
+    bundle: ModelBundle, batches: Sequence[UNetBatch], streams: Sequence[Stream]
+) -> list[UNetBatch]:
+    """One UNet call's ``batches`` (one per stream) as the UNet takes them: the per-call rules
+    that leave inputs out on the host — a full bank's mask (:func:`bank_inputs`) and LoRA
+    inputs the weights hold or no row uses (:func:`lora_inputs`). The UNet's thread, just
+    before the call (a LoRA merge writes the weights)."""
+    batches = bank_inputs(batches, [s.batch.bank_full for s in streams])
+    return lora_inputs(bundle, batches, [s.lora_key for s in streams])
