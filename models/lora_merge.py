@@ -120,10 +120,7 @@ class LoraMerge:
 
     @torch.no_grad()
     def _fold(self, key: MergeKey) -> bool:
-        refusal = _why_not_mergeable(self._layers)  # the layers as they are now (the recipe's)
-        if refusal:
-            self._refusal = refusal
-            log.info("per-session LoRAs are not merged into the weights: %s", refusal)
+        if not self._check():  # the layers as they are now (a recipe step may replace them)
             return False
         if self._base is None:
             self._base = {n: _weight(layer.base).clone() for n, layer in self._layers.items()}
@@ -142,11 +139,15 @@ class LoraMerge:
         return True
 
     def _mergeable(self) -> bool:
-        if self._refusal is None:
-            self._refusal = _why_not_mergeable(self._layers)
-            if self._refusal:
-                log.info("per-session LoRAs are not merged into the weights: %s", self._refusal)
-        return self._refusal == ""
+        return self._check() if self._refusal is None else self._refusal == ""
+
+    def _check(self) -> bool:
+        """Whether the layers can take a merge now; a refusal is kept and said once."""
+        refusal = _why_not_mergeable(self._layers)
+        if refusal and refusal != self._refusal:
+            log.info("per-session LoRAs are not merged into the weights: %s", refusal)
+        self._refusal = refusal
+        return refusal == ""
 
     def refusal(self) -> str | None:
         """Why the LoRAs are never merged (``None``: not checked yet; ``""``: they can be)."""
