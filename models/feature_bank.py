@@ -136,8 +136,12 @@ class BankedSelfAttention:
         if not self.fuse:
             return out
         past_o = pool[2].index_select(0, index).view(rows, frames, tokens, -1)
+        fused = fuse_nearest(out, past_o, held, bank.fusion[:, 0], bank.fusion[:, 1])
+        # Written after the fusion read it: Inductor writes a pool in place only when nothing
+        # reads its old contents later in the graph; read after the write, the whole output
+        # pool was copied in every call.
         pool[2].index_copy_(0, written, out)
-        return fuse_nearest(out, past_o, held, bank.fusion[:, 0], bank.fusion[:, 1])
+        return fused
 
 
 def fuse_nearest(

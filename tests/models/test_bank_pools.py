@@ -60,12 +60,12 @@ def test_pools_made_first_mean_one_compile(made_first: bool) -> None:
 
 
 @pytest.mark.slow  # Inductor compiles one attention on the CPU (~10-30 s)
-def test_compiled_bank_writes_touch_the_written_rows_only() -> None:
-    """Inductor writes a call's keys and values into the pools as scatters of the written rows:
-    pools kept as views of one buffer made it copy each whole pool in every layer and call
-    (the H200 profile: ~85 µs a layer on the 4096-token layers at 512², at any batch size).
-    Layers without fusion only (the large, shallow ones): on a fusing layer the output pool,
-    read for the fusion after this call's write, is still copied once."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool) -> None:
+    """Inductor writes a call's keys and values (and outputs, on a fusing layer) into the pools
+    as scatters of the written rows: pools kept as views of one buffer made it copy each whole
+    pool in every layer and call (the H200 profile: ~85 µs a layer on the 4096-token layers at
+    512², at any batch size), and so did an output pool written before the fusion read it."""
     from diffusers.models.attention_processor import Attention
     from torch._inductor.utils import run_and_get_code
 
@@ -75,14 +75,14 @@ def test_compiled_bank_writes_touch_the_written_rows_only() -> None:
     entries = slots * frames  # one pool tensor: entries × tokens × channels
     attn = Attention(channels, heads=2, dim_head=16).eval()
     context = BankContext(slots=slots, frames=frames)
-    processor = BankedSelfAttention("down_blocks.0.attn1", context, fuse=False)
+    processor = BankedSelfAttention("mid_block.attn1", context, fuse=fuse)
     attn.set_processor(processor)
     hidden = torch.randn(2, tokens, channels)
     context.rows = BankRows(
         slots=torch.tensor([1, 2]),
         frames=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
         write=torch.tensor([4, 7]),
-        fusion=torch.zeros(2, 2),
+        fusion=torch.tensor([[0.8, 0.5], [0.0, 0.5]]),  # row 0 fuses (when the layer does)
     )
     eager = attn(hidden)  # makes the pools (outside the compiled call, as the engine does)
     for pool in processor.pools():
