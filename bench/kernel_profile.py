@@ -118,14 +118,17 @@ def network_calls(bundle: ModelBundle, batch: int) -> dict[str, Callable[[], tor
     }
 
 
-def full_bank_rows(frames: int, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+def full_bank_rows(frames: int, batch: int, like: torch.Tensor) -> dict[str, Any]:
     """Feature bank inputs of ``batch`` rows in steady state: row r reads slot r + 1 with all
-    ``frames`` frames held, keeps this call's features in its frame 0, fusion 0.8 at 0.9."""
+    ``frames`` frames held, keeps this call's features in its frame 0, fusion 0.8 at 0.9.
+    As the engine sends a call whose rows all hold every frame (``engine/feature_banks.py``):
+    without ``bank_frames``, so the attention runs unmasked (a mask of ones would profile the
+    masked kernels and the mask's expansion, which a stream in steady state never runs)."""
     device = like.device
     slots = torch.arange(1, batch + 1, device=device)
     return {
         "bank_slots": slots,
-        "bank_frames": torch.ones(batch, frames, device=device, dtype=like.dtype),
+        "bank_frames": None,
         "bank_write": slots * frames,
         "bank_fusion": torch.tensor([0.8, 0.9], device=device, dtype=like.dtype).repeat(batch, 1),
     }
