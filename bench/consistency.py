@@ -41,7 +41,7 @@ from livediff.bench.records import (
 from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.exceptions import UsageError
-from livediff.models.backends import Backend, prepare_backend, resolve_backend, runtime_bundle
+from livediff.models.backends import Backend, prepare_backend, resolve_backend
 from livediff.models.loading import ModelSpec, load_model
 
 
@@ -121,6 +121,7 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
         "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
         "bank_mb": usage["mb"] if usage is not None else 0.0,  # this session's bank
         "bank_pool_mb": round(bank.bytes() / 2**20, 1) if bank is not None else 0.0,
+        "stream": type(stream).__name__,  # CapturedStream: the whole step replays as one graph
     }
 
 
@@ -193,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_bank_frames=max([c.feature_bank for c in cases] + [1]),
         feature_bank_rows=8,
     )
-    latent = (args.size // 8, args.size // 8)
 
     def ready(banked: bool) -> tuple[Any, Backend]:
         bundle = load_model(spec, device=args.device, dtype=args.dtype)
@@ -202,12 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
             )
         backend = resolve_backend(args.backend, bundle.device)
-        bundle = prepare_backend(bundle, backend)
-        if banked:  # a plain model's stream replays its whole step (make_stream) instead
-            bundle = runtime_bundle(
-                bundle, backend, latent_size=latent, buckets=(args.steps,), show_progress=False
-            )
-        return bundle, backend
+        # compiled on CUDA, both streams replay their whole step as one graph (make_stream)
+        return prepare_backend(bundle, backend), backend
 
     base = {
         "suite": "consistency",

@@ -38,11 +38,11 @@ def make_stream(bundle: ModelBundle, backend: Backend | str, *args: Any, **kwarg
 
 
 def whole_step_blockers(bundle: ModelBundle) -> list[str]:
-    """What keeps ``bundle``'s frame step out of one captured graph: a feature bank (which
-    frames to keep), per-session LoRAs or an IP-Adapter (inputs written per frame on the
-    host). ControlNets are captured with the step (:mod:`livediff.engine.captured_control`)."""
+    """What keeps ``bundle``'s frame step out of one captured graph: per-session LoRAs or an
+    IP-Adapter (inputs written per frame on the host). ControlNets and a feature bank are
+    captured with the step (:mod:`livediff.engine.captured_control`, and the bank's per-frame
+    choice copied into static inputs before each replay: :mod:`livediff.engine.captured_stream`)."""
     found = [
-        ("a feature bank", bundle.feature_bank is not None),
         ("per-session LoRAs", bundle.loras is not None),
         ("an IP-Adapter", bundle.ip_adapter is not None),
     ]

@@ -11,6 +11,13 @@ Live updates keep working without recapture because they ``copy_`` into the same
 graph reads (embeddings, noise, coefficients, guidance, ControlNet scales). A new step count
 (new buffers) or a new input size captures a new graph; graphs are kept per input size.
 
+A feature bank is part of the step too: before each replay the host picks the frame's bank
+call (which frames are held, which one this frame's features go to: :meth:`Stream.begin`'s
+choice) and copies it into the Stream Batch's static bank inputs, which the graph reads. What
+changes the UNet call's shape (no row banking, a bank still filling with its held-frame mask,
+a full bank attending unmasked) is part of a graph's key: at most three graphs per input size.
+A capture's warm-up calls leave the bank as it was (:meth:`FeatureBank.entries_kept`).
+
 ControlNets are part of the step: the graph runs the session's preprocessors on its frame and
 feeds the nets (:mod:`livediff.engine.captured_control`: thresholds, client images and the
 previous output are static buffers refreshed before each replay). Which preprocessors feed
@@ -24,6 +31,7 @@ inside the graph, so it is seeded but not bit-identical to the CPU path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -53,6 +61,7 @@ from livediff.models.compiled_canny import CannyFn, compiled_canny
 
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
+BankKey = tuple[bool, bool]  # (a row banks, its bank holds every frame): the UNet call's shape
 KEPT_GRAPHS = 4  # captured steps kept per stream (input sizes × ControlNet layouts)
 
 
@@ -98,10 +107,19 @@ class _FrameGraph:
             x0, first = bundle.encode(pixels), None
         if self.control is not None:
             self.batch.push_control(self.control.compute(pixels))
-        eps = bundle.predict_noise(self.batch.begin(x0, first))
+        eps = stream.predict_noise(self.batch.begin(x0, first))  # the per-call input rules
         return model_output_to_rgb(bundle.decode(self.batch.finish(eps)))
 
     def _capture(self) -> None:
+        bundle, inputs = self.stream.bundle, self.batch.unet_inputs()
+        # A feature bank's pools exist before the first compiled call (else it compiles twice),
+        # and its entries this frame writes are as they were after the warm-up calls
+        bundle.make_bank_pools(inputs)
+        bank = bundle.feature_bank
+        with bank.entries_kept(inputs.bank_write) if bank else contextlib.nullcontext():
+            self._warm_up_and_capture()
+
+    def _warm_up_and_capture(self) -> None:
         in_flight = self.batch.snapshot()  # a capture mid-stream must not lose these frames
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -140,7 +158,7 @@ class CapturedStream(Stream):
             )
         if not self.config.use_denoising_batch:
             raise BackendError("the captured frame step needs use_denoising_batch=True")
-        self._graphs: dict[tuple[int, int, bool, ControlKey], _FrameGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, ControlKey, BankKey], _FrameGraph] = {}
         self._said_feedback = False
         self._said_outside: list[str] = []
         self._canny: CannyFn | None = None
@@ -149,7 +167,7 @@ class CapturedStream(Stream):
         """The captured step for this input size and kind (and the session's ControlNet
         layout), capturing it on first use."""
         layout = control_key(self._control)
-        key = (height, width, yuv, layout)
+        key = (height, width, yuv, layout, (self.batch.bank_live, self.batch.bank_full))
         captured = self._graphs.get(key)
         if captured is not None and captured.batch is not self.batch:
             self._graphs.clear()  # the step count changed: every graph read the old buffers
@@ -157,6 +175,8 @@ class CapturedStream(Stream):
         if captured is None:
             kind = "I420" if yuv else "RGB"
             nets = f", ControlNets {layout}" if layout else ""
+            if self.batch.bank_live:
+                nets += ", feature bank " + ("full" if self.batch.bank_full else "filling")
             log.info(
                 "[%s] capturing the frame step for %dx%d %s input%s",
                 self.session_id,
@@ -212,6 +232,9 @@ class CapturedStream(Stream):
         if len(kinds) > 1:
             return super().run(group)  # mixed sizes inside one group: the eager path handles them
         height, width = frame_size(first)
+        held, write = self._consistency_step(group)  # the scene-cut check, the bank's call
+        if self._bank_lease is not None:  # as Stream.begin
+            self.batch.bank_call(0, held, write)  # static inputs the graph reads
         graph = self.graph_for(height, width, isinstance(first, YuvFrame))
         if graph.control is not None and self._control is not None:
             graph.control.refresh(self._control, self._client_images, self._previous_output())

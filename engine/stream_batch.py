@@ -438,6 +438,10 @@ class StreamBatch:
             self._unet_latents[:f].copy_(new)
         return self._batch()
 
+    def unet_inputs(self) -> UNetBatch:
+        """The UNet rows as the buffers hold them now (nothing written: :meth:`begin` writes)."""
+        return self._batch()
+
     def _batch(self) -> UNetBatch:
         bank = self._bank if self.bank_live else {}
         return UNetBatch(

@@ -314,6 +314,25 @@ class FeatureBank:
     def bytes(self) -> int:
         return bank_bytes(self.unet)
 
+    @contextlib.contextmanager
+    def entries_kept(self, entries: torch.Tensor | None) -> Iterator[None]:
+        """The pools' ``entries`` (``slot · frames + frame``) as they are now, put back on exit:
+        calls that must leave no trace write there (a graph capture's warm-up calls write
+        their features where the frame's own call writes them again, over a frame the call
+        still reads while the bank is full)."""
+        if entries is None:
+            yield
+            return
+        pools = [pool for proc in bank_processors(self.unet) for pool in proc.pools()]
+        with torch.inference_mode():  # the pools are made in inference mode
+            saved = [pool.index_select(0, entries) for pool in pools]
+        try:
+            yield
+        finally:
+            with torch.inference_mode():
+                for pool, rows in zip(pools, saved, strict=True):
+                    pool.index_copy_(0, entries, rows)
+
     def row_bytes(self) -> int:
         """Device memory one session row's bank takes (0 until the first call made the pools)."""
         return self.bytes() // self.context.slots

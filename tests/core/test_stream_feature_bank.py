@@ -262,13 +262,14 @@ def test_a_dropped_stream_gives_its_rows_back(exact: ModelBundle) -> None:
     assert model.feature_bank.free_rows() == 4
 
 
-def test_models_with_per_frame_inputs_are_not_captured_as_one_step(exact: ModelBundle) -> None:
-    """The whole-step graph would freeze the bank's per-frame choices (and a ControlNet's
-    control image): such models run call by call, their UNet and VAE calls graphed."""
+def test_a_banked_model_is_captured_as_one_step(exact: ModelBundle) -> None:
+    """The bank's per-frame choice (held frames, the frame kept) is copied into static inputs
+    before each replay, so a compiled banked stream replays its whole step as one graph (the
+    GPU test ``test_captured_stream_keeps_its_feature_bank`` checks its frames)."""
     from livediff.engine.backend_fit import whole_step_blockers
 
     assert whole_step_blockers(exact) == []
-    assert whole_step_blockers(banked(exact)) == ["a feature bank"]
+    assert whole_step_blockers(banked(exact)) == []
 
 
 def test_a_session_reports_its_bank_rows_and_memory(exact: ModelBundle) -> None:

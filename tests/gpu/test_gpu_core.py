@@ -239,6 +239,54 @@ def test_graphed_bundle_runs_the_feature_bank_per_row() -> None:
         assert _max_diff(a, b) <= 8
 
 
+def test_captured_stream_keeps_its_feature_bank() -> None:
+    """A compiled banked stream replays its whole step as one graph per bank state (filling,
+    full) and gives the eager banked stream's frames as its bank fills, keeps frames and
+    starts over on a new prompt; a session with bank 0 on the same model replays a graph
+    without the bank (fusion off: fp16 ties would pick other neighbours)."""
+    import copy
+    from dataclasses import replace
+
+    from livediff.engine.config import GenerationParams
+
+    bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
+
+    def banked() -> ModelBundle:
+        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
+        return fresh.with_feature_bank(frames=2, rows=4)
+
+    eager_model, compiled = banked(), prepare_backend(banked(), Backend.COMPILE)
+    config = StreamConfig(width=128, height=128)
+    params = GenerationParams(
+        prompt="a fox", steps=2, feature_bank=2, bank_interval=1, feature_fusion=0.0
+    )
+    eager = Stream(eager_model, config, params)
+    captured = make_stream(compiled, Backend.COMPILE, config, params)
+    assert isinstance(captured, CapturedStream)
+    frames = _frames(6, (128, 128))
+
+    def run(stream: Stream) -> list[torch.Tensor]:
+        return [o.image.clone() for f in frames for o in stream.process(f)]
+
+    for _round in range(2):  # the second round after a new prompt: both banks start over
+        expected, got = run(eager), run(captured)
+        assert len(got) == len(expected) == 5
+        for a, b in zip(got, expected, strict=True):
+            assert _max_diff(a, b) <= 8
+        keys = {key[-1] for key in captured._graphs}
+        assert keys == {(True, False), (True, True)}  # filling (masked), full (unmasked)
+        for stream in (eager, captured):
+            stream.update(prompt="a lighthouse")
+    plain = [Stream(eager_model, config, params.updated(feature_bank=0))]
+    plain.append(make_stream(compiled, Backend.COMPILE, config, params.updated(feature_bank=0)))
+    expected, got = run(plain[0]), run(plain[1])
+    assert all(_max_diff(a, b) <= 8 for a, b in zip(got, expected, strict=True))
+    assert {key[-1] for key in plain[1]._graphs} == {(False, False)}  # type: ignore[attr-defined]
+    # the bank matters: a banked stream's frames differ from the plain ones (same prompt, seed)
+    fresh = Stream(eager_model, config, params)
+    assert any(_max_diff(a, b) > 8 for a, b in zip(run(fresh), expected, strict=True))
+
+
 def test_graphed_bundle_merges_a_lone_sessions_loras(tmp_path: Path) -> None:
     """A per-session LoRA library on captured per-bucket calls: a lone styled stream gives the
     eager one's frames while its LoRA goes from the per-row kernels to the merged weights,

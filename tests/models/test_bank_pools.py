@@ -101,3 +101,23 @@ def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool) -> None:
         if "for(" in line and any(f"<static_cast<int64_t>({n}L)" in line for n in whole)
     ]  # fmt: skip
     assert not loops, loops  # … and nothing loops over a whole pool
+
+
+def test_entries_kept_puts_the_written_entries_back() -> None:
+    """What a graph capture's warm-up calls write into the pools is undone on exit; the
+    entries not named keep what the calls wrote (they are not saved: nothing is copied)."""
+    bundle = banked()
+    bundle.make_bank_pools(batch(bundle, 0))
+    pools = [pool for proc in bank_processors(bundle.unet) for pool in proc.pools()]
+    with torch.inference_mode():  # the pools are inference tensors
+        for k, pool in enumerate(pools):
+            pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(k)))
+    before = [pool.clone() for pool in pools]
+    bank = bundle.feature_bank
+    assert bank is not None
+    with bank.entries_kept(torch.tensor([3, 4])), torch.inference_mode():
+        for pool in pools:
+            pool[[3, 4, 5]] = 7.0
+    for pool, old in zip(pools, before, strict=True):
+        torch.testing.assert_close(pool[[3, 4]], old[[3, 4]], rtol=0, atol=0)
+        assert bool((pool[5] == 7.0).all())
