@@ -62,7 +62,7 @@ from livediff.models.compiled_canny import CannyFn, compiled_canny
 log = logging.getLogger(__name__)
 WARMUP_ITERATIONS = 3
 BankKey = tuple[bool, bool]  # (a row banks, its bank holds every frame): the UNet call's shape
-KEPT_GRAPHS = 4  # captured steps kept per stream (input sizes × ControlNet layouts)
+KEPT_GRAPHS = 4  # captured steps kept per stream (input sizes × ControlNet layouts × banks)
 
 
 class _FrameGraph:
@@ -113,7 +113,7 @@ class _FrameGraph:
     def _capture(self) -> None:
         bundle, inputs = self.stream.bundle, self.batch.unet_inputs()
         # A feature bank's pools exist before the first compiled call (else it compiles twice),
-        # and its entries this frame writes are as they were after the warm-up calls
+        # and the entries this frame writes are put back as they were after the warm-up calls
         bundle.make_bank_pools(inputs)
         bank = bundle.feature_bank
         with bank.entries_kept(inputs.bank_write) if bank else contextlib.nullcontext():
