@@ -232,9 +232,7 @@ class CapturedStream(Stream):
         if len(kinds) > 1:
             return super().run(group)  # mixed sizes inside one group: the eager path handles them
         height, width = frame_size(first)
-        held, write = self._consistency_step(group)  # the scene-cut check, the bank's call
-        if self._bank_lease is not None:  # as Stream.begin
-            self.batch.bank_call(0, held, write)  # static inputs the graph reads
+        self.set_bank_call(group)  # as Stream.begin: static inputs the graph reads
         graph = self.graph_for(height, width, isinstance(first, YuvFrame))
         if graph.control is not None and self._control is not None:
             graph.control.refresh(self._control, self._client_images, self._previous_output())

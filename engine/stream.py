@@ -407,6 +407,13 @@ class Stream:
             return 0, None
         return self._bank.advance()
 
+    def set_bank_call(self, group: FrameGroup) -> None:
+        """The scene-cut check, then the feature bank inputs of the group's (single, batched)
+        UNet call written into the Stream Batch's static bank inputs."""
+        held, write = self._consistency_step(group)
+        if self._bank_lease is not None:
+            self.batch.bank_call(0, held, write)
+
     def update(self, **changes: Any) -> None:
         """Change live parameters; they apply from the next frame on."""
         self.apply_update(self.prepare_update(**changes))
@@ -527,9 +534,7 @@ class Stream:
         sessions') into step 0 and return this stream's UNet rows."""
         latents, first = self._latents(group, x0)
         self._push_control(group, pixels, latents, control)
-        held, write = self._consistency_step(group)
-        if self._bank_lease is not None:
-            self.batch.bank_call(0, held, write)
+        self.set_bank_call(group)
         if first is None:
             latents = self.batch.feed_back(latents)
         return self.batch.begin(latents, first)
