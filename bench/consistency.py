@@ -13,7 +13,9 @@ weights) makes it a measurement. The first record is the plain model's (no bank 
 the frame a user gets without a bank-capable server; ``bank_installed: false``), and each
 bank-capable record's ``ratio_to_plain`` is against it (``--no-plain-reference`` skips it).
 Cases: ``BANK:FUSION:FEEDBACK`` on the bank-capable model (``0:0:0``: its bank unused;
-default: that, a bank of 2 with and without fusion, feedback 0.3, both together).
+default: that, a bank of 2 with and without fusion, feedback 0.3, both together), once per
+``--bank-merge-from`` value (the layers whose bank frames are merged to half their tokens;
+records carry ``feature_bank_merge_from``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.exceptions import UsageError
 from livediff.models.backends import Backend, prepare_backend, resolve_backend
+from livediff.models.feature_bank import DEFAULT_MERGE_FROM
 from livediff.models.loading import ModelSpec, load_model
 
 
@@ -128,9 +131,11 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
 def case_label(record: dict[str, Any]) -> str:
     if not record.get("bank_installed", True):
         return "plain model (no bank installed)"
+    merge = record.get("feature_bank_merge_from")
     return (
         f"bank {record['feature_bank']} fusion {record['feature_fusion']:g} "
         f"feedback {record['latent_feedback']:g}"
+        + ("" if merge is None else f" merge from {merge}" if merge else " unmerged")
     )
 
 
@@ -174,9 +179,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="skip the first record: the same stream on a model without a feature bank "
         "(each bank record's ratio_to_plain is against it)",
     )
+    parser.add_argument(
+        "--bank-merge-from",
+        default=str(DEFAULT_MERGE_FROM),
+        help="comma-separated --feature-bank-merge-from values (0: no merging); the cases run "
+        "once per value, each on its own bank-capable model",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the records")
     args = parser.parse_args(argv)
+    try:
+        args.bank_merge_from = [int(v) for v in args.bank_merge_from.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--bank-merge-from: {args.bank_merge_from!r} is not a list of integers")
+    if not args.bank_merge_from:
+        parser.error("--bank-merge-from needs at least one value")
     if args.warmup < 2:
         parser.error(
             "--warmup must be at least 2 (the Stream Batch delay and the flicker baseline)"
@@ -195,11 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_bank_rows=8,
     )
 
-    def ready(banked: bool) -> tuple[Any, Backend]:
+    def ready(merge_from: int | None) -> tuple[Any, Backend]:
+        """The model, with a feature bank merging from ``merge_from`` tokens (None: none)."""
         bundle = load_model(spec, device=args.device, dtype=args.dtype)
-        if banked:
+        if merge_from is not None:
             bundle = bundle.with_feature_bank(
-                frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
+                frames=spec.feature_bank_frames,
+                rows=spec.feature_bank_rows,
+                merge_from=merge_from,
             )
         backend = resolve_backend(args.backend, bundle.device)
         # compiled on CUDA, both streams replay their whole step as one graph (make_stream)
@@ -220,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with record_sinks(args.out) as sinks:
         plain_ms = None
         if args.plain_reference:  # the frame a user gets without a bank-capable model
-            bundle, backend = ready(banked=False)
+            bundle, backend = ready(None)
             result = run_case(bundle, backend, Case(0, 0.0, 0.0), args)
             record = {**base, "system": f"livediff {backend.value}", **result}
             record = {**record, "bank_installed": False, **environment(bundle.device)}
@@ -229,15 +249,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain_ms, device = record["ms_median"], bundle.device
             del bundle  # the bank-capable model's memory peak is its own
             reset_memory(device)
-        bundle, backend = ready(banked=True)
-        for case in cases:
-            record = {**base, "system": f"livediff {backend.value}"}
-            record.update(run_case(bundle, backend, case, args), bank_installed=True)
-            if plain_ms:
-                record["ratio_to_plain"] = round(record["ms_median"] / plain_ms, 3)
-            record.update(environment(bundle.device))
-            emit(record, sinks)
-            records.append(record)
+        for merge_from in args.bank_merge_from:
+            bundle, backend = ready(merge_from)
+            for case in cases:
+                record = {**base, "system": f"livediff {backend.value}"}
+                record.update(run_case(bundle, backend, case, args), bank_installed=True)
+                record["feature_bank_merge_from"] = merge_from
+                if plain_ms:
+                    record["ratio_to_plain"] = round(record["ms_median"] / plain_ms, 3)
+                record.update(environment(bundle.device))
+                emit(record, sinks)
+                records.append(record)
+            device = bundle.device
+            del bundle
+            reset_memory(device)
     draw_or_explain(records, args.plot, draw)
     return 0
 

@@ -212,7 +212,9 @@ def load_for_backend(
         if backend is Backend.TENSORRT:
             raise BackendError("the tensorrt backend runs no feature bank: use --backend compile")
         bundle = bundle.with_feature_bank(
-            frames=spec.feature_bank_frames, rows=spec.feature_bank_rows
+            frames=spec.feature_bank_frames,
+            rows=spec.feature_bank_rows,
+            merge_from=spec.feature_bank_merge_from,
         )
     if lora_library is not None and lora_library.enabled:
         if backend is Backend.TENSORRT:

@@ -13,7 +13,12 @@ from diffusers import AutoencoderTiny
 
 from livediff.exceptions import BatchCompositionError
 from livediff.models.controlnet import LoadedControlNet, control_residuals
-from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
+from livediff.models.feature_bank import (
+    DEFAULT_MERGE_FROM,
+    BankRows,
+    FeatureBank,
+    attach_feature_bank,
+)
 from livediff.models.image_prompts import ImagePromptEncoder
 from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
@@ -110,10 +115,15 @@ class ModelBundle:
             control_networks=networks if networks is not None else self.control_networks,
         )
 
-    def with_feature_bank(self, *, frames: int, rows: int) -> ModelBundle:
+    def with_feature_bank(
+        self, *, frames: int, rows: int, merge_from: int = DEFAULT_MERGE_FROM
+    ) -> ModelBundle:
         """The same networks with a feature bank of ``rows`` session rows of up to ``frames``
-        frames installed on the UNet (in place: the UNet is shared with ``self``)."""
-        return replace(self, feature_bank=attach_feature_bank(self.unet, rows=rows, frames=frames))
+        frames installed on the UNet (in place: the UNet is shared with ``self``), its frames
+        merged to half their tokens on self-attentions of at least ``merge_from`` tokens (0:
+        none)."""
+        bank = attach_feature_bank(self.unet, rows=rows, frames=frames, merge_from=merge_from)
+        return replace(self, feature_bank=bank)
 
     def with_loras(self, library: LoraLibrary | None) -> ModelBundle:
         """The same networks with ``library`` (attached to this bundle's UNet) for per-session

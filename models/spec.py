@@ -12,7 +12,7 @@ from typing import Any
 
 from livediff.exceptions import ParameterError
 from livediff.models.control_uses import ControlNetSpec
-from livediff.models.feature_bank import MAX_BANK_FRAMES
+from livediff.models.feature_bank import DEFAULT_MERGE_FROM, MAX_BANK_FRAMES
 from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant, published_adapter
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import as_tuple, check_settings, setting
@@ -236,6 +236,15 @@ class ModelSpec:
         min=1,
         max=4096,
         flag="--feature-bank-rows",
+    )
+    feature_bank_merge_from: int = setting(
+        DEFAULT_MERGE_FROM,
+        doc="self-attentions of at least this many tokens keep each bank frame merged to half "
+        "its tokens (StreamV2V's token merging: half the bank's keys where they cost most)",
+        min=2,
+        max=1 << 20,
+        special={0: "never"},
+        flag="--feature-bank-merge-from",
     )
     precision: Precision = setting(
         Precision.NATIVE,

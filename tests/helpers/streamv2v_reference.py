@@ -2,15 +2,22 @@
 
 A transcription of ``CachedSTXFormersAttnProcessor`` and ``get_nn_feats`` from StreamV2V
 (github.com/Jeff-LiangF/streamv2v, ``src/streamv2v/models/``) with PyTorch's SDPA in place of
-xFormers and without the optional token merging: a deque of the last ``max_frames`` frames'
-keys, values and outputs per self-attention, appended every ``interval`` calls; keys and values
-concatenated after the current ones; on the mid block and the first two up blocks, outputs
-blended with their nearest cached output where the cosine similarity reaches the threshold.
+xFormers: a deque of the last ``max_frames`` frames' keys, values and outputs per
+self-attention, appended every ``interval`` calls; keys and values concatenated after the
+current ones; on the mid block and the first two up blocks, outputs blended with their nearest
+cached output where the cosine similarity reaches the threshold.
+
+Token merging (``merge_from``): StreamV2V's ``random_bipartite_soft_matching`` (ratio 0.5,
+``merge_kv_out``, metric: the keys) transcribed with its random permutation passed in — the
+even tokens first, then the rest — applied to each frame as it is cached, on layers of at least
+``merge_from`` tokens. (StreamV2V merges the cached frame together with the new one; livediff
+merges each frame on its own so that its bank stays a ring of frames.)
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +37,44 @@ def get_nn_feats(x: torch.Tensor, y: Any, threshold: float) -> torch.Tensor:
     return torch.where(mask.unsqueeze(-1), x, nearest_neighbor_tensor)
 
 
+def random_bipartite_soft_matching(
+    metric: torch.Tensor, rand_idx: torch.Tensor, ratio: float = 0.5
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    B, N, _ = metric.shape
+    r = int(ratio * N)
+    a_idx = rand_idx[:, :r, :]
+    b_idx = rand_idx[:, r:, :]
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        C = x.shape[-1]
+        a = x.gather(dim=1, index=a_idx.expand(B, r, C))
+        b = x.gather(dim=1, index=b_idx.expand(B, N - r, C))
+        return a, b
+
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = split(metric)
+    scores = a @ b.transpose(-1, -2)
+    _, dst_idx = scores.max(dim=-1)
+    dst_idx = dst_idx[..., None]
+
+    def merge_kv_out(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        merged = []
+        for x in tensors:
+            src, dst = split(x)
+            C = src.shape[-1]
+            merged.append(dst.scatter_reduce(-2, dst_idx.expand(B, r, C), src, reduce="mean"))
+        return tuple(merged)
+
+    return merge_kv_out
+
+
+def evens_first(batch: int, tokens: int) -> torch.Tensor:
+    """The permutation livediff fixes: the ``tokens // 2`` even tokens, then the others."""
+    evens = list(range(0, 2 * (tokens // 2), 2))
+    rest = [t for t in range(tokens) if t not in evens]
+    return torch.tensor(evens + rest).view(1, tokens, 1).expand(batch, -1, -1)
+
+
 class StreamV2VAttention:
     def __init__(
         self,
@@ -40,8 +85,10 @@ class StreamV2VAttention:
         feature_similarity_threshold: float,
         interval: int,
         max_frames: int,
+        merge_from: int = 0,
     ) -> None:
         self.name = name
+        self.merge_from = merge_from
         self.use_feature_injection = use_feature_injection
         self.fi_strength = feature_injection_strength
         self.threshold = feature_similarity_threshold
@@ -91,6 +138,12 @@ class StreamV2VAttention:
                     hidden_states * (1 - self.fi_strength) + self.fi_strength * nn_hidden_states
                 )
         if self.frame_id % self.interval == 0 and is_selfattn:
+            tokens = cached_key.shape[1]
+            if 0 < self.merge_from <= tokens:
+                merge = random_bipartite_soft_matching(cached_key, evens_first(batch_size, tokens))
+                cached_key, cached_value, cached_output = merge(
+                    cached_key, cached_value, cached_output
+                )
             self.cached_key.append(cached_key)
             self.cached_value.append(cached_value)
             self.cached_output.append(cached_output)

@@ -60,21 +60,24 @@ def test_pools_made_first_mean_one_compile(made_first: bool) -> None:
 
 
 @pytest.mark.slow  # Inductor compiles one attention on the CPU (~10-30 s)
-@pytest.mark.parametrize("fuse", [False, True])
-def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool) -> None:
+@pytest.mark.parametrize(("fuse", "merge_from"), [(False, 0), (True, 0), (True, 16)])
+def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool, merge_from: int) -> None:
     """Inductor writes a call's keys and values (and outputs, on a fusing layer) into the pools
     as scatters of the written rows: pools kept as views of one buffer made it copy each whole
     pool in every layer and call (the H200 profile: ~85 µs a layer on the 4096-token layers at
-    512², at any batch size), and so did an output pool written before the fusion read it."""
+    512², at any batch size), and so did an output pool written before the fusion read it.
+    Frames merged to half their tokens are written the same way."""
     from diffusers.models.attention_processor import Attention
     from torch._inductor.utils import run_and_get_code
 
     from livediff.models.feature_bank import BankContext, BankedSelfAttention, BankRows
 
     tokens, channels, slots, frames = 16, 32, 5, 3
-    entries = slots * frames  # one pool tensor: entries × tokens × channels
+    entries = slots * frames  # one pool tensor: entries × stored tokens × channels
     attn = Attention(channels, heads=2, dim_head=16).eval()
-    context = BankContext(slots=slots, frames=frames)
+    context = BankContext(slots=slots, frames=frames, merge_from=merge_from)
+    stored = context.stored_tokens(tokens)
+    assert stored == (8 if merge_from else tokens)
     processor = BankedSelfAttention("mid_block.attn1", context, fuse=fuse)
     attn.set_processor(processor)
     hidden = torch.randn(2, tokens, channels)
@@ -95,7 +98,8 @@ def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool) -> None:
     written = [pool[[4, 7]] for pool in processor.pools()]
     assert all(w.abs().amax() > 0 for w in written)  # the rows were written …
     assert all(pool[[0, 1, 2, 3, 5, 6]].abs().amax() == 0 for pool in processor.pools())
-    whole = {entries * tokens * channels, 2 * entries * tokens * channels}
+    assert {pool.shape[1] for pool in processor.pools()} == {stored}
+    whole = {entries * stored * channels, 2 * entries * stored * channels}
     loops = [
         line for code in codes for line in code.splitlines()
         if "for(" in line and any(f"<static_cast<int64_t>({n}L)" in line for n in whole)

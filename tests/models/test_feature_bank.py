@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from helpers.streamv2v_reference import install_streamv2v
+from helpers.streamv2v_reference import (
+    evens_first,
+    install_streamv2v,
+    random_bipartite_soft_matching,
+)
 from livediff.exceptions import ParameterError
 from livediff.models.bundle import ModelBundle
 from livediff.models.feature_bank import (
@@ -24,6 +28,7 @@ from livediff.models.feature_bank import (
     bank_bytes,
     bank_processors,
     fuse_nearest,
+    halving,
     install_feature_bank,
 )
 
@@ -77,12 +82,15 @@ def inputs(unet: Any, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return base + 0.05 * drift, torch.tensor([500] * rows), embeds
 
 
+# 0: no layer merges its bank frames; 128: the tiny UNet's 256-token layers merge, its 64-token
+# ones do not (one call runs both kinds)
+@pytest.mark.parametrize("merge_from", [0, 128])
 def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
-    tiny_bundle: ModelBundle,
+    tiny_bundle: ModelBundle, merge_from: int
 ) -> None:
     base = copy.deepcopy(tiny_bundle.unet).double()
     unet = copy.deepcopy(base)
-    context = install_feature_bank(unet, slots=4, frames=2)
+    context = install_feature_bank(unet, slots=4, frames=2, merge_from=merge_from)
     sessions = [
         Session(slot=1, size=2, interval=1, strength=0.8, threshold=0.9),
         Session(slot=2, size=1, interval=2),
@@ -98,6 +106,7 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
             feature_similarity_threshold=s.threshold,
             interval=s.interval,
             max_frames=s.size,
+            merge_from=merge_from,
         )
         oracles.append(oracle)
     unfused = copy.deepcopy(base)  # session 0's bank without fusion: fusion must show
@@ -108,6 +117,7 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
         feature_similarity_threshold=1.0,
         interval=1,
         max_frames=2,
+        merge_from=merge_from,
     )
     with torch.inference_mode():
         for frame in range(FRAMES):
@@ -136,6 +146,44 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
             torch.testing.assert_close(got[2], plain[2], **TOLERANCE)
     assert bank_bytes(unet) > 0
     assert {p.fuse for p in bank_processors(unet)} == {True, False}
+    pool_tokens = {t.shape[1] for p in bank_processors(unet) for t in p.pools()}
+    assert pool_tokens == ({128, 64} if merge_from else {256, 64})
+
+
+@pytest.mark.parametrize("tokens", [2, 7, 12])
+def test_halving_is_streamv2v_bipartite_matching_with_the_split_fixed(tokens: int) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    metric, values = (torch.randn(3, tokens, 5, generator=g, dtype=torch.float64) for _ in "kv")
+    merge = halving(metric)
+    want = random_bipartite_soft_matching(metric, evens_first(3, tokens))(metric, values)
+    got = (merge(metric), merge(values))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == (3, tokens - tokens // 2, 5)
+        torch.testing.assert_close(a, b, **TOLERANCE)
+    # the merge averages: a kept token that drew sources moved, the total weight is kept
+    assert not torch.equal(got[1], values[:, 1::2][:, : got[1].shape[1]])
+
+
+def test_a_merged_bank_is_cheaper_and_still_changes_the_output(tiny_bundle: ModelBundle) -> None:
+    """Merging shrinks the pools (what a session's bank costs) and the bank still acts."""
+    sizes = {}
+    outputs = {}
+    for merge_from in (0, 2):
+        unet = copy.deepcopy(tiny_bundle.unet)
+        context = install_feature_bank(unet, slots=2, frames=2, merge_from=merge_from)
+        plan = Session(slot=1, size=2, interval=1)
+        with torch.inference_mode():
+            for frame in range(3):
+                latents, t, embeds = inputs(unet, 1, seed=frame)
+                context.rows = bank_rows([plan], context.frames)
+                outputs[merge_from] = unet(
+                    latents, t, encoder_hidden_states=embeds, return_dict=False
+                )[0]
+        sizes[merge_from] = bank_bytes(unet)
+    assert sizes[2] * 2 == sizes[0]  # every layer's token count is even
+    plain = tiny_bundle.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    assert (outputs[2] - plain).abs().max() > 1e-3
+    assert (outputs[2] - outputs[0]).abs().max() > 1e-4
 
 
 def test_fusion_blends_matches_and_leaves_the_rest() -> None:
