@@ -14,8 +14,8 @@ the frame a user gets without a bank-capable server; ``bank_installed: false``),
 bank-capable record's ``ratio_to_plain`` is against it (``--no-plain-reference`` skips it).
 Cases: ``BANK:FUSION:FEEDBACK`` on the bank-capable model (``0:0:0``: its bank unused;
 default: that, a bank of 2 with and without fusion, feedback 0.3, both together), once per
-``--bank-merge-from`` value (the layers whose bank frames are merged to half their tokens;
-records carry ``feature_bank_merge_from``).
+``--bank-tokens`` value (what a bank frame keeps on the layers of at least ``--bank-reduce-from``
+tokens; records carry ``feature_bank_tokens`` and ``feature_bank_reduce_from``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from livediff.engine.backend_fit import make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.exceptions import UsageError
 from livediff.models.backends import Backend, prepare_backend, resolve_backend
-from livediff.models.feature_bank import DEFAULT_MERGE_FROM
+from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
 from livediff.models.loading import ModelSpec, load_model
 
 
@@ -131,11 +131,10 @@ def run_case(bundle: Any, backend: Backend, case: Case, args: argparse.Namespace
 def case_label(record: dict[str, Any]) -> str:
     if not record.get("bank_installed", True):
         return "plain model (no bank installed)"
-    merge = record.get("feature_bank_merge_from")
+    tokens = record.get("feature_bank_tokens")
     return (
         f"bank {record['feature_bank']} fusion {record['feature_fusion']:g} "
-        f"feedback {record['latent_feedback']:g}"
-        + ("" if merge is None else f" merge from {merge}" if merge else " unmerged")
+        f"feedback {record['latent_feedback']:g}" + (f" {tokens}" if tokens else "")
     )
 
 
@@ -180,20 +179,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(each bank record's ratio_to_plain is against it)",
     )
     parser.add_argument(
-        "--bank-merge-from",
-        default=str(DEFAULT_MERGE_FROM),
-        help="comma-separated --feature-bank-merge-from values (0: no merging); the cases run "
-        "once per value, each on its own bank-capable model",
+        "--bank-tokens",
+        default=DEFAULT_BANK_TOKENS.value,
+        help="comma-separated --feature-bank-tokens values (full, merged, pooled); the cases "
+        "run once per value, each on its own bank-capable model",
     )
+    parser.add_argument("--bank-reduce-from", type=int, default=DEFAULT_REDUCE_FROM)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the records")
     args = parser.parse_args(argv)
     try:
-        args.bank_merge_from = [int(v) for v in args.bank_merge_from.split(",") if v.strip()]
+        args.bank_tokens = [BankTokens(v.strip()) for v in args.bank_tokens.split(",") if v.strip()]
     except ValueError:
-        parser.error(f"--bank-merge-from: {args.bank_merge_from!r} is not a list of integers")
-    if not args.bank_merge_from:
-        parser.error("--bank-merge-from needs at least one value")
+        parser.error(f"--bank-tokens: {args.bank_tokens!r}: expected full, merged or pooled")
+    if not args.bank_tokens:
+        parser.error("--bank-tokens needs at least one value")
     if args.warmup < 2:
         parser.error(
             "--warmup must be at least 2 (the Stream Batch delay and the flicker baseline)"
@@ -212,14 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         feature_bank_rows=8,
     )
 
-    def ready(merge_from: int | None) -> tuple[Any, Backend]:
-        """The model, with a feature bank merging from ``merge_from`` tokens (None: none)."""
+    def ready(tokens: BankTokens | None) -> tuple[Any, Backend]:
+        """The model, with a feature bank keeping ``tokens`` (None: no bank)."""
         bundle = load_model(spec, device=args.device, dtype=args.dtype)
-        if merge_from is not None:
+        if tokens is not None:
             bundle = bundle.with_feature_bank(
                 frames=spec.feature_bank_frames,
                 rows=spec.feature_bank_rows,
-                merge_from=merge_from,
+                tokens=tokens,
+                reduce_from=args.bank_reduce_from,
             )
         backend = resolve_backend(args.backend, bundle.device)
         # compiled on CUDA, both streams replay their whole step as one graph (make_stream)
@@ -249,12 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain_ms, device = record["ms_median"], bundle.device
             del bundle  # the bank-capable model's memory peak is its own
             reset_memory(device)
-        for merge_from in args.bank_merge_from:
-            bundle, backend = ready(merge_from)
+        for tokens in args.bank_tokens:
+            bundle, backend = ready(tokens)
             for case in cases:
                 record = {**base, "system": f"livediff {backend.value}"}
                 record.update(run_case(bundle, backend, case, args), bank_installed=True)
-                record["feature_bank_merge_from"] = merge_from
+                record["feature_bank_tokens"] = tokens.value
+                record["feature_bank_reduce_from"] = args.bank_reduce_from
                 if plain_ms:
                     record["ratio_to_plain"] = round(record["ms_median"] / plain_ms, 3)
                 record.update(environment(bundle.device))

@@ -79,8 +79,8 @@ from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.session import SessionOutput
 from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
+from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
 from livediff.models.bundle import ModelBundle
-from livediff.models.feature_bank import DEFAULT_MERGE_FROM
 from livediff.models.loading import ModelSpec, load_model
 from livediff.settings.flags import add_setting_flag
 
@@ -402,7 +402,8 @@ def record(
         "frame_size": args.frame_size,
         "feature_bank": params.feature_bank,
         "feature_fusion": params.feature_fusion if params.feature_bank else None,
-        "feature_bank_merge_from": args.feature_bank_merge_from if params.feature_bank else None,
+        "feature_bank_tokens": args.feature_bank_tokens.value if params.feature_bank else None,
+        "feature_bank_reduce_from": args.feature_bank_reduce_from if params.feature_bank else None,
         "latent_feedback": params.latent_feedback,
         "seconds": args.seconds,
         "backend": args.backend,
@@ -519,11 +520,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--feature-bank", type=int, default=0, help="every session's feature bank frames (0: none)"
     )
     parser.add_argument(
-        "--feature-bank-merge-from",
-        type=int,
-        default=DEFAULT_MERGE_FROM,
-        help="bank frames merged to half their tokens on layers of at least this many (0: none)",
+        "--feature-bank-tokens",
+        type=BankTokens,
+        default=DEFAULT_BANK_TOKENS,
+        help="what a bank frame keeps on the largest layers: full, merged, pooled",
     )
+    parser.add_argument("--feature-bank-reduce-from", type=int, default=DEFAULT_REDUCE_FROM)
     parser.add_argument("--feature-fusion", type=float, default=0.8)
     parser.add_argument("--latent-feedback", type=float, default=0.0)
     parser.add_argument(
@@ -565,7 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         most = max(int(v) for v in args.sessions.split(","))
         rows = most * args.steps * (2 if "independent" in args.systems else 1)
         bundle = bundle.with_feature_bank(
-            frames=args.feature_bank, rows=rows, merge_from=args.feature_bank_merge_from
+            frames=args.feature_bank,
+            rows=rows,
+            tokens=args.feature_bank_tokens,
+            reduce_from=args.feature_bank_reduce_from,
         )
     backend = Backend(args.backend)
     bundle = prepare_backend(bundle, backend)

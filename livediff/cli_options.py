@@ -214,7 +214,8 @@ def load_for_backend(
         bundle = bundle.with_feature_bank(
             frames=spec.feature_bank_frames,
             rows=spec.feature_bank_rows,
-            merge_from=spec.feature_bank_merge_from,
+            tokens=spec.feature_bank_tokens,
+            reduce_from=spec.feature_bank_reduce_from,
         )
     if lora_library is not None and lora_library.enabled:
         if backend is Backend.TENSORRT:

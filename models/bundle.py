@@ -12,13 +12,9 @@ import torch
 from diffusers import AutoencoderTiny
 
 from livediff.exceptions import BatchCompositionError
+from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
 from livediff.models.controlnet import LoadedControlNet, control_residuals
-from livediff.models.feature_bank import (
-    DEFAULT_MERGE_FROM,
-    BankRows,
-    FeatureBank,
-    attach_feature_bank,
-)
+from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_bank
 from livediff.models.image_prompts import ImagePromptEncoder
 from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
@@ -116,13 +112,20 @@ class ModelBundle:
         )
 
     def with_feature_bank(
-        self, *, frames: int, rows: int, merge_from: int = DEFAULT_MERGE_FROM
+        self,
+        *,
+        frames: int,
+        rows: int,
+        tokens: BankTokens = DEFAULT_BANK_TOKENS,
+        reduce_from: int = DEFAULT_REDUCE_FROM,
     ) -> ModelBundle:
         """The same networks with a feature bank of ``rows`` session rows of up to ``frames``
-        frames installed on the UNet (in place: the UNet is shared with ``self``), its frames
-        merged to half their tokens on self-attentions of at least ``merge_from`` tokens (0:
-        none)."""
-        bank = attach_feature_bank(self.unet, rows=rows, frames=frames, merge_from=merge_from)
+        frames installed on the UNet (in place: the UNet is shared with ``self``), frames kept
+        as ``tokens`` says on self-attentions of at least ``reduce_from`` tokens
+        (``models/bank_tokens.py``)."""
+        bank = attach_feature_bank(
+            self.unet, rows=rows, frames=frames, tokens=tokens, reduce_from=reduce_from
+        )
         return replace(self, feature_bank=bank)
 
     def with_loras(self, library: LoraLibrary | None) -> ModelBundle:
@@ -250,7 +253,13 @@ class ModelBundle:
             return contextlib.nullcontext()
         assert batch.bank_write is not None and batch.bank_fusion is not None
         return self.feature_bank.serving(
-            BankRows(batch.bank_slots, batch.bank_frames, batch.bank_write, batch.bank_fusion)
+            BankRows(
+                batch.bank_slots,
+                batch.bank_frames,
+                batch.bank_write,
+                batch.bank_fusion,
+                grid=(batch.latents.shape[-2], batch.latents.shape[-1]),
+            )
         )
 
     def _lora_rows(self, batch: UNetBatch) -> Any:

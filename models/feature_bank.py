@@ -19,14 +19,9 @@ the masked keys; a call where no row banks carries no bank inputs and runs plain
 (``StreamBatch.bank_live``). The engine owns which slot and frame a session's row uses
 (``engine/feature_banks.py``); this module only computes.
 
-**Token merging** (StreamV2V's ``use_tome_cache``, its live demo's setting): on self-attentions
-of at least ``merge_from`` tokens each frame goes into the bank merged to half its tokens, so
-the call attends to ``T + F·⌈T/2⌉`` keys instead of ``T + F·T``. StreamV2V merges its cache by
-bipartite soft matching on the keys (``random_bipartite_soft_matching``, ratio 0.5, mean);
-here the split is fixed (even tokens merge into their most similar odd token: the random
-permutation replaced by evens first) and a frame is merged on its own, so the ring of frames stays a ring
-(StreamV2V merges the cached frame with the new one). Keys, values and outputs merge along the
-same matching.
+**Reduced bank frames** (``models/bank_tokens.py``): on self-attentions of at least
+``reduce_from`` tokens a frame can go into the bank merged to half its tokens (StreamV2V's token
+merging) or 2×2-pooled to a quarter, so the largest layers attend to fewer bank keys.
 
 A pool for a token count is made on the first call that has it (warm-up, before graph capture);
 another resolution makes its own pools. Under ``torch.compile`` the call after that compiles
@@ -38,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from livediff.exceptions import ParameterError
+from livediff.models.bank_tokens import (
+    DEFAULT_BANK_TOKENS,
+    DEFAULT_REDUCE_FROM,
+    BankTokens,
+    reducer,
+    stored_tokens,
+)
 
 MAX_BANK_FRAMES = 4
-# Self-attentions of at least this many tokens keep merged bank frames by default: at 512² the
-# five 64×64 layers of SD 2.1 / 1.5, where the bank's keys cost most (bench/results/README.md)
-DEFAULT_MERGE_FROM = 4096
 FUSION_BLOCKS = ("mid_block.", "up_blocks.0.", "up_blocks.1.")  # StreamV2V's choice
 
 
@@ -65,6 +64,7 @@ class BankRows:
     write: torch.Tensor  # [rows] long: the pool entry (slot · F + frame) this call's features
     # go to; 0 is the empty slot's, never read: a row that keeps nothing writes there
     fusion: torch.Tensor  # [rows, 2]: fusion strength in [0, 1] (0: off), cosine threshold
+    grid: tuple[int, int] | None = None  # the call's latent (h, w): a pooled bank's layer grids
 
 
 @dataclass
@@ -73,15 +73,9 @@ class BankContext:
 
     slots: int
     frames: int
-    merge_from: int = 0  # layers of at least this many tokens bank merged frames; 0: none
+    tokens: BankTokens = BankTokens.FULL  # what a frame keeps on layers of reduce_from or more
+    reduce_from: int = DEFAULT_REDUCE_FROM
     rows: BankRows | None = None
-
-    def merges(self, tokens: int) -> bool:
-        return 0 < self.merge_from <= tokens and tokens >= 2
-
-    def stored_tokens(self, tokens: int) -> int:
-        """Tokens a bank frame keeps of a layer's ``tokens``."""
-        return tokens - tokens // 2 if self.merges(tokens) else tokens
 
 
 class BankedSelfAttention:
@@ -132,8 +126,9 @@ class BankedSelfAttention:
         if bank is None:
             return _finish(attn, _attend(attn, query, key, value, None))
         frames = self.context.frames
-        kept = self.context.stored_tokens(tokens)
-        merge = halving(key) if kept != tokens else None
+        context = self.context
+        kept = stored_tokens(context.tokens, context.reduce_from, tokens, bank.grid)
+        reduce = reducer(context.tokens, context.reduce_from, key, bank.grid)
         pool = self.pool(kept, key.shape[-1], key)
         index = (bank.slots[:, None] * frames + torch.arange(frames, device=key.device)).flatten()
         past_k = pool[0].index_select(0, index).view(rows, frames * kept, -1)
@@ -153,8 +148,8 @@ class BankedSelfAttention:
         )
         out = _finish(attn, out)
         written = bank.write
-        pool[0].index_copy_(0, written, key if merge is None else merge(key))
-        pool[1].index_copy_(0, written, value if merge is None else merge(value))
+        pool[0].index_copy_(0, written, key if reduce is None else reduce(key))
+        pool[1].index_copy_(0, written, value if reduce is None else reduce(value))
         if not self.fuse:
             return out
         past_o = pool[2].index_select(0, index).view(rows, frames, kept, -1)
@@ -162,7 +157,7 @@ class BankedSelfAttention:
         # Written after the fusion read it: Inductor writes a pool in place only when nothing
         # reads its old contents later in the graph; read after the write, the whole output
         # pool was copied in every call.
-        pool[2].index_copy_(0, written, out if merge is None else merge(out))
+        pool[2].index_copy_(0, written, out if reduce is None else reduce(out))
         return fused
 
 
@@ -187,37 +182,6 @@ def fuse_nearest(
     s = strength.to(out.dtype)[:, None, None]
     match = (best >= threshold[:, None]) & (strength[:, None] > 0)
     return torch.where(match[..., None], out * (1 - s) + s * neighbours, out)
-
-
-def halving(metric: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """StreamV2V's bipartite soft matching (ratio 0.5) on ``metric`` [rows, T, C], T ≥ 2, with
-    its random split fixed: the ``T // 2`` even tokens before the last pair's end are the
-    sources, the rest (the odd ones, and a last token of an odd T) the kept tokens. Returns a
-    function that merges a tensor of the same tokens to ``T - T // 2``: each kept token
-    averaged with the sources whose most similar kept token (cosine of ``metric``) it is, as
-    ``scatter_reduce(mean)`` with the kept token included."""
-    sources = metric.shape[1] // 2
-
-    def split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ends = 2 * sources
-        kept = tensor[:, 1:ends:2]
-        if tensor.shape[1] > ends:  # an odd token count: the last token is kept too
-            kept = torch.cat([kept, tensor[:, ends:]], dim=1)
-        return tensor[:, 0:ends:2], kept
-
-    src, dst = (F.normalize(t, dim=-1) for t in split(metric))
-    nearest = (src @ dst.transpose(1, 2)).argmax(dim=-1)  # [rows, sources]
-    counts = torch.ones(dst.shape[:2], device=metric.device, dtype=torch.float32)
-    counts = counts.scatter_add(1, nearest, torch.ones_like(nearest, dtype=torch.float32))
-
-    def merge(tensor: torch.Tensor) -> torch.Tensor:
-        moved, kept = split(tensor)
-        index = nearest[..., None].expand(-1, -1, tensor.shape[-1])
-        wide = torch.promote_types(tensor.dtype, torch.float32)  # fp16 sums in fp32
-        total = kept.to(wide).scatter_add(1, index, moved.to(wide))
-        return (total / counts[..., None]).to(tensor.dtype)
-
-    return merge
 
 
 def _projections(attn: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -253,10 +217,17 @@ def _self_attentions(unet: Any) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
-def install_feature_bank(unet: Any, *, slots: int, frames: int, merge_from: int = 0) -> BankContext:
+def install_feature_bank(
+    unet: Any,
+    *,
+    slots: int,
+    frames: int,
+    tokens: BankTokens = BankTokens.FULL,
+    reduce_from: int = DEFAULT_REDUCE_FROM,
+) -> BankContext:
     """Give every self-attention of ``unet`` a :class:`BankedSelfAttention` over a pool of
-    ``slots`` rows' banks of up to ``frames`` frames, merged to half their tokens on layers of
-    at least ``merge_from`` tokens (0: none); other processors stay as they are."""
+    ``slots`` rows' banks of up to ``frames`` frames, kept as ``tokens`` says on layers of at
+    least ``reduce_from`` tokens; other processors stay as they are."""
     if not 1 <= frames <= MAX_BANK_FRAMES:
         raise ParameterError(
             f"feature bank frames={frames} must be in [1, {MAX_BANK_FRAMES}]",
@@ -265,9 +236,9 @@ def install_feature_bank(unet: Any, *, slots: int, frames: int, merge_from: int 
         )
     if slots < 2:
         raise ParameterError("a feature bank pool needs the empty slot and at least one more")
-    if merge_from < 0:
-        raise ParameterError(f"feature bank merge_from={merge_from} must be 0 (none) or more")
-    context = BankContext(slots=slots, frames=frames, merge_from=merge_from)
+    if reduce_from < 1:
+        raise ParameterError(f"feature bank reduce_from={reduce_from} must be 1 or more")
+    context = BankContext(slots=slots, frames=frames, tokens=tokens, reduce_from=reduce_from)
     for name, module in _self_attentions(unet):
         for part in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
             if getattr(module, part, None) is not None:
@@ -395,11 +366,18 @@ class FeatureBank:
 
 
 def attach_feature_bank(
-    unet: Any, *, rows: int, frames: int, merge_from: int = DEFAULT_MERGE_FROM
+    unet: Any,
+    *,
+    rows: int,
+    frames: int,
+    tokens: BankTokens = DEFAULT_BANK_TOKENS,
+    reduce_from: int = DEFAULT_REDUCE_FROM,
 ) -> FeatureBank:
     """Install a feature bank for ``rows`` session rows of up to ``frames`` frames on ``unet``
-    (frames merged on layers of at least ``merge_from`` tokens, 0: none)."""
-    context = install_feature_bank(unet, slots=rows + 1, frames=frames, merge_from=merge_from)
+    (frames kept as ``tokens`` says on layers of at least ``reduce_from`` tokens)."""
+    context = install_feature_bank(
+        unet, slots=rows + 1, frames=frames, tokens=tokens, reduce_from=reduce_from
+    )
     return FeatureBank(context, unet)
 
 

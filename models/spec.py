@@ -11,8 +11,9 @@ from enum import Enum
 from typing import Any
 
 from livediff.exceptions import ParameterError
+from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
 from livediff.models.control_uses import ControlNetSpec
-from livediff.models.feature_bank import DEFAULT_MERGE_FROM, MAX_BANK_FRAMES
+from livediff.models.feature_bank import MAX_BANK_FRAMES
 from livediff.models.ip_adapter_spec import IPAdapterSpec, IPAdapterVariant, published_adapter
 from livediff.models.presets import PRESETS, LoraRef
 from livediff.settings import as_tuple, check_settings, setting
@@ -237,14 +238,20 @@ class ModelSpec:
         max=4096,
         flag="--feature-bank-rows",
     )
-    feature_bank_merge_from: int = setting(
-        DEFAULT_MERGE_FROM,
-        doc="self-attentions of at least this many tokens keep each bank frame merged to half "
-        "its tokens (StreamV2V's token merging: half the bank's keys where they cost most)",
-        min=2,
+    feature_bank_tokens: BankTokens = setting(
+        DEFAULT_BANK_TOKENS,
+        doc="what a bank frame keeps on self-attentions of at least --feature-bank-reduce-from "
+        "tokens: full; merged (half, StreamV2V's token merging); pooled (a quarter, 2x2 "
+        "averages): fewer bank keys where they cost most",
+        flag="--feature-bank-tokens",
+    )
+    feature_bank_reduce_from: int = setting(
+        DEFAULT_REDUCE_FROM,
+        doc="self-attentions of at least this many tokens keep bank frames as "
+        "--feature-bank-tokens says (4096: the 64x64 layers at 512²)",
+        min=1,
         max=1 << 20,
-        special={0: "never"},
-        flag="--feature-bank-merge-from",
+        flag="--feature-bank-reduce-from",
     )
     precision: Precision = setting(
         Precision.NATIVE,

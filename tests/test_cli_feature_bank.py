@@ -37,18 +37,20 @@ def test_run_with_a_bank_and_feedback_changes_the_frames_and_is_repeatable(
     assert max(gaps) > 0.1, gaps  # the first frame has nothing to feed back or attend to
 
 
-def test_merged_bank_frames_reach_the_model(clip: Path, tmp_path: Path) -> None:
-    """``--feature-bank-merge-from 128`` merges the tiny UNet's 256-token layers' bank frames
-    (the default, 4096, merges none of its layers): other frames than the unmerged bank's."""
+@pytest.mark.parametrize("tokens", ["merged", "pooled"])
+def test_reduced_bank_frames_reach_the_model(tokens: str, clip: Path, tmp_path: Path) -> None:
+    """``--feature-bank-reduce-from 128`` reduces the tiny UNet's 256-token layers' bank frames
+    (the default, 4096, reduces none of its layers): other frames than the full bank's."""
     flags = ["--feature-bank-frames", "2", "--feature-bank", "2", "--bank-interval", "1"]
-    unmerged = run(clip, tmp_path / "unmerged.mp4", *flags)
-    merged = run(clip, tmp_path / "merged.mp4", *flags, "--feature-bank-merge-from", "128")
-    off = run(clip, tmp_path / "off.mp4", *flags, "--feature-bank-merge-from", "0")
-    for a, b in zip(unmerged, off, strict=True):
+    full = run(clip, tmp_path / "full.mp4", *flags)
+    reduced = ["--feature-bank-tokens", tokens, "--feature-bank-reduce-from", "128"]
+    changed = run(clip, tmp_path / "reduced.mp4", *flags, *reduced)
+    unreduced = run(clip, tmp_path / "unreduced.mp4", *flags, *reduced[:2])  # 4096: none
+    for a, b in zip(full, unreduced, strict=True):
         np.testing.assert_array_equal(a, b)
-    # the runs are deterministic (0 and the default are equal to the bit): any change is the
-    # merge's; with the tiny model's random weights the bank's effect on a frame is small
-    assert any(not np.array_equal(a, b) for a, b in zip(merged, unmerged, strict=True))
+    # the runs are deterministic (the same settings are equal to the bit): any change is the
+    # reduction's; with the tiny model's random weights the bank's effect on a frame is small
+    assert any(not np.array_equal(a, b) for a, b in zip(changed, full, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_merged_bank_frames_reach_the_model(clip: Path, tmp_path: Path) -> None:
         (["--feature-bank-frames", "1", "--feature-bank", "2"], "at most 1 frames"),
         (["--feature-bank", "5"], "feature_bank=5 is out of range"),
         (["--latent-feedback", "1"], "latent_feedback=1.0 is out of range"),
-        (["--feature-bank-merge-from", "1"], "feature_bank_merge_from=1 is out of range"),
+        (["--feature-bank-reduce-from", "0"], "feature_bank_reduce_from=0 is out of range"),
     ],
 )
 def test_bad_bank_flags_exit_2_with_one_line(

@@ -7,15 +7,17 @@ self-attention, appended every ``interval`` calls; keys and values concatenated 
 current ones; on the mid block and the first two up blocks, outputs blended with their nearest
 cached output where the cosine similarity reaches the threshold.
 
-Token merging (``merge_from``): StreamV2V's ``random_bipartite_soft_matching`` (ratio 0.5,
+Reduced frames, applied to each frame as it is cached on layers of at least ``reduce_from``
+tokens: ``reduce="merged"``, StreamV2V's ``random_bipartite_soft_matching`` (ratio 0.5,
 ``merge_kv_out``, metric: the keys) transcribed with its random permutation passed in — the
-even tokens first, then the rest — applied to each frame as it is cached, on layers of at least
-``merge_from`` tokens. (StreamV2V merges the cached frame together with the new one; livediff
-merges each frame on its own so that its bank stays a ring of frames.)
+even tokens first, then the rest (StreamV2V merges the cached frame together with the new one;
+livediff merges each frame on its own so that its bank stays a ring of frames);
+``reduce="pooled"``, ``F.avg_pool2d`` over the layer's square token grid.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +77,17 @@ def evens_first(batch: int, tokens: int) -> torch.Tensor:
     return torch.tensor(evens + rest).view(1, tokens, 1).expand(batch, -1, -1)
 
 
+def avg_pooled(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each [B, side², C] tensor of a square token grid 2×2-average-pooled: [B, side²/4, C]."""
+    pooled = []
+    for x in tensors:
+        B, N, C = x.shape
+        side = math.isqrt(N)
+        grid = x.transpose(1, 2).reshape(B, C, side, side)
+        pooled.append(F.avg_pool2d(grid, 2).reshape(B, C, -1).transpose(1, 2))
+    return tuple(pooled)
+
+
 class StreamV2VAttention:
     def __init__(
         self,
@@ -85,10 +98,12 @@ class StreamV2VAttention:
         feature_similarity_threshold: float,
         interval: int,
         max_frames: int,
-        merge_from: int = 0,
+        reduce: str = "full",
+        reduce_from: int = 0,
     ) -> None:
         self.name = name
-        self.merge_from = merge_from
+        self.reduce = reduce
+        self.reduce_from = reduce_from
         self.use_feature_injection = use_feature_injection
         self.fi_strength = feature_injection_strength
         self.threshold = feature_similarity_threshold
@@ -139,11 +154,12 @@ class StreamV2VAttention:
                 )
         if self.frame_id % self.interval == 0 and is_selfattn:
             tokens = cached_key.shape[1]
-            if 0 < self.merge_from <= tokens:
+            cached = (cached_key, cached_value, cached_output)
+            if self.reduce == "merged" and self.reduce_from <= tokens:
                 merge = random_bipartite_soft_matching(cached_key, evens_first(batch_size, tokens))
-                cached_key, cached_value, cached_output = merge(
-                    cached_key, cached_value, cached_output
-                )
+                cached_key, cached_value, cached_output = merge(*cached)
+            elif self.reduce == "pooled" and self.reduce_from <= tokens:
+                cached_key, cached_value, cached_output = avg_pooled(*cached)
             self.cached_key.append(cached_key)
             self.cached_value.append(cached_value)
             self.cached_output.append(cached_output)

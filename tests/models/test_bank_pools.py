@@ -60,32 +60,37 @@ def test_pools_made_first_mean_one_compile(made_first: bool) -> None:
 
 
 @pytest.mark.slow  # Inductor compiles one attention on the CPU (~10-30 s)
-@pytest.mark.parametrize(("fuse", "merge_from"), [(False, 0), (True, 0), (True, 16)])
-def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool, merge_from: int) -> None:
+@pytest.mark.parametrize(
+    ("fuse", "tokens"),
+    [(False, "full"), (True, "full"), (True, "merged"), (False, "pooled"), (True, "pooled")],
+)
+def test_compiled_bank_writes_touch_the_written_rows_only(fuse: bool, tokens: str) -> None:
     """Inductor writes a call's keys and values (and outputs, on a fusing layer) into the pools
     as scatters of the written rows: pools kept as views of one buffer made it copy each whole
     pool in every layer and call (the H200 profile: ~85 µs a layer on the 4096-token layers at
     512², at any batch size), and so did an output pool written before the fusion read it.
-    Frames merged to half their tokens are written the same way."""
+    Frames reduced to half or a quarter of their tokens are written the same way."""
     from diffusers.models.attention_processor import Attention
     from torch._inductor.utils import run_and_get_code
 
+    from livediff.models.bank_tokens import BankTokens
     from livediff.models.feature_bank import BankContext, BankedSelfAttention, BankRows
 
-    tokens, channels, slots, frames = 16, 32, 5, 3
+    channels, slots, frames = 32, 5, 3
     entries = slots * frames  # one pool tensor: entries × stored tokens × channels
     attn = Attention(channels, heads=2, dim_head=16).eval()
-    context = BankContext(slots=slots, frames=frames, merge_from=merge_from)
-    stored = context.stored_tokens(tokens)
-    assert stored == (8 if merge_from else tokens)
+    mode = BankTokens(tokens)
+    context = BankContext(slots=slots, frames=frames, tokens=mode, reduce_from=16)
+    stored = {"full": 16, "merged": 8, "pooled": 4}[tokens]
     processor = BankedSelfAttention("mid_block.attn1", context, fuse=fuse)
     attn.set_processor(processor)
-    hidden = torch.randn(2, tokens, channels)
+    hidden = torch.randn(2, 16, channels)  # a 4×4 token grid
     context.rows = BankRows(
         slots=torch.tensor([1, 2]),
         frames=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
         write=torch.tensor([4, 7]),
         fusion=torch.tensor([[0.8, 0.5], [0.0, 0.5]]),  # row 0 fuses (when the layer does)
+        grid=(4, 4),
     )
     eager = attn(hidden)  # makes the pools (outside the compiled call, as the engine does)
     for pool in processor.pools():

@@ -22,13 +22,13 @@ from helpers.streamv2v_reference import (
     random_bipartite_soft_matching,
 )
 from livediff.exceptions import ParameterError
+from livediff.models.bank_tokens import BankTokens, halving
 from livediff.models.bundle import ModelBundle
 from livediff.models.feature_bank import (
     BankRows,
     bank_bytes,
     bank_processors,
     fuse_nearest,
-    halving,
     install_feature_bank,
 )
 
@@ -63,13 +63,16 @@ class Session:
         return self.slot, mask, write, [self.strength, self.threshold]
 
 
-def bank_rows(sessions: list[Session], frames: int) -> BankRows:
+def bank_rows(
+    sessions: list[Session], frames: int, grid: tuple[int, int] | None = None
+) -> BankRows:
     slots, masks, writes, fusion = zip(*(s.rows(frames) for s in sessions), strict=True)
     return BankRows(
         slots=torch.tensor(slots),
         frames=torch.tensor(masks),
         write=torch.tensor(writes),
         fusion=torch.tensor(fusion),
+        grid=grid,
     )
 
 
@@ -82,15 +85,16 @@ def inputs(unet: Any, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return base + 0.05 * drift, torch.tensor([500] * rows), embeds
 
 
-# 0: no layer merges its bank frames; 128: the tiny UNet's 256-token layers merge, its 64-token
-# ones do not (one call runs both kinds)
-@pytest.mark.parametrize("merge_from", [0, 128])
+# reduced from 128 tokens: the tiny UNet's 256-token layers keep reduced frames, its 64-token
+# ones whole frames (one call runs both kinds)
+@pytest.mark.parametrize("tokens", list(BankTokens))
 def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
-    tiny_bundle: ModelBundle, merge_from: int
+    tiny_bundle: ModelBundle, tokens: BankTokens
 ) -> None:
     base = copy.deepcopy(tiny_bundle.unet).double()
     unet = copy.deepcopy(base)
-    context = install_feature_bank(unet, slots=4, frames=2, merge_from=merge_from)
+    context = install_feature_bank(unet, slots=4, frames=2, tokens=tokens, reduce_from=128)
+    reduced: dict[str, Any] = {"reduce": tokens.value, "reduce_from": 128}
     sessions = [
         Session(slot=1, size=2, interval=1, strength=0.8, threshold=0.9),
         Session(slot=2, size=1, interval=2),
@@ -106,7 +110,7 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
             feature_similarity_threshold=s.threshold,
             interval=s.interval,
             max_frames=s.size,
-            merge_from=merge_from,
+            **reduced,
         )
         oracles.append(oracle)
     unfused = copy.deepcopy(base)  # session 0's bank without fusion: fusion must show
@@ -117,7 +121,7 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
         feature_similarity_threshold=1.0,
         interval=1,
         max_frames=2,
-        merge_from=merge_from,
+        **reduced,
     )
     with torch.inference_mode():
         for frame in range(FRAMES):
@@ -125,7 +129,7 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
                 x.double() if x.is_floating_point() else x
                 for x in inputs(unet, len(sessions), seed=frame)
             )
-            context.rows = bank_rows(sessions, context.frames)
+            context.rows = bank_rows(sessions, context.frames, grid=(16, 16))
             got = unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
             for row, oracle in enumerate(oracles):
                 want = oracle(
@@ -147,7 +151,8 @@ def test_each_row_of_a_shared_call_equals_streamv2v_for_its_session(
     assert bank_bytes(unet) > 0
     assert {p.fuse for p in bank_processors(unet)} == {True, False}
     pool_tokens = {t.shape[1] for p in bank_processors(unet) for t in p.pools()}
-    assert pool_tokens == ({128, 64} if merge_from else {256, 64})
+    want = {BankTokens.FULL: {256, 64}, BankTokens.MERGED: {128, 64}, BankTokens.POOLED: {64}}
+    assert pool_tokens == want[tokens]
 
 
 @pytest.mark.parametrize("tokens", [2, 7, 12])
@@ -164,26 +169,38 @@ def test_halving_is_streamv2v_bipartite_matching_with_the_split_fixed(tokens: in
     assert not torch.equal(got[1], values[:, 1::2][:, : got[1].shape[1]])
 
 
-def test_a_merged_bank_is_cheaper_and_still_changes_the_output(tiny_bundle: ModelBundle) -> None:
-    """Merging shrinks the pools (what a session's bank costs) and the bank still acts."""
+@pytest.mark.parametrize("tokens", [BankTokens.MERGED, BankTokens.POOLED])
+def test_a_reduced_bank_is_smaller_and_still_changes_the_output(
+    tiny_bundle: ModelBundle, tokens: BankTokens
+) -> None:
+    """Reduced frames shrink the pools (what a session's bank costs) and the bank still acts."""
     sizes = {}
     outputs = {}
-    for merge_from in (0, 2):
+    for mode in (BankTokens.FULL, tokens):
         unet = copy.deepcopy(tiny_bundle.unet)
-        context = install_feature_bank(unet, slots=2, frames=2, merge_from=merge_from)
+        context = install_feature_bank(unet, slots=2, frames=2, tokens=mode, reduce_from=1)
         plan = Session(slot=1, size=2, interval=1)
         with torch.inference_mode():
             for frame in range(3):
                 latents, t, embeds = inputs(unet, 1, seed=frame)
-                context.rows = bank_rows([plan], context.frames)
-                outputs[merge_from] = unet(
-                    latents, t, encoder_hidden_states=embeds, return_dict=False
-                )[0]
-        sizes[merge_from] = bank_bytes(unet)
-    assert sizes[2] * 2 == sizes[0]  # every layer's token count is even
+                context.rows = bank_rows([plan], context.frames, grid=(16, 16))
+                noise = unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                outputs[mode] = noise
+        sizes[mode] = bank_bytes(unet)
+    # every layer's grid (16×16, 8×8) has even sides
+    assert sizes[tokens] * (2 if tokens is BankTokens.MERGED else 4) == sizes[BankTokens.FULL]
     plain = tiny_bundle.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
-    assert (outputs[2] - plain).abs().max() > 1e-3
-    assert (outputs[2] - outputs[0]).abs().max() > 1e-4
+    assert (outputs[tokens] - plain).abs().max() > 1e-3
+    assert (outputs[tokens] - outputs[BankTokens.FULL]).abs().max() > 1e-4
+
+
+def test_a_pooled_bank_without_the_latent_size_is_refused(tiny_bundle: ModelBundle) -> None:
+    unet = copy.deepcopy(tiny_bundle.unet)
+    context = install_feature_bank(unet, slots=2, frames=2, tokens=BankTokens.POOLED, reduce_from=1)
+    context.rows = bank_rows([Session(slot=1, size=2, interval=1)], context.frames)
+    latents, t, embeds = inputs(unet, 1, seed=0)
+    with torch.inference_mode(), pytest.raises(ParameterError, match="latent size"):
+        unet(latents, t, encoder_hidden_states=embeds, return_dict=False)
 
 
 def test_fusion_blends_matches_and_leaves_the_rest() -> None:
@@ -250,7 +267,7 @@ def test_the_banked_unet_compiles_as_one_graph_without_recompiles(
             latents, t, embeds = inputs(eager, 2, seed=frame)
             results = []
             for context, unet_call, sessions in zip(contexts, (eager, forward), twins, strict=True):
-                context.rows = bank_rows(sessions, context.frames)
+                context.rows = bank_rows(sessions, context.frames, grid=(16, 16))
                 if frame > 1:  # call 0 makes the pools, call 1 compiles with them: then none
                     with torch._dynamo.config.patch(error_on_recompile=True):
                         results.append(unet_call(latents, t, encoder_hidden_states=embeds)[0])
