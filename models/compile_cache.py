@@ -100,9 +100,30 @@ def artifact_key(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "weights": weights_digest,
         "controlnets": [[c.name, c.source, _config_of(c.net)] for c in bundle.controlnets],
+        # what changes the UNet's graphs besides its config: the bank's pools and reduction,
+        # the per-session LoRA buffers, the image-prompt processors
+        "feature_bank": _bank_of(bundle),
+        "loras": (
+            None
+            if bundle.loras is None
+            else [bundle.loras.store.capacity.max_loras, bundle.loras.store.capacity.max_rank]
+        ),
+        "ip_adapter": (
+            None
+            if bundle.ip_adapter is None
+            else [bundle.ip_adapter.name, bundle.ip_adapter.variant.value]
+        ),
     }
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _bank_of(bundle: ModelBundle) -> list[Any] | None:
+    bank = bundle.feature_bank
+    if bank is None:
+        return None
+    context = bank.context
+    return [context.slots, context.frames, context.tokens.value, context.reduce_from]
 
 
 def _config_of(module: Any) -> Any:

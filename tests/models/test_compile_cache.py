@@ -7,14 +7,19 @@ stands in for the UNet (the mechanism is PyTorch's, the same on CUDA).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from livediff.models.bank_tokens import BankTokens
+from livediff.models.bundle import ModelBundle
 from livediff.models.compile_cache import artifact_key, cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +85,27 @@ def test_the_key_names_what_the_compiled_code_depends_on(tiny_bundle: object) ->
     for change in ({"buckets": (1, 2, 4)}, {"latent_size": (8, 8)}, {"recipe": "other"}):
         assert artifact_key(tiny_bundle, **{**base, **change}) != key  # type: ignore[arg-type]
     assert artifact_key(tiny_bundle, **base, weights_digest="abc") != key  # type: ignore[arg-type]
+
+
+def test_the_key_names_the_feature_bank(tiny_bundle: ModelBundle) -> None:
+    """A bank changes the UNet's compiled graphs: its size and its reduction are in the key."""
+    base = {"recipe": "r", "buckets": (1,), "latent_size": (16, 16)}
+
+    def banked(**bank: Any) -> str:
+        unet = copy.deepcopy(tiny_bundle.unet)
+        bundle = dataclasses.replace(tiny_bundle, unet=unet).with_feature_bank(**bank)
+        return artifact_key(bundle, **base)  # type: ignore[arg-type]
+
+    keys = {
+        artifact_key(tiny_bundle, **base),  # type: ignore[arg-type]
+        banked(frames=2, rows=4),
+        banked(frames=3, rows=4),
+        banked(frames=2, rows=8),
+        banked(frames=2, rows=4, tokens=BankTokens.MERGED),
+        banked(frames=2, rows=4, reduce_from=64),
+    }
+    assert len(keys) == 6
+    assert banked(frames=2, rows=4) == banked(frames=2, rows=4)
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
