@@ -125,8 +125,8 @@ class BankedSelfAttention:
         bank = self.context.rows
         if bank is None:
             return _finish(attn, _attend(attn, query, key, value, None))
-        frames = self.context.frames
         context = self.context
+        frames = context.frames
         kept = stored_tokens(context.tokens, context.reduce_from, tokens, bank.grid)
         reduce = reducer(context.tokens, context.reduce_from, key, bank.grid)
         pool = self.pool(kept, key.shape[-1], key)
