@@ -58,10 +58,11 @@ from livediff.bench.records import (
 from livediff.engine.config import StreamConfig
 from livediff.engine.stream import Stream
 from livediff.models.backends import Backend, prepare_backend
-from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
+from livediff.models.bank_tokens import BankTokens
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.models.unet_batch import UNetBatch
+from livediff.settings.flags import add_setting_flag
 
 NETWORKS = ("encode", "unet", "decode")
 CATEGORIES = ("attention", "convolution", "gemm", "triton", "copy", "other")
@@ -238,7 +239,9 @@ def run_batch(
         "sessions": 1,
         "batch": batch,
         "feature_bank": args.feature_bank,
-        "feature_bank_tokens": args.feature_bank_tokens.value if args.feature_bank else None,
+        "feature_bank_tokens": BankTokens(args.feature_bank_tokens).value
+        if args.feature_bank
+        else None,
         "feature_bank_reduce_from": args.feature_bank_reduce_from if args.feature_bank else None,
         "fps": round(1000.0 / ms_median, 1),
         "ms_median": round(ms_median, 4),
@@ -300,13 +303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument(
-        "--feature-bank-tokens",
-        type=BankTokens,
-        default=DEFAULT_BANK_TOKENS,
-        help="what a bank frame keeps on the largest layers: full, merged, pooled",
-    )
-    parser.add_argument("--feature-bank-reduce-from", type=int, default=DEFAULT_REDUCE_FROM)
+    for setting in ("feature_bank_tokens", "feature_bank_reduce_from"):  # as serve's flags
+        add_setting_flag(parser, ModelSpec, setting, flag="--" + setting.replace("_", "-"))
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file as well")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of kernel time by category")
     parser.add_argument("--replot", type=Path, help="only draw --plot from these JSON lines")
@@ -327,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = bundle.with_feature_bank(
             frames=args.feature_bank,
             rows=max(args.batch),
-            tokens=args.feature_bank_tokens,
+            tokens=BankTokens(args.feature_bank_tokens),
             reduce_from=args.feature_bank_reduce_from,
         )
     gflop = count_gflop(network_calls(bundle, 1), 1)  # before compiling: eager operators

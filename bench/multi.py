@@ -79,7 +79,7 @@ from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.session import SessionOutput
 from livediff.exceptions import SessionClosedError
 from livediff.models.backends import Backend, prepare_backend, runtime_bundle
-from livediff.models.bank_tokens import DEFAULT_BANK_TOKENS, DEFAULT_REDUCE_FROM, BankTokens
+from livediff.models.bank_tokens import BankTokens
 from livediff.models.bundle import ModelBundle
 from livediff.models.loading import ModelSpec, load_model
 from livediff.settings.flags import add_setting_flag
@@ -402,7 +402,9 @@ def record(
         "frame_size": args.frame_size,
         "feature_bank": params.feature_bank,
         "feature_fusion": params.feature_fusion if params.feature_bank else None,
-        "feature_bank_tokens": args.feature_bank_tokens.value if params.feature_bank else None,
+        "feature_bank_tokens": BankTokens(args.feature_bank_tokens).value
+        if params.feature_bank
+        else None,
         "feature_bank_reduce_from": args.feature_bank_reduce_from if params.feature_bank else None,
         "latent_feedback": params.latent_feedback,
         "seconds": args.seconds,
@@ -519,13 +521,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--feature-bank", type=int, default=0, help="every session's feature bank frames (0: none)"
     )
-    parser.add_argument(
-        "--feature-bank-tokens",
-        type=BankTokens,
-        default=DEFAULT_BANK_TOKENS,
-        help="what a bank frame keeps on the largest layers: full, merged, pooled",
-    )
-    parser.add_argument("--feature-bank-reduce-from", type=int, default=DEFAULT_REDUCE_FROM)
+    for setting in ("feature_bank_tokens", "feature_bank_reduce_from"):  # as serve's flags
+        add_setting_flag(parser, ModelSpec, setting, flag="--" + setting.replace("_", "-"))
     parser.add_argument("--feature-fusion", type=float, default=0.8)
     parser.add_argument("--latent-feedback", type=float, default=0.0)
     parser.add_argument(
@@ -569,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = bundle.with_feature_bank(
             frames=args.feature_bank,
             rows=rows,
-            tokens=args.feature_bank_tokens,
+            tokens=BankTokens(args.feature_bank_tokens),
             reduce_from=args.feature_bank_reduce_from,
         )
     backend = Backend(args.backend)

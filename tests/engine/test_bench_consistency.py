@@ -43,6 +43,21 @@ def test_consistency_records_each_case_and_draws_them(tmp_path: Path) -> None:
         assert (r["bank_mb"] > 0) == (r["feature_bank"] > 0), r
         assert r["bank_pool_mb"] >= r["bank_mb"]
     assert plot.stat().st_size > 0
+    assert {r.get("feature_bank_tokens") for r in banked} == {"pooled"}  # the default
+
+
+def test_each_bank_tokens_value_runs_the_cases_on_its_own_model(tmp_path: Path) -> None:
+    """``--bank-tokens full,pooled``: the cases once per value; a pooled bank's session costs a
+    quarter of a full one's where it reduces (every layer from 16 tokens on the tiny model)."""
+    out = tmp_path / "tokens.jsonl"
+    argv = ["--model", "tiny", "--size", "64", "--frames", "3", "--warmup", "2"]
+    argv += ["--cases", "2:0.8:0", "--bank-tokens", "full,pooled", "--bank-reduce-from", "16"]
+    assert main(["bench", "--suite", "consistency", *argv, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("feature_bank_tokens") for r in records] == [None, "full", "pooled"]
+    assert all(r["feature_bank_reduce_from"] == 16 for r in records[1:])
+    full, pooled = records[1:]
+    assert pooled["bank_mb"] < full["bank_mb"]
 
 
 def test_flicker_is_output_change_over_input_change() -> None:

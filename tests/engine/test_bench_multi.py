@@ -85,12 +85,14 @@ def test_sessions_with_feature_banks_record_them(
         *("--model", "tiny", "--weights", "random", "--sessions", "2", "--seconds", "1"),
         *("--systems", "livediff,independent", "--frame-size", "64", "--feature-bank", "2"),
         *("--latent-feedback", "0.2", "--plot", str(tmp_path / "m.png")),
+        *("--feature-bank-tokens", "merged", "--feature-bank-reduce-from", "16"),
     ]
     assert multi.main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [r["system"] for r in records] == ["livediff", "independent"]
     for r in records:
         assert (r["feature_bank"], r["feature_fusion"], r["latent_feedback"]) == (2, 0.8, 0.2)
+        assert (r["feature_bank_tokens"], r["feature_bank_reduce_from"]) == ("merged", 16)
         assert r["fps"] > 0
 
 
