@@ -208,7 +208,10 @@ def test_graphed_bundle_runs_the_feature_bank_per_row() -> None:
     bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
 
     def banked() -> ModelBundle:
-        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
+        # a VAE of its own too: the compile recipe compiles the VAE in place, and an eager
+        # model sharing it ran compiled VAE calls that could recompile (an inference-mode
+        # guard) under error_on_recompile, depending on which test ran first
+        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet), vae=copy.deepcopy(bundle.vae))
         return fresh.with_feature_bank(frames=2, rows=8)
 
     eager = banked()
@@ -252,7 +255,10 @@ def test_captured_stream_keeps_its_feature_bank() -> None:
     bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cuda", dtype="fp16")
 
     def banked() -> ModelBundle:
-        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
+        # a VAE of its own too: the compile recipe compiles the VAE in place, and an eager
+        # model sharing it ran compiled VAE calls that could recompile (an inference-mode
+        # guard) under error_on_recompile, depending on which test ran first
+        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet), vae=copy.deepcopy(bundle.vae))
         return fresh.with_feature_bank(frames=2, rows=4)
 
     eager_model, compiled = banked(), prepare_backend(banked(), Backend.COMPILE)
