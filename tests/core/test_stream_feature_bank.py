@@ -27,6 +27,7 @@ from helpers.streamv2v_reference import install_streamv2v
 from livediff.engine.config import GenerationMode, GenerationParams, RCFGMode, StreamConfig
 from livediff.engine.stream import Stream
 from livediff.exceptions import ParameterError
+from livediff.models.bank_tokens import BankTokens
 from livediff.models.bundle import ModelBundle
 
 SIZE = 64
@@ -52,13 +53,19 @@ def exact(tiny_bundle: ModelBundle) -> ModelBundle:
     return as_float64(tiny_bundle)
 
 
-def banked(bundle: ModelBundle, rows: int = 16, frames: int = 4) -> ModelBundle:
+def banked(bundle: ModelBundle, rows: int = 16, frames: int = 4, **reduce: Any) -> ModelBundle:
     fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
-    return fresh.with_feature_bank(frames=frames, rows=rows)
+    return fresh.with_feature_bank(frames=frames, rows=rows, **reduce)
 
 
 def streamv2v(
-    bundle: ModelBundle, *, interval: int, frames: int, strength: float, threshold: float
+    bundle: ModelBundle,
+    *,
+    interval: int,
+    frames: int,
+    strength: float,
+    threshold: float,
+    **reduce: Any,
 ) -> ModelBundle:
     oracle = replace(bundle, unet=copy.deepcopy(bundle.unet))
     install_streamv2v(
@@ -68,6 +75,7 @@ def streamv2v(
         feature_similarity_threshold=threshold,
         interval=interval,
         max_frames=frames,
+        **reduce,
     )
     return oracle
 
@@ -125,6 +133,34 @@ def test_the_bank_equals_streamv2v(
     # bank that did nothing would give the plain frames, which differ.
     plain = outputs(Stream(exact, config, params), frames)
     assert any(not np.array_equal(a, b) for a, b in zip(got, plain, strict=True))
+
+
+@pytest.mark.parametrize("tokens", [BankTokens.POOLED, BankTokens.MERGED])
+def test_a_reduced_bank_equals_streamv2v_with_reduced_frames(
+    exact: ModelBundle, tokens: BankTokens
+) -> None:
+    """Reduced from 16 tokens: at 64² every self-attention (8×8 and 4×4 token grids) keeps
+    reduced bank frames; the Stream hands the UNet its latent size, which pooling needs."""
+    config = StreamConfig(width=SIZE, height=SIZE, use_denoising_batch=True)
+    params = BASE.updated(steps=2, guidance_scale=1.5)
+    frames = drifting(6)
+    oracle = streamv2v(
+        exact,
+        interval=1,
+        frames=2,
+        strength=0.8,
+        threshold=0.9,
+        reduce=tokens.value,
+        reduce_from=16,
+    )
+    want = outputs(Stream(oracle, config, params), frames)
+    model = banked(exact, tokens=tokens, reduce_from=16)
+    got = outputs(Stream(model, config, params.updated(**BANK)), frames)
+    assert_same(got, want)
+    full = outputs(
+        Stream(banked(exact, tokens=BankTokens.FULL), config, params.updated(**BANK)), frames
+    )
+    assert any(not np.array_equal(a, b) for a, b in zip(got, full, strict=True))
 
 
 def test_bank_zero_on_a_bank_model_is_the_plain_stream(exact: ModelBundle) -> None:

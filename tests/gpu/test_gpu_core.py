@@ -242,7 +242,11 @@ def test_graphed_bundle_runs_the_feature_bank_per_row() -> None:
         assert _max_diff(a, b) <= 8
 
 
-def test_captured_stream_keeps_its_feature_bank() -> None:
+# 4096: the tiny UNet's layers (256 and 64 tokens) keep whole bank frames; 64: every layer
+# keeps 2×2-pooled frames (merged frames are left out: fp16 ties in the matching would let the
+# compiled and eager banks pick other tokens, as fusion's would)
+@pytest.mark.parametrize("reduce_from", [4096, 64])
+def test_captured_stream_keeps_its_feature_bank(reduce_from: int) -> None:
     """A compiled banked stream replays its whole step as one graph per bank state (filling,
     full) and gives the eager banked stream's frames as its bank fills, keeps frames and
     starts over on a new prompt; a session with bank 0 on the same model replays a graph
@@ -259,7 +263,7 @@ def test_captured_stream_keeps_its_feature_bank() -> None:
         # model sharing it ran compiled VAE calls that could recompile (an inference-mode
         # guard) under error_on_recompile, depending on which test ran first
         fresh = replace(bundle, unet=copy.deepcopy(bundle.unet), vae=copy.deepcopy(bundle.vae))
-        return fresh.with_feature_bank(frames=2, rows=4)
+        return fresh.with_feature_bank(frames=2, rows=4, reduce_from=reduce_from)
 
     eager_model, compiled = banked(), prepare_backend(banked(), Backend.COMPILE)
     config = StreamConfig(width=128, height=128)
@@ -295,6 +299,7 @@ def test_captured_stream_keeps_its_feature_bank() -> None:
 
     pools = [pool for proc in bank_processors(compiled.unet) for pool in proc.pools()]
     assert pools and all(float(pool[2:].abs().amax()) > 0 for pool in pools)  # past slot 0
+    assert {pool.shape[1] for pool in pools} == ({256, 64} if reduce_from > 256 else {64, 16})
 
 
 def test_graphed_bundle_merges_a_lone_sessions_loras(tmp_path: Path) -> None:
