@@ -66,19 +66,20 @@ def stored_tokens(
     return tokens if grid is None else grid[0] * grid[1] // 4
 
 
-def reducer(
+def reduction(
     mode: BankTokens, reduce_from: int, metric: torch.Tensor, latent: tuple[int, int] | None
-) -> Reduce | None:
-    """The function that reduces a frame's tensors like ``metric`` [rows, T, C] (the keys) for
-    the bank, or ``None`` when this layer keeps its frames whole."""
+) -> tuple[int, Reduce | None]:
+    """For a frame's tensors like ``metric`` [rows, T, C] (the keys): the tokens the bank keeps
+    of it, and the function that reduces them (``None`` when this layer keeps frames whole)."""
     tokens = metric.shape[1]
-    if stored_tokens(mode, reduce_from, tokens, latent) == tokens:
-        return None
+    kept = stored_tokens(mode, reduce_from, tokens, latent)
+    if kept == tokens:
+        return tokens, None
     if mode is BankTokens.MERGED:
-        return halving(metric)
+        return kept, halving(metric)
     grid = _pooled_grid(tokens, latent)
     assert grid is not None
-    return lambda tensor: pooling(tensor, grid)
+    return kept, lambda tensor: pooling(tensor, grid)
 
 
 def _pooled_grid(tokens: int, latent: tuple[int, int] | None) -> tuple[int, int] | None:

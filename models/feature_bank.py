@@ -45,8 +45,7 @@ from livediff.models.bank_tokens import (
     DEFAULT_BANK_TOKENS,
     DEFAULT_REDUCE_FROM,
     BankTokens,
-    reducer,
-    stored_tokens,
+    reduction,
 )
 
 MAX_BANK_FRAMES = 4
@@ -127,8 +126,7 @@ class BankedSelfAttention:
             return _finish(attn, _attend(attn, query, key, value, None))
         context = self.context
         frames = context.frames
-        kept = stored_tokens(context.tokens, context.reduce_from, tokens, bank.grid)
-        reduce = reducer(context.tokens, context.reduce_from, key, bank.grid)
+        kept, reduce = reduction(context.tokens, context.reduce_from, key, bank.grid)
         pool = self.pool(kept, key.shape[-1], key)
         index = (bank.slots[:, None] * frames + torch.arange(frames, device=key.device)).flatten()
         past_k = pool[0].index_select(0, index).view(rows, frames * kept, -1)
