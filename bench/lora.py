@@ -35,7 +35,8 @@ batches hold every session. Each JSON line adds: ``loras``, ``rank``, ``ms_media
 the sessions stream, a further LoRA is loaded as ``POST /loras`` does (``Engine.load_lora``:
 the file read in a thread, the buffer write between two batches). ``load_ms`` = that call's
 time; ``stall_ms`` = the largest gap between consecutive outputs of any session across the
-load, next to ``gap_ms_median`` (the usual gap, outside the load) and ``frame_interval_ms``.
+load, next to ``gap_ms_median`` and ``gap_ms_max`` (the usual and the largest gap outside the
+load: a stall as large outside it is not the load's doing) and ``frame_interval_ms``.
 """
 
 from __future__ import annotations
@@ -320,6 +321,7 @@ def record(
         "load_ms": round(seen.load_ms, 2) if seen.load_ms is not None else None,
         "stall_ms": round(max(across), 2) if case.load and across else None,
         "gap_ms_median": round(percentile(others, 50), 2) if case.load and others else None,
+        "gap_ms_max": round(max(others), 2) if case.load and others else None,
         "frame_interval_ms": round(1000.0 / fps, 2),
         "input_fps": fps,
         "seconds": args.seconds,

@@ -183,7 +183,8 @@ def load_for_backend(
     """Load the model for ``--device``/``--dtype``, with the ControlNets ``spec`` and the default
     ControlNet uses ``controlnets`` need, and make it ready for ``--backend``. With an enabled
     ``lora_library`` (``LoraLibraryConfig``) the UNet gets its per-session LoRA library first,
-    and the compile recipe keeps q/k/v unfused (:func:`~livediff.models.backends.recipe_for`).
+    and the compile recipe fuses its LoRA layers with q/k/v where their ranks fit one call
+    (:func:`~livediff.models.backends.recipe_for`).
 
     Returns ``(bundle, backend)``; a backend that cannot start raises ``BackendError`` here,
     before anything else runs.

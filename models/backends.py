@@ -35,6 +35,8 @@ from livediff.models.compile_cache import artifact_key, packaged_compile
 from livediff.models.compiled_canny import PaddedCanny
 from livediff.models.control_images import PreprocessorNetworks
 from livediff.models.graphed import GraphedBundle
+from livediff.models.lora_fusion import SELF_PARTS, fits
+from livediff.models.lora_store import MAX_RANK
 from livediff.models.recipe import Recipe, apply_recipe
 from livediff.models.spec import Precision
 from livediff.models.tensorrt_engine import TensorRTBundle, load_tensorrt_bundle
@@ -57,9 +59,14 @@ def prepare_backend(
 ) -> ModelBundle:
     """Make ``bundle`` ready for ``backend``, or raise :class:`BackendError` saying why it can't."""
     backend = Backend(backend)
-    if recipe is None and bundle.loras is not None and backend is Backend.COMPILE:
-        log.info("per-session LoRAs: the compile recipe keeps q/k/v separate (fuse_qkv off)")
     recipe = recipe or recipe_for(bundle)
+    if bundle.loras is not None and backend is Backend.COMPILE and not recipe.fuse_qkv:
+        log.info(
+            "per-session LoRAs of max_rank %d: the compile recipe keeps q/k/v separate (a "
+            "fused call takes max_rank <= %d)",
+            bundle.loras.capacity.max_rank,
+            MAX_RANK // len(SELF_PARTS),
+        )
     _report_kernels(bundle, needs_triton=backend is Backend.COMPILE and recipe.compile)
     if backend is Backend.EAGER:
         plain = Recipe(
@@ -84,10 +91,12 @@ def prepare_backend(
 
 
 def recipe_for(bundle: ModelBundle) -> Recipe:
-    """The default speed recipe for ``bundle``: per-session LoRAs add to the separate q/k/v
-    projections, so a bundle with a LoRA library keeps them unfused; the bundle's precision
-    (``ModelSpec.precision``, then what the recipe applied) is the recipe's."""
-    return Recipe(fuse_qkv=bundle.loras is None, precision=bundle.precision)
+    """The default speed recipe for ``bundle``: q/k/v fused, per-session LoRA layers with them,
+    unless the library's ranks are too large for one fused call
+    (:func:`livediff.models.lora_fusion.fits`); the bundle's precision (``ModelSpec.precision``,
+    then what the recipe applied) is the recipe's."""
+    fuse = bundle.loras is None or fits(bundle.loras.capacity)
+    return Recipe(fuse_qkv=fuse, precision=bundle.precision)
 
 
 def _report_kernels(bundle: ModelBundle, *, needs_triton: bool) -> None:

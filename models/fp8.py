@@ -235,7 +235,7 @@ def install_fp8(net: torch.nn.Module, *, compute: Fp8Compute = Fp8Compute.SCALED
     """
     unused = unused_projections(net)
     for name, module in list(net.named_modules()):
-        if name in unused:
+        if name.removesuffix(WRAPPER_SUFFIX) in unused:  # a LoRA layer's base beside a fused one
             continue
         if isinstance(module, torch.nn.Linear) and is_target(name) and fits(module):
             parent_name, _, child = name.rpartition(".")
@@ -252,7 +252,7 @@ def fp8_report(net: torch.nn.Module) -> Fp8Report:
     before = after = 0
     unused = unused_projections(net)
     for name, module in net.named_modules():
-        if name in unused:
+        if name.removesuffix(WRAPPER_SUFFIX) in unused:
             continue
         if isinstance(module, Fp8Linear):
             converted.append(name)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from livediff.exceptions import ParameterError
+from livediff.models import lora_fusion
+from livediff.models.fp8 import unused_projections
 from livediff.models.lora_files import LoraFile, read_lora, resolve_file
 from livediff.models.lora_layers import LoraRowsConv2d, LoraRowsLinear, RowSelection, attach
 from livediff.models.lora_merge import LoraMerge, MergeConfig, MergeKey
@@ -78,12 +80,19 @@ class LoraLibrary:
             store.capacity.max_rank,
             store.total_bytes / 2**20,
         )
-        layers = {
-            name: module
-            for name, module in unet.named_modules()
-            if isinstance(module, LoraRowsLinear | LoraRowsConv2d)
-        }
-        return cls(unet, store, selection, LoraMerge(layers, store, merge or MergeConfig()))
+        return cls(unet, store, selection, LoraMerge(_called(unet), store, merge or MergeConfig()))
+
+    def fuse_projections(self) -> int:
+        """Fuse the UNet's q/k/v projections with their LoRAs (:mod:`livediff.models.lora_fusion`;
+        the recipe's ``fuse_qkv``); returns how many attentions were fused."""
+        count = lora_fusion.fuse_projections(self.unet, self.store, self.selection)
+        self.merge.relayer(_called(self.unet))
+        log.info(
+            "per-session LoRAs: %d attentions' projections fused (%d fused LoRA pairs)",
+            count,
+            len(self.store.fused),
+        )
+        return count
 
     @property
     def capacity(self) -> LoraCapacity:
@@ -178,3 +187,13 @@ class LoraLibrary:
         """Apply these rows' LoRAs to every UNet call inside the block."""
         with self.selection.applied(indices, scales):
             yield
+
+
+def _called(unet: Any) -> dict[str, LoraRowsLinear | LoraRowsConv2d]:
+    """The UNet's LoRA layers its forward calls (not the parts beside fused projections)."""
+    unused = unused_projections(unet)
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraRowsLinear | LoraRowsConv2d) and name not in unused
+    }

@@ -113,6 +113,14 @@ class LoraMerge:
             _weight(layer.base).copy_(self._base[name])
         self.merged = NO_LORAS
 
+    def relayer(self, layers: Mapping[str, LoraLayer]) -> None:
+        """The LoRA layers the UNet calls changed (its projections fused): the base weights
+        back, and the copy of them made again at the next merge."""
+        self.restore()
+        self._layers = layers
+        self._base = None
+        self._streak = (NO_LORAS, 0)
+
     def forget(self) -> None:
         """A slot's contents changed (a LoRA loaded or unloaded): base weights, no streak."""
         self.restore()
@@ -130,7 +138,7 @@ class LoraMerge:
                 self.base_bytes / 2**20,
             )
         for name, layer in self._layers.items():
-            a, b = self._store.buffers[name]  # a [loras, in, rank], b [loras, rank, out]
+            a, b = self._store.pair(name)  # a [loras, in, rank], b [loras, rank, out]
             weight = _weight(layer.base)
             for slot, scale in key:
                 weight.addmm_(b[slot].t(), a[slot].t(), alpha=scale)  # [out, r] · [r, in]

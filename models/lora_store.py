@@ -8,6 +8,14 @@ zeroes the slot and frees it. The shapes never change, so a compiled or CUDA-gra
 reads these buffers (:mod:`livediff.models.lora_layers`) sees new LoRAs without recompiling or
 re-capturing: :func:`livediff.kernels.lora_rows.lora_rows` picks each row's slots by index.
 
+Fused projections (:mod:`livediff.models.lora_fusion`: an attention's ``to_q``/``to_k``/``to_v``
+as one ``to_qkv``, a cross-attention's ``to_k``/``to_v`` as ``to_kv``) get one pair
+(:meth:`LoraStore.fuse`): ``a`` ``[max_loras, in, k·max_rank]`` (the parts' down projections
+side by side) and ``b`` ``[max_loras, k·max_rank, Σ out]`` (block diagonal: part ``i``'s rank
+rows write only its own outputs), so ``x·a·b`` is the parts' updates concatenated. The parts'
+own buffers become views of their blocks: loads and unloads by layer name write the fused
+pair, and the zeros off the diagonal are never written.
+
 Writes are ``copy_`` on the current CUDA stream: call :meth:`LoraStore.load` and
 :meth:`LoraStore.unload` from the thread that runs the UNet, between calls (the GPU worker),
 so a call never reads a half-written slot.
@@ -110,14 +118,56 @@ class LoraStore:
                 torch.zeros(n, features_in, r, **opts),
                 torch.zeros(n, r, features_out, **opts),
             )
+        # fused layer name → its (a, b); the parts' entries in ``buffers`` are views of them
+        self.fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fused_parts: set[str] = set()
         self._loaded: dict[str, LoadedLora] = {}
         self._retiring: set[str] = set()  # being unloaded: no new session may take them
 
     @property
     def slot_bytes(self) -> int:
-        """Device memory one slot reserves (all target layers at ``max_rank``)."""
-        total = sum(a[0].numel() + b[0].numel() for a, b in self.buffers.values())
+        """Device memory one slot reserves (all target layers at ``max_rank``; a fused pair
+        with its zeros off the diagonal)."""
+        pairs = [pair for name, pair in self.buffers.items() if name not in self._fused_parts]
+        total = sum(a[0].numel() + b[0].numel() for a, b in (*pairs, *self.fused.values()))
         return total * torch.empty((), dtype=self.dtype).element_size()
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(a, b)`` of a target layer or of a fused projection."""
+        return self.fused[name] if name in self.fused else self.buffers[name]
+
+    def fuse(self, parts: Sequence[str], fused: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pair for the projections ``parts`` (same input, outputs concatenated in this
+        order) under the name ``fused``; what the parts' slots hold is kept, and from now on
+        their entries in :attr:`buffers` are views of its blocks. Call it before the pair is
+        captured in a graph; no slot may be mid-write (the UNet's thread, between calls)."""
+        if fused in self.fused or fused in self.buffers or self._fused_parts.intersection(parts):
+            raise ModelLoadError(f"{fused} or one of its parts has fused LoRA buffers already")
+        pairs = [self.buffers[name] for name in parts]
+        if len({a.shape[1] for a, _ in pairs}) != 1:
+            raise ModelLoadError(f"{', '.join(parts)} do not share their input: not fusable")
+        rank = self.capacity.max_rank
+        if rank * len(parts) > MAX_RANK:
+            raise ModelLoadError(
+                f"fusing {len(parts)} projections' LoRAs needs rank {rank * len(parts)} "
+                f"(max_rank {rank} × {len(parts)}); the kernel takes up to {MAX_RANK}"
+            )
+        n, features_in = pairs[0][0].shape[:2]
+        outs = [b.shape[2] for _, b in pairs]
+        opts: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
+        a = torch.zeros(n, features_in, rank * len(parts), **opts)
+        b = torch.zeros(n, rank * len(parts), sum(outs), **opts)
+        offset = 0
+        for i, (name, (part_a, part_b)) in enumerate(zip(parts, pairs, strict=True)):
+            block_a = a[:, :, i * rank : (i + 1) * rank]
+            block_b = b[:, i * rank : (i + 1) * rank, offset : offset + outs[i]]
+            block_a.copy_(part_a)
+            block_b.copy_(part_b)
+            self.buffers[name] = (block_a, block_b)
+            self._fused_parts.add(name)
+            offset += outs[i]
+        self.fused[fused] = (a, b)
+        return a, b
 
     @property
     def total_bytes(self) -> int:

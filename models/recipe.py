@@ -4,7 +4,8 @@ Read top to bottom; each step assumes the ones above it:
 
 1. dtype — fp16 (or bf16) weights and activations; done at load by :func:`load_model`.
 2. SDPA — PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
-3. Fused QKV — one projection GEMM instead of three (self-attention) or two (cross-attention).
+3. Fused QKV — one projection GEMM instead of three (self-attention) or two (cross-attention);
+   per-session LoRA layers fuse with them (:mod:`livediff.models.lora_fusion`).
    FP8 (opt-in, ``precision=fp8``) — the transformer blocks' linears, fused ones included, as
    FP8 GEMMs with per-row scales (:mod:`livediff.models.fp8`); after the fusion, which reads
    the weights it quantizes. Convolutions, attention and the VAE are untouched.
@@ -35,10 +36,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from livediff.exceptions import BackendError, ParameterError
-from livediff.models import feature_bank, unet_halves
+from livediff.models import feature_bank, lora_fusion, unet_halves
 from livediff.models.bundle import ModelBundle
 from livediff.models.controlnet import LoadedControlNet
 from livediff.models.fp8 import check_fp8_support, install_fp8
+from livediff.models.lora_library import LoraLibrary
 from livediff.models.spec import Precision
 
 log = logging.getLogger(__name__)
@@ -147,11 +149,14 @@ def _fuse_qkv(net: Any) -> None:
     net.set_attn_processor(FusedAttnProcessor2_0())
 
 
-def _speed_up_denoiser(net: Any, recipe: Recipe) -> None:
-    """Steps 2–6 for a UNet or a ControlNet (the same blocks, the same recipe)."""
+def _speed_up_denoiser(net: Any, recipe: Recipe, loras: LoraLibrary | None = None) -> None:
+    """Steps 2–6 for a UNet or a ControlNet (the same blocks, the same recipe); ``loras``: the
+    UNet's per-session LoRA library, whose layers fuse with their projections."""
     banked = feature_bank.installed(net)  # a feature bank's processors stay (they use SDPA)
     net.set_attn_processor(AttnProcessor2_0())  # 2. SDPA
-    if recipe.fuse_qkv:  # 3.
+    if recipe.fuse_qkv and loras is not None:  # 3.
+        loras.fuse_projections()
+    elif recipe.fuse_qkv:
         _fuse_qkv(net)
     feature_bank.reinstall(net, banked)
     if recipe.precision is Precision.FP8:  # 3. FP8, after the fusion: it reads the weights
@@ -186,15 +191,17 @@ def apply_recipe(bundle: ModelBundle, recipe: Recipe) -> ModelBundle:
         )
     if recipe.precision is Precision.FP8:
         check_fp8_support(bundle.device, bundle.dtype)
-    if recipe.fuse_qkv and bundle.loras is not None:
+    if recipe.fuse_qkv and bundle.loras is not None and not lora_fusion.fits(bundle.loras.capacity):
+        rank = bundle.loras.capacity.max_rank
         raise BackendError(
-            "per-session LoRAs add to the separate q/k/v projections: use the recipe with "
-            "fuse_qkv off (Recipe(fuse_qkv=False))"
+            f"per-session LoRAs of max_rank {rank} cannot share a fused q/k/v call (3 × "
+            f"max_rank must be <= {lora_fusion.MAX_RANK}, the kernel's rank): use the recipe "
+            "with fuse_qkv off (Recipe(fuse_qkv=False)), or a smaller max_rank (--lora-max-rank)"
         )
     vae = bundle.vae
-    denoisers = [bundle.unet, *(c.net for c in bundle.controlnets)]  # UNet and its ControlNets
-    for net in denoisers:
-        _speed_up_denoiser(net, recipe)
+    _speed_up_denoiser(bundle.unet, recipe, bundle.loras)
+    for controlnet in bundle.controlnets:  # the UNet's steps, without its LoRAs
+        _speed_up_denoiser(controlnet.net, recipe)
     bundle.precision = recipe.precision
     if bundle.ip_adapter is not None:  # step 2 reset the UNet's processors: put its own back
         bundle.ip_adapter.install(bundle.unet)

@@ -41,10 +41,10 @@ def test_lora_suite_records_every_system_and_the_runtime_load(tmp_path: Path) ->
         assert (r["slots_per_row"] == 2) == (r["system"] == "per-session")
         assert r["buckets"] == ([2] if r["rank"] == 8 else [1, 2])  # the rows its cases batch
         if r["case"] == "steady":
-            assert r["load_ms"] is None and r["stall_ms"] is None
+            assert r["load_ms"] is None and r["stall_ms"] is None and r["gap_ms_max"] is None
     load = records[7]
     assert load["load_ms"] > 0 and load["input_fps"] == 15.0 and load["frame_interval_ms"] == 66.67
-    assert load["stall_ms"] > 0 and load["gap_ms_median"] > 0
+    assert load["stall_ms"] > 0 and load["gap_ms_max"] >= load["gap_ms_median"] > 0
     assert plot.stat().st_size > 0
     again = tmp_path / "again.png"
     assert lora.main(["--replot", str(out), "--plot", str(again)]) == 0

@@ -347,9 +347,11 @@ def test_backends_that_would_drop_the_loras_refuse(base: Any) -> None:
     from livediff.models.tensorrt_engine import load_tensorrt_bundle
 
     unet = copy.deepcopy(base)
-    bundle = unet_only_bundle(unet).with_loras(LoraLibrary.attach(unet))
-    with pytest.raises(BackendError, match="fuse_qkv off"):
+    library = LoraLibrary.attach(unet, LoraCapacity(max_rank=128))  # 3 × 128 > the kernel's 256
+    bundle = unet_only_bundle(unet).with_loras(library)
+    with pytest.raises(BackendError, match="max_rank 128 cannot share a fused q/k/v call"):
         apply_recipe(bundle, Recipe(fuse_qkv=True, compile=False))
+    assert not library.store.fused  # refused before anything changed
     with pytest.raises(BackendError, match="does not run per-session LoRAs"):
         load_tensorrt_bundle(bundle)
     with pytest.raises(BatchCompositionError, match="belongs to the UNet"):
