@@ -319,7 +319,9 @@ def test_graphed_bundle_merges_a_lone_sessions_loras(tmp_path: Path) -> None:
     ink = save_peft(random_lora(bundle.unet, 8, 5, strength=3.0), tmp_path / "ink.safetensors")
 
     def styled() -> ModelBundle:
-        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet))
+        # A UNet and a VAE of its own: the recipe compiles the VAE in place, and the eager
+        # stream's calls through a shared one recompiled it (dispatch keys; error_on_recompile).
+        fresh = replace(bundle, unet=copy.deepcopy(bundle.unet), vae=copy.deepcopy(bundle.vae))
         library = LoraLibrary.attach(fresh.unet, LoraCapacity(max_loras=2, max_rank=16))
         library.load("ink", str(ink))
         return fresh.with_loras(library)

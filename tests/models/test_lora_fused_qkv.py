@@ -11,6 +11,7 @@ unfused library's output for the same rows.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,25 @@ def test_loading_into_fused_pairs_never_recompiles(base: Any, loras: dict[str, A
                 result = compiled(**inputs, return_dict=False)[0]
             torch.testing.assert_close(result, _oracle(base, loras, uses, seed=9), **TIGHT)
     torch._dynamo.reset()
+
+
+def test_a_library_too_large_to_fuse_keeps_separate_projections_and_says_so(
+    base: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The eager backend never fuses; the compile backend's recipe for a library of max_rank
+    86 (3 × 86 > 256) keeps q/k/v separate and logs it (here: its recipe, as prepare_backend
+    picks it, applied without compiling: this CPU has no CUDA)."""
+    from livediff.models import backends
+
+    caplog.set_level(logging.INFO, logger="livediff.models.backends")
+    unet = copy.deepcopy(base)
+    library = LoraLibrary.attach(unet, LoraCapacity(max_rank=86))
+    bundle = unet_only_bundle(unet).with_loras(library)
+    applied: list[Recipe] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "apply_recipe", lambda b, r: applied.append(r) or b)
+        patch.setattr(backends, "_report_kernels", lambda b, needs_triton: None)
+        backends.prepare_backend(bundle, backends.Backend.COMPILE)
+    assert [r.fuse_qkv for r in applied] == [False]
+    assert any("keeps q/k/v separate" in r.getMessage() for r in caplog.records)
+    assert not library.store.fused
