@@ -27,6 +27,13 @@ Deadline drops
     dropping it would starve the session for nothing) or the session already dropped
     ``max_consecutive`` frames in a row (a stream never freezes). Both of those run late and
     count as ``late``, which is what drives the degrade controller.
+
+Free rows
+    A frame the deadline rule would drop runs anyway (late) when its rows fit in the padding
+    of the bucket that the batch's other frames fill (:func:`late_riders`): the padded rows
+    run regardless, so dropping it would save no device time and only leave a gap in its
+    stream. Late frames take the free rows in priority order; a batch with no frame on time
+    runs none of them (dropping them all saves the call).
 """
 
 from __future__ import annotations
@@ -109,6 +116,21 @@ def should_drop(
     if arrival + estimate > deadline:
         return False
     return consecutive_drops < max_consecutive
+
+
+def late_riders(on_time_rows: int, late_rows: Sequence[int], buckets: Sequence[int]) -> list[bool]:
+    """Which late frames (rows each, in priority order) run in the padding of the bucket the
+    ``on_time_rows`` fill (the free-rows rule of the module docstring)."""
+    if on_time_rows <= 0:
+        return [False] * len(late_rows)
+    bucket = bucket_for(on_time_rows, buckets)  # beyond the largest bucket: no padding
+    rows = on_time_rows
+    riders = []
+    for extra in late_rows:
+        fits = rows + extra <= bucket
+        rows += extra if fits else 0
+        riders.append(fits)
+    return riders
 
 
 class BatchTimeEstimator:

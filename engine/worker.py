@@ -2,7 +2,7 @@
 
 Each round it applies queued control items (prepared updates, new Streams), picks the next
 batch (:mod:`livediff.engine.batch_planning`), takes one frame from each chosen session, drops
-frames that cannot make their deadline, asks the similarity filter (a host-side signal, no
+frames that cannot make their deadline (unless they fit in the batch's padded rows), asks the similarity filter (a host-side signal, no
 device sync; a skipped frame is answered at once with the previous output and leaves the
 batch), then runs the rest as one batched encode → UNet → decode (:mod:`livediff.engine.batch_packing`).
 
@@ -48,6 +48,7 @@ from livediff.engine.batch_planning import (
     GroupKey,
     bucket_for,
     group_key,
+    late_riders,
     plan_batch,
     should_drop,
 )
@@ -57,7 +58,7 @@ from livediff.engine.faults import DeviceFaultMetrics, FaultHandler, is_out_of_m
 from livediff.engine.metrics import EngineMetrics
 from livediff.engine.overlap import InFlight, OverlapClock
 from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
-from livediff.engine.session import Session
+from livediff.engine.session import QueuedFrame, Session
 from livediff.engine.session_plans import SetControlImage, SwapStream
 from livediff.exceptions import SessionError
 
@@ -379,8 +380,7 @@ class Worker:
         held: frozenset[str] = frozenset() if flight is None else flight.session_ids
         # Behind a batch in flight, this one starts on the device when that one ends.
         start = now if flight is None else max(now, flight.expected_end)
-        entries: list[Entry] = []
-        deadline_drops = 0
+        taken: list[tuple[Session, QueuedFrame, bool]] = []  # (session, frame, late)
         for candidate in plan:
             session, core = candidate.item, candidate.item.core
             frame, items = core.take()
@@ -397,9 +397,35 @@ class Worker:
                     continue
             if frame is None:
                 continue
-            if should_drop(
+            late = should_drop(
                 start, frame.t_arrival, frame.deadline, answered_in, core.consecutive_drops, limit
-            ):
+            )
+            taken.append((session, frame, late))
+        entries, deadline_drops = self._admit(taken, now, bucket, held)
+        self.degrade.observe(deadline_drops, deadline_drops)
+        if entries:
+            self._launch(head.key, entries, estimate, t_gather)
+        else:
+            self._land()
+
+    def _admit(
+        self,
+        taken: list[tuple[Session, QueuedFrame, bool]],
+        now: float,
+        bucket: int,
+        held: frozenset[str],
+    ) -> tuple[list[Entry], int]:
+        """Admit the taken frames to the batch; a late one only in free rows (batch_planning's
+        free-rows rule), else it is dropped for its deadline. Returns the entries and drops."""
+        rows = [session.core.stream.batch.unet_rows for session, _, _ in taken]
+        on_time = sum(r for r, (_, _, late) in zip(rows, taken, strict=True) if not late)
+        late_rows = [r for r, (_, _, late) in zip(rows, taken, strict=True) if late]
+        riders = iter(late_riders(on_time, late_rows, self.runtime.batch_buckets))
+        entries: list[Entry] = []
+        deadline_drops = 0
+        for session, frame, late in taken:
+            core = session.core
+            if late and not next(riders):
                 core.consecutive_drops += 1
                 core.dropped_for_deadline(frame)
                 deadline_drops += 1
@@ -416,11 +442,7 @@ class Worker:
                 continue
             if entry is not None:
                 entries.append(entry)
-        self.degrade.observe(deadline_drops, deadline_drops)
-        if entries:
-            self._launch(head.key, entries, estimate, t_gather)
-        else:
-            self._land()
+        return entries, deadline_drops
 
     def _launch(
         self, key: GroupKey, entries: list[Entry], estimate: float, t_gather: float

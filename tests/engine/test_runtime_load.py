@@ -77,6 +77,36 @@ async def test_bounded_queues_and_exact_counts(probe_bundle: ProbeBundle) -> Non
         await engine.stop()
 
 
+@pytest.mark.parametrize(("buckets", "late_runs"), [((2,), True), ((1, 2), False)])
+async def test_a_late_frame_runs_in_the_batch_padding_instead_of_being_dropped(
+    probe_bundle: ProbeBundle, buckets: tuple[int, ...], late_runs: bool
+) -> None:
+    """Session a's frame is past its deadline, b's is not. With a bucket of 2 the batch runs
+    two rows whatever happens, so a's frame rides in b's padding (answered, counted late);
+    with a bucket of 1 for b alone, dropping a's frame saves a row: it is dropped."""
+    clock = FakeClock()
+    runtime = RuntimeConfig(deadline_ms=100, batch_buckets=buckets, degrade=NO_DEGRADE)
+    engine = Engine(probe_bundle, CONFIG, runtime, BASE, clock=clock)
+    a = await engine.open_session(session_id="a")
+    b = await engine.open_session(session_id="b")
+    a.submit(make_frame(0, 0), pts=0)
+    clock.advance(0.2)  # a's frame is now 100 ms past its deadline
+    b.submit(make_frame(1, 0), pts=0)
+    await engine.start()
+    try:
+        await engine.wait_idle()
+        first, second = a.stats(), b.stats()
+        assert (second["processed"], second["late"], second["dropped_deadline"]) == (1, 0, 0)
+        expected = (1, 1, 0) if late_runs else (0, 0, 1)
+        assert (first["processed"], first["late"], first["dropped_deadline"]) == expected
+        if late_runs:
+            assert [out.pts for out in await receive(a, 1)] == [0]
+        for session in (a, b):
+            assert accounting_holds(session.stats()), session.stats()
+    finally:
+        await engine.stop()
+
+
 @pytest.mark.parametrize("overlap", [BatchOverlap.OFF, BatchOverlap.ON])
 async def test_counts_add_up_under_random_load(
     probe_bundle: ProbeBundle, overlap: BatchOverlap

@@ -13,6 +13,7 @@ from livediff.engine.batch_planning import (
     Candidate,
     bucket_for,
     group_key,
+    late_riders,
     plan_batch,
     should_drop,
 )
@@ -92,6 +93,23 @@ def test_deadline_drop_rule(
     now: float, arrival: float, estimate: float, drops: int, expected: bool
 ) -> None:
     assert should_drop(now, arrival, arrival + 0.1, estimate, drops, 3) is expected
+
+
+@pytest.mark.parametrize(
+    ("on_time", "late", "buckets", "expected"),
+    [
+        (3, [1, 1], (1, 2, 4, 8), [True, False]),  # bucket 4 for 3 rows: one free row
+        (2, [2, 1, 1], (1, 2, 4, 8), [False, False, False]),  # bucket 2 is full
+        (5, [2, 4, 1], (1, 2, 4, 8), [True, False, True]),  # bucket 8: 3 free rows, in order
+        (0, [1, 1], (1, 2, 4, 8), [False, False]),  # none on time: dropping saves the call
+        (9, [1], (1, 2, 4, 8), [False]),  # beyond the largest bucket nothing is padded
+        (1, [1], (16,), [True]),  # one bucket of 16: every late frame up to 16 rows rides
+    ],
+)
+def test_late_frames_ride_only_in_free_rows(
+    on_time: int, late: list[int], buckets: tuple[int, ...], expected: list[bool]
+) -> None:
+    assert late_riders(on_time, late, buckets) == expected
 
 
 def test_batch_time_estimate() -> None:
