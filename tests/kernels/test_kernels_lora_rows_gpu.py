@@ -34,7 +34,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("rank", [4, 16, 64, 128])
+@pytest.mark.parametrize("rank", [4, 16, 48, 64, 128, 192])  # 48, 192: fused q/k/v pairs
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("tokens", "width", "features"), [(4096, 320, 320), (64, 1280, 5120)])
 def test_parity(
