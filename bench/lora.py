@@ -28,7 +28,8 @@ Every case runs N sessions through the real engine (:func:`livediff.bench.multi.
 each source delivering a frame every 1/``--fps`` s; with more frames than the device answers,
 batches hold every session. Each JSON line adds: ``loras``, ``rank``, ``ms_median``/``ms_p99``
 = device ms **per batch** (the batch's outputs carry its time), ``batch_frames_p50``,
-``latency_ms_p50``/``latency_ms_p99`` (arrival → output), ``drop_rate``, ``gpu_mem_peak_mb``,
+``latency_ms_p50``/``latency_ms_p99`` (arrival → output), ``drop_rate`` (and the multi
+suite's ``drops_by_reason``, ``late``), ``gpu_mem_peak_mb``,
 ``compile_s`` (compile + capture of the system's model), ``recipe``.
 
 ``case: "load"`` records (per-session, the most sessions and LoRAs, at ``--load-fps``): while
@@ -317,6 +318,8 @@ def record(
         "latency_ms_p50": round(percentile(tally.latency_ms, 50), 3),
         "latency_ms_p99": round(percentile(tally.latency_ms, 99), 3),
         "drop_rate": round(1.0 - answered / tally.delivered, 4) if tally.delivered else None,
+        "drops_by_reason": tally.drops_by_reason,  # the multi suite's: why frames were lost
+        "late": tally.late,
         "gpu_mem_peak_mb": gpu_memory_peak_mb(bundle.device),
         "load_ms": round(seen.load_ms, 2) if seen.load_ms is not None else None,
         "stall_ms": round(max(across), 2) if case.load and across else None,

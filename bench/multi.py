@@ -30,7 +30,11 @@ closed, so the first prompt encoding's one-off workspaces are not counted); ``wa
 time); ``batch_stage_ms_p50``
 (livediff) = median device ms per batch in encode (pack + VAE encode), unet (Stream Batch
 inputs + UNet) and decode (scheduler step + VAE decode + postprocess + host copy), and
-``batch_rows_p50`` the median UNet rows per batch — where a batch's time goes.
+``batch_rows_p50`` the median UNet rows per batch — where a batch's time goes;
+``drops_by_reason`` (livediff) = the engine's drops by reason (``inbox``: replaced by a newer
+frame before a batch took it, ``deadline``, ``reconfigure``, ``outbox``) and ``late`` = frames
+answered after their deadline, both counted from the window's start to the end of the run
+(``None`` for independent) — why frames were lost.
 ``skip_rate`` = similarity-filter skips ÷ answered frames; ``gpu_busy_ms_per_s`` = compute time
 of the outputs finished in the window ÷ its seconds (livediff: device time, so 1000 means the
 device never idles); ``gpu_ms_per_output`` = the same ÷ outputs.
@@ -74,6 +78,7 @@ from livediff.bench.records import (
 from livediff.engine.backend_fit import fit_degrade_to_bundle, make_stream
 from livediff.engine.config import GenerationParams, StreamConfig
 from livediff.engine.degrade import DegradePolicy
+from livediff.engine.metrics import DROP_REASONS
 from livediff.engine.runtime import Engine, RuntimeConfig
 from livediff.engine.runtime_config import BatchOverlap, ControlNetRows
 from livediff.engine.session import SessionOutput
@@ -99,6 +104,9 @@ class Tally:
     warmup_s: float = 0.0  # independent: the slowest thread's warm-up, before the clock started
     batch_stage_ms: dict[str, float | None] | None = None  # livediff: median device ms per batch
     batch_rows: float | None = None  # livediff: median UNet rows per batch
+    # livediff: the engine's frame counters from the window's start to the end of the run
+    drops_by_reason: dict[str, int] | None = None
+    late: int | None = None
 
     def record(
         self,
@@ -217,11 +225,20 @@ async def run_livediff(
         except SessionClosedError:
             pass
 
+    counts_at_start: dict[str, int] = {}
+
+    async def count_from_window() -> None:
+        await asyncio.sleep(max(0.0, window[0] - loop.time()))
+        counts_at_start.update(engine.metrics()["frames"])
+
     consumers = [asyncio.create_task(consume(k)) for k in range(sessions)]
     side = [during(engine, window)] if during is not None else []
-    await asyncio.gather(*(produce(k) for k in range(sessions)), *side)
+    await asyncio.gather(*(produce(k) for k in range(sessions)), count_from_window(), *side)
     await engine.wait_idle()
     snapshot = engine.metrics()  # its windows hold the latest batches, i.e. the measured ones
+    counts = {k: v - counts_at_start.get(k, 0) for k, v in snapshot["frames"].items()}
+    tally.drops_by_reason = {reason: counts[f"dropped_{reason}"] for reason in DROP_REASONS}
+    tally.late = counts["late"]
     tally.batch_stage_ms = {
         stage: _rounded(snapshot["latency_ms"][stage]["p50"]) for stage in BATCH_STAGES
     }
@@ -398,6 +415,8 @@ def record(
         "warmup_s": round(tally.warmup_s, 2) if system == "independent" else None,
         "batch_stage_ms_p50": tally.batch_stage_ms,
         "batch_rows_p50": tally.batch_rows,
+        "drops_by_reason": tally.drops_by_reason,
+        "late": tally.late,
         "input_fps": args.fps,
         "frame_size": args.frame_size,
         "feature_bank": params.feature_bank,

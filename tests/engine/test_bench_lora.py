@@ -35,6 +35,8 @@ def test_lora_suite_records_every_system_and_the_runtime_load(tmp_path: Path) ->
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert r["suite"] == "lora" and r["width"] == 64 and r["backend"] == "eager"
         assert 0.0 <= r["drop_rate"] <= 1.0
+        assert set(r["drops_by_reason"]) == {"inbox", "deadline", "outbox", "reconfigure"}
+        assert r["late"] >= 0
         assert r["batches"] > 0 and r["ms_median"] > 0 and r["ms_p99"] >= r["ms_median"]
         assert 1 <= r["batch_frames_p50"] <= r["sessions"]
         assert r["latency_ms_p99"] > 0 and r["gpu_mem_peak_mb"] is None  # CPU: no device peak

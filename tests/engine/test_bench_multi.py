@@ -46,12 +46,17 @@ def test_multi_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         if r["system"] == "independent":
             assert r["warmup_s"] > 0  # each thread warmed its stream before the clock started
             assert r["batch_stage_ms_p50"] is None and r["batch_rows_p50"] is None
+            assert r["drops_by_reason"] is None and r["late"] is None
         else:
             assert r["warmup_s"] is None
             stages = r["batch_stage_ms_p50"]
             assert set(stages) == {"encode", "unet", "decode"}
             assert all(stages[s] > 0 for s in stages), stages
             assert 1 <= r["batch_rows_p50"] <= r["sessions"]
+            drops = r["drops_by_reason"]
+            assert set(drops) == {"inbox", "deadline", "outbox", "reconfigure"}, drops
+            assert all(isinstance(n, int) and n >= 0 for n in drops.values()), drops
+            assert isinstance(r["late"], int) and r["late"] >= 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
