@@ -58,7 +58,10 @@ def fuse_projections(unet: Any, store: LoraStore, selection: RowSelection) -> in
             attn.fuse_projections(fuse=True)
         elif all(with_lora):
             fused = "to_kv" if attn.is_cross_attention else "to_qkv"
-            a, b = store.fuse([f"{name}.{part}" for part in parts], f"{name}.{fused}")
+            names = [f"{name}.{part}" for part in parts]
+            a, b = store.fuse(names, f"{name}.{fused}")
+            for layer, part_name in zip(layers, names, strict=True):
+                layer.a, layer.b = store.buffers[part_name]  # views: the old buffers are freed
             setattr(attn, fused, LoraRowsLinear(_fused_base(name, layers), a, b, selection))
             attn.fused_projections = True
         else:

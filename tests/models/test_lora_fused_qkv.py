@@ -103,6 +103,13 @@ def test_the_recipe_fuses_every_attention_with_its_lora_layers(
         assert isinstance(fused, LoraRowsLinear)
         assert type(fused.base) is torch.nn.Linear
     assert len(library.store.fused) == len(attentions)
+    # The parts beside a fused projection hold views of its pair (no second copy, never stale).
+    for name, (a, b) in library.store.fused.items():
+        attn = library.unet.get_submodule(name.rpartition(".")[0])
+        for part in ("to_k", "to_v") if name.endswith("to_kv") else ("to_q", "to_k", "to_v"):
+            layer = getattr(attn, part)
+            assert layer.a.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+            assert layer.b.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def test_fused_rows_equal_each_row_with_its_loras_fused(base: Any, loras: dict[str, Any]) -> None:
