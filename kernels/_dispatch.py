@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,3 +152,20 @@ def run_triton(op: str, reason: str | None, device: torch.device) -> bool:
         return True
     FALLBACKS.fell_back(op, reason, device)
     return False
+
+
+def implementation(
+    op: Callable[..., Any],
+    cuda: Callable[..., Any],
+    reference: Callable[..., Any],
+    device: torch.device,
+) -> Callable[..., Any]:
+    """What an op's public function calls: the registered custom op while ``torch.compile`` or
+    ``torch.export`` traces (they need the op and its fake), else the device's implementation
+    directly, the same code the op would dispatch to. The dispatcher's Python layers around a
+    custom op cost more than a small kernel's launch, on each of the per-session calls of
+    every batch: on a 2-core CPU with tiny tensors the fused step (an op that mutates its
+    inputs) takes 63 µs a call through the op against 31 µs direct, postprocess 15 against 12."""
+    if torch.compiler.is_compiling():
+        return op
+    return cuda if device.type == "cuda" else reference

@@ -49,7 +49,12 @@ from __future__ import annotations
 import torch
 
 from livediff.exceptions import KernelInputError
-from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal
+from livediff.kernels._dispatch import (
+    float_dtype_problem,
+    implementation,
+    run_triton,
+    triton_refusal,
+)
 
 RCFG_MODES = ("none", "full", "self", "initialize")
 
@@ -80,7 +85,12 @@ def fused_step(
     rows = x_t.shape[0]
     if coefficients.numel() == 4 * rows:  # StreamBatch keeps [4, R, 1, 1, 1]
         coefficients = coefficients.reshape(4, rows)
-    torch.ops.livediff.stream_batch_step(
+    implementation(
+        torch.ops.livediff.stream_batch_step,
+        _stream_batch_step_cuda,
+        _stream_batch_step_reference,
+        x_t.device,
+    )(
         x_t,
         eps,
         stock,
@@ -202,8 +212,7 @@ def _triton_runs(x_t: torch.Tensor, **tensors: torch.Tensor | None) -> bool:
     return run_triton("livediff::stream_batch_step", reason, x_t.device)
 
 
-@torch.library.custom_op("livediff::stream_batch_step", mutates_args=("x_t", "stock", "out"))
-def stream_batch_step(
+def _stream_batch_step_reference(
     x_t: torch.Tensor,
     eps: torch.Tensor,
     stock: torch.Tensor | None,
@@ -220,6 +229,11 @@ def stream_batch_step(
     reference(
         x_t, eps, stock, noise, coefficients, guidance_scale, delta, out, rcfg, frame_buffer_size
     )
+
+
+stream_batch_step = torch.library.custom_op(
+    "livediff::stream_batch_step", mutates_args=("x_t", "stock", "out")
+)(_stream_batch_step_reference)
 
 
 @stream_batch_step.register_kernel("cuda")

@@ -19,17 +19,32 @@ import torch
 
 from livediff.exceptions import KernelInputError
 from livediff.kernels import yuv
-from livediff.kernels._dispatch import float_dtype_problem, run_triton, triton_refusal_by_strides
+from livediff.kernels._dispatch import (
+    float_dtype_problem,
+    implementation,
+    run_triton,
+    triton_refusal_by_strides,
+)
 
 
 def model_output_to_rgb(images: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` in [-1, 1] (any float dtype) → ``[N, H, W, 3]`` uint8, rounded, clamped."""
-    return torch.ops.livediff.postprocess_rgb(images)
+    return implementation(
+        torch.ops.livediff.postprocess_rgb,
+        _postprocess_rgb_cuda,
+        _postprocess_rgb_reference,
+        images.device,
+    )(images)
 
 
 def model_output_to_i420(images: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` in [-1, 1] → packed I420 ``[N, H*W + 2*ch*cw]`` uint8 (BT.601 limited)."""
-    return torch.ops.livediff.postprocess_i420(images)
+    return implementation(
+        torch.ops.livediff.postprocess_i420,
+        _postprocess_i420_cuda,
+        _postprocess_i420_reference,
+        images.device,
+    )(images)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -53,11 +68,15 @@ def _triton_runs(op: str, images: torch.Tensor) -> bool:
     return run_triton(op, reason, images.device)
 
 
-@torch.library.custom_op("livediff::postprocess_rgb", mutates_args=())
-def postprocess_rgb(images: torch.Tensor) -> torch.Tensor:
+def _postprocess_rgb_reference(images: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check_images(images)
     return reference_rgb(images)
+
+
+postprocess_rgb = torch.library.custom_op("livediff::postprocess_rgb", mutates_args=())(
+    _postprocess_rgb_reference
+)
 
 
 @postprocess_rgb.register_kernel("cuda")
@@ -80,11 +99,15 @@ def _postprocess_rgb_fake(images: torch.Tensor) -> torch.Tensor:
     return images.new_empty((n, height, width, 3), dtype=torch.uint8)
 
 
-@torch.library.custom_op("livediff::postprocess_i420", mutates_args=())
-def postprocess_i420(images: torch.Tensor) -> torch.Tensor:
+def _postprocess_i420_reference(images: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check_images(images)
     return reference_i420(images)
+
+
+postprocess_i420 = torch.library.custom_op("livediff::postprocess_i420", mutates_args=())(
+    _postprocess_i420_reference
+)
 
 
 @postprocess_i420.register_kernel("cuda")

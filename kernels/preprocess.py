@@ -27,6 +27,7 @@ from livediff.kernels import yuv
 from livediff.kernels._dispatch import (
     FLOAT_DTYPES,
     float_dtype_problem,
+    implementation,
     run_triton,
     triton_refusal,
 )
@@ -42,9 +43,12 @@ def rgb_to_model_input(
 ) -> torch.Tensor:
     """``[N, H, W, 3]`` uint8 → ``[N, 3, height, width]`` in [-1, 1]."""
     top, left, crop_h, crop_w = crop
-    return torch.ops.livediff.preprocess_rgb(
-        frames, top, left, crop_h, crop_w, height, width, dtype
-    )
+    return implementation(
+        torch.ops.livediff.preprocess_rgb,
+        _preprocess_rgb_cuda,
+        _preprocess_rgb_reference,
+        frames.device,
+    )(frames, top, left, crop_h, crop_w, height, width, dtype)
 
 
 def i420_to_model_input(
@@ -58,9 +62,12 @@ def i420_to_model_input(
 ) -> torch.Tensor:
     """I420 planes ``y [N, H, W]``, ``u``/``v [N, ceil(H/2), ceil(W/2)]`` → model input."""
     top, left, crop_h, crop_w = crop
-    return torch.ops.livediff.preprocess_i420(
-        y, u, v, top, left, crop_h, crop_w, height, width, dtype
-    )
+    return implementation(
+        torch.ops.livediff.preprocess_i420,
+        _preprocess_i420_cuda,
+        _preprocess_i420_reference,
+        y.device,
+    )(y, u, v, top, left, crop_h, crop_w, height, width, dtype)
 
 
 def nv12_to_model_input(
@@ -73,9 +80,12 @@ def nv12_to_model_input(
 ) -> torch.Tensor:
     """NV12 planes ``y [N, H, W]``, ``uv [N, ceil(H/2), ceil(W/2), 2]`` → model input."""
     top, left, crop_h, crop_w = crop
-    return torch.ops.livediff.preprocess_nv12(
-        y, uv, top, left, crop_h, crop_w, height, width, dtype
-    )
+    return implementation(
+        torch.ops.livediff.preprocess_nv12,
+        _preprocess_nv12_cuda,
+        _preprocess_nv12_reference,
+        y.device,
+    )(y, uv, top, left, crop_h, crop_w, height, width, dtype)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -160,8 +170,7 @@ def _triton_runs(op: str, dtype: torch.dtype, **planes: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- RGB op
-@torch.library.custom_op("livediff::preprocess_rgb", mutates_args=())
-def preprocess_rgb(
+def _preprocess_rgb_reference(
     frames: torch.Tensor,
     top: int,
     left: int,
@@ -176,6 +185,11 @@ def preprocess_rgb(
     _check_rgb(frames)
     check_resize(frames.shape[1], frames.shape[2], crop, height, width, dtype)
     return reference_rgb(frames, crop, height, width, dtype)
+
+
+preprocess_rgb = torch.library.custom_op("livediff::preprocess_rgb", mutates_args=())(
+    _preprocess_rgb_reference
+)
 
 
 @preprocess_rgb.register_kernel("cuda")
@@ -220,8 +234,7 @@ def _preprocess_rgb_fake(
 
 
 # ---------------------------------------------------------------------------- I420 op
-@torch.library.custom_op("livediff::preprocess_i420", mutates_args=())
-def preprocess_i420(
+def _preprocess_i420_reference(
     y: torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
@@ -238,6 +251,11 @@ def preprocess_i420(
     yuv.check_i420_planes(y, u, v)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
     return reference_i420(y, u, v, crop, height, width, dtype)
+
+
+preprocess_i420 = torch.library.custom_op("livediff::preprocess_i420", mutates_args=())(
+    _preprocess_i420_reference
+)
 
 
 @preprocess_i420.register_kernel("cuda")
@@ -284,8 +302,7 @@ def _preprocess_i420_fake(
 
 
 # ---------------------------------------------------------------------------- NV12 op
-@torch.library.custom_op("livediff::preprocess_nv12", mutates_args=())
-def preprocess_nv12(
+def _preprocess_nv12_reference(
     y: torch.Tensor,
     uv: torch.Tensor,
     top: int,
@@ -301,6 +318,11 @@ def preprocess_nv12(
     yuv.check_nv12_planes(y, uv)
     check_resize(y.shape[1], y.shape[2], crop, height, width, dtype)
     return reference_nv12(y, uv, crop, height, width, dtype)
+
+
+preprocess_nv12 = torch.library.custom_op("livediff::preprocess_nv12", mutates_args=())(
+    _preprocess_nv12_reference
+)
 
 
 @preprocess_nv12.register_kernel("cuda")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from livediff.exceptions import KernelInputError
-from livediff.kernels._dispatch import FLOAT_DTYPES, run_triton, triton_refusal
+from livediff.kernels._dispatch import FLOAT_DTYPES, implementation, run_triton, triton_refusal
 
 NORM_EPS = 1e-6
 TRITON_DTYPES = (*FLOAT_DTYPES, torch.uint8)
@@ -25,7 +25,12 @@ TRITON_MAX_NUMEL = 4096 * 16384  # the kernel's BLOCK * MAX_PARTS (about 22 RGB 
 
 def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of two frames as a 0-d float32 tensor on their device."""
-    return torch.ops.livediff.cosine_similarity(a, b)
+    return implementation(
+        torch.ops.livediff.cosine_similarity,
+        _cosine_similarity_cuda,
+        _cosine_similarity_reference,
+        a.device,
+    )(a, b)
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -56,11 +61,15 @@ def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dot / norms.clamp_min(NORM_EPS)
 
 
-@torch.library.custom_op("livediff::cosine_similarity", mutates_args=())
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _cosine_similarity_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Reference implementation (every device)."""
     _check(a, b)
     return reference(a, b)
+
+
+cosine_similarity = torch.library.custom_op("livediff::cosine_similarity", mutates_args=())(
+    _cosine_similarity_reference
+)
 
 
 @cosine_similarity.register_kernel("cuda")
