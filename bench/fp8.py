@@ -9,10 +9,12 @@ model); fp16 always runs first, as the reference — the sd-turbo architecture w
 weights (one seed for all), 512², 1 step img2img, is loaded in that dtype and made ready as the
 multi-session runtime makes it (:func:`~livediff.models.backends.runtime_bundle`: the compile
 recipe with that precision, and CUDA graphs of the UNet, VAE encode and VAE decode at batch
-1). Each JSON line adds:
+1 and each of ``--unet-batches``). One JSON line per case and UNet batch adds:
 
-- ``ms_median``/``ms_p99``: one UNet graph replay, device time by CUDA events, over
-  ``--iterations`` calls after ``--warmup``; ``frame_ms_median``/``frame_ms_p99`` (and ``fps``):
+- ``unet_batch`` and ``ms_median``/``ms_p99``: one UNet graph replay of that many rows (the last
+  seeded frame's row repeated: FP8's GEMMs pay off at large M, which many sessions' rows give),
+  device time by CUDA events, over ``--iterations`` calls after ``--warmup``; ``ms_per_row``;
+  ``frame_ms_median``/``frame_ms_p99`` (and ``fps``):
   a whole frame (preprocess, encode, UNet, scheduler step, decode), one sync per frame;
 - drift against fp16 on a fixed, seeded set of ``--frames`` frames: ``unet_rel_l2`` =
   ‖ε − ε_fp16‖ / ‖ε_fp16‖ over the set, the UNet run on fp16's own UNet inputs (cast), so only
@@ -31,6 +33,7 @@ times are not worth reading.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -122,8 +125,14 @@ def make_ready(args: argparse.Namespace, case: Case, device: torch.device) -> Re
         install_fp8(bundle.unet, compute=Fp8Compute.REFERENCE)
         bundle.precision = Precision.FP8
     latent = (args.size // bundle.vae_scale_factor,) * 2
+    buckets = tuple(sorted({1, *args.unet_batches}))
     ready = runtime_bundle(
-        bundle, args.backend, latent_size=latent, buckets=(1,), show_progress=False, recipe=recipe
+        bundle,
+        args.backend,
+        latent_size=latent,
+        buckets=buckets,
+        show_progress=False,
+        recipe=recipe,
     )
     report = getattr(ready, "compile_report", None)
     label = recipe.label if args.backend is Backend.COMPILE else "eager"
@@ -254,19 +263,27 @@ def frame_times(
     return times
 
 
+def repeated(batch: UNetBatch, rows: int) -> UNetBatch:
+    """``batch`` (one row) as ``rows`` copies of that row."""
+    return batch.map_rows(lambda t: t.repeat(rows, *[1] * (t.dim() - 1)))
+
+
 def measure(
     args: argparse.Namespace, case: Case, device: torch.device, reference: Outputs | None
-) -> tuple[dict[str, Any], Outputs]:
+) -> tuple[list[dict[str, Any]], Outputs]:
     reset_memory(device)
     ready = make_ready(args, case, device)
     run = FramePath(ready, args.size)
     frames = seeded_frames(args.size, args.frames, device)
     outputs = answers(ready, run, frames, reference)
-    last = static_batch(ready.bundle, _on(outputs.batches[-1], ready.bundle))
-    unet = summarize(
-        timed(lambda: ready.bundle.predict_noise(last), device, args.iterations, args.warmup)
-    )
     frame = summarize(frame_times(run, frames, args))
+    last = _on(outputs.batches[-1], ready.bundle)
+    unets = {}
+    for rows in args.unet_batches:
+        call = functools.partial(
+            ready.bundle.predict_noise, static_batch(ready.bundle, repeated(last, rows))
+        )
+        unets[rows] = summarize(timed(call, device, args.iterations, args.warmup))
     report = fp8_report(ready.bundle.unet)
     base = reference or outputs
     record = {
@@ -284,9 +301,6 @@ def measure(
         "dtype": str(case.dtype).removeprefix("torch."),
         "emulated": ready.emulated,
         "fps": frame["fps"],
-        "ms_median": unet["ms_median"],
-        "ms_p99": unet["ms_p99"],
-        "unet_calls": unet["frames"],
         "frame_ms_median": frame["ms_median"],
         "frame_ms_p99": frame["ms_p99"],
         "input_frames": len(frames),
@@ -301,7 +315,18 @@ def measure(
         "gpu_mem_peak_mb": gpu_memory_peak_mb(device),
         **environment(device),
     }
-    return record, outputs
+    records = [
+        {
+            **record,
+            "unet_batch": rows,
+            "ms_median": unet["ms_median"],
+            "ms_p99": unet["ms_p99"],
+            "ms_per_row": round(unet["ms_median"] / rows, 4),
+            "unet_calls": unet["frames"],
+        }
+        for rows, unet in unets.items()
+    ]
+    return records, outputs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -325,12 +350,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--frames", type=int, default=8, help="the seeded input set")
+    parser.add_argument(
+        "--unet-batches",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1],
+        help="UNet rows per timed call, e.g. 1,8,16 (each is a compiled bucket)",
+    )
     parser.add_argument("--iterations", type=int, default=100, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.frames < 1 or args.iterations < 1 or args.warmup < 0:
         parser.error("--frames and --iterations: at least 1; --warmup: at least 0")
+    if not args.unet_batches or min(args.unet_batches) < 1:
+        parser.error("--unet-batches: one or more row counts, each at least 1")
     return args
 
 
@@ -343,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference: Outputs | None = None
     with record_sinks(args.out) as sinks:
         for name in names:
-            record, outputs = measure(args, CASES[name], device, reference)
+            records, outputs = measure(args, CASES[name], device, reference)
             reference = reference or outputs
-            emit(record, sinks)
+            for record in records:
+                emit(record, sinks)
     return 0
 
 

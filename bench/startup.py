@@ -10,8 +10,11 @@ client as soon as the server listens, sends one frame and waits for the answer:
   (a fresh machine that was handed ``~/.cache/livediff/compile``, or ran ``livediff compile``).
 
 Records: ``suite: "startup"``, ``cache``, ``listening_s`` (process start to "listening on"),
-``first_frame_s`` (process start to the first processed frame of a session), ``backend``,
-``buckets``, plus the usual fields (``ms_median`` is ``first_frame_s`` in ms; one sample).
+``first_frame_s`` (process start to the first processed frame of a session), ``load_s`` and
+``prepare_s`` (the server's own account of its start: loading the model, then compiling and
+capturing it), ``compile`` (what it said about the compile cache: packaged or compiled, how many
+of Inductor's graphs were read from a cache), ``backend``, ``buckets``, plus the usual fields
+(``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr.
 On a CPU machine (eager) nothing is compiled, so the three states measure the same start.
 
     python -m livediff.bench.startup --model sd-turbo --buckets 1,2 --out startup.jsonl
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,10 +37,32 @@ from livediff.bench.records import emit, environment, record_sinks
 from livediff.exceptions import LivediffError
 
 CACHES = ("cold", "warm", "packaged")
+# livediff serve's line about its start (cmd_serve._say_where_the_start_went)
+START_LINE = re.compile(
+    r"model loaded in (?P<load>[\d.]+) s"
+    r"(?:; compile \+ capture (?P<prepare>[\d.]+) s \((?P<compile>.*)\))?$"
+)
 
 
-async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) -> dict[str, float]:
-    """Start ``argv`` (a ``livediff serve`` with ``--port 0``), time it to its first answer, stop it."""
+def start_account(stderr: str) -> dict[str, Any]:
+    """``load_s``, ``prepare_s`` and ``compile`` from a server's stderr (None where it did not say)."""
+    for line in stderr.splitlines():
+        found = START_LINE.search(line.strip())
+        if found:
+            prepare = found["prepare"]
+            return {
+                "load_s": float(found["load"]),
+                "prepare_s": None if prepare is None else float(prepare),
+                "compile": found["compile"],
+            }
+    return {"load_s": None, "prepare_s": None, "compile": None}
+
+
+async def first_frame(
+    argv: list[str], env: dict[str, str], timeout_s: float, log: Path | None = None
+) -> dict[str, Any]:
+    """Start ``argv`` (a ``livediff serve`` with ``--port 0``), time it to its first answer, stop
+    it; with the server's account of its start from its stderr (kept in ``log`` if given)."""
     import numpy as np
     from websockets.asyncio.client import connect
 
@@ -44,9 +70,10 @@ async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) ->
 
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
-    assert process.stdout is not None
+    assert process.stdout is not None and process.stderr is not None
+    stderr = asyncio.create_task(process.stderr.read())  # drained all along: a full pipe blocks
     try:
         line = await asyncio.wait_for(_listening_line(process.stdout), timeout_s)
         listening = time.perf_counter() - started
@@ -58,7 +85,7 @@ async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) ->
             answer = await asyncio.wait_for(client.recv(), timeout_s)
         if not isinstance(answer, bytes):
             raise LivediffError(f"the server answered the first frame with {answer!r}")
-        return {
+        times = {
             "listening_s": round(listening, 2),
             "first_frame_s": round(time.perf_counter() - started, 2),
         }
@@ -66,6 +93,11 @@ async def first_frame(argv: list[str], env: dict[str, str], timeout_s: float) ->
         if process.returncode is None:
             process.terminate()
             await process.wait()
+        text = (await stderr).decode(errors="replace")
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(text)
+    return {**times, **start_account(text)}
 
 
 async def _listening_line(stdout: asyncio.StreamReader) -> str:
@@ -104,7 +136,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         for cache in args.caches:
             env = {**os.environ, **states[cache], "PYTHONUNBUFFERED": "1"}
-            times = asyncio.run(first_frame(argv, env, args.timeout))
+            log = None if args.logs is None else args.logs / f"serve-{cache}.log"
+            times = asyncio.run(first_frame(argv, env, args.timeout, log))
             records.append(
                 {
                     "system": "livediff",
@@ -142,6 +175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per start")
     parser.add_argument("--device", default=None, help="for the records' device field")
     parser.add_argument("--out", type=Path, help="append JSON lines to this file as well")
+    parser.add_argument("--logs", type=Path, help="keep each server's stderr in this folder")
     args = parser.parse_args(argv)
     args.caches = [c for c in args.caches.split(",") if c]
     unknown = sorted(set(args.caches) - set(CACHES))

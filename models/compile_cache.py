@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,45 @@ class CacheReport:
     loaded: bool = False
     written_bytes: int = 0
     seconds: float = 0.0
+    caches: dict[str, int] = field(default_factory=dict)  # cache hits/misses during the block
 
     def describe(self) -> str:
         if self.path is None:
-            return "compile packages are off (LIVEDIFF_COMPILE_CACHE=off)"
-        if self.loaded:
-            return f"from the packaged compile cache {self.path}"
-        if self.written_bytes:
-            return f"compiled; packaged for later starts in {self.path} ({self.written_bytes / 1e6:.1f} MB)"
-        return "compiled (nothing to package)"
+            where = "compile packages are off (LIVEDIFF_COMPILE_CACHE=off)"
+        elif self.loaded:
+            where = f"from the packaged compile cache {self.path}"
+        elif self.written_bytes:
+            where = f"compiled; packaged for later starts in {self.path} ({self.written_bytes / 1e6:.1f} MB)"
+        else:
+            where = "compiled (nothing to package)"
+        return f"{where}; {describe_caches(self.caches)}" if self.caches else where
+
+
+# Dynamo's counters that say whether a compile was code generation or a cache read:
+# (counter group, counter) -> the name a report gives it
+CACHE_COUNTERS = {
+    ("inductor", "fxgraph_cache_hit"): "inductor_hits",
+    ("inductor", "fxgraph_cache_miss"): "inductor_misses",
+    ("inductor", "fxgraph_cache_bypass"): "inductor_bypasses",
+    ("aot_autograd", "autograd_cache_hit"): "aot_hits",
+    ("aot_autograd", "autograd_cache_miss"): "aot_misses",
+}
+
+
+def cache_counts() -> dict[str, int]:
+    """Dynamo's cache counters now (process totals), by :data:`CACHE_COUNTERS`' names."""
+    from torch._dynamo.utils import counters
+
+    return {name: int(counters[group][key]) for (group, key), name in CACHE_COUNTERS.items()}
+
+
+def describe_caches(caches: dict[str, int]) -> str:
+    """``"Inductor cache: 3 of 5 graphs read, 2 generated"`` and the like."""
+    hits, misses = caches.get("inductor_hits", 0), caches.get("inductor_misses", 0)
+    text = f"Inductor cache: {hits} of {hits + misses} graphs read, {misses} generated"
+    if caches.get("inductor_bypasses"):
+        text += f", {caches['inductor_bypasses']} not cacheable"
+    return text
 
 
 def cache_dir() -> Path | None:
@@ -114,8 +144,16 @@ def artifact_key(
             else [bundle.ip_adapter.name, bundle.ip_adapter.variant.value]
         ),
     }
-    text = json.dumps(fields, sort_keys=True, default=str)
+    text = json.dumps(fields, sort_keys=True, default=_canonical)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _canonical(value: Any) -> Any:
+    """JSON for what ``json`` cannot write, the same in every process: a set is iterated in hash
+    order, which differs per process, so it is written sorted; anything else by its ``str``."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(str(item) for item in value)
+    return str(value)
 
 
 def _bank_of(bundle: ModelBundle) -> list[Any] | None:
@@ -127,8 +165,15 @@ def _bank_of(bundle: ModelBundle) -> list[Any] | None:
 
 
 def _config_of(module: Any) -> Any:
+    """The module's class and its config, without diffusers' bookkeeping (``_``-keys: where it
+    was loaded from, which values were defaults — a list in set order, different per process)."""
     config = getattr(module, "config", None)
-    return dict(config) if config is not None else type(module).__name__
+    if config is None:
+        return type(module).__name__
+    return {
+        "class": type(module).__name__,
+        **{key: value for key, value in dict(config).items() if not key.startswith("_")},
+    }
 
 
 @contextmanager
@@ -138,6 +183,7 @@ def packaged_compile(key: str) -> Iterator[CacheReport]:
     folder = cache_dir()
     report = CacheReport(None if folder is None else folder / f"{key}.bin")
     started = time.perf_counter()
+    counts_before = cache_counts()
     if report.path is not None and report.path.is_file():
         try:
             report.loaded = (
@@ -152,6 +198,7 @@ def packaged_compile(key: str) -> Iterator[CacheReport]:
             )
     yield report
     report.seconds = time.perf_counter() - started
+    report.caches = {name: count - counts_before[name] for name, count in cache_counts().items()}
     if report.path is None or report.loaded:
         return
     saved = torch.compiler.save_cache_artifacts()

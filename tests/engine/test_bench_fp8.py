@@ -53,6 +53,31 @@ def test_fp8_suite_records_each_precision_against_fp16(tmp_path: Path) -> None:
     assert "fp8" in emulated["recipe"]
 
 
+def test_each_unet_batch_gets_its_record(tmp_path: Path) -> None:
+    """``--unet-batches 1,3``: per precision, the UNet timed at 1 and at 3 rows, the same case."""
+    out = tmp_path / "fp8.jsonl"
+    argv = ["--model", "tiny", "--size", "64", "--frames", "1", "--iterations", "2"]
+    argv += ["--warmup", "0", "--precisions", "fp8", "--unet-batches", "1,3", "--out", str(out)]
+    assert main(["bench", "--suite", "fp8", *argv]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["precision"], r["unet_batch"]) for r in records] == [
+        ("fp16", 1),
+        ("fp16", 3),
+        ("fp8", 1),
+        ("fp8", 3),
+    ]
+    for r in records:
+        assert r["ms_per_row"] == round(r["ms_median"] / r["unet_batch"], 4) > 0
+    assert records[0]["unet_rel_l2"] == records[1]["unet_rel_l2"] == 0.0  # drift: per case
+    assert records[2]["unet_rel_l2"] == records[3]["unet_rel_l2"] > 0
+
+
+def test_unet_batches_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--unet-batches", "1,0"])
+    assert "--unet-batches" in capsys.readouterr().err
+
+
 def test_unknown_precisions_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         suite.parse_args(["--precisions", "fp16,fp4"])

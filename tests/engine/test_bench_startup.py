@@ -17,15 +17,34 @@ def test_startup_records_each_cache_state(
 ) -> None:
     out = tmp_path / "startup.jsonl"
     argv = ["--model", "tiny", "--backend", "eager", "--buckets", "1,2", "--timeout", "240"]
-    assert startup.main([*argv, "--out", str(out)]) == 0
+    logs = tmp_path / "logs"
+    assert startup.main([*argv, "--out", str(out), "--logs", str(logs)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["cache"] for r in records] == ["cold", "warm", "packaged"]
     for r in records:
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert r["suite"] == "startup" and 0 < r["listening_s"] <= r["first_frame_s"]
         assert r["buckets"] == "1,2" and r["backend"] == "eager"
+        assert 0 <= r["load_s"] < r["listening_s"]  # the server's own account, from its stderr
+        assert (r["prepare_s"], r["compile"]) == (None, None)  # eager: nothing compiled
+        assert "model loaded in" in (logs / f"serve-{r['cache']}.log").read_text()
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert printed == records
+
+
+def test_the_start_account_is_read_from_the_servers_line() -> None:
+    line = (
+        "livediff serve: cuda:0: model loaded in 3.2 s; compile + capture 41.5 s (from the "
+        "packaged compile cache /c/k.bin (loaded); Inductor cache: 7 of 7 graphs read, 0 generated)"
+    )
+    account = startup.start_account(f"noise\n{line}\nmore\n")
+    assert account["load_s"] == 3.2 and account["prepare_s"] == 41.5
+    assert account["compile"].endswith("Inductor cache: 7 of 7 graphs read, 0 generated")
+    assert startup.start_account("nothing said") == {
+        "load_s": None,
+        "prepare_s": None,
+        "compile": None,
+    }
 
 
 def test_unknown_cache_states_are_refused() -> None:

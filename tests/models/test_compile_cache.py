@@ -39,6 +39,8 @@ print(json.dumps({
     "path": str(report.path),
     "hits": counters["inductor"]["fxgraph_cache_hit"],
     "misses": counters["inductor"]["fxgraph_cache_miss"],
+    "caches": report.caches,
+    "described": report.describe(),
 }))
 """
 
@@ -71,6 +73,12 @@ def test_a_fresh_process_loads_the_package_and_compiles_from_it(tmp_path: Path) 
     second = run_child(tmp_path, str(packages), "second")  # another empty Inductor cache
     assert second["loaded"] is True and second["written"] == 0
     assert int(str(second["hits"])) >= 1 and second["misses"] == 0  # code generation skipped
+    caches = second["caches"]  # the report counts what the block did, as the server says it
+    assert isinstance(caches, dict) and caches["inductor_hits"] >= 1
+    assert caches["inductor_misses"] == 0 and first["caches"]["inductor_misses"] >= 1  # type: ignore[index]
+    assert "Inductor cache: " in str(second["described"]) and "0 generated" in str(
+        second["described"]
+    )
     Path(str(first["path"])).write_bytes(b"not a package")  # a broken file: compile, replace it
     third = run_child(tmp_path, str(packages), "third")
     assert third["loaded"] is False and int(str(third["written"])) > 0
@@ -85,6 +93,33 @@ def test_the_key_names_what_the_compiled_code_depends_on(tiny_bundle: object) ->
     for change in ({"buckets": (1, 2, 4)}, {"latent_size": (8, 8)}, {"recipe": "other"}):
         assert artifact_key(tiny_bundle, **{**base, **change}) != key  # type: ignore[arg-type]
     assert artifact_key(tiny_bundle, **base, weights_digest="abc") != key  # type: ignore[arg-type]
+
+
+KEY_CHILD = r"""
+from livediff.models.compile_cache import artifact_key
+from livediff.models.loading import ModelSpec, load_model
+
+bundle = load_model(ModelSpec(preset="tiny", weights="random"), device="cpu", dtype="fp32")
+print(artifact_key(bundle, recipe="r", buckets=(1,), latent_size=(8, 8)))
+"""
+
+
+def test_the_key_is_the_same_in_every_process() -> None:
+    """A fresh process must find the package an earlier one wrote: the key may not depend on
+    the process's string hashing (diffusers configs hold sets, iterated in hash order)."""
+    keys = set()
+    for seed in ("1", "2", "3"):
+        done = subprocess.run(
+            [sys.executable, "-c", KEY_CHILD],
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        keys.add(done.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1, keys
 
 
 def test_the_key_names_the_feature_bank(tiny_bundle: ModelBundle) -> None:
