@@ -29,7 +29,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,8 @@ async def _listening_line(stdout: asyncio.StreamReader) -> str:
             return line
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    records = []
+def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """One record per cache state, each as soon as it is measured."""
     with tempfile.TemporaryDirectory(prefix="livediff-startup-") as scratch:
         root = Path(scratch)
         config = root / "serve.toml"
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             env = {**os.environ, **states[cache], "PYTHONUNBUFFERED": "1"}
             log = None if args.logs is None else args.logs / f"serve-{cache}.log"
             times = asyncio.run(first_frame(argv, env, args.timeout, log))
-            records.append(
+            yield (
                 {
                     "system": "livediff",
                     "suite": "startup",
@@ -160,7 +160,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **environment(args.device),
                 }
             )
-    return records
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
