@@ -12,7 +12,8 @@ client as soon as the server listens, sends one frame and waits for the answer:
 Records: ``suite: "startup"``, ``cache``, ``listening_s`` (process start to "listening on"),
 ``first_frame_s`` (process start to the first processed frame of a session), ``load_s`` and
 ``prepare_s`` (the server's own account of its start: loading the model, then compiling and
-capturing it), ``compile`` (what it said about the compile cache: packaged or compiled, how many
+capturing it), ``other_s`` (the rest of the time to listening: the interpreter, imports, the
+engine's and the server's start), ``compile`` (what it said about the compile cache: packaged or compiled, how many
 of Inductor's graphs were read from a cache), ``backend``, ``buckets``, plus the usual fields
 (``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr.
 On a CPU machine (eager) nothing is compiled, so the three states measure the same start.
@@ -97,7 +98,10 @@ async def first_frame(
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(text)
-    return {**times, **start_account(text)}
+    account = start_account(text)
+    known = [account["load_s"], account["prepare_s"]]
+    rest = None if None in known else round(times["listening_s"] - sum(known), 2)
+    return {**times, **account, "other_s": rest}
 
 
 async def _listening_line(stdout: asyncio.StreamReader) -> str:

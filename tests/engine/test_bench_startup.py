@@ -26,7 +26,7 @@ def test_startup_records_each_cache_state(
         assert r["suite"] == "startup" and 0 < r["listening_s"] <= r["first_frame_s"]
         assert r["buckets"] == "1,2" and r["backend"] == "eager"
         assert 0 <= r["load_s"] < r["listening_s"]  # the server's own account, from its stderr
-        assert (r["prepare_s"], r["compile"]) == (None, None)  # eager: nothing compiled
+        assert (r["prepare_s"], r["compile"], r["other_s"]) == (None, None, None)  # eager
         assert "model loaded in" in (logs / f"serve-{r['cache']}.log").read_text()
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert printed == records
