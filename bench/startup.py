@@ -15,7 +15,9 @@ Records: ``suite: "startup"``, ``cache``, ``listening_s`` (process start to "lis
 capturing it), ``other_s`` (the rest of the time to listening: the interpreter, imports, the
 engine's and the server's start), ``compile`` (what it said about the compile cache: packaged or compiled, how many
 of Inductor's graphs were read from a cache), ``backend``, ``buckets``, plus the usual fields
-(``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr.
+(``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr;
+``--keep DIR`` keeps the caches and the package, so that ``--caches cold`` and then
+``--caches packaged`` can be separate runs (each packaged start gets an emptied Inductor cache).
 On a CPU machine (eager) nothing is compiled, so the three states measure the same start.
 
     python -m livediff.bench.startup --model sd-turbo --buckets 1,2 --out startup.jsonl
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -116,8 +120,14 @@ async def _listening_line(stdout: asyncio.StreamReader) -> str:
 
 def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """One record per cache state, each as soon as it is measured."""
-    with tempfile.TemporaryDirectory(prefix="livediff-startup-") as scratch:
-        root = Path(scratch)
+    with contextlib.ExitStack() as stack:
+        if args.keep is None:
+            root = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="livediff-startup-"))
+            )
+        else:
+            root = args.keep
+            root.mkdir(parents=True, exist_ok=True)
         config = root / "serve.toml"
         config.write_text(f"[runtime]\nbatch_buckets = [{args.buckets}]\n")
         packages = root / "packages"
@@ -139,6 +149,14 @@ def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             "packaged": state("fresh", str(packages)),  # empty caches, the first start's package
         }
         for cache in args.caches:
+            if cache == "packaged":
+                if "cold" not in args.caches and not any(packages.glob("*.bin")):
+                    raise LivediffError(
+                        f"no compile package in {packages}: measure --caches cold first"
+                        " (in this run, or in an earlier one with the same --keep)"
+                    )
+                for kind in ("inductor", "triton"):  # an empty cache, as on a fresh machine
+                    shutil.rmtree(root / f"{kind}-fresh", ignore_errors=True)
             env = {**os.environ, **states[cache], "PYTHONUNBUFFERED": "1"}
             log = None if args.logs is None else args.logs / f"serve-{cache}.log"
             times = asyncio.run(first_frame(argv, env, args.timeout, log))
@@ -179,6 +197,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="for the records' device field")
     parser.add_argument("--out", type=Path, help="append JSON lines to this file as well")
     parser.add_argument("--logs", type=Path, help="keep each server's stderr in this folder")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the caches and packages in this folder (default: a temporary one), so that"
+        " --caches cold and --caches packaged can run in separate invocations",
+    )
     args = parser.parse_args(argv)
     args.caches = [c for c in args.caches.split(",") if c]
     unknown = sorted(set(args.caches) - set(CACHES))

@@ -9,6 +9,7 @@ import pytest
 
 from livediff.bench import startup
 from livediff.bench.records import REQUIRED_KEYS
+from livediff.exceptions import LivediffError
 
 
 @pytest.mark.slow
@@ -45,6 +46,13 @@ def test_the_start_account_is_read_from_the_servers_line() -> None:
         "prepare_s": None,
         "compile": None,
     }
+
+
+def test_a_packaged_start_without_a_package_is_refused(tmp_path: Path) -> None:
+    """``--caches packaged`` alone needs the package a cold run left in ``--keep``."""
+    argv = ["--model", "tiny", "--backend", "eager", "--caches", "packaged"]
+    with pytest.raises(LivediffError, match=r"no compile package in .*measure --caches cold"):
+        startup.main([*argv, "--keep", str(tmp_path / "kept")])
 
 
 def test_unknown_cache_states_are_refused() -> None:
