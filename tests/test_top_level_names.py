@@ -40,14 +40,26 @@ def test_the_installed_kernels_package_wins_over_the_folder(tmp_path: Path) -> N
     assert Path(where).resolve() == (site / "kernels" / "__init__.py").resolve()
 
 
-def test_without_an_installed_kernels_the_probes_say_absent(tmp_path: Path) -> None:
-    """transformers probes for ``kernels`` by importing it when no distribution of that name is
-    installed: the probe must neither fail nor find one."""
+def test_transformers_probe_answers_what_is_installed(tmp_path: Path) -> None:
+    """transformers probes for ``kernels`` (by importing it when no distribution of that name is
+    installed): in a checkout the probe must not fail, and must find Hugging Face's package
+    exactly when it is installed (transformers 5.25+ brings it), never the folder."""
     code = (
+        "import importlib.metadata as m\n"
         "from transformers.utils.import_utils import is_kernels_available\n"
         "import livediff.kernels.fused_step\n"
-        "print(is_kernels_available())"
+        "try:\n"
+        "    installed = bool(m.version('kernels'))\n"
+        "except m.PackageNotFoundError:\n"
+        "    installed = False\n"
+        "available = is_kernels_available()\n"
+        "if installed:\n"
+        "    import kernels\n"
+        "print(installed, available, kernels.__file__ if installed else None)"
     )
-    done = run_in_checkout(code, str(tmp_path))  # nothing named kernels there
+    done = run_in_checkout(code, str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    installed, available, where = done.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert available == installed
+    if installed == "True":  # the installed package, not the checkout's folder
+        assert where != "None" and not Path(where).resolve().is_relative_to(REPO / "kernels")
