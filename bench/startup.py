@@ -10,11 +10,12 @@ client as soon as the server listens, sends one frame and waits for the answer:
   (a fresh machine that was handed ``~/.cache/livediff/compile``, or ran ``livediff compile``).
 
 Records: ``suite: "startup"``, ``cache``, ``listening_s`` (process start to "listening on"),
-``first_frame_s`` (process start to the first processed frame of a session), ``load_s`` and
-``prepare_s`` (the server's own account of its start: loading the model, then compiling and
-capturing it), ``other_s`` (the rest of the time to listening: the interpreter, imports, the
-engine's and the server's start), ``compile`` (what it said about the compile cache: packaged or compiled, how many
-of Inductor's graphs were read from a cache), ``backend``, ``buckets``, plus the usual fields
+``first_frame_s`` (process start to the first processed frame of a session); the server's own
+account of its start, from its stderr: ``before_load_s`` (the interpreter, imports and settings,
+until loading began), ``load_s``, ``prepare_s`` (compile + capture; ``None`` when nothing
+compiles), ``engine_start_s``, ``compile`` (what the compile cache did: packaged or compiled,
+how many of Inductor's graphs were read from a cache); ``other_s`` (listening − those four: the
+server's own start, the bench's process spawn); ``backend``, ``buckets``, plus the usual fields
 (``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr;
 ``--keep DIR`` keeps the caches and the package, so that ``--caches cold`` and then
 ``--caches packaged`` can be separate runs (each packaged start gets an emptied Inductor cache).
@@ -42,25 +43,34 @@ from livediff.bench.records import emit, environment, record_sinks
 from livediff.exceptions import LivediffError
 
 CACHES = ("cold", "warm", "packaged")
-# livediff serve's line about its start (cmd_serve._say_where_the_start_went)
+# livediff serve's lines about its start (cmd_serve: _say_where_the_start_went, serve)
 START_LINE = re.compile(
+    r"(?:loading began (?P<before>[\d.]+) s after the process started; )?"
     r"model loaded in (?P<load>[\d.]+) s"
     r"(?:; compile \+ capture (?P<prepare>[\d.]+) s \((?P<compile>.*)\))?$"
 )
+ENGINE_LINE = re.compile(r"engine started in (?P<engine>[\d.]+) s")
+ACCOUNT = ("before_load_s", "load_s", "prepare_s", "engine_start_s", "compile")
+
+
+def _number(text: str | None) -> float | None:
+    return None if text is None else float(text)
 
 
 def start_account(stderr: str) -> dict[str, Any]:
-    """``load_s``, ``prepare_s`` and ``compile`` from a server's stderr (None where it did not say)."""
+    """:data:`ACCOUNT`'s fields from a server's stderr (None where it did not say)."""
+    account: dict[str, Any] = dict.fromkeys(ACCOUNT)
     for line in stderr.splitlines():
-        found = START_LINE.search(line.strip())
-        if found:
-            prepare = found["prepare"]
-            return {
-                "load_s": float(found["load"]),
-                "prepare_s": None if prepare is None else float(prepare),
-                "compile": found["compile"],
-            }
-    return {"load_s": None, "prepare_s": None, "compile": None}
+        start = START_LINE.search(line.strip())
+        if start and account["load_s"] is None:  # the first device's line
+            account["before_load_s"] = _number(start["before"])
+            account["load_s"] = _number(start["load"])
+            account["prepare_s"] = _number(start["prepare"])
+            account["compile"] = start["compile"]
+        engine = ENGINE_LINE.search(line)
+        if engine:
+            account["engine_start_s"] = float(engine["engine"])
+    return account
 
 
 async def first_frame(
@@ -103,8 +113,8 @@ async def first_frame(
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(text)
     account = start_account(text)
-    known = [account["load_s"], account["prepare_s"]]
-    rest = None if None in known else round(times["listening_s"] - sum(known), 2)
+    parts = [account[name] for name in ACCOUNT[:-1]]
+    rest = None if None in parts else round(times["listening_s"] - sum(parts), 2)
     return {**times, **account, "other_s": rest}
 
 

@@ -48,6 +48,7 @@ from livediff.cli_options import (
 )
 from livediff.cmd_serve_ray import add_ray_options
 from livediff.exceptions import ParameterError
+from livediff.process_clock import seconds_since_start
 from livediff.settings import build, table_values
 from livediff.settings.flags import add_flags, flag_values
 
@@ -136,6 +137,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         device_args = argparse.Namespace(**{**vars(args), "device": device})
         return load_for_backend(spec, device_args, params.controlnets, lora_library)
 
+    up_before_load = seconds_since_start()
     started = time.perf_counter()
     with ThreadPoolExecutor(len(devices), thread_name_prefix="livediff-load") as pool:
         loaded_models = list(pool.map(load, devices))
@@ -155,6 +157,7 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
             )
         )
         _say_where_the_start_went(
+            up_before_load if k == 0 else None,
             loaded - started if k == 0 else 0.0,
             time.perf_counter() - loaded,
             bundles[-1],
@@ -170,9 +173,15 @@ def engine_from_args(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     return Engine(bundles, stream_config, runtime_config, params)
 
 
-def _say_where_the_start_went(load_s: float, prepare_s: float, bundle: Any, device: str) -> None:
+def _say_where_the_start_went(
+    up_s: float | None, load_s: float, prepare_s: float, bundle: Any, device: str
+) -> None:
+    """One line per device: the process's age when loading began (interpreter, imports,
+    settings), then loading, then compile + capture with what the compile cache did."""
     report = getattr(bundle, "compile_report", None)
     loaded = f"model loaded in {load_s:.1f} s" if load_s else "model loaded"
+    if up_s is not None:
+        loaded = f"loading began {up_s:.1f} s after the process started; {loaded}"
     prepared = (
         "" if report is None else f"; compile + capture {prepare_s:.1f} s ({report.describe()})"
     )
@@ -241,7 +250,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    engine_began = time.perf_counter()
     await engine.start()
+    engine_s = time.perf_counter() - engine_began
     app = create_app(engine, server_config, ndi_out=None if ndi_config is None else ndi_config.out)
     runner: web.AppRunner | None = None
     try:
@@ -250,6 +261,13 @@ async def serve(
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"livediff serve: listening on http://{_url_host(host)}:{port}/", flush=True)
+        up_s = seconds_since_start()
+        since = "" if up_s is None else f"; listening {up_s:.1f} s after the process started"
+        print(
+            f"livediff serve: engine started in {engine_s:.1f} s{since}",
+            file=sys.stderr,
+            flush=True,
+        )
         async with osc_control(engine, osc_config, server_config.host, server_config, "serve"):
             await stop.wait()
         print(

@@ -26,26 +26,29 @@ def test_startup_records_each_cache_state(
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert r["suite"] == "startup" and 0 < r["listening_s"] <= r["first_frame_s"]
         assert r["buckets"] == "1,2" and r["backend"] == "eager"
-        assert 0 <= r["load_s"] < r["listening_s"]  # the server's own account, from its stderr
+        # the server's own account, from its stderr: each part no longer than the whole
+        before, load, engine = r["before_load_s"], r["load_s"], r["engine_start_s"]
+        assert before > 0 and min(load, engine) >= 0
+        assert before + load + engine < r["listening_s"]
         assert (r["prepare_s"], r["compile"], r["other_s"]) == (None, None, None)  # eager
         assert "model loaded in" in (logs / f"serve-{r['cache']}.log").read_text()
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert printed == records
 
 
-def test_the_start_account_is_read_from_the_servers_line() -> None:
-    line = (
-        "livediff serve: cuda:0: model loaded in 3.2 s; compile + capture 41.5 s (from the "
-        "packaged compile cache /c/k.bin (loaded); Inductor cache: 7 of 7 graphs read, 0 generated)"
+def test_the_start_account_is_read_from_the_servers_lines() -> None:
+    lines = (
+        "livediff serve: cuda:0: loading began 9.8 s after the process started; model loaded in "
+        "3.2 s; compile + capture 41.5 s (from the packaged compile cache /c/k.bin; Inductor "
+        "cache: 7 of 7 graphs read, 0 generated)\n"
+        "livediff serve: cuda:1: model loaded; compile + capture 9.0 s (compiled)\n"
+        "livediff serve: engine started in 0.7 s; listening 55.4 s after the process started\n"
     )
-    account = startup.start_account(f"noise\n{line}\nmore\n")
-    assert account["load_s"] == 3.2 and account["prepare_s"] == 41.5
+    account = startup.start_account(f"noise\n{lines}more\n")
+    assert (account["before_load_s"], account["load_s"]) == (9.8, 3.2)
+    assert (account["prepare_s"], account["engine_start_s"]) == (41.5, 0.7)  # the first device
     assert account["compile"].endswith("Inductor cache: 7 of 7 graphs read, 0 generated")
-    assert startup.start_account("nothing said") == {
-        "load_s": None,
-        "prepare_s": None,
-        "compile": None,
-    }
+    assert startup.start_account("nothing said") == dict.fromkeys(startup.ACCOUNT)
 
 
 def test_a_packaged_start_without_a_package_is_refused(tmp_path: Path) -> None:
