@@ -15,8 +15,9 @@ account of its start, from its stderr: ``before_load_s`` (the interpreter, impor
 until loading began), ``load_s``, ``prepare_s`` (compile + capture; ``None`` when nothing
 compiles), ``engine_start_s``, ``compile`` (what the compile cache did: packaged or compiled,
 how many of Inductor's graphs were read from a cache); ``other_s`` (listening − those four: the
-server's own start, the bench's process spawn); ``backend``, ``buckets``, plus the usual fields
-(``ms_median`` is ``first_frame_s`` in ms; one sample). ``--logs DIR`` keeps each server's stderr;
+server's own start, the bench's process spawn); ``backend``, ``buckets``, ``compile_batch``
+(the server's ``--compile-batch``), plus the usual fields (``ms_median`` is ``first_frame_s``
+in ms; one sample). ``--logs DIR`` keeps each server's stderr;
 ``--keep DIR`` keeps the caches and the package, so that ``--caches cold`` and then
 ``--caches packaged`` can be separate runs (each packaged start gets an emptied Inductor cache).
 On a CPU machine (eager) nothing is compiled, so the three states measure the same start.
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         argv += ["--weights", args.weights, "--port", "0", "--config", str(config)]
         if args.backend:
             argv += ["--backend", args.backend]
+        argv += ["--compile-batch", args.compile_batch]
 
         def state(caches: str, package: str) -> dict[str, str]:
             return {  # Inductor's and Triton's on-disk caches, and where packages are kept
@@ -178,6 +180,7 @@ def run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                     **times,
                     "backend": args.backend or "auto",
                     "buckets": args.buckets,
+                    "compile_batch": args.compile_batch,
                     "model": args.model,
                     "weights": args.weights,
                     "width": None,
@@ -202,6 +205,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default="random")
     parser.add_argument("--backend", default=None, help="default: the device's (compile on CUDA)")
     parser.add_argument("--buckets", default="1,2,4,8,16,32", help="[runtime] batch_buckets")
+    parser.add_argument(
+        "--compile-batch",
+        default="per-bucket",
+        choices=("per-bucket", "shared"),
+        help="the server's --compile-batch",
+    )
     parser.add_argument("--caches", default=",".join(CACHES), help="which of cold,warm,packaged")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per start")
     parser.add_argument("--device", default=None, help="for the records' device field")

@@ -94,9 +94,9 @@ def recipe_for(bundle: ModelBundle) -> Recipe:
     """The default speed recipe for ``bundle``: q/k/v fused, per-session LoRA layers with them,
     unless the library's ranks are too large for one fused call
     (:func:`livediff.models.lora_fusion.fits`); the bundle's precision (``ModelSpec.precision``,
-    then what the recipe applied) is the recipe's."""
+    then what the recipe applied) and its ``compile_batch`` are the recipe's."""
     fuse = bundle.loras is None or fits(bundle.loras.capacity)
-    return Recipe(fuse_qkv=fuse, precision=bundle.precision)
+    return Recipe(fuse_qkv=fuse, precision=bundle.precision, compile_batch=bundle.compile_batch)
 
 
 def _report_kernels(bundle: ModelBundle, *, needs_triton: bool) -> None:

@@ -18,7 +18,7 @@ from livediff.models.feature_bank import BankRows, FeatureBank, attach_feature_b
 from livediff.models.image_prompts import ImagePromptEncoder
 from livediff.models.ip_adapter import LoadedIPAdapter, check_ip_inputs
 from livediff.models.presets import ModelPreset
-from livediff.models.spec import Precision, WeightsMode
+from livediff.models.spec import CompileBatch, Precision, WeightsMode
 from livediff.models.spec import VaeKind as VaeKind  # re-exported: defined here before
 from livediff.models.unet_batch import UNetBatch
 from livediff.models.unet_halves import halves_of
@@ -62,6 +62,8 @@ class ModelBundle:
     # How the denoisers' linears compute: asked for at load (ModelSpec.precision), applied by
     # the speed recipe (models/recipe.py), which sets it to what it applied.
     precision: Precision = Precision.NATIVE
+    # How compiled graphs cover the batch buckets (ModelSpec.compile_batch), for the recipe.
+    compile_batch: CompileBatch = CompileBatch.PER_BUCKET
 
     @property
     def vae_scale_factor(self) -> int:

@@ -306,6 +306,7 @@ def load_model(
         weights=spec.weights,
         source=described,
         precision=spec.precision,
+        compile_batch=spec.compile_batch,
     )
     log.info("loaded %s", bundle.describe())
     return bundle

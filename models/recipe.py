@@ -14,7 +14,9 @@ Read top to bottom; each step assumes the ones above it:
    than it saves here), coordinate-descent tuning of the generated kernels and weight
    freezing when asked; cuDNN's benchmark mode picks the fastest convolution algorithms for
    the (static) shapes.
-6. ``torch.compile(fullgraph=True, dynamic=False)`` of the UNet and each VAE half. CUDA graphs
+6. ``torch.compile(fullgraph=True, dynamic=False)`` of the UNet and each VAE half (with
+   ``compile_batch=shared``, ``dynamic=None``: bucket 1 static, one graph with a symbolic batch
+   size for the larger buckets, fewer compiles at a first start). CUDA graphs
    are applied afterwards, around the whole frame step or per batch bucket
    (:mod:`livediff.models.graphed`), not by ``mode="reduce-overhead"``: one graph for the whole
    step avoids the "output overwritten by a later replay" hazard between compiled modules.
@@ -41,7 +43,7 @@ from livediff.models.bundle import ModelBundle
 from livediff.models.controlnet import LoadedControlNet
 from livediff.models.fp8 import check_fp8_support, install_fp8
 from livediff.models.lora_library import LoraLibrary
-from livediff.models.spec import Precision
+from livediff.models.spec import CompileBatch, Precision
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -61,14 +63,18 @@ class Recipe:
     freezing: bool = False
     sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient — process-wide torch setting
     precision: Precision = Precision.NATIVE  # fp8: the transformer linears as FP8 GEMMs
+    compile_batch: CompileBatch = CompileBatch.PER_BUCKET  # shared: one graph for buckets > 1
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "precision", Precision(self.precision))
-        except ValueError:
-            raise ParameterError(
-                f"precision={self.precision!r}: expected one of {', '.join(p.value for p in Precision)}"
-            ) from None
+        for name, kind in (("precision", Precision), ("compile_batch", CompileBatch)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise ParameterError(
+                    f"{name}={value!r}: expected one of {', '.join(k.value for k in kind)}",
+                    field=name,
+                ) from None
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ParameterError(
                 f"sdpa_backend={self.sdpa_backend!r}: expected one of {', '.join(SDPA_BACKENDS)}"
@@ -93,6 +99,8 @@ class Recipe:
             parts.append("cdt")
         if self.freezing:
             parts.append("freeze")
+        if self.compile and self.compile_batch is CompileBatch.SHARED:
+            parts.append("shared-batch")
         if self.cudnn_benchmark:
             parts.append("cudnn-bench")
         if self.sdpa_backend != "auto":
@@ -134,7 +142,10 @@ def _select_sdpa(backend: str) -> None:
 
 def _compile_options(recipe: Recipe) -> dict[str, Any]:
     _configure_inductor(recipe)
-    return {"fullgraph": True, "dynamic": False, "mode": recipe.compile_mode}
+    # shared: dynamo's automatic dynamic shapes (dynamic=None) compile the first bucket static
+    # and, at the second, the one graph with a symbolic batch size that the rest reuse
+    shared = recipe.compile_batch is CompileBatch.SHARED
+    return {"fullgraph": True, "dynamic": None if shared else False, "mode": recipe.compile_mode}
 
 
 def _fuse_qkv(net: Any) -> None:

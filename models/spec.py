@@ -45,6 +45,19 @@ class Precision(str, Enum):
     FP8 = "fp8"
 
 
+class CompileBatch(str, Enum):
+    """How the compile backend's graphs cover the batch buckets (:mod:`livediff.models.recipe`).
+
+    ``per-bucket``: one compiled graph per bucket, every shape static (the default, measured).
+    ``shared``: bucket 1 keeps its static graph; the larger buckets share one graph whose batch
+    size is symbolic, so a first start compiles two graphs per network instead of one per
+    bucket (CUDA graphs are still captured per bucket).
+    """
+
+    PER_BUCKET = "per-bucket"
+    SHARED = "shared"
+
+
 def lora_from_text(text: str) -> LoraRef:
     """``"my/lora"`` or ``"my/lora:0.8"`` (a scale after the last colon, when it is a number)."""
     source, separator, scale = text.rpartition(":")
@@ -259,6 +272,13 @@ class ModelSpec:
         "linears as FP8 GEMMs (opt-in, unmeasured with real weights; CUDA compute capability "
         "8.9+, --dtype fp16 or bf16)",
         flag="--precision",
+    )
+    compile_batch: CompileBatch = setting(
+        CompileBatch.PER_BUCKET,
+        doc="per-bucket: the compile backend compiles one graph per batch bucket; shared: "
+        "buckets above 1 share one graph with a symbolic batch size (a first start compiles "
+        "2 graphs per network instead of one per bucket; its speed is not measured yet)",
+        flag="--compile-batch",
     )
     seed: int = setting(0, doc="seed of random weights", min=0, below=2**63)
     variant: str | None = setting(

@@ -26,6 +26,7 @@ def test_startup_records_each_cache_state(
         assert all(key in r for key in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert r["suite"] == "startup" and 0 < r["listening_s"] <= r["first_frame_s"]
         assert r["buckets"] == "1,2" and r["backend"] == "eager"
+        assert r["compile_batch"] == "per-bucket"
         # the server's own account, from its stderr: each part no longer than the whole
         before, load, engine = r["before_load_s"], r["load_s"], r["engine_start_s"]
         assert before > 0 and min(load, engine) >= 0
