@@ -24,11 +24,12 @@ def hand_over(name: str, init_file: str) -> None:
     import yields, as before: libraries that probe for an optional ``kernels`` by importing it
     (transformers does, when no distribution of that name is installed) must not fail, and
     they find no version on it."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
-    elsewhere = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != checkout]
+    ours = os.path.realpath(init_file)
+    checkout = os.path.dirname(os.path.dirname(ours))
+    elsewhere = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != checkout]
     spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
-    if spec is None or spec.loader is None:
-        return
+    if spec is None or spec.loader is None or os.path.realpath(spec.origin or "") == ours:
+        return  # nothing installed (or the checkout again, by another path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

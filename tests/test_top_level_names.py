@@ -63,3 +63,31 @@ def test_transformers_probe_answers_what_is_installed(tmp_path: Path) -> None:
     assert available == installed
     if installed == "True":  # the installed package, not the checkout's folder
         assert where != "None" and not Path(where).resolve().is_relative_to(REPO / "kernels")
+
+
+def test_a_checkout_reached_by_a_symlink_is_still_the_checkout(tmp_path: Path) -> None:
+    """The checkout on sys.path by another name (a symlink) is not taken for the installed
+    package: the hand-over does not import the folder again (which would recurse)."""
+    link = tmp_path / "link"
+    link.symlink_to(REPO, target_is_directory=True)
+    code = (
+        "import importlib.metadata as m\n"
+        "try:\n"
+        "    installed = bool(m.version('kernels'))\n"
+        "except m.PackageNotFoundError:\n"
+        "    installed = False\n"
+        "import kernels\n"
+        "print(installed, kernels.__file__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,  # the checkout only through the link
+        env={**os.environ, "PYTHONPATH": str(link)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    installed, where = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    ours = Path(where).resolve() == (REPO / "kernels" / "__init__.py").resolve()
+    assert ours is (installed == "False")  # the installed package where there is one
