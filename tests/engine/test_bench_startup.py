@@ -30,7 +30,7 @@ def test_startup_records_each_cache_state(
         # the server's own account, from its stderr: each part no longer than the whole
         before, load, engine = r["before_load_s"], r["load_s"], r["engine_start_s"]
         assert before > 0 and min(load, engine) >= 0
-        assert before + load + engine < r["listening_s"]
+        assert before + load + engine <= r["listening_s"] + 0.15  # each printed to 0.1 s
         assert (r["prepare_s"], r["compile"], r["other_s"]) == (None, None, None)  # eager
         assert "model loaded in" in (logs / f"serve-{r['cache']}.log").read_text()
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]

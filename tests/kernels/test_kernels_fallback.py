@@ -21,7 +21,7 @@ from livediff.kernels import _dispatch, postprocess, status
 from livediff.kernels._dispatch import FALLBACKS, INT32_LIMIT, triton_refusal
 from livediff.kernels.status import describe, kernels_status
 from livediff.models import backends
-from livediff.models.spec import Precision
+from livediff.models.spec import CompileBatch, Precision
 
 OP = "livediff::postprocess_rgb"
 REASON = "images (2, 3, 8, 10) is neither contiguous nor channels-last (strides (240, 80, 1, 8))"
@@ -134,7 +134,10 @@ def test_the_compile_backend_on_cuda_without_triton_refuses_to_start(
 ) -> None:
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: NO_TRITON)
     cuda_bundle: Any = SimpleNamespace(
-        device=torch.device("cuda", 0), loras=None, precision=Precision.NATIVE
+        device=torch.device("cuda", 0),
+        loras=None,
+        precision=Precision.NATIVE,
+        compile_batch=CompileBatch.PER_BUCKET,
     )
     with pytest.raises(
         BackendError, match=r"compile backend on CUDA needs Triton.*--backend eager"
