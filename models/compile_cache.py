@@ -22,7 +22,6 @@ with ``freezing`` on a digest of the weights joins the key.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from livediff.models.bundle import ModelBundle
+from livediff.models.canonical_config import canonical_json, public_config
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bumped when what goes into a package changes
@@ -144,16 +144,7 @@ def artifact_key(
             else [bundle.ip_adapter.name, bundle.ip_adapter.variant.value]
         ),
     }
-    text = json.dumps(fields, sort_keys=True, default=_canonical)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _canonical(value: Any) -> Any:
-    """JSON for what ``json`` cannot write, the same in every process: a set is iterated in hash
-    order, which differs per process, so it is written sorted; anything else by its ``str``."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(str(item) for item in value)
-    return str(value)
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:24]
 
 
 def _bank_of(bundle: ModelBundle) -> list[Any] | None:
@@ -165,15 +156,10 @@ def _bank_of(bundle: ModelBundle) -> list[Any] | None:
 
 
 def _config_of(module: Any) -> Any:
-    """The module's class and its config, without diffusers' bookkeeping (``_``-keys: where it
-    was loaded from, which values were defaults — a list in set order, different per process)."""
-    config = getattr(module, "config", None)
-    if config is None:
+    """The module's class and its public config (:func:`public_config`)."""
+    if getattr(module, "config", None) is None:
         return type(module).__name__
-    return {
-        "class": type(module).__name__,
-        **{key: value for key, value in dict(config).items() if not key.startswith("_")},
-    }
+    return {"class": type(module).__name__, **public_config(module)}
 
 
 @contextmanager

@@ -43,6 +43,7 @@ import torch
 
 from livediff.exceptions import ParameterError
 from livediff.models.bundle import ModelBundle
+from livediff.models.canonical_config import canonical_json, public_config
 from livediff.models.onnx_export import EXPORT_VERSION, OPSET, TIME_IDS, GraphName
 
 VAE_FACTOR = 8  # pixels per latent cell
@@ -157,10 +158,8 @@ def weights_digest(module: torch.nn.Module) -> str:
     are left out because they name where the weights came from, not what they are.
     """
     state = module.state_dict()
-    config = getattr(module, "config", None) or {}
-    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
     total = hashlib.sha256(type(module).__qualname__.encode())
-    total.update(json.dumps(public, sort_keys=True, default=str).encode())
+    total.update(canonical_json(public_config(module)).encode())
     names = sorted(state)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for part in pool.map(lambda n: _tensor_digest(n, state[n]), names):
